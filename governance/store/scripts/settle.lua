@@ -1,0 +1,82 @@
+-- settle.lua: atomic settlement of one admitted task, in one round trip.
+-- Releases the lease, replaces the task's reservation with its actual usage in every window,
+-- and marks the attempt settled. Settling an unknown, other or already settled attempt is a
+-- no-op, so nothing is ever counted twice.
+--
+-- KEYS[1]      leases              ZSET  task id -> lease expiry (ms)
+-- KEYS[2]      task record         HASH  attempt, state, lease_exp, counted
+-- KEYS[3..5]   run window          usage HASH, reservations HASH, reservation expiry ZSET
+-- KEYS[6..8]   day window          (same three)
+-- KEYS[9..11]  month window        (same three)
+--
+-- ARGV[1]  task id                 ARGV[2]  attempt
+-- ARGV[3..7] actual usage: steps, tool_calls, input_tokens, output_tokens, cost (micro-USD)
+-- ARGV[8..10] key TTL seconds of the run, day and month windows
+-- ARGV[11] number N of budget checks, then N pairs from ARGV[12]: window (1..3), kind
+--
+-- Returns {'settled', used_before_1, used_after_1, ...} or {'noop'}.
+
+local FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost'}
+local KIND_FIELDS = {
+  steps = {1}, tool_calls = {2}, tokens = {3, 4}, input_tokens = {3}, output_tokens = {4},
+  cost = {5},
+}
+
+local task_id, attempt = ARGV[1], ARGV[2]
+if redis.call('HGET', KEYS[2], 'attempt') ~= attempt
+    or redis.call('HGET', KEYS[2], 'state') ~= 'admitted' then
+  return {'noop'}
+end
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+
+local function used(usage, kind)
+  local total = 0
+  for _, f in ipairs(KIND_FIELDS[kind]) do
+    total = total + tonumber(redis.call('HGET', usage, FIELDS[f]) or '0')
+  end
+  return total
+end
+
+local n_checks = tonumber(ARGV[11])
+local function check_values()
+  local values = {}
+  for i = 1, n_checks do
+    local w = tonumber(ARGV[12 + 2 * (i - 1)])
+    values[i] = used(KEYS[3 * w], ARGV[13 + 2 * (i - 1)])
+  end
+  return values
+end
+local before = check_values()
+
+redis.call('ZREM', KEYS[1], task_id)
+for w = 1, 3 do
+  local usage, resv, expiry = KEYS[3 * w], KEYS[3 * w + 1], KEYS[3 * w + 2]
+  local packed = redis.call('HGET', resv, task_id)
+  if packed then
+    local i = 1
+    for value in string.gmatch(packed, '[^,]+') do
+      local n = tonumber(value)
+      if n ~= 0 then redis.call('HINCRBY', usage, 'r_' .. FIELDS[i], -n) end
+      i = i + 1
+    end
+    redis.call('HDEL', resv, task_id)
+  end
+  redis.call('ZREM', expiry, task_id)
+  for i = 1, 5 do
+    local n = tonumber(ARGV[2 + i])
+    if n ~= 0 then redis.call('HINCRBY', usage, FIELDS[i], n) end
+  end
+  redis.call('HSET', usage, 'last_ms', now)
+  redis.call('EXPIRE', usage, ARGV[7 + w])
+end
+redis.call('HSET', KEYS[2], 'state', 'settled')
+
+local after = check_values()
+local result = {'settled'}
+for i = 1, n_checks do
+  result[#result + 1] = tostring(before[i])
+  result[#result + 1] = tostring(after[i])
+end
+return result

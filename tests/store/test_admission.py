@@ -1,0 +1,225 @@
+"""Admission and settlement on a real Redis, single node and 3-master cluster alike."""
+
+from __future__ import annotations
+
+from governance.policy.limits import ViolationType
+from governance.policy.long_running import LongRunningLimits
+from governance.policy.usage import Usage
+from governance.store import (
+    AdmissionLimits,
+    AdmissionStatus,
+    Admitter,
+    BudgetCheck,
+    Period,
+    StateStore,
+    read_usage,
+)
+from tests.store.helpers import TOOL_STEP, ctx, llm, task_id, tokens, tool
+
+
+def test_admitted_task_holds_a_lease_until_settled(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(concurrency=1)
+    first = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t1", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert first.status is AdmissionStatus.ADMITTED
+    second = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t2", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert second.status is AdmissionStatus.DEFERRED
+    assert second.violation is not None
+    assert second.violation.type is ViolationType.concurrency_limit
+    assert second.wait_ms > 0
+
+    assert admitter.settle(first.ticket, TOOL_STEP).settled
+    third = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t2", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert third.status is AdmissionStatus.ADMITTED
+
+
+def test_same_attempt_admitted_and_settled_twice_counts_once(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(
+        concurrency=5, budget_checks=(BudgetCheck(Period.DAY, "tokens", 1_000),)
+    )
+    call = llm()
+    first = admitter.admit(
+        ctx=ctx(), action=call, task_id="t1", attempt=0, estimate=tokens(100), limits=limits
+    )
+    again = admitter.admit(
+        ctx=ctx(), action=call, task_id="t1", attempt=0, estimate=tokens(100), limits=limits
+    )
+    assert first.status is AdmissionStatus.ADMITTED
+    assert again.status is AdmissionStatus.DUPLICATE
+    day = read_usage(any_state, "acme", Period.DAY)
+    assert day.active_leases == 1
+    assert day.reserved.output_tokens == 100
+
+    assert admitter.settle(first.ticket, tokens(60)).settled
+    assert not admitter.settle(again.ticket, tokens(60)).settled
+    day = read_usage(any_state, "acme", Period.DAY)
+    run = read_usage(any_state, "acme", Period.RUN, run="run-1")
+    for snapshot in (day, run):
+        assert snapshot.used == Usage(steps=1, output_tokens=60)
+        assert snapshot.reserved == Usage()
+        assert snapshot.active_leases == 0
+
+    # A redelivery after settlement is recognised: its body must not run a second time.
+    late = admitter.admit(
+        ctx=ctx(), action=call, task_id="t1", attempt=0, estimate=tokens(100), limits=limits
+    )
+    assert late.status is AdmissionStatus.SETTLED
+    assert read_usage(any_state, "acme", Period.DAY).used.output_tokens == 60
+
+
+def test_a_retry_is_a_new_attempt_with_its_own_lease(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(concurrency=1)
+    first = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t1", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    admitter.settle(first.ticket, TOOL_STEP)
+    retry = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t1", attempt=1, estimate=TOOL_STEP, limits=limits
+    )
+    assert retry.status is AdmissionStatus.ADMITTED
+    admitter.settle(retry.ticket, TOOL_STEP)
+    assert read_usage(any_state, "acme", Period.RUN, run="run-1").used.steps == 2
+
+
+def test_settling_an_unknown_task_is_a_no_op(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    admitted = admitter.admit(
+        ctx=ctx(),
+        action=tool(),
+        task_id="known",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(),
+    )
+    stranger = type(admitted.ticket)(
+        tenant="acme",
+        task_id="never-admitted",
+        attempt=0,
+        windows=admitted.ticket.windows,
+        checks=(),
+        warning_threshold_pct=80,
+    )
+    assert not admitter.settle(stranger, TOOL_STEP).settled
+    assert read_usage(any_state, "acme", Period.DAY).used == Usage()
+
+
+def test_exhausted_budget_rejects_and_reservations_in_flight_defer(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(budget_checks=(BudgetCheck(Period.DAY, "tokens", 300),))
+    running = [
+        admitter.admit(
+            ctx=ctx(), action=llm(), task_id=f"t{i}", attempt=0, estimate=tokens(100), limits=limits
+        )
+        for i in range(3)
+    ]
+    assert all(a.admitted for a in running)
+    pressured = admitter.admit(
+        ctx=ctx(), action=llm(), task_id="t3", attempt=0, estimate=tokens(100), limits=limits
+    )
+    # Over only because of reservations of tasks in flight: waiting may help.
+    assert pressured.status is AdmissionStatus.DEFERRED
+    assert pressured.violation is not None
+    assert pressured.violation.message == "token_limit exceeded: 400 / 300 (133%)"
+
+    for admission in running:
+        admitter.settle(admission.ticket, tokens(100))
+    exhausted = admitter.admit(
+        ctx=ctx(), action=llm(), task_id="t3", attempt=0, estimate=tokens(100), limits=limits
+    )
+    # Used up for the period: waiting does not help, the task fails with the violation.
+    assert exhausted.status is AdmissionStatus.REJECTED
+    assert exhausted.violation is not None
+    assert exhausted.violation.message == "token_limit exceeded: 400 / 300 (133%)"
+
+
+def test_warning_at_admission_and_once_when_settlement_crosses_threshold(
+    any_state: StateStore,
+) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(budget_checks=(BudgetCheck(Period.RUN, "steps", 10),))
+    warned_at_settlement = []
+    for i in range(9):
+        admission = admitter.admit(
+            ctx=ctx(), action=tool(), task_id=f"t{i}", attempt=0, estimate=TOOL_STEP, limits=limits
+        )
+        assert admission.status is AdmissionStatus.ADMITTED
+        # The 8th step is the first at 80 % of the limit.
+        assert bool(admission.warnings) == (i + 1 >= 8)
+        settlement = admitter.settle(admission.ticket, TOOL_STEP)
+        warned_at_settlement += [(i, w.message) for w in settlement.warnings]
+    assert warned_at_settlement == [(7, "step_limit at 80%: 8 / 10")]
+
+
+def test_cost_budget_is_exact_in_micro_dollars(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(budget_checks=(BudgetCheck(Period.MONTH, "cost", 1_000_000),))
+    step = Usage(steps=1, cost_micro_usd=250_000)
+    admitted = 0
+    for i in range(6):
+        admission = admitter.admit(
+            ctx=ctx(), action=llm(), task_id=f"t{i}", attempt=0, estimate=step, limits=limits
+        )
+        if admission.admitted:
+            admitted += 1
+            admitter.settle(admission.ticket, step)
+        else:
+            assert admission.violation is not None
+            assert admission.violation.message == "cost_limit exceeded: $1.25 / $1.00 (125%)"
+    assert admitted == 4
+
+
+def test_long_running_limits_of_a_run(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(
+        long_running=LongRunningLimits(
+            max_discovered_steps=2, max_discovery_depth=2, max_same_step_repetitions=3
+        )
+    )
+
+    def admit(task: str, depth: int = 0, **payload: object) -> AdmissionStatus:
+        admission = admitter.admit(
+            ctx=ctx(depth=depth),
+            action=tool(**payload),
+            task_id=task,
+            attempt=0,
+            estimate=TOOL_STEP,
+            limits=limits,
+        )
+        if admission.admitted:
+            admitter.settle(admission.ticket, TOOL_STEP)
+        return admission.status
+
+    assert admit("too-deep", depth=3) is AdmissionStatus.REJECTED
+    assert admit("d1", depth=1) is AdmissionStatus.ADMITTED
+    assert admit("d2", depth=2) is AdmissionStatus.ADMITTED
+    assert admit("d3", depth=1) is AdmissionStatus.REJECTED  # a third discovered step
+
+    # The same tool with the same input: three times is fine, the fourth is a loop.
+    for i in range(3):
+        assert admit(f"same-{i}", q="x") is AdmissionStatus.ADMITTED
+    assert admit("same-3", q="x") is AdmissionStatus.REJECTED
+    assert admit("different", q="y") is AdmissionStatus.ADMITTED
+
+
+def test_renewal_extends_the_lease_and_fails_once_settled(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    admission = admitter.admit(
+        ctx=ctx(),
+        action=tool(),
+        task_id=task_id(),
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(concurrency=1),
+    )
+    renewed = admitter.renew(admission.ticket)
+    assert renewed >= admission.lease_expiry_ms
+    admitter.settle(admission.ticket, TOOL_STEP)
+    assert admitter.renew(admission.ticket) == 0
