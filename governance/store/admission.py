@@ -25,8 +25,8 @@ class AdmissionStatus(StrEnum):
     """What admission decided."""
 
     ADMITTED = "admitted"
-    #: The same attempt was admitted before (a redelivered message): it keeps its lease.
-    DUPLICATE = "duplicate"
+    #: Another delivery of the same attempt holds a live lease: wait, never run it twice at once.
+    IN_FLIGHT = "in_flight"
     #: The same attempt was already admitted and settled: its body must not run again.
     SETTLED = "settled"
     #: Over a limit that frees up with time (rate, concurrency, cooldown, reservations in flight).
@@ -42,6 +42,7 @@ class AdmissionTicket:
     tenant: str
     task_id: str
     attempt: int
+    holder: str
     windows: tuple[WindowKeys, ...]
     checks: tuple[BudgetCheck, ...]
     warning_threshold_pct: int
@@ -60,15 +61,20 @@ class Admission:
 
     @property
     def admitted(self) -> bool:
-        """True when the task may run now (a first admission or a redelivery of one)."""
-        return self.status in (AdmissionStatus.ADMITTED, AdmissionStatus.DUPLICATE)
+        """True when the task may run now."""
+        return self.status is AdmissionStatus.ADMITTED
 
 
 @dataclass(frozen=True)
 class Settlement:
-    """The outcome of one settlement: whether it counted, and thresholds crossed by it."""
+    """The outcome of one settlement: whether it counted, and thresholds crossed by it.
+
+    ``late`` means this holder had lost its lease to another delivery of the same attempt: its
+    usage was counted, the other delivery's lease and reservation were left alone.
+    """
 
     settled: bool
+    late: bool = False
     warnings: tuple[LimitWarning, ...] = field(default=())
 
 
@@ -112,9 +118,15 @@ class Admitter:
         attempt: int,
         estimate: Usage,
         limits: AdmissionLimits,
+        holder: str = "",
         now: datetime | None = None,
     ) -> Admission:
-        """Admit one attempt of one task, or say which limit blocks it and how long to wait."""
+        """Admit one attempt of one task, or say which limit blocks it and how long to wait.
+
+        ``holder`` identifies this delivery of the task (a fresh id per execution): asking again
+        with the same holder is idempotent, another holder of the same attempt waits.
+        """
+        holder = holder or f"{task_id}:{attempt}"
         keys = TenantKeys(ctx.tenant)
         windows = tuple(keys.windows(ctx.run, now))
         provider = action.provider if isinstance(action, LLMCall) else None
@@ -144,6 +156,7 @@ class Admitter:
             ttl.day_s,
             ttl.month_s,
             ttl.task_s,
+            holder,
             len(limits.budget_checks),
         ]
         for check in limits.budget_checks:
@@ -162,6 +175,7 @@ class Admitter:
             tenant=ctx.tenant,
             task_id=task_id,
             attempt=attempt,
+            holder=holder,
             windows=windows,
             checks=limits.budget_checks,
             warning_threshold_pct=limits.warning_threshold_pct,
@@ -177,7 +191,12 @@ class Admitter:
             ticket.windows[0].usage,
             *(w.reservation_expiry for w in ticket.windows),
         ]
-        argv: list[str | int | float] = [ticket.task_id, ticket.attempt, self._state.lease_ms]
+        argv: list[str | int | float] = [
+            ticket.task_id,
+            ticket.attempt,
+            self._state.lease_ms,
+            ticket.holder,
+        ]
         return int(self._state.call("lease renewal", self._state.scripts.renew, script_keys, argv))
 
     def settle(self, ticket: AdmissionTicket, actual: Usage) -> Settlement:
@@ -195,6 +214,7 @@ class Admitter:
             ttl.run_s,
             ttl.day_s,
             ttl.month_s,
+            ticket.holder,
             len(ticket.checks),
         ]
         for check in ticket.checks:
@@ -205,7 +225,8 @@ class Admitter:
             *(k for w in ticket.windows for k in w.as_list()),
         ]
         reply = self._state.call("settlement", self._state.scripts.settle, script_keys, argv)
-        if _text(reply[0]) != "settled":
+        outcome = _text(reply[0])
+        if outcome == "noop":
             return Settlement(settled=False)
         warnings = []
         for i, check in enumerate(ticket.checks):
@@ -218,7 +239,7 @@ class Admitter:
             warning = _warning(check, after, ticket.warning_threshold_pct) if crossed else None
             if warning is not None:
                 warnings.append(warning)
-        return Settlement(settled=True, warnings=tuple(warnings))
+        return Settlement(settled=True, late=outcome == "late", warnings=tuple(warnings))
 
 
 def _or_minus_one(value: int | None) -> int:
@@ -249,7 +270,15 @@ def _parse_admission(
         if (w := _warning(check, value, limits.warning_threshold_pct)) is not None
     )
     violation: Violation | None = None
-    if status in (AdmissionStatus.DEFERRED, AdmissionStatus.REJECTED):
+    if status is AdmissionStatus.IN_FLIGHT:
+        violation = Violation(
+            ViolationType.concurrency_limit,
+            2,
+            1,
+            message=f"attempt {ticket.attempt} of task {ticket.task_id} is already running "
+            "under another delivery; waiting for it to finish or for its lease to expire",
+        )
+    elif status in (AdmissionStatus.DEFERRED, AdmissionStatus.REJECTED):
         if check_index > 0:
             violation = _violation(
                 limits.budget_checks[check_index - 1], float(current), float(limit)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from governance.policy.limits import ViolationType
 from governance.policy.long_running import LongRunningLimits
 from governance.policy.usage import Usage
 from governance.store import (
+    Admission,
     AdmissionLimits,
     AdmissionStatus,
     Admitter,
@@ -45,20 +48,34 @@ def test_same_attempt_admitted_and_settled_twice_counts_once(any_state: StateSto
         concurrency=5, budget_checks=(BudgetCheck(Period.DAY, "tokens", 1_000),)
     )
     call = llm()
-    first = admitter.admit(
-        ctx=ctx(), action=call, task_id="t1", attempt=0, estimate=tokens(100), limits=limits
-    )
-    again = admitter.admit(
-        ctx=ctx(), action=call, task_id="t1", attempt=0, estimate=tokens(100), limits=limits
-    )
+
+    def admit(holder: str) -> Admission:
+        return admitter.admit(
+            ctx=ctx(),
+            action=call,
+            task_id="t1",
+            attempt=0,
+            estimate=tokens(100),
+            limits=limits,
+            holder=holder,
+        )
+
+    first = admit("delivery-1")
+    replay = admit("delivery-1")  # the same call sent again (a client retry after a timeout)
     assert first.status is AdmissionStatus.ADMITTED
-    assert again.status is AdmissionStatus.DUPLICATE
+    assert replay.status is AdmissionStatus.ADMITTED
     day = read_usage(any_state, "acme", Period.DAY)
     assert day.active_leases == 1
     assert day.reserved.output_tokens == 100
 
+    # A second copy of the message (e.g. redelivered by the broker) waits: never twice at once.
+    copy = admit("delivery-2")
+    assert copy.status is AdmissionStatus.IN_FLIGHT
+    assert copy.wait_ms > 0
+    assert read_usage(any_state, "acme", Period.DAY).reserved.output_tokens == 100
+
     assert admitter.settle(first.ticket, tokens(60)).settled
-    assert not admitter.settle(again.ticket, tokens(60)).settled
+    assert not admitter.settle(replay.ticket, tokens(60)).settled
     day = read_usage(any_state, "acme", Period.DAY)
     run = read_usage(any_state, "acme", Period.RUN, run="run-1")
     for snapshot in (day, run):
@@ -67,11 +84,50 @@ def test_same_attempt_admitted_and_settled_twice_counts_once(any_state: StateSto
         assert snapshot.active_leases == 0
 
     # A redelivery after settlement is recognised: its body must not run a second time.
-    late = admitter.admit(
-        ctx=ctx(), action=call, task_id="t1", attempt=0, estimate=tokens(100), limits=limits
-    )
-    assert late.status is AdmissionStatus.SETTLED
+    assert admit("delivery-3").status is AdmissionStatus.SETTLED
     assert read_usage(any_state, "acme", Period.DAY).used.output_tokens == 60
+
+
+def test_a_holder_that_lost_its_lease_settles_late_without_touching_the_new_one(
+    redis_client: object,
+) -> None:
+    state = StateStore(redis_client, lease_ms=300, retry_hint_ms=5)
+    admitter = Admitter(state)
+    limits = AdmissionLimits(concurrency=1)
+
+    def admit(holder: str) -> Admission:
+        return admitter.admit(
+            ctx=ctx(),
+            action=llm(),
+            task_id="t1",
+            attempt=0,
+            estimate=tokens(100),
+            limits=limits,
+            holder=holder,
+        )
+
+    stalled = admit("slow")
+    assert stalled.admitted
+    taken_over = None
+    deadline = time.monotonic() + 5
+    while taken_over is None or not taken_over.admitted:  # until the stalled lease expires
+        assert time.monotonic() < deadline, "the stalled holder's lease never expired"
+        time.sleep(0.01)
+        taken_over = admit("fresh")
+    assert admitter.renew(stalled.ticket) == 0  # the stalled holder cannot extend it back
+
+    late = admitter.settle(stalled.ticket, tokens(70))
+    assert late.settled
+    assert late.late
+    assert not admitter.settle(stalled.ticket, tokens(70)).settled  # and only once
+    day = read_usage(state, "acme", Period.DAY)
+    assert day.active_leases == 1  # the fresh holder still runs
+    assert day.reserved.output_tokens == 100
+    assert admitter.settle(taken_over.ticket, tokens(30)).settled
+    day = read_usage(state, "acme", Period.DAY)
+    assert day.used.output_tokens == 100
+    assert day.used.steps == 2
+    assert day.active_leases == 0
 
 
 def test_a_retry_is_a_new_attempt_with_its_own_lease(any_state: StateStore) -> None:
@@ -103,6 +159,7 @@ def test_settling_an_unknown_task_is_a_no_op(any_state: StateStore) -> None:
         tenant="acme",
         task_id="never-admitted",
         attempt=0,
+        holder="nobody",
         windows=admitted.ticket.windows,
         checks=(),
         warning_threshold_pct=80,

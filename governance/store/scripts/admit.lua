@@ -2,11 +2,13 @@
 -- Checks, in order, without writing anything: provider cooldown, tenant rate, provider rate,
 -- tenant concurrency (lease), long-running limits of the run, budgets (used + reserved + this
 -- task's estimate). Only when every check passes does it commit: rate tokens, the lease, and the
--- reservation in each window. Idempotent per (task id, attempt): a redelivered message keeps its
--- lease and reservation instead of taking new ones.
+-- reservation in each window. Idempotent per (task id, attempt): the holder (one id per delivery
+-- of the message) that was admitted gets the same answer again; another delivery of the same
+-- attempt waits while that lease is alive (the action never runs twice at once) and, once the
+-- lease expired (its holder died), is admitted in its place with the stale reservation replaced.
 --
 -- KEYS[1]      leases              ZSET  task id -> lease expiry (ms)
--- KEYS[2]      task record         HASH  attempt, state, lease_exp, counted
+-- KEYS[2]      task record         HASH  attempt, holder, state, lease_exp, counted
 -- KEYS[3]      provider cooldown   STRING until (ms); a placeholder key for tool calls
 -- KEYS[4]      tenant rate         STRING GCRA theoretical arrival time (ms)
 -- KEYS[5]      provider rate       STRING GCRA theoretical arrival time (ms); or placeholder
@@ -28,13 +30,14 @@
 -- ARGV[20] max same-step repetitions (-1: none)              ARGV[21] input hash of the step
 -- ARGV[22..24] key TTL seconds of the run, day and month windows
 -- ARGV[25] task record TTL seconds
--- ARGV[26] number N of budget checks, then N triplets from ARGV[27]:
+-- ARGV[26] holder: the id of this delivery of the task
+-- ARGV[27] number N of budget checks, then N triplets from ARGV[28]:
 --          window (1 run, 2 day, 3 month), kind (steps|tool_calls|tokens|input_tokens|
 --          output_tokens|cost), limit
 --
 -- Returns {status, violation, current, limit, wait_ms, lease_exp, index of the blocking budget
 -- check (0: none), current value of check 1, of check 2, ...}
--- status: admitted | duplicate | settled | deferred | rejected (all values are strings).
+-- status: admitted | in_flight | settled | deferred | rejected (all values are strings).
 
 local FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost'}
 local KIND_FIELDS = {
@@ -45,7 +48,7 @@ local KIND_FIELDS = {
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
-local task_id, attempt = ARGV[1], ARGV[2]
+local task_id, attempt, holder = ARGV[1], ARGV[2], ARGV[26]
 local lease_exp = now + tonumber(ARGV[3])
 local retry_hint = tonumber(ARGV[5])
 local amounts = {}
@@ -79,16 +82,23 @@ local record_attempt = redis.call('HGET', KEYS[2], 'attempt')
 if record_attempt == attempt then
   local state = redis.call('HGET', KEYS[2], 'state')
   if state == 'settled' then return reply('settled') end
-  if redis.call('ZSCORE', KEYS[1], task_id) then
+  local expiry = redis.call('ZSCORE', KEYS[1], task_id)
+  if expiry and tonumber(expiry) > now then
+    if redis.call('HGET', KEYS[2], 'holder') ~= holder then
+      -- Another delivery of this attempt is running: wait for it to settle or to die.
+      return reply('in_flight', 'in_flight', 0, 0, math.max(1, math.min(retry_hint,
+        tonumber(expiry) - now)))
+    end
     redis.call('ZADD', KEYS[1], lease_exp, task_id)
     for w = 1, 3 do
-      local _, _, expiry = window_keys(w)
-      redis.call('ZADD', expiry, 'XX', lease_exp, task_id)
+      local _, _, expiry_key = window_keys(w)
+      redis.call('ZADD', expiry_key, 'XX', lease_exp, task_id)
     end
     redis.call('HSET', KEYS[2], 'lease_exp', lease_exp)
-    return reply('duplicate')
+    return reply('admitted')
   end
-  -- The lease expired and was reclaimed: admit afresh (the stale reservation is replaced below).
+  -- The lease expired (its holder stopped renewing it): admit afresh below, replacing the
+  -- stale reservation.
 end
 
 -- Reclaim leases and reservations whose holder stopped renewing them (a crashed worker).
@@ -171,9 +181,9 @@ end
 -- Budgets: used + reserved by tasks in flight + this task's estimate must stay within the limit.
 -- Exhausted without the reservations of others: rejected. Only over because of them: deferred.
 local checks = {}
-local n_checks = tonumber(ARGV[26])
+local n_checks = tonumber(ARGV[27])
 for i = 1, n_checks do
-  local base = 27 + 3 * (i - 1)
+  local base = 28 + 3 * (i - 1)
   local usage = window_keys(tonumber(ARGV[base]))
   local kind, limit = ARGV[base + 1], tonumber(ARGV[base + 2])
   local used, reserved, add = 0, 0, 0
@@ -242,7 +252,7 @@ if first_time then
   redis.call('HINCRBY', KEYS[15], ARGV[21], 1)
   redis.call('EXPIRE', KEYS[15], ARGV[22])
 end
-redis.call('HSET', KEYS[2], 'attempt', attempt, 'state', 'admitted', 'lease_exp', lease_exp,
-  'counted', 1)
+redis.call('HSET', KEYS[2], 'attempt', attempt, 'holder', holder, 'state', 'admitted',
+  'lease_exp', lease_exp, 'counted', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[25])
 return with_checks(reply('admitted'))

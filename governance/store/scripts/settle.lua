@@ -1,10 +1,11 @@
 -- settle.lua: atomic settlement of one admitted task, in one round trip.
 -- Releases the lease, replaces the task's reservation with its actual usage in every window,
 -- and marks the attempt settled. Settling an unknown, other or already settled attempt is a
--- no-op, so nothing is ever counted twice.
+-- no-op, so nothing is ever counted twice. A holder that lost its lease to another delivery of
+-- the same attempt settles "late": its usage is counted (once), the other's lease is untouched.
 --
 -- KEYS[1]      leases              ZSET  task id -> lease expiry (ms)
--- KEYS[2]      task record         HASH  attempt, state, lease_exp, counted
+-- KEYS[2]      task record         HASH  attempt, holder, state, lease_exp, counted
 -- KEYS[3..5]   run window          usage HASH, reservations HASH, reservation expiry ZSET
 -- KEYS[6..8]   day window          (same three)
 -- KEYS[9..11]  month window        (same three)
@@ -12,9 +13,10 @@
 -- ARGV[1]  task id                 ARGV[2]  attempt
 -- ARGV[3..7] actual usage: steps, tool_calls, input_tokens, output_tokens, cost (micro-USD)
 -- ARGV[8..10] key TTL seconds of the run, day and month windows
--- ARGV[11] number N of budget checks, then N pairs from ARGV[12]: window (1..3), kind
+-- ARGV[11] holder: the id of the delivery that was admitted
+-- ARGV[12] number N of budget checks, then N pairs from ARGV[13]: window (1..3), kind
 --
--- Returns {'settled', used_before_1, used_after_1, ...} or {'noop'}.
+-- Returns {'settled' | 'late', used_before_1, used_after_1, ...} or {'noop'}.
 
 local FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost'}
 local KIND_FIELDS = {
@@ -22,9 +24,12 @@ local KIND_FIELDS = {
   cost = {5},
 }
 
-local task_id, attempt = ARGV[1], ARGV[2]
-if redis.call('HGET', KEYS[2], 'attempt') ~= attempt
-    or redis.call('HGET', KEYS[2], 'state') ~= 'admitted' then
+local task_id, attempt, holder = ARGV[1], ARGV[2], ARGV[11]
+if redis.call('HGET', KEYS[2], 'attempt') ~= attempt then return {'noop'} end
+local late = redis.call('HGET', KEYS[2], 'holder') ~= holder
+if late then
+  if redis.call('HSETNX', KEYS[2], 'late:' .. holder, 1) == 0 then return {'noop'} end
+elseif redis.call('HGET', KEYS[2], 'state') ~= 'admitted' then
   return {'noop'}
 end
 
@@ -39,21 +44,21 @@ local function used(usage, kind)
   return total
 end
 
-local n_checks = tonumber(ARGV[11])
+local n_checks = tonumber(ARGV[12])
 local function check_values()
   local values = {}
   for i = 1, n_checks do
-    local w = tonumber(ARGV[12 + 2 * (i - 1)])
-    values[i] = used(KEYS[3 * w], ARGV[13 + 2 * (i - 1)])
+    local w = tonumber(ARGV[13 + 2 * (i - 1)])
+    values[i] = used(KEYS[3 * w], ARGV[14 + 2 * (i - 1)])
   end
   return values
 end
 local before = check_values()
 
-redis.call('ZREM', KEYS[1], task_id)
+if not late then redis.call('ZREM', KEYS[1], task_id) end
 for w = 1, 3 do
   local usage, resv, expiry = KEYS[3 * w], KEYS[3 * w + 1], KEYS[3 * w + 2]
-  local packed = redis.call('HGET', resv, task_id)
+  local packed = not late and redis.call('HGET', resv, task_id)
   if packed then
     local i = 1
     for value in string.gmatch(packed, '[^,]+') do
@@ -62,8 +67,8 @@ for w = 1, 3 do
       i = i + 1
     end
     redis.call('HDEL', resv, task_id)
+    redis.call('ZREM', expiry, task_id)
   end
-  redis.call('ZREM', expiry, task_id)
   for i = 1, 5 do
     local n = tonumber(ARGV[2 + i])
     if n ~= 0 then redis.call('HINCRBY', usage, FIELDS[i], n) end
@@ -71,10 +76,10 @@ for w = 1, 3 do
   redis.call('HSET', usage, 'last_ms', now)
   redis.call('EXPIRE', usage, ARGV[7 + w])
 end
-redis.call('HSET', KEYS[2], 'state', 'settled')
+if not late then redis.call('HSET', KEYS[2], 'state', 'settled') end
 
 local after = check_values()
-local result = {'settled'}
+local result = {late and 'late' or 'settled'}
 for i = 1, n_checks do
   result[#result + 1] = tostring(before[i])
   result[#result + 1] = tostring(after[i])
