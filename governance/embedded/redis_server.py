@@ -48,7 +48,7 @@ _STDIO_FILE = "redis.stdio.log"
 _PORT_IN_USE_MARKER = "Address already in use"
 
 
-class RedisBinaryNotFound(RuntimeError):  # noqa: N818 - public name fixed by the API
+class RedisBinaryNotFound(RuntimeError):
     """No usable ``redis-server``/``redis-cli`` pair could be located."""
 
 

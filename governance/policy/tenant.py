@@ -1,0 +1,241 @@
+"""The effective settings of one tenant: `defaults` and the tenant's own section, merged.
+
+Merging (see config.py): a field the tenant writes replaces the default's; `approval`, `retry` and
+`deferral` merge field by field over built-in values; `deny`, `hooks` and `grants` are the
+defaults' followed by the tenant's; tier maps merge key by key. Every value is resolved here, once,
+so the per-action path (authorize, admit) only reads plain frozen objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from governance.policy.checks import Problem
+from governance.policy.config import (
+    ApprovalSettings,
+    Budget,
+    DeferralSettings,
+    DenyRule,
+    GovernanceConfig,
+    RateLimits,
+    RetrySettings,
+    TenantSettings,
+    TierSettings,
+)
+from governance.policy.grants import Grant
+from governance.policy.hooks import Hook, HookLoadError
+from governance.policy.long_running import DEFAULT_PRESET, PRESETS, LongRunningLimits
+from governance.policy.retry import DeferralPolicy, RetryPolicy
+from governance.policy.tiers import TierSource, TierTable
+
+BUILTIN = "built-in default"
+DEFAULT_WARNING_THRESHOLD_PCT = 80
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """How many distinct reviewers must release a held action, and how long a hold lives."""
+
+    quorum: int
+    expiry: timedelta
+    allow_self_approval: bool
+
+
+@dataclass(frozen=True)
+class BoundDenyRule:
+    """A deny rule and its config path (e.g. `defaults.deny[0]`)."""
+
+    path: str
+    rule: DenyRule
+
+
+@dataclass(frozen=True)
+class BoundHook:
+    """A loaded hook, its config path (e.g. `tenants.acme.hooks[1]`) and its spec."""
+
+    path: str
+    spec: str
+    hook: Hook
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """Everything policy decides for one tenant, resolved; `sources` maps a field to its path."""
+
+    name: str
+    allowed_tools: frozenset[str]
+    allowed_providers: frozenset[str]
+    allowed_domains: tuple[str, ...]
+    deny: tuple[BoundDenyRule, ...]
+    tiers: TierTable
+    reviewers: tuple[str, ...]
+    approval: ApprovalPolicy
+    hooks: tuple[BoundHook, ...]
+    grants: tuple[Grant, ...]
+    concurrency: int | None
+    rate_limits: RateLimits
+    budgets: tuple[Budget, ...]
+    long_running: LongRunningLimits
+    retry: RetryPolicy
+    deferral: DeferralPolicy
+    warning_threshold_pct: int
+    sources: Mapping[str, str]
+
+    def budget(self, period: str) -> Budget | None:
+        """The budget of `period` ("run", "day" or "month"), if one is configured."""
+        return next((b for b in self.budgets if b.period == period), None)
+
+    def source(self, field: str) -> str:
+        """The config path a replaced field came from, or "built-in default"."""
+        return self.sources.get(field, BUILTIN)
+
+
+HookLoader = Callable[[str], Hook]
+
+
+class _Builder:
+    """Collects the layers of one tenant and the problems found while resolving them."""
+
+    def __init__(self, layers: list[tuple[str, TenantSettings]]) -> None:
+        self.layers = layers
+        self.problems: list[Problem] = []
+        self.sources: dict[str, str] = {}
+
+    def replaced(self, field: str) -> Any:
+        """The value of the last layer that writes `field`, remembering where it came from."""
+        for prefix, settings in reversed(self.layers):
+            if field in settings.model_fields_set:
+                self.sources[field] = f"{prefix}.{field}"
+                return getattr(settings, field)
+        self.sources[field] = BUILTIN
+        return None
+
+    def merged(self, field: str, model: type[_M]) -> _M:
+        """Built-in values of `model`, overlaid field by field by each layer that writes them."""
+        values: dict[str, Any] = {}
+        for _prefix, settings in self.layers:
+            layer = getattr(settings, field)
+            if layer is not None:
+                values.update({name: getattr(layer, name) for name in layer.model_fields_set})
+        return model.model_validate(values)
+
+    def concatenated(self, field: str) -> list[tuple[str, Any]]:
+        """Items of `field` from every layer, in order, each with its config path."""
+        items: list[tuple[str, Any]] = []
+        for prefix, settings in self.layers:
+            for i, item in enumerate(getattr(settings, field) or ()):
+                items.append((f"{prefix}.{field}[{i}]", item))
+        return items
+
+    @property
+    def prefix(self) -> str:
+        return self.layers[-1][0]
+
+
+def _tier_source(prefix: str, tiers: TierSettings | None) -> TierSource:
+    if tiers is None:
+        return TierSource(f"{prefix}.tiers")
+    return TierSource(
+        f"{prefix}.tiers", tiers.default, tiers.actions, tiers.agents, tiers.agent_actions
+    )
+
+
+def _expand(names: list[str] | None, declared: Mapping[str, object]) -> frozenset[str]:
+    if names is None:
+        return frozenset()
+    if "*" in names:
+        return frozenset(declared)
+    return frozenset(names)
+
+
+def build_tenant_policy(
+    name: str, config: GovernanceConfig, load_hook: HookLoader
+) -> tuple[TenantPolicy | None, list[Problem]]:
+    """Resolve tenant `name` of `config`; return it, or None and the problems that prevent it."""
+    layers = [("defaults", config.defaults), (f"tenants.{name}", config.tenants[name])]
+    return _build(name, layers, config, load_hook)
+
+
+def check_defaults(config: GovernanceConfig, load_hook: HookLoader) -> list[Problem]:
+    """Problems of the `defaults` section on its own (reported even when no tenant exists)."""
+    return _build("defaults", [("defaults", config.defaults)], config, load_hook)[1]
+
+
+def _build(
+    name: str,
+    layers: list[tuple[str, TenantSettings]],
+    config: GovernanceConfig,
+    load_hook: HookLoader,
+) -> tuple[TenantPolicy | None, list[Problem]]:
+    b = _Builder(layers)
+    prefix = b.prefix
+    merged_note = "" if len(layers) == 1 else " (after merging defaults)"
+
+    reviewers = tuple(b.replaced("reviewers") or ())
+    approval = b.merged("approval", ApprovalSettings)
+    if reviewers and approval.quorum > len(reviewers):
+        b.problems.append(
+            (
+                f"{prefix}.approval.quorum",
+                f"quorum {approval.quorum} needs more reviewers than the {len(reviewers)} "
+                f"configured ({', '.join(reviewers)}){merged_note}",
+            )
+        )
+
+    retry: RetryPolicy | None = None
+    deferral: DeferralPolicy | None = None
+    try:
+        retry = RetryPolicy(**b.merged("retry", RetrySettings).model_dump())
+    except ValueError as exc:
+        b.problems.append((f"{prefix}.retry", f"{exc}{merged_note}"))
+    try:
+        deferral = DeferralPolicy(**b.merged("deferral", DeferralSettings).model_dump())
+    except ValueError as exc:
+        b.problems.append((f"{prefix}.deferral", f"{exc}{merged_note}"))
+
+    hooks: list[BoundHook] = []
+    for path, spec in b.concatenated("hooks"):
+        try:
+            hooks.append(BoundHook(path, spec, load_hook(spec)))
+        except HookLoadError as exc:
+            b.problems.append((path, str(exc)))
+
+    if b.problems or retry is None or deferral is None:
+        return None, b.problems
+
+    long_running_spec = b.replaced("long_running")
+    threshold = b.replaced("warning_threshold_pct")
+    policy = TenantPolicy(
+        name=name,
+        allowed_tools=_expand(b.replaced("allowed_tools"), config.tools),
+        allowed_providers=_expand(b.replaced("allowed_providers"), config.providers),
+        allowed_domains=tuple(b.replaced("allowed_domains") or ()),
+        deny=tuple(BoundDenyRule(path, rule) for path, rule in b.concatenated("deny")),
+        tiers=TierTable.merge(
+            _tier_source("defaults", config.defaults.tiers),
+            _tier_source(prefix, layers[-1][1].tiers if len(layers) > 1 else None),
+        ),
+        reviewers=reviewers,
+        approval=ApprovalPolicy(approval.quorum, approval.expiry, approval.allow_self_approval),
+        hooks=tuple(hooks),
+        grants=tuple(grant for _path, grant in b.concatenated("grants")),
+        concurrency=b.replaced("concurrency"),
+        rate_limits=b.replaced("rate_limits") or RateLimits(),
+        budgets=tuple(b.replaced("budgets") or ()),
+        long_running=(
+            PRESETS[DEFAULT_PRESET] if long_running_spec is None else long_running_spec.resolve()
+        ),
+        retry=retry,
+        deferral=deferral,
+        warning_threshold_pct=DEFAULT_WARNING_THRESHOLD_PCT if threshold is None else threshold,
+        sources=MappingProxyType(dict(b.sources)),
+    )
+    return policy, []

@@ -1,0 +1,109 @@
+"""Deployment settings shared by workers, publishers and ``govctl``: one model, read from env.
+
+Every field can be set with an environment variable named ``GOVERNANCE_<FIELD>`` (for example
+``GOVERNANCE_BROKER_URL``), so the same settings drive a laptop demo, docker-compose and
+production. Secrets are :class:`pydantic.SecretStr` so they never appear in logs or reprs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Used only when no key is configured; fine for a laptop, refused when ``require_secrets``.
+DEVELOPMENT_SECRET = "development-only-secret-change-me"
+
+
+class GovernanceSettings(BaseSettings):
+    """Where the broker and the governance state live, the policy file, and timings."""
+
+    model_config = SettingsConfigDict(env_prefix="GOVERNANCE_", extra="forbid")
+
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker (Redis) that carries the tasks."
+    )
+    result_backend: str | None = Field(
+        None, description="Celery result backend; defaults to the broker URL."
+    )
+    state_redis_url: str | None = Field(
+        None,
+        description="Redis holding governance state (leases, budgets, held tasks, audit); "
+        "defaults to the broker URL.",
+    )
+    state_redis_cluster: bool = Field(False, description="The state Redis is a Redis Cluster.")
+    state_timeout_s: float = Field(
+        2.0, gt=0, description="Connect/read timeout for the state Redis: fail closed, fast."
+    )
+    config_path: Path = Field(
+        Path("config/governance.yaml"), description="The governance policy file."
+    )
+    audit_key: SecretStr = Field(
+        SecretStr(DEVELOPMENT_SECRET), description="HMAC key of the audit hash chain."
+    )
+    release_secret: SecretStr = Field(
+        SecretStr(DEVELOPMENT_SECRET), description="HMAC key of one-time release tokens."
+    )
+    require_secrets: bool = Field(
+        False, description="Refuse to start with the development secrets (set in production)."
+    )
+    audit_maxlen: int = Field(1_000_000, ge=1000, description="Approximate audit stream cap.")
+    lease_ms: int = Field(
+        30_000, ge=100, description="Concurrency lease; a killed worker's slot frees after it."
+    )
+    heartbeat_ms: int | None = Field(
+        None, ge=10, description="Lease renewal interval; defaults to a third of the lease."
+    )
+    visibility_timeout_s: int = Field(
+        3600,
+        ge=1,
+        description="Redis broker visibility timeout: unacked messages are redelivered after it.",
+    )
+    max_countdown_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest delay kept as a broker countdown; longer waits are parked in Redis. "
+        "Defaults to a quarter of the visibility timeout.",
+    )
+    park_poll_s: float = Field(
+        0.5, gt=0, description="How often a worker re-publishes parked tasks that are due."
+    )
+    workspace_dir: Path = Field(
+        Path(".workspace"), description="The only directory the file tools may touch."
+    )
+    http_timeout_s: float = Field(10.0, gt=0, description="Timeout of the http_get tool.")
+    llm_base_url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible provider (e.g. .../v1)."
+    )
+    llm_api_key: SecretStr | None = Field(
+        None, description="API key of the OpenAI-compatible provider."
+    )
+
+    @model_validator(mode="after")
+    def _secrets_are_real(self) -> GovernanceSettings:
+        if self.require_secrets:
+            for name in ("audit_key", "release_secret"):
+                if getattr(self, name).get_secret_value() == DEVELOPMENT_SECRET:
+                    raise ValueError(
+                        f"GOVERNANCE_{name.upper()} must be set: require_secrets is on and the "
+                        "development default is in use"
+                    )
+        return self
+
+    @property
+    def state_url(self) -> str:
+        return self.state_redis_url or self.broker_url
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return (self.heartbeat_ms or self.lease_ms // 3) / 1000
+
+    @property
+    def countdown_limit_s(self) -> float:
+        """Delays up to this are broker countdowns; longer ones are parked (celery #2599)."""
+        return self.max_countdown_s or self.visibility_timeout_s / 4
