@@ -94,7 +94,10 @@ class TenantKeys:
 
 
 class DeploymentKeys:
-    """Keys shared by the whole deployment; they share the ``{audit}`` hash tag."""
+    """Keys shared by the whole deployment; each group shares one hash tag."""
 
     audit_stream = f"{PREFIX}:{{audit}}:stream"
     audit_head = f"{PREFIX}:{{audit}}:head"
+    parked_due = f"{PREFIX}:{{parking}}:due"
+    parked_claimed = f"{PREFIX}:{{parking}}:claimed"
+    parked_messages = f"{PREFIX}:{{parking}}:messages"

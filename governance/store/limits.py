@@ -8,12 +8,12 @@ budget checks per usage window, cost in micro-USD. It is the only place that kno
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Protocol
 
 from governance.policy.actions import Action, LLMCall
+from governance.policy.config import RateLimit
 from governance.policy.limits import ViolationType
 from governance.policy.long_running import LongRunningLimits
+from governance.policy.tenant import TenantPolicy
 from governance.store.keys import Period
 
 #: Budget kinds the scripts understand, with the violation each one raises.
@@ -27,14 +27,6 @@ BUDGET_KINDS: dict[str, ViolationType] = {
 }
 
 
-class _RateLimitLike(Protocol):
-    rate: int
-    burst: int
-
-    @property
-    def per(self) -> timedelta: ...
-
-
 @dataclass(frozen=True)
 class Rate:
     """A GCRA rate: one call per ``interval_ms``, up to ``burst`` at once."""
@@ -45,7 +37,7 @@ class Rate:
     per_s: float
 
     @classmethod
-    def of(cls, limit: _RateLimitLike | None) -> Rate | None:
+    def of(cls, limit: RateLimit | None) -> Rate | None:
         if limit is None:
             return None
         per_ms = limit.per.total_seconds() * 1000.0
@@ -86,7 +78,7 @@ class AdmissionLimits:
     warning_threshold_pct: int = 80
 
     @classmethod
-    def for_action(cls, tenant: TenantPolicyLike, action: Action) -> AdmissionLimits:
+    def for_action(cls, tenant: TenantPolicy, action: Action) -> AdmissionLimits:
         """The limits of ``tenant`` that apply to ``action`` (provider rate for LLM calls)."""
         provider_rate = None
         if isinstance(action, LLMCall):
@@ -101,51 +93,12 @@ class AdmissionLimits:
         )
 
 
-class _BudgetLike(Protocol):
-    @property
-    def period(self) -> str: ...
-    @property
-    def steps(self) -> int | None: ...
-    @property
-    def tool_calls(self) -> int | None: ...
-    @property
-    def tokens(self) -> int | None: ...
-    @property
-    def input_tokens(self) -> int | None: ...
-    @property
-    def output_tokens(self) -> int | None: ...
-    @property
-    def cost_usd(self) -> float | None: ...
-
-
-class _RateLimitsLike(Protocol):
-    @property
-    def tenant(self) -> _RateLimitLike | None: ...
-    @property
-    def providers(self) -> dict[str, _RateLimitLike]: ...
-
-
-class TenantPolicyLike(Protocol):
-    """The parts of the policy layer's ``TenantPolicy`` that admission needs."""
-
-    @property
-    def concurrency(self) -> int | None: ...
-    @property
-    def rate_limits(self) -> _RateLimitsLike: ...
-    @property
-    def budgets(self) -> tuple[_BudgetLike, ...] | list[_BudgetLike]: ...
-    @property
-    def long_running(self) -> LongRunningLimits: ...
-    @property
-    def warning_threshold_pct(self) -> int: ...
-
-
 def usd_to_micro(usd: float) -> int:
     """USD as integer micro-dollars, so sums in Redis are exact."""
     return round(usd * 1_000_000)
 
 
-def budget_checks(tenant: TenantPolicyLike) -> tuple[BudgetCheck, ...]:
+def budget_checks(tenant: TenantPolicy) -> tuple[BudgetCheck, ...]:
     """Every configured budget limit, plus the run's cost alert from the long-running limits."""
     checks: list[BudgetCheck] = []
     for budget in tenant.budgets:

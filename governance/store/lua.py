@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.commands.core import Script
 
-SCRIPT_NAMES = ("admit", "settle", "renew", "cooldown", "audit_append")
+SCRIPT_NAMES = ("admit", "settle", "renew", "cooldown", "audit_append", "park_claim")
 
 
 @cache
@@ -32,3 +32,4 @@ class Scripts:
         self.renew: Script = client.register_script(script_source("renew"))
         self.cooldown: Script = client.register_script(script_source("cooldown"))
         self.audit_append: Script = client.register_script(script_source("audit_append"))
+        self.park_claim: Script = client.register_script(script_source("park_claim"))

@@ -1,0 +1,36 @@
+"""The errors a governed task ends with. Each carries one readable reason, and pickles/serializes
+as a single string argument so Celery's result backend can rebuild it on the caller's side.
+"""
+
+from __future__ import annotations
+
+
+class GovernanceError(Exception):
+    """Base of every error the governance layer ends a task with."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class ActionDenied(GovernanceError):
+    """Authorization said no (or the message had no valid context, or the input was invalid).
+
+    The body never ran. Raised at publish time too, so a caller learns at once.
+    """
+
+
+class LimitExceeded(GovernanceError):
+    """A limit that waiting does not fix: a budget exhausted for its period, a discovery limit,
+    a loop, an idle run, or too many deferrals."""
+
+
+class ActionFailed(GovernanceError):
+    """The body failed with a permanent error, or with a retryable one after its last retry."""
+
+
+#: Errors that end a governed task as expected outcomes: logged without a traceback.
+GOVERNANCE_ERRORS: tuple[type[GovernanceError], ...] = (ActionDenied, LimitExceeded, ActionFailed)
