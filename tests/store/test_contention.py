@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import redis
@@ -33,7 +34,9 @@ from governance.store import (
 )
 from tests.store.helpers import TOOL_STEP, ctx, llm, tokens, tool
 
-FORK = multiprocessing.get_context("fork")
+# Spawn, not fork: other tests leave threads in this process (Celery's result consumer, HTTP
+# servers), and a child forked while one of them holds a lock deadlocks.
+SPAWN = multiprocessing.get_context("spawn")
 
 # Counts tasks between "admitted" and "about to settle", and keeps the highest count seen:
 # an observation independent of the lease set that admission itself uses.
@@ -81,7 +84,7 @@ def _contend(url: str, worker: int, rounds: int, concurrency: int) -> None:
 def test_zero_over_admission_8_processes_x_500(redis_url: str, redis_client: redis.Redis) -> None:
     processes, rounds, concurrency = 8, 500, 3
     workers = [
-        FORK.Process(target=_contend, args=(redis_url, w, rounds, concurrency))
+        SPAWN.Process(target=_contend, args=(redis_url, w, rounds, concurrency))
         for w in range(processes)
     ]
     for p in workers:
@@ -170,7 +173,7 @@ def test_no_interleaving_of_admissions_and_settlements_records_over_the_budget(
     assert max(seen) <= limit
 
 
-def _hold_lease_forever(url: str, ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+def _hold_lease_forever(url: str, ready: Any) -> None:
     client = redis.Redis.from_url(url)
     state = StateStore(client, lease_ms=1_000)
     admission = Admitter(state).admit(
@@ -191,8 +194,8 @@ def _hold_lease_forever(url: str, ready: multiprocessing.synchronize.Event) -> N
 def test_a_killed_holder_frees_its_slot_and_reservation_within_one_lease(
     redis_url: str, state: StateStore
 ) -> None:
-    ready = FORK.Event()
-    holder = FORK.Process(target=_hold_lease_forever, args=(redis_url, ready))
+    ready = SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_lease_forever, args=(redis_url, ready))
     holder.start()
     assert ready.wait(10), "the lease holder never admitted its task"
     assert holder.pid is not None

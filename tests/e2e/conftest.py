@@ -1,0 +1,186 @@
+"""End-to-end fixtures: a broker Redis, a separate state Redis, real `celery worker` processes.
+
+The worker is started once per session with the test policy (``governance-e2e.yaml``) and short
+timings (lease 2 s, visibility timeout 6 s, countdowns over 2 s parked), and the test process
+publishes through an app built from the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from governance.embedded import EmbeddedRedis
+from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.settings import GovernanceSettings
+from governance.store.audit import AuditEntry
+from tests.e2e.observer import ObserverServer
+
+HERE = Path(__file__).parent
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05
+) -> Any:
+    """Poll ``condition`` until it returns a truthy value; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(poll_s)
+
+
+class WorkerProcess:
+    """A real `celery -A workers.app worker` process (prefork), with its log kept for failures."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 4) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.concurrency = concurrency
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, app: Celery) -> None:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                CELERY,
+                "-A",
+                "workers.app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                str(self.concurrency),
+                "-E",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"e2e-{os.getpid()}@%h",
+            ],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(
+            lambda: (
+                self.process is not None
+                and (self.process.poll() is not None or app.control.ping(timeout=0.5))
+            ),
+            timeout_s=60,
+            what="the celery worker to answer a ping",
+        )
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the worker exited at start:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def state_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def observer() -> Iterator[ObserverServer]:
+    server = ObserverServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="session")
+def e2e_env(
+    broker: EmbeddedRedis, state_server: EmbeddedRedis, observer: ObserverServer, workspace: Path
+) -> dict[str, str]:
+    return {
+        "GOVERNANCE_BROKER_URL": broker.url,
+        "GOVERNANCE_STATE_REDIS_URL": state_server.url,
+        "GOVERNANCE_CONFIG_PATH": str(HERE / "governance-e2e.yaml"),
+        "GOVERNANCE_WORKSPACE_DIR": str(workspace),
+        "GOVERNANCE_LEASE_MS": "2000",
+        "GOVERNANCE_VISIBILITY_TIMEOUT_S": "6",
+        "GOVERNANCE_MAX_COUNTDOWN_S": "2",
+        "GOVERNANCE_PARK_POLL_S": "0.2",
+        "GOVERNANCE_STATE_TIMEOUT_S": "1",
+        "GOVERNANCE_LLM_BASE_URL": observer.base_url + "/v1",
+        "GOVERNANCE_AUDIT_KEY": "e2e-audit-key",
+        "GOVERNANCE_RELEASE_SECRET": "e2e-release-secret",
+    }
+
+
+@pytest.fixture(scope="session")
+def app(e2e_env: dict[str, str]) -> Celery:
+    """The publisher side: an app built from the workers' settings, in the test process."""
+    from workers.app import create_app
+
+    settings = GovernanceSettings(
+        **{k.removeprefix("GOVERNANCE_").lower(): v for k, v in e2e_env.items()}
+    )
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+def worker(
+    app: Celery, e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    env = {**os.environ, **e2e_env}
+    env.pop("REDIS_URL", None)
+    process = WorkerProcess(env, tmp_path_factory.mktemp("worker") / "worker.log")
+    process.start(app)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def runtime(app: Celery, worker: WorkerProcess, state_server: EmbeddedRedis) -> GovernanceRuntime:
+    """The publisher's runtime, with the state Redis flushed before the test."""
+    client = redis.Redis.from_url(state_server.url)
+    client.flushall()
+    client.close()
+    return runtime_for(app)
+
+
+def audit_of(runtime: GovernanceRuntime, task_id: str) -> list[AuditEntry]:
+    return [e for e in runtime.audit_log.entries() if e.fields.get("task_id") == task_id]
+
+
+def types_of(entries: list[AuditEntry]) -> list[str]:
+    return [e.fields["type"] for e in entries]

@@ -1,0 +1,1 @@
+"""An example deployment to copy: the Celery app, the tools, the LLM task and its providers."""

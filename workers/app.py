@@ -1,0 +1,48 @@
+"""The Celery app of the example deployment: governed tool and LLM tasks on a Redis broker.
+
+Run a worker with ``celery -A workers.app worker -E``. Settings come from ``GOVERNANCE_*``
+environment variables (see ``governance/settings.py``); the policy file is loaded at start, and
+a worker refuses to start, with the file, field and reason, when it is invalid.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from governance.integration import GovernanceRuntime, install
+from governance.policy.engine import Policy
+from governance.policy.loader import ConfigError
+from governance.settings import GovernanceSettings
+from workers.llm import register_llm_task
+from workers.tasks import register_tool_tasks
+
+
+def create_app(settings: GovernanceSettings | None = None) -> Celery:
+    """A governed Celery app for ``settings`` (default: from the environment)."""
+    settings = settings or GovernanceSettings()
+    try:
+        policy = Policy.from_file(settings.config_path)
+    except ConfigError as exc:
+        raise SystemExit(f"refusing to start: the governance policy is invalid:\n{exc}") from None
+    app = Celery("workers", broker=settings.broker_url, backend=settings.backend_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_extended=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    )
+    install(app, GovernanceRuntime(settings, policy))
+    register_tool_tasks(app, settings)
+    register_llm_task(app, settings)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,81 @@
+"""The LLM call as a governed Celery task: ``llm.complete(provider, model, messages, max_tokens)``.
+
+Admission reserves the call's estimate (its input estimate plus ``max_tokens``, priced from the
+policy's table); the task reports the tokens the provider actually used and their cost, and
+settlement replaces the reservation with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from governance.integration import GovernedTask, current_execution, report_usage, runtime_for
+from governance.policy.actions import Action, LLMCall
+from governance.policy.usage import Usage
+from governance.settings import GovernanceSettings
+from workers.providers import Provider, build_provider
+
+LLM_TASK_NAME = "llm.complete"
+
+
+class LLMTask(GovernedTask):
+    """A governed task calling one LLM provider."""
+
+    settings: GovernanceSettings
+    _providers: dict[str, Provider]
+
+    def build_action(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
+        if args:
+            raise ValueError("llm.complete takes keyword arguments only")
+        return LLMCall.model_validate(kwargs)
+
+    def provider(self, name: str) -> Provider:
+        providers: dict[str, Provider] = self.__dict__.setdefault("_providers", {})
+        if name not in providers:
+            key = self.settings.llm_api_key
+            providers[name] = build_provider(
+                name,
+                base_url=self.settings.llm_base_url,
+                api_key=key.get_secret_value() if key else None,
+            )
+        return providers[name]
+
+    def complete(self, call: LLMCall) -> dict[str, Any]:
+        execution = current_execution()
+        assert execution is not None, "the LLM body runs inside a governed execution"
+        completion = self.provider(call.provider).complete(call, attempt=execution.attempt)
+        policy = runtime_for(self.app).policy
+        cost = policy.cost_micro_usd(
+            call.provider, call.model, completion.input_tokens, completion.output_tokens
+        )
+        report_usage(
+            Usage(
+                input_tokens=completion.input_tokens,
+                output_tokens=completion.output_tokens,
+                cost_micro_usd=cost,
+            )
+        )
+        return {
+            "text": completion.text,
+            "model": completion.model,
+            "finish_reason": completion.finish_reason,
+            "usage": {
+                "input_tokens": completion.input_tokens,
+                "output_tokens": completion.output_tokens,
+            },
+            "cost_usd": cost / 1_000_000,
+        }
+
+
+def register_llm_task(app: Celery, settings: GovernanceSettings) -> LLMTask:
+    """Register ``llm.complete`` on ``app``."""
+
+    def body(self: LLMTask, **kwargs: Any) -> dict[str, Any]:
+        return self.complete(LLMCall.model_validate(kwargs))
+
+    task: LLMTask = app.task(
+        body, name=LLM_TASK_NAME, base=LLMTask, bind=True, shared=False, settings=settings
+    )
+    return task
