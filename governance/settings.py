@@ -69,6 +69,12 @@ class GovernanceSettings(BaseSettings):
     park_poll_s: float = Field(
         0.5, gt=0, description="How often a worker re-publishes parked tasks that are due."
     )
+    held_sweep_s: float = Field(
+        5.0, gt=0, description="How often a worker rejects held tasks whose hold expired."
+    )
+    app: str = Field(
+        "workers.app:app", description="The deployment's Celery app, for govctl (module:attr)."
+    )
     workspace_dir: Path = Field(
         Path(".workspace"), description="The only directory the file tools may touch."
     )

@@ -32,5 +32,19 @@ class ActionFailed(GovernanceError):
     """The body failed with a permanent error, or with a retryable one after its last retry."""
 
 
+class ApprovalRejected(GovernanceError):
+    """A reviewer rejected the held action, or its hold expired without a decision."""
+
+
+class ApprovalRefused(GovernanceError):
+    """A reviewer's decision was refused: unknown task, not held, not a reviewer, self-approval,
+    or the same reviewer twice. Raised to the reviewer (``govctl``), never ends a task."""
+
+
 #: Errors that end a governed task as expected outcomes: logged without a traceback.
-GOVERNANCE_ERRORS: tuple[type[GovernanceError], ...] = (ActionDenied, LimitExceeded, ActionFailed)
+GOVERNANCE_ERRORS: tuple[type[GovernanceError], ...] = (
+    ActionDenied,
+    LimitExceeded,
+    ActionFailed,
+    ApprovalRejected,
+)

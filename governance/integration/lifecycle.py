@@ -17,10 +17,12 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Ignore, Retry
 
+from governance.integration.approvals import Approvals
 from governance.integration.errors import ActionDenied, ActionFailed, LimitExceeded
 from governance.integration.events import event_fields
 from governance.integration.execution import Execution, running
@@ -111,15 +113,52 @@ class TaskLife:
 
     def _authorize(self, headers: GovernanceHeaders, action: Action) -> Decision:
         self.decision = decision = self.runtime.policy.authorize(headers.context, action)
+        if decision.outcome is Outcome.hold:
+            self.decision = decision = self._release_or_hold(headers, action, decision)
         if decision.outcome is Outcome.deny:
             self._deny(decision.reason)
-        if decision.outcome is Outcome.hold:
-            self._deny(f"approval required: {decision.reason}")
         if decision.outcome is Outcome.shadow:
             self._finish_without_running(AuditEventType.SHADOWED, "shadowed", decision)
         if decision.outcome is Outcome.suggest:
             self._finish_without_running(AuditEventType.SUGGESTED, "suggested", decision)
         return decision
+
+    def _release_or_hold(
+        self, headers: GovernanceHeaders, action: Action, decision: Decision
+    ) -> Decision:
+        """An approval-tier action runs only with a grant or a genuine, unspent release token;
+        otherwise it goes to the held store and this message is acknowledged."""
+        approvals = Approvals(self.task.app, self.runtime)
+        ctx = headers.context
+        try:
+            grants = approvals.active_grants(ctx.tenant)
+            if grants:
+                regranted = self.runtime.policy.authorize(ctx, action, grants=grants)
+                if regranted.outcome is not Outcome.hold:
+                    return regranted
+            if headers.release_token and approvals.spend_release_token(
+                tenant=ctx.tenant,
+                task_id=self.task_id,
+                task_name=self.task.name,
+                args=list(self.args),
+                kwargs=self.kwargs,
+                token=headers.release_token,
+            ):
+                return replace(decision, outcome=Outcome.allow)
+            approvals.hold(
+                task_name=self.task.name,
+                task_id=self.task_id,
+                args=list(self.args),
+                kwargs=self.kwargs,
+                headers=headers,
+                action=action,
+                decision=decision,
+            )
+        except StoreUnavailable as exc:
+            tenant = self.runtime.policy.tenant(ctx.tenant)
+            assert tenant is not None
+            self._defer(tenant, tenant.deferral.backoff_base_ms, "store_unavailable", str(exc))
+        raise Ignore()
 
     def _prepare(self, tenant: TenantPolicy) -> None:
         assert self.action is not None
@@ -250,6 +289,20 @@ class TaskLife:
             "would_run": self.action.model_dump(mode="json"),
         }
         self._audit(event_type, reason=decision.reason, detail={"would_run": result["would_run"]})
+        if event_type is AuditEventType.SUGGESTED and self.headers is not None:
+            try:  # listed for reviewers as a non-blocking suggestion
+                Approvals(self.task.app, self.runtime).hold(
+                    task_name=self.task.name,
+                    task_id=self.task_id,
+                    args=list(self.args),
+                    kwargs=self.kwargs,
+                    headers=self.headers,
+                    action=self.action,
+                    decision=decision,
+                    blocking=False,
+                )
+            except StoreUnavailable:
+                log.warning("suggestion %s could not be listed", self.task_id, exc_info=True)
         self.task.backend.mark_as_done(self.task_id, result, request=self.task.request)
         self._send_event(outcome, decision.reason)
         raise Ignore()

@@ -7,8 +7,10 @@ the broker).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+from governance.integration.approvals import Approvals
 from governance.integration.errors import ActionDenied
 from governance.integration.execution import current_execution
 from governance.integration.headers import GovernanceHeaders
@@ -34,8 +36,9 @@ def inherit(ctx: ActionContext) -> ActionContext:
 def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:
     """Authorize and enqueue ``task(*args, **kwargs)`` for ``ctx``; returns its AsyncResult.
 
-    Raises :class:`ActionDenied` (and enqueues nothing) when the policy denies the action, when
-    it needs an approval, or when its input is invalid.
+    Raises :class:`ActionDenied` (and enqueues nothing) when the policy denies the action or its
+    input is invalid. An approval-tier action goes to the held store instead of the broker: the
+    result's state is ``HELD`` until reviewers release or reject it.
     """
     runtime = runtime_for(task.app)
     ctx = inherit(ctx)
@@ -47,8 +50,6 @@ def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:
     denial = None
     if decision.outcome is Outcome.deny:
         denial = decision.reason
-    elif decision.outcome is Outcome.hold:
-        denial = f"approval required: {decision.reason}"
     else:
         tenant = runtime.policy.tenant(ctx.tenant)
         assert tenant is not None
@@ -71,4 +72,21 @@ def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:
             )
         )
         raise ActionDenied(denial)
-    return task.apply_async(args, kwargs, headers=GovernanceHeaders(context=ctx).to_headers())
+    headers = GovernanceHeaders(context=ctx)
+    if decision.outcome is Outcome.hold:
+        approvals = Approvals(task.app, runtime)
+        grants = approvals.active_grants(ctx.tenant)
+        granted = grants and runtime.policy.authorize(ctx, action, grants=grants)
+        if not granted or granted.outcome is Outcome.hold:
+            task_id = str(uuid.uuid4())
+            approvals.hold(
+                task_name=task.name,
+                task_id=task_id,
+                args=list(args),
+                kwargs=dict(kwargs),
+                headers=headers,
+                action=action,
+                decision=decision,
+            )
+            return task.AsyncResult(task_id)
+    return task.apply_async(args, kwargs, headers=headers.to_headers())

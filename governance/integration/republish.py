@@ -2,21 +2,16 @@
 
 Retries and deferrals keep the task id and carry updated governance headers. A delay longer than
 the safe bound below the broker's visibility timeout is never a broker countdown (celery #2599,
-#3270, kombu #337): it is parked and re-published when due by :class:`ParkedTaskPump`.
+#3270, kombu #337): it is parked and re-published when due by the workers' maintenance thread.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from typing import Any
 
 from governance.integration.headers import GovernanceHeaders
-from governance.store.errors import StoreUnavailable
 from governance.store.parking import ParkedMessage, ParkingLot
-
-log = logging.getLogger("governance.republish")
 
 
 def republish(
@@ -66,37 +61,11 @@ def publish_parked(app: Any, message: ParkedMessage) -> None:
     )
 
 
-class ParkedTaskPump:
-    """A worker thread that publishes parked tasks once they are due (claim, publish, ack)."""
-
-    def __init__(self, app: Any, parking: ParkingLot, poll_s: float) -> None:
-        self._app = app
-        self._parking = parking
-        self._poll_s = poll_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="governance-parking", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def pump_once(self) -> int:
-        """Publish every parked task that is due now; returns how many were published."""
-        published = 0
-        for parking_id, message in self._parking.claim_due():
-            publish_parked(self._app, message)
-            self._parking.acknowledge(parking_id)
-            published += 1
-        return published
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._poll_s):
-            try:
-                self.pump_once()
-            except StoreUnavailable as exc:
-                log.warning("parked tasks not published this round: %s", exc)
-            except Exception:
-                log.exception("parked tasks not published this round")
+def publish_due_parked(app: Any, parking: ParkingLot) -> int:
+    """Publish every parked task that is due now (claim, publish, acknowledge)."""
+    published = 0
+    for parking_id, message in parking.claim_due():
+        publish_parked(app, message)
+        parking.acknowledge(parking_id)
+        published += 1
+    return published

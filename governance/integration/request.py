@@ -12,7 +12,7 @@ from typing import Any
 from celery.worker.request import Request
 
 #: Exception class name (as it appears in the event's repr) -> governance event name.
-_FAILURE_EVENTS = {"ActionDenied": "task-denied"}
+_FAILURE_EVENTS = {"ActionDenied": "task-denied", "ApprovalRejected": "task-rejected"}
 
 
 class GovernedRequest(Request):  # type: ignore[misc]

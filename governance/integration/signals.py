@@ -1,4 +1,4 @@
-"""Celery signal handlers: context inheritance for child tasks, and the parked-task pump.
+"""Celery signal handlers: context inheritance for child tasks, and the maintenance thread.
 
 A task enqueued from inside a governed task's body, without a context of its own, inherits the
 parent's tenant, agent and run, one level deeper: it is a discovered step, so the long-running
@@ -45,11 +45,10 @@ def connect(app: Any) -> None:
     signals.before_task_publish.connect(_before_publish, weak=False)
 
     def start_pump(sender: Any = None, **_: Any) -> None:
-        from governance.integration.republish import ParkedTaskPump
+        from governance.integration.maintenance import MaintenanceThread
         from governance.integration.runtime import runtime_for
 
-        runtime = runtime_for(app)
-        pump = ParkedTaskPump(app, runtime.parking, runtime.settings.park_poll_s)
+        pump = MaintenanceThread(app, runtime_for(app))
         pump.start()
         _pumps[id(app)] = pump
 

@@ -43,6 +43,7 @@ class AuditEventType(StrEnum):
 
     AUTHORIZATION_DENIED = "authorization_denied"
     HELD = "held"
+    APPROVED = "approved"  # one reviewer's approval, before the quorum is reached
     RELEASED = "released"
     REJECTED = "rejected"
     EXPIRED = "expired"

@@ -88,6 +88,29 @@ class TenantKeys:
         """The run, day and month windows that a task of ``run`` counts in at ``now``."""
         return [self.window(p, period_label(p, run, now)) for p in WINDOW_ORDER]
 
+    def held(self, task_id: str) -> str:
+        """Hash of one held (approval-tier) or suggested task: the call, its status, decisions."""
+        return f"{self._base}:held:{task_id}"
+
+    def held_by_status(self, status: str) -> str:
+        """Sorted set of the tenant's held tasks in one status, scored by request time (ms)."""
+        return f"{self._base}:held-status:{status}"
+
+    @property
+    def held_unpublished(self) -> str:
+        """Set of released tasks not yet confirmed published again (retried by the sweep)."""
+        return f"{self._base}:held-unpublished"
+
+    @property
+    def held_expiry(self) -> str:
+        """Sorted set of the tenant's tasks still held, scored by expiry time (ms)."""
+        return f"{self._base}:held-expiry"
+
+    @property
+    def grants(self) -> str:
+        """Hash of grants given by reviewers: grant id -> grant (JSON)."""
+        return f"{self._base}:grants"
+
     def step_repetitions(self, run: str) -> str:
         """Hash of a run: input hash of a step -> how many times that exact step was admitted."""
         return f"{self._base}:steps:{run}"
@@ -101,3 +124,4 @@ class DeploymentKeys:
     parked_due = f"{PREFIX}:{{parking}}:due"
     parked_claimed = f"{PREFIX}:{{parking}}:claimed"
     parked_messages = f"{PREFIX}:{{parking}}:messages"
+    held_tenants = f"{PREFIX}:{{held}}:tenants"

@@ -12,7 +12,17 @@ from typing import Any
 
 from redis.commands.core import Script
 
-SCRIPT_NAMES = ("admit", "settle", "renew", "cooldown", "audit_append", "park_claim")
+SCRIPT_NAMES = (
+    "admit",
+    "settle",
+    "renew",
+    "cooldown",
+    "audit_append",
+    "park_claim",
+    "held_put",
+    "held_decide",
+    "release_consume",
+)
 
 
 @cache
@@ -33,3 +43,6 @@ class Scripts:
         self.cooldown: Script = client.register_script(script_source("cooldown"))
         self.audit_append: Script = client.register_script(script_source("audit_append"))
         self.park_claim: Script = client.register_script(script_source("park_claim"))
+        self.held_put: Script = client.register_script(script_source("held_put"))
+        self.held_decide: Script = client.register_script(script_source("held_decide"))
+        self.release_consume: Script = client.register_script(script_source("release_consume"))

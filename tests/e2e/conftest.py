@@ -110,7 +110,8 @@ def broker() -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="session")
 def state_server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
+    """The state Redis, with AOF on, so a restart keeps held tasks (as in production)."""
+    with EmbeddedRedis(appendonly=True) as server:
         yield server
 
 

@@ -107,19 +107,6 @@ def test_shadow_and_suggest_never_run_and_say_so(
     assert types_of(audit_of(runtime, suggested.id)) == ["suggested"]
 
 
-def test_approval_tier_is_denied_until_the_held_store_exists(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path
-) -> None:
-    with pytest.raises(ActionDenied, match="approval required"):
-        submit_tool(app, ctx("t-basic"), "shell", command=["touch", "shell-ran"])
-    result = app.tasks["tools.shell"].apply_async(
-        kwargs={"command": ["touch", "shell-ran"]}, headers=headers(ctx("t-basic"))
-    )
-    with pytest.raises(ActionDenied, match="approval required"):
-        result.get(timeout=30)
-    assert not (workspace / "shell-ran").exists()
-
-
 def test_tenant_concurrency_one_without_head_of_line_blocking(
     app: Celery, runtime: GovernanceRuntime, observer: ObserverServer
 ) -> None:
