@@ -76,9 +76,16 @@ class TaskLife:
         tenant = self.runtime.policy.tenant(headers.context.tenant)
         assert tenant is not None  # authorization denies unknown tenants
         self._prepare(tenant)
+        admit_started = time.perf_counter()
         admission = self._admit(headers, action, tenant)
+        admit_ms = round((time.perf_counter() - admit_started) * 1000, 3)
         try:
-            self._audit(AuditEventType.ADMITTED, AuditEventType.TASK_STARTED, required=True)
+            self._audit(
+                AuditEventType.ADMITTED,
+                AuditEventType.TASK_STARTED,
+                required=True,
+                detail={"admit_ms": admit_ms, "attempt": headers.attempt},
+            )
         except StoreUnavailable as exc:  # nothing runs unrecorded; the lease expires on its own
             self._defer(tenant, tenant.deferral.backoff_base_ms, "store_unavailable", str(exc))
         execution = Execution(self.task_id, headers.context, headers.attempt)

@@ -1,0 +1,47 @@
+"""Serve governance metrics for Prometheus: ``python -m governance.metrics --port 9108``.
+
+Reads the same ``GOVERNANCE_*`` settings as the workers (state Redis, policy file, audit key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from prometheus_client import start_http_server
+from prometheus_client.registry import CollectorRegistry
+
+from governance.integration.runtime import GovernanceRuntime
+from governance.metrics.collector import GovernanceCollector
+from governance.policy.engine import Policy
+from governance.policy.loader import ConfigError
+from governance.settings import GovernanceSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve governance metrics for Prometheus.")
+    parser.add_argument("--port", type=int, default=9108, help="port to listen on (9108)")
+    parser.add_argument("--address", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    args = parser.parse_args(argv)
+    settings = GovernanceSettings()
+    try:
+        policy = Policy.from_file(settings.config_path)
+    except ConfigError as exc:
+        parser.exit(5, f"refusing to start: the governance policy is invalid:\n{exc}\n")
+    runtime = GovernanceRuntime(settings, policy)
+    registry = CollectorRegistry()
+    registry.register(GovernanceCollector(runtime.state, runtime.audit_log, policy))
+    server, thread = start_http_server(args.port, addr=args.address, registry=registry)
+    print(f"governance metrics on http://{args.address}:{args.port}/metrics", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+    thread.join(5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The Prometheus exporter, as a real process scraped over HTTP and parsed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from governance.policy.actions import LLMCall, Message
+from governance.policy.context import ActionContext
+from governance.policy.engine import Policy
+from governance.policy.usage import Usage
+from governance.store import AdmissionLimits, Admitter, AuditEvent, AuditEventType, AuditLog
+from governance.store.held import HeldStatus, HeldStore, HeldTask
+from governance.store.state import StateStore
+
+AUDIT_KEY = "metrics-test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def exporter(redis_url: str, redis_client: redis.Redis) -> Iterator[str]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "GOVERNANCE_STATE_REDIS_URL": redis_url,
+        "GOVERNANCE_BROKER_URL": redis_url,
+        "GOVERNANCE_CONFIG_PATH": "config/governance.yaml",
+        "GOVERNANCE_AUDIT_KEY": AUDIT_KEY,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "governance.metrics", "--port", str(port), "--address", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.TransportError:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "the exporter never answered"
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stdout:
+            process.stdout.close()
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(url, timeout=5).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _held(task_id: str) -> HeldTask:
+    return HeldTask(
+        task_id=task_id,
+        tenant="acme",
+        agent="a",
+        run="r",
+        user="",
+        task_name="tools.shell",
+        args=[],
+        kwargs={"command": ["ls"]},
+        headers={},
+        action={},
+        action_name="shell",
+        action_class="process.exec",
+        tier="act_with_approval",
+        reason="needs approval",
+        args_hash="h",
+        requested_ms=1,
+        expires_ms=2**40,
+    )
+
+
+def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis) -> None:
+    state = StateStore(redis_client)
+    audit = AuditLog(state, AUDIT_KEY.encode())
+    base = {"tenant": "acme", "agent": "a", "run": "r"}
+    audit.append(
+        AuditEvent(type=AuditEventType.ADMITTED, detail={"admit_ms": 0.8}, **base),
+        AuditEvent(type=AuditEventType.ADMITTED, detail={"admit_ms": 3.0}, **base),
+        AuditEvent(type=AuditEventType.AUTHORIZATION_DENIED, **base),
+        AuditEvent(type=AuditEventType.DEFERRED, detail={"violation": "rate_limit"}, **base),
+    )
+    store = HeldStore(state)
+    store.put(_held("h1"))
+    store.put(_held("h2"))
+    policy = Policy.from_file("config/governance.yaml")
+    tenant = policy.tenant("acme")
+    assert tenant is not None
+    call = LLMCall(
+        provider="fake",
+        model="fake-small",
+        messages=[Message(role="user", content="hi")],
+        max_tokens=100,
+    )
+    admitter = Admitter(state)
+    limits = AdmissionLimits.for_action(tenant, call)
+    ctx = ActionContext(tenant="acme", agent="a", run="r")
+    done = admitter.admit(
+        ctx=ctx,
+        action=call,
+        task_id="t1",
+        attempt=0,
+        estimate=Usage(steps=1, output_tokens=100),
+        limits=limits,
+    )
+    admitter.settle(done.ticket, Usage(steps=1, input_tokens=5, output_tokens=40))
+    running = admitter.admit(
+        ctx=ctx,
+        action=call,
+        task_id="t2",
+        attempt=0,
+        estimate=Usage(steps=1, output_tokens=100),
+        limits=limits,
+    )
+    assert running.admitted
+
+    m = _scrape(exporter)
+    assert m[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 2
+    assert m[("governance_decisions_total", (("outcome", "deny"), ("tenant", "acme")))] == 1
+    assert m[("governance_deferrals_total", (("tenant", "acme"), ("violation", "rate_limit")))] == 1
+    assert m[("governance_held_tasks", (("status", "held"), ("tenant", "acme")))] == 2
+    assert m[("governance_held_tasks", (("status", "released"), ("tenant", "acme")))] == 0
+    assert m[("governance_leases_in_use", (("tenant", "acme"),))] == 1
+    day_tokens = (("kind", "tokens"), ("period", "day"), ("tenant", "acme"))
+    assert m[("governance_budget_used", day_tokens)] == 45
+    assert m[("governance_budget_limit", day_tokens)] == 100_000
+    assert m[("governance_admission_latency_seconds_count", ())] == 2
+    assert m[("governance_admission_latency_seconds_bucket", (("le", "0.001"),))] == 1
+    assert m[("governance_admission_latency_seconds_bucket", (("le", "0.005"),))] == 2
+
+    # Counters keep counting from where the previous scrape stopped.
+    audit.append(AuditEvent(type=AuditEventType.HELD, **base))
+    again = _scrape(exporter)
+    assert again[("governance_decisions_total", (("outcome", "hold"), ("tenant", "acme")))] == 1
+    assert again[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 2
+    assert store.count("acme", HeldStatus.HELD) == 2
