@@ -9,13 +9,15 @@ STAMP  := $(VENV)/.installed-stamp
 PACKAGES := governance $(wildcard workers)
 PYTEST_ARGS ?=
 
-.PHONY: help install lint format test test-fast bench clean
+.PHONY: help install lint format test demo bench clean
 
 help:
+	@echo "make demo     the main job end to end: Redis, a worker, Flower, a scripted scenario"
+	@echo "              (DEMO_EXIT=1 exits after the summary)"
 	@echo "make test     lint, type-check and run every test (starts its own Redis)"
 	@echo "make lint     ruff check, ruff format --check, mypy --strict"
 	@echo "make format   apply ruff's fixes and formatting"
-	@echo "make bench    admission+settlement micro-benchmark against a private Redis"
+	@echo "make bench    governed vs plain Celery throughput, and the store micro-benchmark"
 	@echo "make install  create $(VENV) and install the project with its dev extras"
 	@echo "make clean    remove $(VENV) and caches"
 
@@ -39,6 +41,9 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m workers.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m governance.bench.store_bench

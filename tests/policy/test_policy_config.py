@@ -55,7 +55,7 @@ def test_shipped_example_decides_as_its_comments_say() -> None:
     assert decide("untrusted-1", "echo") is Outcome.deny
     assert decide("researcher", "echo") is Outcome.shadow
     assert decide("researcher", "http_get") is Outcome.allow
-    assert decide("bot", "delete_file") is Outcome.deny  # not in the allow-list
+    assert decide("bot", "delete_file") is Outcome.suggest  # tiers.actions.delete_file
 
 
 def test_version_is_16_hex_and_stable_under_key_reordering(base_config: dict[str, Any]) -> None:
