@@ -46,6 +46,7 @@ demo: $(STAMP)
 	$(BIN)/python -m workers.demo
 
 bench: $(STAMP)
+	$(BIN)/python -m governance.bench.celery_bench
 	$(BIN)/python -m governance.bench.store_bench
 
 clean:

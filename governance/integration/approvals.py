@@ -112,7 +112,13 @@ class Approvals:
                 reason=decision.reason,
                 detail={"expires_ms": task.expires_ms, "outcome": outcome},
             )
-        send_app_event(self.app, "held", task_id, **event_fields(ctx, action.name, decision.reason))
+        send_app_event(
+            self.app,
+            "held",
+            task_id,
+            name=task_name,
+            **event_fields(ctx, action.name, decision.reason),
+        )
         return task
 
     # -- release tokens -----------------------------------------------------------------------

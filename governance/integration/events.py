@@ -26,10 +26,23 @@ def event_fields(
     return fields
 
 
+def flower_fields(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Fields Flower shows: the state itself and a readable ``result``.
+
+    Flower ignores a state that ranks below the current one (``celery.states.PRECEDENCE``):
+    REJECTED, a built-in state, ranks below HELD. Carrying ``state`` in the event sets it anyway.
+    Flower's API only returns Celery's own task fields, so the reason goes into ``result``.
+    """
+    summary = f"{kind}: {fields.get('reason', '')}"
+    if fields.get("tenant"):
+        summary += f" (tenant {fields['tenant']}, action {fields.get('action', '')})"
+    return {"state": kind.upper(), "result": summary, **fields}
+
+
 def send_app_event(app: Any, kind: str, task_id: str, **fields: Any) -> None:
     """Send ``task-<kind>`` for ``task_id`` from anywhere (a publisher, ``govctl``)."""
     try:
         with app.events.default_dispatcher() as dispatcher:
-            dispatcher.send(f"task-{kind}", uuid=task_id, **fields)
+            dispatcher.send(f"task-{kind}", uuid=task_id, **flower_fields(kind, fields))
     except Exception:  # events are for live watching only; never fail the decision over one
         log.warning("could not send the task-%s event of %s", kind, task_id, exc_info=True)

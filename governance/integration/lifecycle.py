@@ -24,7 +24,7 @@ from celery.exceptions import Ignore, Retry
 
 from governance.integration.approvals import Approvals
 from governance.integration.errors import ActionDenied, ActionFailed, LimitExceeded
-from governance.integration.events import event_fields
+from governance.integration.events import event_fields, flower_fields
 from governance.integration.execution import Execution, running
 from governance.integration.headers import GovernanceHeaders, HeaderError, read_headers
 from governance.integration.republish import republish
@@ -387,8 +387,7 @@ class TaskLife:
         ctx = self.headers.context if self.headers else None
         action = self.action.name if self.action else self.task.name
         try:
-            self.task.send_event(
-                f"task-{kind}", retry=False, **event_fields(ctx, action, reason, **extra)
-            )
+            fields = flower_fields(kind, event_fields(ctx, action, reason, **extra))
+            self.task.send_event(f"task-{kind}", retry=False, **fields)
         except Exception:
             log.warning("could not send task-%s for %s", kind, self.task_id, exc_info=True)

@@ -1,0 +1,537 @@
+"""Plain vs governed Celery tasks on one real worker: throughput of each, in one run, interleaved.
+
+One Redis (database 0 the broker and result backend, database 1 the governance state, as in the
+README and docker-compose), one ``celery worker -P prefork -c 2`` running
+:mod:`governance.bench.bench_app`, whose app carries both a plain ungoverned task
+(``bench.noop``) and the governed ``tools.echo``. The benchmark publishes alternating batches,
+plain, governed, plain, governed, ..., and times each batch from its first publish until the
+last of its results has arrived.
+
+Why this is fair: both kinds share the broker, the worker, its pool, the app's settings (late
+acks, prefetch 1, task events, results stored with ``task_track_started``), the same keyword
+arguments and the same completion signal: every task is published with ``apply_async`` and the
+batch ends when ``ResultSet.join_native`` (the result backend's pub/sub, no polling) has seen all
+of them succeed. Interleaving the batches spreads the noise of a shared machine over both kinds.
+The difference is the governance itself: context headers, authorization, admission, lease,
+settlement, usage and three audit entries per task, with every check of the policy switched on
+(rate limit, concurrency, budgets of every kind per day, month and run, long-running limits).
+
+Redis work per governed task is counted at the server, from ``INFO commandstats``: script calls
+(``EVALSHA`` + ``EVAL``) during the governed batches, minus the background rate seen during the
+plain batches (the worker's parked-task pump, kombu's binding refresh). A governed task needs four:
+admission, an audit append (admitted, started), settlement, an audit append (finished); more
+means audit appends that lost the compare-and-set on the chain head to the other worker process
+and went again. The audit head is read with a GET once per process, during the warm-up. The
+total of commands the server executed per task (broker, results and state, including commands
+run inside scripts) is reported for both kinds, per command name in the JSON.
+Admission+settlement latency and the 10 vs 10,000 tenants scale come from
+:mod:`governance.bench.store_bench`, run against the same Redis after the worker has stopped.
+With ``REDIS_URL`` set, that server is used instead of a private one (databases 0 and 1 are
+flushed).
+
+Run: ``python -m governance.bench.celery_bench [--tasks N] [--rounds R] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import yaml
+from celery import Celery
+from celery.result import ResultSet
+
+from governance.bench import store_bench
+from governance.embedded import EmbeddedRedis
+from governance.integration import GovernanceHeaders
+from governance.policy.context import ActionContext
+from governance.settings import GovernanceSettings
+from governance.store import Period, StateStore, read_usage
+
+PLAIN_TASK = "bench.noop"
+GOVERNED_TASK = "tools.echo"
+TENANT = "bench"
+CONTEXT = ActionContext(tenant=TENANT, agent="bench-agent", run="bench-run")
+KINDS = ("plain", "governed")
+#: Top-level commands that run a script; the commands a script runs are counted apart.
+SCRIPTS = ("evalsha", "eval")
+#: Huge limits, but every kind of check on, so each governed task pays for all of them.
+_BUDGET = {"steps": 10**8, "tool_calls": 10**8, "tokens": 10**9, "cost_usd": 1_000_000}
+BENCH_POLICY: dict[str, Any] = {
+    "version": 1,
+    "tools": {"echo": "compute"},
+    "defaults": {"tiers": {"default": "act_auto"}},
+    "tenants": {
+        TENANT: {
+            "allowed_tools": ["echo"],
+            "concurrency": 1000,
+            "rate_limits": {"tenant": {"rate": 100_000, "per": "1s"}},
+            "budgets": [
+                {"period": "day", **_BUDGET},
+                {"period": "month", **_BUDGET},
+                {"period": "run", **_BUDGET},
+            ],
+            "long_running": "unlimited",
+        }
+    },
+}
+#: Tasks of each kind run before timing: worker children fork, connect and load the scripts.
+WARM_UP_TASKS = 20
+BATCH_TIMEOUT_S = 300.0
+
+
+def noop(text: str = "") -> None:
+    """The plain task: takes the same argument as ``tools.echo`` and does nothing with it."""
+
+
+def register_plain_task(app: Celery) -> Any:
+    """Register ``bench.noop`` on ``app``: an ordinary task, no governance."""
+    return app.task(name=PLAIN_TASK, shared=False)(noop)
+
+
+# -- environment -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _redis_base_url() -> Iterator[tuple[str, bool]]:
+    """The Redis server to use and whether it is the caller's (``REDIS_URL``, flushed) or ours."""
+    if url := os.environ.get("REDIS_URL"):
+        yield url, True
+        return
+    with EmbeddedRedis() as server:
+        yield server.url, False
+
+
+def _with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+def bench_env(base_url: str, workdir: Path) -> dict[str, str]:
+    """The ``GOVERNANCE_*`` variables of the benchmark: read by the worker and the publisher."""
+    policy = workdir / "bench-policy.yaml"
+    policy.write_text(yaml.safe_dump(BENCH_POLICY, sort_keys=False), encoding="utf-8")
+    return {
+        "GOVERNANCE_BROKER_URL": _with_db(base_url, 0),
+        "GOVERNANCE_STATE_REDIS_URL": _with_db(base_url, 1),
+        "GOVERNANCE_CONFIG_PATH": str(policy),
+        "GOVERNANCE_WORKSPACE_DIR": str(workdir / "workspace"),
+        "GOVERNANCE_AUDIT_KEY": "bench-audit-key",
+        "GOVERNANCE_RELEASE_SECRET": "bench-release-secret",
+    }
+
+
+@contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Exactly ``env`` as the process's ``GOVERNANCE_*`` variables, restored afterwards."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("GOVERNANCE_")}
+    for name in saved:
+        del os.environ[name]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
+
+
+def publisher_app(env: Mapping[str, str]) -> Celery:
+    """An app built exactly like the worker's: the same settings, from the same variables.
+
+    ``workers.app`` builds its module-level app from the environment when first imported, so it
+    is imported under the benchmark's variables too (never against a stray policy file).
+    """
+    with _environment(env):
+        from workers.app import create_app
+
+        app = create_app(GovernanceSettings())
+    register_plain_task(app)
+    return app
+
+
+class BenchWorker:
+    """The ``celery worker`` process (prefork) serving :mod:`governance.bench.bench_app`."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, concurrency: int) -> None:
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GOVERNANCE_") and k != "REDIS_URL"
+        }
+        self.env = {**inherited, **env}
+        self.log_path = log_path
+        self.concurrency = concurrency
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, app: Celery, timeout_s: float = 90.0) -> None:
+        with self.log_path.open("ab") as log:
+            # Its own session: a Ctrl-C reaches only the benchmark, which then stops the worker.
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "governance.bench.bench_app",
+                    "worker",
+                    "-P",
+                    "prefork",
+                    "-c",
+                    str(self.concurrency),
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--loglevel=WARNING",
+                    "-n",
+                    f"bench-{os.getpid()}@%h",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while not app.control.ping(timeout=0.5):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the benchmark worker exited at start:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the benchmark worker did not answer a ping in {timeout_s}s")
+
+    def stop(self) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL to the worker's own process group if stuck."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return "(no worker log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerCounters:
+    """What the Redis server has executed so far, per command name (``INFO commandstats``).
+
+    Commands a script runs (``redis.call``) are counted under their own names as well, so the
+    script calls themselves are :data:`SCRIPTS`, and the other counts are the server's work.
+    """
+
+    by_command: Mapping[str, int]
+
+    @classmethod
+    def read(cls, client: redis.Redis) -> ServerCounters:
+        stats = client.info("commandstats")
+        return cls({name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()})
+
+    def since(self, before: ServerCounters) -> dict[str, int]:
+        """Calls per command name between ``before`` and this reading (the INFO itself left out)."""
+        delta = {
+            name: calls - before.by_command.get(name, 0) - (1 if name == "info" else 0)
+            for name, calls in self.by_command.items()
+        }
+        return {name: calls for name, calls in delta.items() if calls > 0}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One timed batch of one kind, and what the Redis server executed meanwhile."""
+
+    kind: str
+    round_no: int
+    tasks: int
+    seconds: float
+    by_command: Mapping[str, int]
+
+    @property
+    def script_calls(self) -> int:
+        return sum(self.by_command.get(name, 0) for name in SCRIPTS)
+
+    @property
+    def server_commands(self) -> int:
+        return sum(self.by_command.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round_no,
+            "tasks": self.tasks,
+            "seconds": round(self.seconds, 4),
+            "tasks_per_s": round(self.tasks / self.seconds, 1),
+            "script_calls": self.script_calls,
+            "server_commands": self.server_commands,
+        }
+
+
+def publish_and_wait(app: Celery, kind: str, tasks: int, first: int) -> None:
+    """Publish ``tasks`` tasks of ``kind`` and return once every one of them has succeeded."""
+    if kind == "plain":
+        task = app.tasks[PLAIN_TASK]
+        headers: dict[str, Any] = {}
+    else:
+        task = app.tasks[GOVERNED_TASK]
+        headers = GovernanceHeaders(context=CONTEXT).to_headers()
+    results: list[Any] = []
+    try:
+        for i in range(tasks):
+            results.append(
+                task.apply_async(kwargs={"text": f"bench-{first + i}"}, headers=dict(headers))
+            )
+        values = ResultSet(results, app=app).join_native(timeout=BATCH_TIMEOUT_S, propagate=True)
+    except KeyboardInterrupt:
+        # Stop waiting now, while Redis is up: each result would otherwise unsubscribe from the
+        # result backend when collected at interpreter exit, after Redis stopped, and print noise.
+        for result in results:
+            app.backend.remove_pending_result(result)
+        raise
+    if len(values) != tasks:
+        raise RuntimeError(f"{kind} batch: {len(values)} results for {tasks} tasks")
+
+
+def run_batch(app: Celery, client: redis.Redis, kind: str, round_no: int, tasks: int) -> Batch:
+    before = ServerCounters.read(client)
+    started = time.perf_counter()
+    publish_and_wait(app, kind, tasks, first=round_no * 1_000_000)
+    seconds = time.perf_counter() - started
+    by_command = ServerCounters.read(client).since(before)
+    return Batch(kind, round_no, tasks, seconds, by_command)
+
+
+def batch_sizes(total: int, rounds: int) -> list[int]:
+    """``rounds`` batch sizes that add up to ``total``, as even as possible."""
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
+
+
+def run_rounds(
+    app: Celery, client: redis.Redis, tasks: int, rounds: int, out: TextIO = sys.stdout
+) -> list[Batch]:
+    """Plain, governed, plain, governed, ...: ``tasks`` of each kind in ``rounds`` rounds."""
+    batches: list[Batch] = []
+    for round_no, size in enumerate(batch_sizes(tasks, rounds), start=1):
+        for kind in KINDS:
+            batch = run_batch(app, client, kind, round_no, size)
+            batches.append(batch)
+            print(
+                f"  round {round_no}/{rounds} {kind:<8} {size:>6} tasks in {batch.seconds:7.2f} s"
+                f"  ({size / batch.seconds:8.1f} tasks/s)",
+                file=out,
+                flush=True,
+            )
+    return batches
+
+
+def summarize(batches: list[Batch]) -> dict[str, Any]:
+    """Throughput per kind, their ratio, and the Redis server's work per task."""
+    kinds: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    scripts: dict[str, int] = {}
+    for kind in KINDS:
+        mine = [b for b in batches if b.kind == kind]
+        tasks = sum(b.tasks for b in mine)
+        seconds[kind] = sum(b.seconds for b in mine)
+        scripts[kind] = sum(b.script_calls for b in mine)
+        by_command: dict[str, int] = {}
+        for batch in mine:
+            for name, calls in batch.by_command.items():
+                by_command[name] = by_command.get(name, 0) + calls
+        kinds[kind] = {
+            "tasks": tasks,
+            "seconds": round(seconds[kind], 3),
+            "tasks_per_s": round(tasks / seconds[kind], 1),
+            "server_commands_per_task": round(sum(by_command.values()) / tasks, 2),
+            "server_commands_per_task_by_name": {
+                name: round(calls / tasks, 2)
+                for name, calls in sorted(by_command.items(), key=lambda item: -item[1])
+                if calls / tasks >= 0.05
+            },
+            "batches": [b.as_json() for b in mine],
+        }
+    plain, governed = kinds["plain"], kinds["governed"]
+    # Plain tasks never touch governance state: what scripts ran meanwhile is background.
+    background_per_s = scripts["plain"] / seconds["plain"]
+    net_scripts = scripts["governed"] - background_per_s * seconds["governed"]
+    return {
+        "plain": plain,
+        "governed": governed,
+        "governed_to_plain_ratio": round(
+            (governed["tasks"] / seconds["governed"]) / (plain["tasks"] / seconds["plain"]), 3
+        ),
+        "script_calls_per_governed_task": round(net_scripts / governed["tasks"], 3),
+        "script_calls_per_governed_task_raw": round(scripts["governed"] / governed["tasks"], 3),
+        "background_script_calls_per_s": round(background_per_s, 2),
+    }
+
+
+def check_governed_usage(state_url: str, expected_steps: int) -> int:
+    """Steps the governance state counted for the benchmark run: one per governed task."""
+    state = StateStore(redis.Redis.from_url(state_url))
+    try:
+        steps = read_usage(state, TENANT, Period.RUN, run=CONTEXT.run).used.steps
+    finally:
+        state.close()
+    if steps != expected_steps:
+        raise RuntimeError(
+            f"the state counted {steps} governed steps, expected {expected_steps}: some governed "
+            "tasks were not admitted and settled exactly once"
+        )
+    return steps
+
+
+def store_figures(state_url: str, store_tasks: int, scale_tenants: int) -> dict[str, Any]:
+    """Admission+settlement latency and the tenant scale, from the store micro-benchmark."""
+    pool = redis.ConnectionPool.from_url(state_url, connection_class=store_bench.CountingConnection)
+    state = StateStore(redis.Redis(connection_pool=pool))
+    try:
+        state.client.flushdb()
+        result = store_bench.measure_round_trip(state, store_tasks)
+        state.client.flushdb()
+        small = store_bench.measure_tenant_scale(state, 10, store_tasks)
+        state.client.flushdb()
+        large = store_bench.measure_tenant_scale(state, scale_tenants, store_tasks)
+        state.client.flushdb()
+    finally:
+        state.close()
+        pool.disconnect()
+    result["scale_tenants"] = scale_tenants
+    result["admission_p50_ms_10_tenants"] = round(small, 3)
+    result["admission_p50_ms_many_tenants"] = round(large, 3)
+    result["tenant_scale_ratio"] = round(large / small, 3)
+    return result
+
+
+def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    """Print the figures a reader compares, one per line."""
+    plain, governed, store = result["plain"], result["governed"], result["store"]
+    rows = [
+        (
+            "plain tasks per second (bench.noop)",
+            f"{plain['tasks_per_s']} ({plain['tasks']} tasks in {plain['seconds']} s)",
+        ),
+        (
+            "governed tasks per second (tools.echo)",
+            f"{governed['tasks_per_s']} ({governed['tasks']} tasks in {governed['seconds']} s)",
+        ),
+        ("governed / plain throughput", str(result["governed_to_plain_ratio"])),
+        (
+            "script calls per governed task (server)",
+            f"{result['script_calls_per_governed_task']} (INFO commandstats EVALSHA+EVAL; "
+            f"background of {result['background_script_calls_per_s']}/s subtracted)",
+        ),
+        (
+            "server commands per task, plain/governed",
+            f"{plain['server_commands_per_task']} / {governed['server_commands_per_task']} "
+            "(broker, results and state; commands run inside scripts included)",
+        ),
+        (
+            "admit+settle latency p50 / p99 (1 client)",
+            f"{store['admit_settle_p50_ms']} ms / {store['admit_settle_p99_ms']} ms "
+            f"({store['redis_round_trips_per_task']} round trips)",
+        ),
+        (
+            f"admission p50, 10 vs {store['scale_tenants']:,} tenants",
+            f"{store['admission_p50_ms_10_tenants']} ms vs "
+            f"{store['admission_p50_ms_many_tenants']} ms (ratio {store['tenant_scale_ratio']})",
+        ),
+    ]
+    print(
+        f"Celery benchmark: plain vs governed tasks, one worker (prefork, {result['concurrency']} "
+        f"processes), one Redis, {result['rounds']} interleaved rounds, this machine",
+        file=out,
+    )
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}} : {value}", file=out)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--tasks", type=_positive, default=5_000, help="tasks of each kind")
+    parser.add_argument("--rounds", type=_positive, default=4, help="plain+governed rounds")
+    parser.add_argument("--concurrency", type=_positive, default=2, help="worker processes")
+    parser.add_argument(
+        "--store-tasks", type=_positive, default=2_000, help="admit+settle samples (store)"
+    )
+    parser.add_argument(
+        "--scale-tenants", type=_positive, default=10_000, help="tenants of the scale test"
+    )
+    parser.add_argument("--json", default="bench-results.json", help="where to write JSON")
+    args = parser.parse_args(argv)
+    if args.rounds > args.tasks:
+        parser.error(f"--rounds ({args.rounds}) cannot exceed --tasks ({args.tasks})")
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="celery-bench-") as tmp,
+        _redis_base_url() as (base_url, external),
+    ):
+        env = bench_env(base_url, Path(tmp))
+        state_url = env["GOVERNANCE_STATE_REDIS_URL"]
+        client = redis.Redis.from_url(env["GOVERNANCE_BROKER_URL"])
+        if external:
+            client.flushdb()
+            with redis.Redis.from_url(state_url) as state_client:
+                state_client.flushdb()
+        app = publisher_app(env)
+        worker = BenchWorker(env, Path(tmp) / "worker.log", args.concurrency)
+        try:
+            print(f"starting a worker ({args.concurrency} processes) ...", flush=True)
+            worker.start(app)
+            for kind in KINDS:
+                publish_and_wait(app, kind, WARM_UP_TASKS, first=0)
+            result = summarize(run_rounds(app, client, args.tasks, args.rounds))
+            check_governed_usage(state_url, WARM_UP_TASKS + args.tasks)
+        except KeyboardInterrupt:
+            print("interrupted: stopping the worker and Redis", file=sys.stderr)
+            return 130
+        except Exception:
+            print(f"worker log (last lines):\n{worker.log_tail()}", file=sys.stderr)
+            raise
+        finally:
+            worker.stop()
+            app.close()
+            client.close()
+        print("measuring the store (admission + settlement, tenant scale) ...", flush=True)
+        result["store"] = store_figures(state_url, args.store_tasks, args.scale_tenants)
+    result.update(
+        tasks_per_kind=args.tasks,
+        rounds=args.rounds,
+        concurrency=args.concurrency,
+        pool="prefork",
+        elapsed_s=round(time.monotonic() - started, 1),
+    )
+    report(result)
+    with open(args.json, "w", encoding="utf-8") as out:
+        json.dump(result, out, indent=2)
+    print(f"  written to {args.json} (whole run: {result['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

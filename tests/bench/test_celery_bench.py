@@ -1,0 +1,117 @@
+"""The Celery benchmark: its pieces, and a tiny real run (a worker, a private Redis) end to end.
+
+The run goes through a subprocess, as ``make bench`` does, so the worker it starts, the
+environment it sets and the connections it opens stay out of the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from governance.bench.celery_bench import (
+    BENCH_POLICY,
+    SCRIPTS,
+    Batch,
+    ServerCounters,
+    batch_sizes,
+    bench_env,
+    summarize,
+)
+from governance.policy.engine import Policy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("total", "rounds", "expected"),
+    [(5000, 4, [1250] * 4), (10, 3, [4, 3, 3]), (3, 3, [1, 1, 1]), (7, 1, [7])],
+)
+def test_batch_sizes_add_up_to_the_total(total: int, rounds: int, expected: list[int]) -> None:
+    assert batch_sizes(total, rounds) == expected
+    assert sum(batch_sizes(total, rounds)) == total
+
+
+def test_the_bench_policy_loads_and_switches_every_check_on(tmp_path: Path) -> None:
+    env = bench_env("redis://127.0.0.1:6399/5", tmp_path)
+    assert env["GOVERNANCE_BROKER_URL"] == "redis://127.0.0.1:6399/0"
+    assert env["GOVERNANCE_STATE_REDIS_URL"] == "redis://127.0.0.1:6399/1"
+    policy = Policy.from_file(env["GOVERNANCE_CONFIG_PATH"])
+    tenant = policy.tenant("bench")
+    assert tenant is not None
+    assert tenant.concurrency is not None
+    assert tenant.rate_limits.tenant is not None
+    assert {b.period for b in tenant.budgets} == {"day", "month", "run"}
+    assert BENCH_POLICY["tenants"]["bench"]["allowed_tools"] == ["echo"]
+
+
+def test_server_counters_leave_out_their_own_info_call() -> None:
+    before = ServerCounters({"evalsha": 10, "info": 3, "get": 1})
+    after = ServerCounters({"evalsha": 14, "info": 4, "get": 1, "eval": 1})
+    assert after.since(before) == {"evalsha": 4, "eval": 1}
+    assert set(SCRIPTS) == {"evalsha", "eval"}
+
+
+def test_summarize_subtracts_the_background_seen_during_plain_batches() -> None:
+    batches = [
+        Batch("plain", 1, 100, 1.0, {"evalsha": 2, "lpush": 100}),
+        Batch("governed", 1, 100, 2.0, {"evalsha": 404, "lpush": 100}),
+        Batch("plain", 2, 100, 1.0, {"evalsha": 2, "lpush": 100}),
+        Batch("governed", 2, 100, 2.0, {"evalsha": 404, "lpush": 100}),
+    ]
+    summary = summarize(batches)
+    assert summary["plain"]["tasks"] == summary["governed"]["tasks"] == 200
+    assert summary["plain"]["tasks_per_s"] == 100.0
+    assert summary["governed"]["tasks_per_s"] == 50.0
+    assert summary["governed_to_plain_ratio"] == 0.5
+    assert summary["background_script_calls_per_s"] == 2.0
+    assert summary["script_calls_per_governed_task_raw"] == 4.04
+    assert summary["script_calls_per_governed_task"] == 4.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_tiny_run_measures_both_kinds(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # never flush a shared one
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "governance.bench.celery_bench",
+            "--tasks",
+            "40",
+            "--rounds",
+            "2",
+            "--store-tasks",
+            "100",
+            "--scale-tenants",
+            "200",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round 2/2 governed" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["plain"]["tasks"] == result["governed"]["tasks"] == 40
+    assert result["tasks_per_kind"] == 40
+    assert [b["round"] for b in result["governed"]["batches"]] == [1, 2]
+    assert result["plain"]["tasks_per_s"] > 0
+    assert result["governed"]["tasks_per_s"] > 0
+    assert result["governed_to_plain_ratio"] > 0
+    # admission, two audit appends and settlement at the least, counted by the server
+    assert result["script_calls_per_governed_task_raw"] >= 4
+    assert result["store"]["admit_settle_p50_ms"] > 0
+    assert result["store"]["admission_p50_ms_many_tenants"] > 0

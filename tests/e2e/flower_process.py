@@ -1,0 +1,118 @@
+"""A real `celery -A workers.app flower` process for the end-to-end tests, with basic auth on.
+
+Flower only knows what it sees on the event stream while it runs (it replays no history), so it
+must be started, and be capturing events, before the tasks under test are published.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.e2e.conftest import CELERY, wait_until
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class FlowerProcess:
+    """`celery flower` on a free local port; read its HTTP API with :meth:`client`."""
+
+    user = "admin"
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.password = secrets.token_urlsafe(16)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._http = httpx.Client(
+            base_url=self.base_url, auth=(self.user, self.password), timeout=5.0
+        )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60) -> None:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                CELERY,
+                "-A",
+                "workers.app",
+                "flower",
+                f"--port={self.port}",
+                "--address=127.0.0.1",
+                f"--basic-auth={self.user}:{self.password}",
+            ],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(
+            lambda: self.exited() or self._answers("/healthcheck"),
+            timeout_s=timeout_s,
+            what="flower to answer /healthcheck",
+            poll_s=0.1,
+        )
+        if self.exited():
+            raise RuntimeError(f"flower exited at start:\n{self.log_tail()}")
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def _answers(self, path: str) -> bool:
+        try:
+            return self._http.get(path).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def client(self, auth: tuple[str, str] | None = None) -> httpx.Client:
+        """A client without credentials, or with ``auth``; the caller closes it."""
+        return httpx.Client(base_url=self.base_url, auth=auth, timeout=5.0)
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        response = self._http.get(path, params=params)
+        response.raise_for_status()
+        return response.json()
+
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """``GET /api/tasks``: every task Flower knows, by id."""
+        tasks: dict[str, dict[str, Any]] = self.get_json("/api/tasks")
+        return tasks
+
+    def task_info(self, task_id: str) -> dict[str, Any] | None:
+        """``GET /api/task/info/<id>``, or None while Flower does not know the task."""
+        response = self._http.get(f"/api/task/info/{task_id}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        info: dict[str, Any] = response.json()
+        return info
+
+    def stop(self) -> None:
+        self._http.close()
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,285 @@
+"""Governed tasks in Flower: a real `celery flower` (basic auth) watches the e2e worker's events
+and its HTTP API (`/api/tasks`, `/api/task/info/<id>`) shows the governance states.
+
+Flower's state machine (`celery.events.state.Task.event`) turns `task-<x>` into state `<X>`, but
+only when the new state does not rank below the current one in `celery.states.PRECEDENCE`.
+Every custom state ranks as "unknown", just below FAILURE and above STARTED and RECEIVED.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from governance.integration import ActionDenied, GovernanceHeaders
+from governance.integration.approvals import Approvals
+from governance.integration.runtime import GovernanceRuntime
+from governance.policy.context import ActionContext
+from governance.store.held import HeldStatus
+from tests.e2e.conftest import WorkerProcess, audit_of, types_of, wait_until
+from tests.e2e.flower_process import FlowerProcess
+from tests.e2e.observer import ObserverServer
+from workers.api import submit_tool
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def ctx(tenant: str, agent: str = "flower-agent", user: str | None = None) -> ActionContext:
+    return ActionContext(tenant=tenant, agent=agent, run="run-flower", user=user)
+
+
+def headers(context: ActionContext) -> dict[str, object]:
+    return GovernanceHeaders(context=context).to_headers()
+
+
+@pytest.fixture(scope="module")
+def flower(
+    app: Celery,
+    worker: WorkerProcess,
+    e2e_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FlowerProcess]:
+    env = {**os.environ, **e2e_env}
+    env.pop("REDIS_URL", None)
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)  # basic auth alone must open the API
+    process = FlowerProcess(env, tmp_path_factory.mktemp("flower") / "flower.log")
+    try:
+        process.start()
+        _wait_until_capturing_events(app, process)
+        yield process
+    finally:
+        process.stop()
+
+
+def _wait_until_capturing_events(app: Celery, flower: FlowerProcess) -> None:
+    """Publish probe tasks (in a tenant no test here uses) until Flower shows one succeeded.
+
+    An event sent before Flower's receiver is bound is lost, so a probe that Flower missed is
+    replaced by a new one rather than waited for.
+    """
+
+    def one_probe_seen() -> bool:
+        probe = submit_tool(app, ctx("t-other", agent="flower-probe"), "echo", text="probe")
+        try:
+            wait_until(
+                lambda: _state(flower, probe.id) == "SUCCESS",
+                timeout_s=3,
+                what="the probe task to succeed in flower",
+                poll_s=0.1,
+            )
+        except AssertionError:
+            return False
+        return True
+
+    try:
+        wait_until(one_probe_seen, timeout_s=60, what="flower to see worker events", poll_s=0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nflower log:\n{flower.log_tail()}") from None
+
+
+def _state(flower: FlowerProcess, task_id: str) -> str | None:
+    task = flower.tasks().get(task_id)
+    return task["state"] if task else None
+
+
+def wait_for_state(
+    flower: FlowerProcess, task_id: str, state: str, timeout_s: float = 30
+) -> dict[str, Any]:
+    """Poll `/api/tasks` until ``task_id`` is listed in ``state``; return its listing."""
+    last: list[str | None] = [None]
+
+    def listed() -> dict[str, Any] | None:
+        task = flower.tasks().get(task_id)
+        last[0] = task["state"] if task else None
+        return task if task and task["state"] == state else None
+
+    try:
+        task: dict[str, Any] = wait_until(
+            listed, timeout_s=timeout_s, what=f"{task_id} to be {state} in flower", poll_s=0.1
+        )
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc} (last seen: {last[0]})\nflower log:\n{flower.log_tail()}"
+        ) from None
+    return task
+
+
+def info_of(flower: FlowerProcess, task_id: str) -> dict[str, Any]:
+    info = flower.task_info(task_id)
+    assert info is not None, f"flower lists {task_id} in /api/tasks but has no info for it"
+    assert info["state"] == _state(flower, task_id)
+    return info
+
+
+def assert_governance_fields(info: dict[str, Any], tenant: str, reason: str) -> None:
+    """The governance fields of the event, where Flower's API exposes them.
+
+    Flower 2.2 stores every field of an event on its task object, but its API serializes only
+    `Task._fields` (celery's fixed list), so `tenant` and `reason` do not reach `/api/task/info`
+    today; a denial's reason does, as the `exception` of the renamed `task-failed` event.
+    """
+    if "tenant" in info:
+        assert info["tenant"] == tenant
+    if "reason" in info:
+        assert reason in info["reason"]
+
+
+def test_the_api_needs_basic_auth(flower: FlowerProcess) -> None:
+    with flower.client() as anonymous:
+        assert anonymous.get("/api/tasks").status_code == 401
+        assert anonymous.get("/api/workers").status_code == 401
+        assert anonymous.get("/api/task/info/anything").status_code == 401
+    with flower.client(auth=(flower.user, "wrong-" + flower.password)) as wrong:
+        assert wrong.get("/api/tasks").status_code == 401
+    with flower.client(auth=(flower.user, flower.password)) as admin:
+        response = admin.get("/api/tasks")
+        assert response.status_code == 200
+        assert isinstance(response.json(), dict)
+
+
+def test_denied_shadowed_and_suggested_tasks_show_their_state(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess, workspace: Path
+) -> None:
+    # DENIED: through the broker (the publisher API would refuse to enqueue it at all).
+    denied = app.tasks["tools.write_file"].apply_async(
+        kwargs={"path": "flower-intern.txt", "content": "x"},
+        headers=headers(ctx("t-basic", agent="intern-9")),
+    )
+    shadowed = submit_tool(
+        app, ctx("t-basic", agent="watcher"), "write_file", path="flower-s.txt", content="x"
+    )
+    suggested = submit_tool(
+        app, ctx("t-basic", agent="proposer"), "write_file", path="flower-g.txt", content="x"
+    )
+
+    for task_id, state in (
+        (denied.id, "DENIED"),
+        (shadowed.id, "SHADOWED"),
+        (suggested.id, "SUGGESTED"),
+    ):
+        listed = wait_for_state(flower, task_id, state)
+        assert listed["name"] == "tools.write_file"
+        assert listed["received"] is not None  # Flower knew it from the broker path
+        info = info_of(flower, task_id)
+        assert info["name"] == "tools.write_file"
+        assert info["succeeded"] is None  # a governance outcome, never reported as success
+        assert info["failed"] is None
+
+    denied_info = info_of(flower, denied.id)
+    assert "ActionDenied" in denied_info["exception"]
+    assert "interns may not touch files" in denied_info["exception"]
+    assert_governance_fields(denied_info, "t-basic", "interns may not touch files")
+    for result in (shadowed, suggested):
+        reason = audit_of(runtime, result.id)[0].fields["reason"]
+        assert_governance_fields(info_of(flower, result.id), "t-basic", reason)
+
+    # Flower agrees with the result backend and the audit log, and nothing ran.
+    with pytest.raises(ActionDenied, match="interns may not touch files"):
+        denied.get(timeout=30)
+    assert shadowed.get(timeout=30)["governance"] == "shadowed"
+    assert suggested.get(timeout=30)["governance"] == "suggested"
+    assert types_of(audit_of(runtime, denied.id)) == ["authorization_denied"]
+    assert types_of(audit_of(runtime, shadowed.id)) == ["shadowed"]
+    assert types_of(audit_of(runtime, suggested.id)) == ["suggested"]
+    assert not any((workspace / n).exists() for n in ("flower-s.txt", "flower-g.txt"))
+
+
+def test_a_task_held_by_the_worker_shows_held(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess
+) -> None:
+    held = app.tasks["tools.write_file"].apply_async(
+        kwargs={"path": "flower-held-broker.txt", "content": "b"},
+        headers=headers(ctx("t-held", user="dana")),
+    )
+    listed = wait_for_state(flower, held.id, "HELD")
+    # Flower knew the task from the broker (task-received) before the worker held it.
+    assert listed["name"] == "tools.write_file"
+    assert listed["received"] is not None
+    reason = audit_of(runtime, held.id)[0].fields["reason"]
+    assert_governance_fields(info_of(flower, held.id), "t-held", reason)
+    assert held.state == "HELD"
+    assert Approvals(app, runtime).find(held.id).status is HeldStatus.HELD
+    assert "task_started" not in types_of(audit_of(runtime, held.id))
+
+
+def test_a_task_held_at_publish_time_shows_held(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess
+) -> None:
+    held = submit_tool(
+        app, ctx("t-held", user="dana"), "write_file", path="flower-held-api.txt", content="a"
+    )
+    assert held.state == "HELD"
+    listed = wait_for_state(flower, held.id, "HELD")
+    # Never on the broker: Flower knows it only from the publisher's task-held event.
+    assert listed["received"] is None
+    assert listed["started"] is None
+    reason = audit_of(runtime, held.id)[0].fields["reason"]
+    assert_governance_fields(info_of(flower, held.id), "t-held", reason)
+    assert types_of(audit_of(runtime, held.id)) == ["held"]
+
+
+def test_a_rejected_held_task_shows_rejected(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess
+) -> None:
+    held = submit_tool(
+        app, ctx("t-held", user="dana"), "write_file", path="flower-rejected.txt", content="r"
+    )
+    wait_for_state(flower, held.id, "HELD")
+    Approvals(app, runtime).reject(held.id, "alice", "no")
+    assert types_of(audit_of(runtime, held.id)) == ["held", "rejected"]
+
+    # Flower has the task-rejected event once it sets the `rejected` timestamp ...
+    info = wait_until(
+        lambda: (i := info_of(flower, held.id)) and i["rejected"] is not None and i,
+        timeout_s=30,
+        what="flower to receive the task-rejected event",
+        poll_s=0.1,
+    )
+    assert_governance_fields(info, "t-held", "rejected by alice: no")
+    # ... and from then on must list it as REJECTED.
+    assert info["state"] == "REJECTED"
+    assert wait_for_state(flower, held.id, "REJECTED", timeout_s=2)
+
+
+def test_deferred_tasks_show_deferred_until_they_succeed(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess, observer: ObserverServer
+) -> None:
+    """Concurrency 1 and four slow calls on four worker processes: three wait (DEFERRED).
+
+    A deferred task is re-published with the same id; its later task-received and task-started
+    rank below DEFERRED, so Flower keeps showing DEFERRED until task-succeeded. The test polls
+    `/api/tasks` throughout and records every state each task is listed in: exactly the tasks the
+    audit log says were deferred must have been listed as DEFERRED, and all end SUCCESS.
+    """
+    url = f"{observer.base_url}/slow?key=flower-conc&ms=800"
+    results = [submit_tool(app, ctx("t-conc"), "http_get", url=url) for _ in range(4)]
+    seen: dict[str, list[str]] = {r.id: [] for r in results}
+
+    def all_succeeded() -> bool:
+        listed = flower.tasks()
+        for task_id, states in seen.items():
+            state = listed.get(task_id, {}).get("state")
+            if state and (not states or states[-1] != state):
+                states.append(state)
+        return all(states and states[-1] == "SUCCESS" for states in seen.values())
+
+    try:
+        wait_until(all_succeeded, timeout_s=90, what="all four tasks to succeed in flower")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}\nflower log:\n{flower.log_tail()}") from None
+    for result in results:
+        assert result.get(timeout=30)["status"] == 200
+
+    deferred = {r.id for r in results if "deferred" in types_of(audit_of(runtime, r.id))}
+    shown_deferred = {task_id for task_id, states in seen.items() if "DEFERRED" in states}
+    assert deferred, "with concurrency 1, some of the four tasks must have been deferred"
+    assert shown_deferred == deferred, seen
+    for task_id in deferred:
+        # DEFERRED, then (the re-published message ran) SUCCESS, and nothing after.
+        assert seen[task_id][seen[task_id].index("DEFERRED") :] == ["DEFERRED", "SUCCESS"], seen
+        assert info_of(flower, task_id)["succeeded"] is not None

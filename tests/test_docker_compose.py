@@ -1,0 +1,207 @@
+"""docker-compose.yml and the Dockerfile, checked without Docker (it is not on CI machines).
+
+The compose file is parsed as YAML, and every command it runs is resolved against this checkout:
+``celery -A <module> <subcommand> <options>`` must name an importable module, a Celery
+subcommand that exists (Flower's included) and options that subcommand knows; ``python -m
+<module>`` must name an importable module. Secrets must be required, never defaulted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+APP_SERVICES = ("worker", "flower", "metrics")
+SECRETS = ("GOVERNANCE_AUDIT_KEY", "GOVERNANCE_RELEASE_SECRET")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = compose["services"]
+    return found
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def environment_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def runnable_module(name: str) -> bool:
+    """``python -m name`` can run: a module, or a package with a ``__main__``."""
+    if not module_exists(name):
+        return False
+    spec = importlib.util.find_spec(name)
+    assert spec is not None
+    return spec.submodule_search_locations is None or module_exists(f"{name}.__main__")
+
+
+def celery_option_names(subcommand: str) -> set[str]:
+    """Options the Celery subcommand accepts (Flower's come from tornado.options)."""
+    if subcommand == "flower":
+        import flower.options  # noqa: F401  (defines Flower's options)
+        from tornado.options import options
+
+        return {"--" + name.replace("_", "-") for name in options}
+    from celery.bin.celery import celery
+
+    names: set[str] = set()
+    for param in celery.commands[subcommand].params:
+        names.update(param.opts)
+        names.update(param.secondary_opts)
+    return names
+
+
+def check_entry_point(argv: list[str]) -> None:
+    """``argv`` runs something that exists in this checkout, with options it accepts."""
+    if argv[0] == "celery":
+        from celery.bin.celery import celery
+
+        assert argv[1] in ("-A", "--app"), f"{argv}: name the app with -A <module>"
+        module, subcommand, options = argv[2], argv[3], argv[4:]
+        assert module_exists(module), f"{argv}: no module {module!r}"
+        assert subcommand in celery.commands, f"{argv}: celery has no {subcommand!r} command"
+        if subcommand == "flower":
+            assert module_exists("flower"), "the flower command needs the flower package"
+        known = celery_option_names(subcommand)
+        for option in options:
+            if option.startswith("-"):
+                name = option.split("=", 1)[0]
+                assert name in known, f"{argv}: {subcommand} has no option {name}"
+    elif argv[0] in ("python", "python3"):
+        assert argv[1] == "-m", f"{argv}: run a module with python -m"
+        assert runnable_module(argv[2]), (
+            f"{argv}: no runnable module {argv[2]!r} in this checkout (the service would exit)"
+        )
+    else:
+        raise AssertionError(f"{argv}: unknown entry point {argv[0]!r}")
+
+
+def test_the_four_services_are_there(services: dict[str, Any]) -> None:
+    assert {"redis", *APP_SERVICES} <= set(services)
+
+
+def test_redis_is_official_persistent_and_health_checked(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    redis = services["redis"]
+    assert re.fullmatch(r"redis:[\w.\-]+", redis["image"]), "use the official redis image"
+    argv = command_of(redis)
+    assert argv[0] == "redis-server"
+    assert argv[argv.index("--appendonly") + 1] == "yes"
+    volume, _, target = redis["volumes"][0].partition(":")
+    assert target == "/data", "the AOF lives in /data"
+    assert volume in (compose.get("volumes") or {}), "a named volume, declared at the top"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_every_command_names_an_entry_point_that_exists(
+    services: dict[str, Any], name: str
+) -> None:
+    check_entry_point(command_of(services[name]))
+
+
+def test_the_worker_and_flower_run_the_example_app(services: dict[str, Any]) -> None:
+    worker, flower = command_of(services["worker"]), command_of(services["flower"])
+    assert worker[:4] == ["celery", "-A", "workers.app", "worker"]
+    assert "-E" in worker, "Flower needs the workers' task events"
+    assert flower[:4] == ["celery", "-A", "workers.app", "flower"]
+    assert "--port=5555" in flower
+    metrics = command_of(services["metrics"])
+    assert metrics == ["python", "-m", "governance.metrics", "--port", "9108"]
+
+
+def test_the_worker_scales_and_waits_for_a_healthy_redis(services: dict[str, Any]) -> None:
+    worker = services["worker"]
+    replicas = (worker.get("deploy") or {}).get("replicas") or worker.get("scale")
+    assert replicas is not None, "run more than one worker: deploy.replicas or scale"
+    assert int(replicas) >= 2
+    for name in APP_SERVICES:
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_flower_requires_basic_auth(services: dict[str, Any]) -> None:
+    auth = [a for a in command_of(services["flower"]) if a.startswith("--basic-auth=")]
+    assert len(auth) == 1
+    user, _, password = auth[0].removeprefix("--basic-auth=").partition("}:")
+    assert user.startswith("${FLOWER_USER")
+    assert password.startswith("${FLOWER_PASSWORD:?"), "the password must be required"
+    assert any("5555" in str(port) for port in services["flower"]["ports"])
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_services_use_the_shared_redis_and_required_secrets(
+    services: dict[str, Any], name: str
+) -> None:
+    env = environment_of(services[name])
+    assert env["GOVERNANCE_BROKER_URL"] == "redis://redis:6379/0"
+    assert env["GOVERNANCE_STATE_REDIS_URL"] == "redis://redis:6379/1"
+    assert env["GOVERNANCE_REQUIRE_SECRETS"].lower() == "true"
+    for secret in SECRETS:
+        assert re.fullmatch(rf"\$\{{{secret}:\?[^}}]*\}}", env[secret]), (
+            f"{name}: {secret} must be required with ${{{secret}:?...}}, got {env[secret]!r}"
+        )
+
+
+def test_no_secret_has_a_default() -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    for secret in (*SECRETS, "FLOWER_PASSWORD"):
+        uses = re.findall(rf"\$\{{{secret}([^}}]*)\}}", text)
+        assert uses, f"{secret} is not used"
+        assert all(use.startswith(":?") for use in uses), f"{secret} must use :? ({uses})"
+
+
+def test_the_dockerfile_installs_the_project_and_runs_a_worker() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    instructions = [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
+    instructions = [line for line in instructions if not line.startswith("#")]
+    assert instructions[0] == "FROM python:3.11-slim"
+    runs = " ".join(line for line in instructions if line.startswith("RUN "))
+    assert re.search(r"pip install (\S+ )*\.(\s|$)", runs), "pip install . (the project)"
+    assert "[dev]" not in runs, "no dev extras in the image"
+    assert any(re.match(r"COPY config\b", line) for line in instructions)
+    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert users, "run as a non-root user"
+    assert users[-1] not in ("root", "0"), "run as a non-root user"
+    cmd = [line for line in instructions if line.startswith("CMD ")]
+    assert cmd, "a default command"
+    argv = json.loads(cmd[-1].removeprefix("CMD "))
+    assert argv[:4] == ["celery", "-A", "workers.app", "worker"]
+    check_entry_point(argv)
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    for entry in (".venv", ".git", ".redis-data", ".demo", "**/__pycache__", ".pytest_cache"):
+        assert entry in ignored
