@@ -39,7 +39,6 @@ from governance.store.admission import Admission, AdmissionStatus
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.cooldown import set_cooldown
 from governance.store.errors import StoreUnavailable
-from governance.store.limits import AdmissionLimits
 
 if TYPE_CHECKING:
     from governance.integration.task import GovernedTask
@@ -182,7 +181,7 @@ class TaskLife:
                 task_id=self.task_id,
                 attempt=headers.attempt,
                 estimate=self.runtime.policy.estimate_usage(action),
-                limits=AdmissionLimits.for_action(tenant, action),
+                limits=self.runtime.limits_for(tenant, action),
                 holder=uuid.uuid4().hex,
             )
         except StoreUnavailable as exc:

@@ -14,12 +14,15 @@ import weakref
 from typing import Any
 
 from governance.integration.leases import LeaseKeeper
+from governance.policy.actions import Action, LLMCall
 from governance.policy.engine import Policy
+from governance.policy.tenant import TenantPolicy
 from governance.settings import GovernanceSettings
 from governance.store.admission import AdmissionTicket, Admitter
 from governance.store.audit import AuditEvent, AuditLog
 from governance.store.connection import connect
 from governance.store.errors import StoreUnavailable
+from governance.store.limits import AdmissionLimits
 from governance.store.parking import ParkingLot
 from governance.store.state import StateStore
 
@@ -41,6 +44,15 @@ class GovernanceRuntime:
         self._audit: AuditLog | None = None
         self._parking: ParkingLot | None = None
         self.leases = LeaseKeeper(self._renew, settings.heartbeat_interval_s)
+        self._limits: dict[tuple[str, str | None], AdmissionLimits] = {}
+
+    def limits_for(self, tenant: TenantPolicy, action: Action) -> AdmissionLimits:
+        """The admission limits of ``tenant`` for ``action`` (cached: the policy is immutable)."""
+        key = (tenant.name, action.provider if isinstance(action, LLMCall) else None)
+        limits = self._limits.get(key)
+        if limits is None:
+            limits = self._limits[key] = AdmissionLimits.for_action(tenant, action)
+        return limits
 
     def _renew(self, ticket: AdmissionTicket) -> int:
         return self.admitter.renew(ticket)

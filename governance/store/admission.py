@@ -170,7 +170,7 @@ class Admitter:
             *(k for w in windows for k in w.as_list()),
             keys.step_repetitions(ctx.run),
         ]
-        reply = self._state.call("admission", self._state.scripts.admit, script_keys, argv)
+        reply = self._state.call_packed("admission", self._state.scripts.admit, script_keys, argv)
         ticket = AdmissionTicket(
             tenant=ctx.tenant,
             task_id=task_id,
@@ -197,7 +197,9 @@ class Admitter:
             self._state.lease_ms,
             ticket.holder,
         ]
-        return int(self._state.call("lease renewal", self._state.scripts.renew, script_keys, argv))
+        return int(
+            self._state.call_packed("lease renewal", self._state.scripts.renew, script_keys, argv)
+        )
 
     def settle(self, ticket: AdmissionTicket, actual: Usage) -> Settlement:
         """Release the lease and count ``actual`` instead of the reservation (at most once)."""
@@ -224,7 +226,7 @@ class Admitter:
             keys.task(ticket.task_id),
             *(k for w in ticket.windows for k in w.as_list()),
         ]
-        reply = self._state.call("settlement", self._state.scripts.settle, script_keys, argv)
+        reply = self._state.call_packed("settlement", self._state.scripts.settle, script_keys, argv)
         outcome = _text(reply[0])
         if outcome == "noop":
             return Settlement(settled=False)

@@ -77,7 +77,8 @@ class AuditEvent:
     ts_ms: int | None = None
 
     def fields(self) -> dict[str, str]:
-        """The entry's fields as stored (without ``prev`` and ``hash``)."""
+        """The entry's fields as stored (without ``prev`` and ``hash``); empty ones are left
+        out, and the hash covers exactly the fields that are stored."""
         values = {
             "ts": str(self.ts_ms if self.ts_ms is not None else int(time.time() * 1000)),
             "type": self.type.value,
@@ -91,9 +92,13 @@ class AuditEvent:
             "tier": self.tier,
             "policy_version": self.policy_version,
             "reviewer": self.reviewer,
-            "detail": json.dumps(dict(self.detail), sort_keys=True, separators=(",", ":")),
+            "detail": (
+                json.dumps(dict(self.detail), sort_keys=True, separators=(",", ":"))
+                if self.detail
+                else ""
+            ),
         }
-        return {name: values[name] for name in ENTRY_FIELDS}
+        return {name: values[name] for name in ENTRY_FIELDS if values[name]}
 
 
 def entry_hash(key: bytes, prev: str, fields: Mapping[str, str]) -> str:
@@ -160,15 +165,14 @@ class AuditLog:
         keys = [DeploymentKeys.audit_stream, DeploymentKeys.audit_head]
         head = self._head if self._head is not None else self._read_head()
         for _ in range(self.MAX_ATTEMPTS):
-            argv: list[str | int] = [head, self._maxlen, len(rows)]
+            entries: list[list[Any]] = []
             prev = head
             for row in rows:
                 digest = entry_hash(self._key, prev, row)
                 chained = {**row, "prev": prev, "hash": digest}
-                argv += [digest, len(chained)]
-                for name, value in chained.items():
-                    argv += [name, value]
+                entries.append([digest, [x for pair in chained.items() for x in pair]])
                 prev = digest
+            argv: list[str | int] = [head, self._maxlen, json.dumps(entries)]
             reply = self._state.call("audit append", self._state.scripts.audit_append, keys, argv)
             if int(reply[0]) == 1:
                 self._head = prev

@@ -6,6 +6,7 @@ into :class:`StoreUnavailable`, so callers fail closed in one place.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,6 +60,18 @@ class StateStore:
         """Run one registered script; any Redis failure becomes :class:`StoreUnavailable`."""
         return self.run(operation, lambda: script(keys=list(keys), args=list(args)))
 
+    def call_packed(
+        self,
+        operation: str,
+        script: Callable[..., Any],
+        keys: Sequence[str],
+        args: Sequence[str | int | float],
+    ) -> Any:
+        """Like :meth:`call`, for scripts that take their ARGV as one JSON array of strings:
+        one argument to encode instead of dozens (the hot path's main client-side cost)."""
+        packed = json.dumps([a if isinstance(a, str) else _number(a) for a in args])
+        return self.run(operation, lambda: script(keys=list(keys), args=[packed]))
+
     def run(self, operation: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` (some Redis calls); any Redis failure becomes :class:`StoreUnavailable`."""
         try:
@@ -68,3 +81,8 @@ class StateStore:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _number(value: int | float) -> str:
+    """A number as Lua's tonumber() reads it back exactly (no float noise for integers)."""
+    return str(value) if isinstance(value, int) or not value.is_integer() else str(int(value))

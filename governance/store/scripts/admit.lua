@@ -39,6 +39,10 @@
 -- check (0: none), current value of check 1, of check 2, ...}
 -- status: admitted | in_flight | settled | deferred | rejected (all values are strings).
 
+-- The ARGV described above arrive as one JSON array of strings (one argument to encode
+-- instead of dozens); decoding it here keeps every index and comparison unchanged.
+local ARGV = cjson.decode(ARGV[1])
+
 local FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost'}
 local KIND_FIELDS = {
   steps = {1}, tool_calls = {2}, tokens = {3, 4}, input_tokens = {3}, output_tokens = {4},
@@ -57,6 +61,23 @@ for i = 1, 5 do amounts[i] = tonumber(ARGV[10 + i]) end
 local function window_keys(w)
   local base = 3 + 3 * w
   return KEYS[base], KEYS[base + 1], KEYS[base + 2]
+end
+
+-- Every counter of a window, read once (one HMGET) and reused by every check below.
+local WINDOW_FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost',
+  'r_steps', 'r_tool_calls', 'r_input_tokens', 'r_output_tokens', 'r_cost', 'last_ms',
+  'discovered'}
+local window_cache = {}
+local function window_values(w)
+  if not window_cache[w] then
+    local usage = window_keys(w)
+    local raw = redis.call('HMGET', usage, unpack(WINDOW_FIELDS))
+    local values = {}
+    for i, name in ipairs(WINDOW_FIELDS) do values[name] = tonumber(raw[i] or '0') or 0 end
+    values.has_last = raw[11] ~= false
+    window_cache[w] = values
+  end
+  return window_cache[w]
 end
 
 -- Give back one task's reservation in one window (a no-op when it holds none there).
@@ -160,16 +181,16 @@ if max_depth >= 0 and depth > max_depth then
 end
 local max_discovered = tonumber(ARGV[18])
 if not rejected and first_time and depth > 0 and max_discovered >= 0 then
-  local discovered = tonumber(redis.call('HGET', run_usage, 'discovered') or '0') + 1
+  local discovered = window_values(1).discovered + 1
   if discovered > max_discovered then
     rejected = {'discovered_step_limit', discovered, max_discovered, 0}
   end
 end
 local idle_ms = tonumber(ARGV[19])
-if not rejected and idle_ms >= 0 then
-  local last = redis.call('HGET', run_usage, 'last_ms')
-  if last and now - tonumber(last) >= idle_ms then
-    rejected = {'idle_timeout', math.floor((now - tonumber(last)) / 1000), idle_ms / 1000, 0}
+if not rejected and idle_ms >= 0 and window_values(1).has_last then
+  local last = window_values(1).last_ms
+  if now - last >= idle_ms then
+    rejected = {'idle_timeout', math.floor((now - last) / 1000), idle_ms / 1000, 0}
   end
 end
 local max_repetitions = tonumber(ARGV[20])
@@ -184,12 +205,12 @@ local checks = {}
 local n_checks = tonumber(ARGV[27])
 for i = 1, n_checks do
   local base = 28 + 3 * (i - 1)
-  local usage = window_keys(tonumber(ARGV[base]))
+  local values = window_values(tonumber(ARGV[base]))
   local kind, limit = ARGV[base + 1], tonumber(ARGV[base + 2])
   local used, reserved, add = 0, 0, 0
   for _, f in ipairs(KIND_FIELDS[kind]) do
-    used = used + tonumber(redis.call('HGET', usage, FIELDS[f]) or '0')
-    reserved = reserved + tonumber(redis.call('HGET', usage, 'r_' .. FIELDS[f]) or '0')
+    used = used + values[FIELDS[f]]
+    reserved = reserved + values['r_' .. FIELDS[f]]
     add = add + amounts[f]
   end
   local current = used + reserved + add

@@ -7,23 +7,17 @@
 --
 -- ARGV[1] expected head ('' for an empty chain)
 -- ARGV[2] approximate max length of the stream
--- ARGV[3] number N of entries, then for each entry: its hash, its field count F, F field/value
---         pairs (the hash and prev fields included)
+-- ARGV[3] the entries, as one JSON array: [[hash, [field, value, field, value, ...]], ...]
+--         (the prev and hash fields included)
 --
 -- Returns {1, id_1, ..., id_N} on success, {0, current_head} when the head moved.
 
 local head = redis.call('GET', KEYS[2]) or ''
 if head ~= ARGV[1] then return {0, head} end
 local ids = {1}
-local i = 4
-for _ = 1, tonumber(ARGV[3]) do
-  local hash = ARGV[i]
-  local count = tonumber(ARGV[i + 1])
-  local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*'}
-  for j = i + 2, i + 1 + 2 * count do args[#args + 1] = ARGV[j] end
-  ids[#ids + 1] = redis.call(unpack(args))
-  head = hash
-  i = i + 2 + 2 * count
+for _, entry in ipairs(cjson.decode(ARGV[3])) do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(entry[2]))
+  head = entry[1]
 end
 redis.call('SET', KEYS[2], head)
 return ids

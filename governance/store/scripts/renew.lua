@@ -9,6 +9,10 @@
 --
 -- ARGV[1] task id    ARGV[2] attempt    ARGV[3] lease ms    ARGV[4] holder
 
+-- The ARGV described above arrive as one JSON array of strings (one argument to encode
+-- instead of dozens); decoding it here keeps every index and comparison unchanged.
+local ARGV = cjson.decode(ARGV[1])
+
 local task_id, attempt = ARGV[1], ARGV[2]
 if redis.call('HGET', KEYS[2], 'attempt') ~= attempt
     or redis.call('HGET', KEYS[2], 'holder') ~= ARGV[4]

@@ -18,6 +18,10 @@
 --
 -- Returns {'settled' | 'late', used_before_1, used_after_1, ...} or {'noop'}.
 
+-- The ARGV described above arrive as one JSON array of strings (one argument to encode
+-- instead of dozens); decoding it here keeps every index and comparison unchanged.
+local ARGV = cjson.decode(ARGV[1])
+
 local FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost'}
 local KIND_FIELDS = {
   steps = {1}, tool_calls = {2}, tokens = {3, 4}, input_tokens = {3}, output_tokens = {4},
