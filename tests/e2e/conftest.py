@@ -140,6 +140,8 @@ def e2e_env(
         "GOVERNANCE_VISIBILITY_TIMEOUT_S": "6",
         "GOVERNANCE_MAX_COUNTDOWN_S": "2",
         "GOVERNANCE_PARK_POLL_S": "0.2",
+        # govctl's expiry test expires holds itself; the workers' own sweep would race it.
+        "GOVERNANCE_HELD_SWEEP_S": "3600",
         "GOVERNANCE_STATE_TIMEOUT_S": "1",
         "GOVERNANCE_LLM_BASE_URL": observer.base_url + "/v1",
         "GOVERNANCE_AUDIT_KEY": "e2e-audit-key",

@@ -1,0 +1,118 @@
+"""``govctl``: the admin CLI of the governance layer, for reviewers and operators.
+
+Commands::
+
+    govctl held list [--tenant T] [--status S] [--limit N] [--cursor C]
+    govctl held show ID
+    govctl held approve ID [--reviewer NAME] [--reason R] [--grant DURATION]
+    govctl held reject ID [--reviewer NAME] --reason R
+    govctl held expire
+    govctl submit tool TOOL --tenant T --agent A --run R [--input JSON | -i key=value ...]
+    govctl submit llm --provider P --model M --message TEXT --max-tokens N ...
+    govctl usage [--tenant T] [--run R]
+    govctl audit tail [-n N]
+    govctl audit verify
+    govctl policy check [FILE]
+    govctl policy explain --tenant T --agent A --action X
+
+Listings take ``--json``. Settings come from the same ``GOVERNANCE_*`` environment variables as
+the workers (``governance.settings.GovernanceSettings``); the reviewer defaults to the OS user.
+
+Exit codes:
+
+- 0: ok
+- 1: refused, denied or not found (a one-line ``error: ...`` on stderr), or a task submitted
+  with ``--wait`` did not succeed
+- 2: usage error (bad options or arguments)
+- 3: the state store (Redis) or the broker is unavailable
+- 4: audit verification failed (the broken entry is named)
+- 5: invalid policy file (every problem as ``file: field.path: reason``), or invalid
+  ``GOVERNANCE_*`` settings / ``GOVERNANCE_APP``
+
+None of these prints a Python traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from governance.cli import audit, held, policy, submit, usage
+from governance.cli.errors import ExitCode, classify
+from governance.cli.output import error
+
+EPILOG = """\
+**Exit codes:**
+
+- 0: ok
+- 1: refused, denied or not found (one line `error: ...` on stderr), or a task submitted
+  with `--wait` did not succeed
+- 2: usage error
+- 3: the state store (Redis) or the broker is unavailable
+- 4: audit verification failed (the broken entry is named)
+- 5: invalid policy file (`file: field.path: reason`), or invalid `GOVERNANCE_*` settings
+
+Settings come from the workers' `GOVERNANCE_*` environment variables: `GOVERNANCE_BROKER_URL`,
+`GOVERNANCE_STATE_REDIS_URL`, `GOVERNANCE_CONFIG_PATH`, `GOVERNANCE_AUDIT_KEY`,
+`GOVERNANCE_APP` (the deployment's Celery app, `module:attr`), ...
+"""
+
+app = typer.Typer(
+    name="govctl",
+    help="Govern AI-agent actions on Celery: review held actions, submit actions, read usage, "
+    "verify the audit log, check and explain the policy.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(held.app, name="held")
+app.add_typer(submit.app, name="submit")
+app.command("usage")(usage.usage)
+app.add_typer(audit.app, name="audit", no_args_is_help=True)
+app.add_typer(policy.app, name="policy")
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Library log records as one line (``<logger>: warning: ... (cause)``), no traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = " ".join(record.getMessage().split())
+        text = f"{record.name}: {record.levelname.lower()}: {message}"
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f" ({record.exc_info[1]})"
+        return text
+
+
+def _quiet_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run govctl; known failures become an ``error:`` line and their exit code."""
+    _quiet_logging()
+    try:
+        app(args=argv, prog_name="govctl")
+    except KeyboardInterrupt:
+        error("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        known = classify(exc)
+        if known is None:
+            raise  # a bug: keep the traceback
+        code, lines = known
+        error("\n".join(lines))
+        sys.exit(int(code))
+    sys.exit(int(ExitCode.OK))
+
+
+if __name__ == "__main__":
+    main()

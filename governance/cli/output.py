@@ -1,0 +1,114 @@
+"""How govctl prints: rich tables for people, plain JSON (``--json``) for scripts, errors on stderr.
+
+JSON goes straight to stdout, never through rich, so it is never wrapped, coloured or truncated.
+Error messages are one plain line each (``error: ...``) on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from functools import cache
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+#: The ``--json`` flag every listing (and most other commands) takes.
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")
+]
+
+#: Task ids are 36 characters: never fold them, so they can be copied from a table.
+ID_WIDTH = 36
+
+
+@cache
+def console() -> Console:
+    """The stdout console; wide when not a terminal, so piped tables are not folded."""
+    if sys.stdout.isatty():
+        return Console(soft_wrap=False)
+    return Console(width=160, soft_wrap=False)
+
+
+def show(*renderables: RenderableType | str) -> None:
+    """Print tables, or plain text (never read as rich markup: reasons may contain brackets)."""
+    for item in renderables:
+        if isinstance(item, str):
+            console().print(item, markup=False, highlight=False)
+        else:
+            console().print(item)
+
+
+def add_row(target: Table, *values: object) -> None:
+    """Add a row of plain text cells (never read as rich markup)."""
+    target.add_row(*(Text("" if v is None else str(v)) for v in values))
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def error(message: str) -> None:
+    for line in message.splitlines() or [""]:
+        sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+
+
+def note(message: str) -> None:
+    """A hint for people (for example the next cursor), on stderr so stdout stays parseable."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def table(*columns: str, title: str | None = None, caption: str | None = None) -> Table:
+    """A table whose columns named ``id``/``task`` never fold."""
+    result = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for name in columns:
+        if name.lower() in ("id", "task", "task_id", "entry"):
+            result.add_column(name, no_wrap=True, min_width=ID_WIDTH if name != "entry" else None)
+        else:
+            result.add_column(name, overflow="fold")
+    return result
+
+
+def fields_table(rows: list[tuple[str, Any]], title: str | None = None) -> Table:
+    """A two-column key/value table."""
+    result = Table(title=title, show_header=False, title_justify="left")
+    result.add_column("field", style="bold", no_wrap=True)
+    result.add_column("value", overflow="fold")
+    for key, value in rows:
+        add_row(result, key, value)
+    return result
+
+
+def when(ms: int | None) -> str:
+    """A UTC timestamp from epoch milliseconds, e.g. ``2026-01-02 10:00:00Z``."""
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def span(seconds: float) -> str:
+    """A short duration: ``45s``, ``12m``, ``3h 20m``, ``2d 4h``."""
+    s = int(abs(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86_400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86_400}d {s % 86_400 // 3600}h"
+
+
+def relative(ms: int | None) -> str:
+    """``in 23h 59m`` or ``5m ago`` relative to now."""
+    if not ms:
+        return ""
+    delta = ms / 1000 - time.time()
+    return f"in {span(delta)}" if delta >= 0 else f"{span(delta)} ago"

@@ -1,0 +1,200 @@
+"""``govctl submit``: enqueue a governed tool or LLM call for a context (scripts and demos).
+
+The action is authorized at once: a denial exits 1 and nothing is enqueued; an approval-tier
+action is held (state HELD) for ``govctl held approve``. With ``--wait`` the command waits for
+the result and exits 1 unless the task succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from governance.cli import context, output
+from governance.cli.errors import CliError, ExitCode
+from governance.cli.output import JsonFlag
+
+app = typer.Typer(
+    help="Enqueue a governed action (a tool call or an LLM call) for a context.",
+    no_args_is_help=True,
+)
+
+Tenant = Annotated[str, typer.Option("--tenant", "-t", help="The tenant acting.")]
+Agent = Annotated[str, typer.Option("--agent", "-a", help="The agent acting.")]
+Run = Annotated[str, typer.Option("--run", help="The agent run the action belongs to.")]
+User = Annotated[
+    str | None, typer.Option("--user", "-u", help="The person on whose behalf it acts.")
+]
+Wait = Annotated[
+    float | None,
+    typer.Option(
+        "--wait",
+        "-w",
+        min=0,
+        metavar="SECONDS",
+        help="Wait up to SECONDS for the result and print it (exit 1 unless it succeeded).",
+    ),
+]
+
+
+def _context(tenant: str, agent: str, run: str, user: str | None) -> Any:
+    from pydantic import ValidationError
+
+    from governance.policy.context import ActionContext
+
+    try:
+        return ActionContext(tenant=tenant, agent=agent, run=run, user=user)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise typer.BadParameter(problems) from None
+
+
+def _tool_input(raw_json: str | None, items: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if raw_json is not None:
+        try:
+            loaded = json.loads(raw_json)
+        except ValueError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--input") from None
+        if not isinstance(loaded, dict):
+            raise typer.BadParameter("must be a JSON object", param_hint="--input")
+        values.update(loaded)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {item!r}", param_hint="-i")
+        if key.endswith(":"):  # key:=JSON
+            try:
+                values[key[:-1]] = json.loads(value)
+            except ValueError as exc:
+                raise typer.BadParameter(f"{item!r}: not JSON: {exc}", param_hint="-i") from None
+        else:
+            values[key] = value
+    return values
+
+
+@app.command("tool")
+def tool(
+    name: Annotated[str, typer.Argument(help="The tool, e.g. echo, write_file, shell.")],
+    tenant: Tenant,
+    agent: Agent,
+    run: Run,
+    user: User = None,
+    raw_input: Annotated[
+        str | None, typer.Option("--input", help="The tool's input as a JSON object.")
+    ] = None,
+    items: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--item",
+            "-i",
+            help="One input field: key=value (a string) or key:=JSON; repeatable, "
+            "and overrides --input.",
+        ),
+    ] = None,
+    wait: Wait = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Enqueue one tool call for a context.
+
+    Example: govctl submit tool write_file -t acme -a bot --run r1 -i path=notes.txt
+    -i content=hi --wait 10
+    """
+    from workers.api import submit_tool
+
+    ctx = _context(tenant, agent, run, user)
+    tool_input = _tool_input(raw_input, items or [])
+    result = submit_tool(_reachable(context.celery_app()), ctx, name, **tool_input)
+    _report(result, wait, as_json)
+
+
+@app.command("llm")
+def llm(
+    tenant: Tenant,
+    agent: Agent,
+    run: Run,
+    provider: Annotated[str, typer.Option("--provider", "-p", help="The LLM provider.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The provider's model.")],
+    messages: Annotated[
+        list[str], typer.Option("--message", help="A user message; repeatable, in order.")
+    ],
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, help="Most output tokens (reserved up front).")
+    ],
+    system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
+    user: User = None,
+    wait: Wait = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Enqueue one LLM call (chat completion) against a provider's model."""
+    from workers.api import submit_llm
+
+    ctx = _context(tenant, agent, run, user)
+    chat = [{"role": "system", "content": system}] if system else []
+    chat += [{"role": "user", "content": text} for text in messages]
+    result = submit_llm(
+        _reachable(context.celery_app()),
+        ctx,
+        provider=provider,
+        model=model,
+        messages=chat,
+        max_tokens=max_tokens,
+    )
+    _report(result, wait, as_json)
+
+
+def _reachable(app: Any) -> Any:
+    """Fail fast (exit 3) when the broker is down, instead of Celery's long reconnect loop."""
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+    return app
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def _report(result: Any, wait: float | None, as_json: bool) -> None:
+    state = str(result.state)
+    payload: dict[str, Any] = {"task_id": result.id, "state": state}
+    failed = False
+    if state == "HELD":
+        payload["next"] = f"govctl held approve {result.id}"
+    elif wait is not None:
+        from celery.exceptions import TimeoutError as ResultTimeout
+
+        try:
+            result.get(timeout=wait, propagate=False)
+        except ResultTimeout:
+            _say(payload, as_json)
+            raise CliError(
+                f"task {result.id} did not finish within {wait:g}s (state: {result.state})"
+            ) from None
+        state = payload["state"] = str(result.state)
+        payload["result"] = _plain(result.result)
+        failed = state != "SUCCESS"
+    _say(payload, as_json)
+    if failed:
+        raise CliError(f"task {result.id} ended {state}: {payload['result']}", ExitCode.REFUSED)
+
+
+def _say(payload: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        output.emit_json(payload)
+        return
+    output.show(f"task {payload['task_id']}: {payload['state']}")
+    if "next" in payload:
+        output.show(f"held for approval: {payload['next']} --reviewer NAME")
+    if "result" in payload:
+        output.show(json.dumps(payload["result"], indent=2, default=str))

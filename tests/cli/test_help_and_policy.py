@@ -1,0 +1,168 @@
+"""govctl without Redis: help, exit codes, and the policy commands (check, explain)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cli.conftest import CONFIG, ROOT, run_govctl
+
+
+def test_help_lists_the_commands_and_the_exit_codes() -> None:
+    result = run_govctl("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("held", "submit", "usage", "audit", "policy"):
+        assert command in result.stdout
+    assert "Exit codes" in result.stdout
+    for code, meaning in (
+        ("0", "ok"),
+        ("1", "refused"),
+        ("2", "usage error"),
+        ("3", "unavailable"),
+        ("4", "audit verification failed"),
+        ("5", "invalid policy file"),
+    ):
+        assert any(
+            line.strip().lstrip("•- ").startswith(f"{code}:") and meaning in line
+            for line in result.stdout.splitlines()
+        ), (code, result.stdout)
+
+
+def test_group_help_lists_subcommands() -> None:
+    held = run_govctl("held", "--help")
+    assert held.returncode == 0
+    for command in ("list", "show", "approve", "reject", "expire"):
+        assert command in held.stdout
+    assert "--reviewer" in run_govctl("held", "approve", "--help").stdout
+    assert "tool" in run_govctl("submit", "--help").stdout
+    assert "verify" in run_govctl("audit", "--help").stdout
+    assert "explain" in run_govctl("policy", "--help").stdout
+
+
+def test_a_usage_error_exits_2_without_a_traceback() -> None:
+    result = run_govctl("held", "reject", "some-id")  # --reason is required
+    assert result.returncode == 2
+    assert "--reason" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_and_policy_check_import_neither_celery_nor_redis() -> None:
+    probe = (
+        "import sys\n"
+        "from governance.cli.main import main\n"
+        "for argv in (['--help'], ['policy', 'check', sys.argv[1]]):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, exc.code\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', 'redis'})\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_policy_check_summarizes_the_example_config() -> None:
+    result = run_govctl("policy", "check", "config/governance.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+    for name in ("acme", "beta", "echo", "write_file", "shell", "process.exec", "fake"):
+        assert name in result.stdout
+    summary = json.loads(run_govctl("policy", "check", str(CONFIG), "--json").stdout)
+    assert set(summary["tenants"]) == {"acme", "beta"}
+    assert summary["tools"]["shell"] == "process.exec"
+    assert summary["tenants"]["acme"]["reviewers"] == ["alice", "bob"]
+    assert summary["tenants"]["acme"]["approval"]["quorum"] == 2
+
+
+def test_policy_check_uses_the_configured_file_by_default() -> None:
+    result = run_govctl("policy", "check", env={"GOVERNANCE_CONFIG_PATH": str(CONFIG)})
+    assert result.returncode == 0, result.stderr
+    assert str(CONFIG) in result.stdout
+
+
+def test_a_malformed_policy_exits_5_naming_file_field_and_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    text = CONFIG.read_text().replace("concurrency: 3 ", "concurrency: -3 ")
+    assert text != CONFIG.read_text()
+    bad.write_text(text)
+    result = run_govctl("policy", "check", str(bad))
+    assert result.returncode == 5
+    assert "Traceback" not in result.stderr
+    line = next(x for x in result.stderr.splitlines() if "concurrency" in x)
+    assert str(bad) in line
+    assert "tenants.acme.concurrency" in line
+    assert "greater than or equal to 0" in line
+
+
+def test_a_missing_or_unparsable_policy_exits_5(tmp_path: Path) -> None:
+    missing = run_govctl("policy", "check", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 5
+    assert "file not found" in missing.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\ntenants: [\n")
+    result = run_govctl("policy", "check", str(broken))
+    assert result.returncode == 5
+    assert str(broken) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _explain(*args: str, config: Path = CONFIG) -> dict[str, object]:
+    result = run_govctl("policy", "explain", "--config", str(config), *args, "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def test_explain_shell_for_acme_is_held_by_the_defaults_tier() -> None:
+    decision = _explain("--tenant", "acme", "--agent", "planner", "--action", "shell")
+    assert decision["outcome"] == "hold"
+    assert decision["tier"] == "act_with_approval"
+    assert decision["rule"] == "defaults.tiers.actions.process.exec"
+    table = run_govctl(
+        "policy", "explain", "-c", str(CONFIG), "-t", "acme", "-a", "planner", "-x", "shell"
+    )
+    assert table.returncode == 0
+    assert "hold" in table.stdout
+    assert "defaults.tiers.actions.process.exec" in table.stdout
+
+
+def test_explain_researcher_is_shadowed() -> None:
+    decision = _explain("--tenant", "acme", "--agent", "researcher", "--action", "echo")
+    assert decision["outcome"] == "shadow"
+    assert decision["rule"] == "tenants.acme.tiers.agents.researcher"
+
+
+def test_explain_an_unknown_tool_is_denied() -> None:
+    decision = _explain("--tenant", "acme", "--agent", "planner", "--action", "rm_rf")
+    assert decision["outcome"] == "deny"
+    assert decision["rule"] == "tools"
+    assert "unknown tool 'rm_rf'" in str(decision["reason"])
+
+
+def test_explain_other_decisions(tmp_path: Path) -> None:
+    intern = _explain("-t", "acme", "-a", "intern-joe", "-x", "write_file")
+    assert (intern["outcome"], intern["rule"]) == ("deny", "tenants.acme.deny[0]")
+    later = tmp_path / "later.yaml"  # the example's grant expires; this one does not
+    later.write_text(CONFIG.read_text().replace('until: "2026-12-31', 'until: "2999-12-31'))
+    granted = _explain("-t", "acme", "-a", "ops-bot", "-x", "shell", config=later)
+    assert (granted["outcome"], granted["rule"], granted["granted"]) == ("allow", "grant", True)
+    llm = _explain("-t", "beta", "-a", "bot", "-x", "llm:openai")
+    assert llm["outcome"] == "allow"
+    assert llm["action_class"] == "llm.call"
+    not_allowed = _explain("-t", "acme", "-a", "bot", "-x", "openai")
+    assert (not_allowed["outcome"], not_allowed["rule"]) == (
+        "deny",
+        "tenants.acme.allowed_providers",
+    )
+    unknown_tenant = _explain("-t", "nobody", "-a", "bot", "-x", "echo")
+    assert (unknown_tenant["outcome"], unknown_tenant["rule"]) == ("deny", "tenants")

@@ -1,0 +1,279 @@
+"""govctl end to end: real Redis, a real worker, and ``govctl`` run as a separate process.
+
+Held actions are created with ``workers.api.submit_tool`` (state HELD, nothing enqueued); the
+reviewers' decisions go through ``govctl`` exactly as an operator types them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from governance.embedded import EmbeddedRedis
+from governance.integration.runtime import GovernanceRuntime
+from governance.policy.context import ActionContext
+from governance.store.held import HeldStatus, HeldStore
+from governance.store.keys import DeploymentKeys
+from tests.e2e.conftest import audit_of, types_of, wait_until
+from workers.api import submit_tool
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def govctl_process(e2e_env: dict[str, str], *args: str, **env: str) -> subprocess.Popen[str]:
+    full_env = {**os.environ, **e2e_env, **env}
+    full_env.pop("REDIS_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "governance.cli.main", *args],
+        env=full_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def govctl(e2e_env: dict[str, str], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    process = govctl_process(e2e_env, *args, **env)
+    stdout, stderr = process.communicate(timeout=90)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def ctx(tenant: str, user: str = "dana") -> ActionContext:
+    return ActionContext(tenant=tenant, agent="cli-agent", run="run-govctl", user=user)
+
+
+def hold_write(app: Celery, tenant: str, workspace: Path, user: str = "dana") -> tuple[Any, Path]:
+    """A held write_file call of ``tenant``, and the file it would write."""
+    name = f"govctl-{uuid.uuid4().hex[:12]}.txt"
+    result = submit_tool(app, ctx(tenant, user), "write_file", path=name, content="written")
+    assert result.state == "HELD"
+    return result, workspace / name
+
+
+def status_of(runtime: GovernanceRuntime, tenant: str, task_id: str) -> HeldStatus:
+    task = HeldStore(runtime.state).get(tenant, task_id)
+    assert task is not None
+    return task.status
+
+
+def ran_once(runtime: GovernanceRuntime, task_id: str) -> None:
+    """The body ran exactly once: one task_started, and nothing more after it finished."""
+    wait_until(lambda: "task_finished" in types_of(audit_of(runtime, task_id)), 30, "task_finished")
+    time.sleep(1.0)  # a second run would start here: it must not
+    assert types_of(audit_of(runtime, task_id)).count("task_started") == 1
+
+
+def test_approve_runs_it_exactly_once_and_a_second_approval_is_refused(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+) -> None:
+    held, path = hold_write(app, "t-held", workspace)
+    listed = json.loads(govctl(e2e_env, "held", "list", "--tenant", "t-held", "--json").stdout)
+    assert [t["task_id"] for t in listed["tasks"]] == [held.id]
+
+    approved = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice", "--reason", "ok")
+    assert approved.returncode == 0, approved.stderr
+    assert "released" in approved.stdout
+    assert held.get(timeout=30)["bytes"] == len("written")
+    assert path.read_text() == "written"
+    ran_once(runtime, held.id)
+
+    again = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "bob")
+    assert again.returncode == 1
+    assert "not held (status: released)" in again.stderr
+    assert "Traceback" not in again.stderr
+    shown = json.loads(govctl(e2e_env, "held", "show", held.id, "--json").stdout)
+    assert shown["status"] == "released"
+    assert [(d["reviewer"], d["reason"]) for d in shown["decisions"]] == [("alice", "ok")]
+    tail = json.loads(govctl(e2e_env, "audit", "tail", "-n", "50", "--json").stdout)
+    released = [e for e in tail if e["task_id"] == held.id and e["type"] == "released"]
+    assert [e["reviewer"] for e in released] == ["alice"]
+
+
+def test_twenty_racing_approvals_release_it_once(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+) -> None:
+    held, path = hold_write(app, "t-held", workspace)
+    reviewers = ("alice", "bob", "carol")
+    processes = [
+        govctl_process(e2e_env, "held", "approve", held.id, "--reviewer", reviewers[i % 3])
+        for i in range(20)
+    ]
+    outcomes = [(p.wait(timeout=120), *p.communicate()) for p in processes]
+    winners = [o for o in outcomes if o[0] == 0]
+    losers = [o for o in outcomes if o[0] != 0]
+    assert len(winners) == 1, outcomes
+    assert "released" in winners[0][1]
+    assert len(losers) == 19
+    for code, _, stderr in losers:
+        assert code == 1
+        assert "not held (status: released)" in stderr, stderr
+        assert "Traceback" not in stderr
+    held.get(timeout=30)
+    assert path.read_text() == "written"
+    ran_once(runtime, held.id)
+
+
+def test_quorum_of_two_needs_two_distinct_reviewers(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+) -> None:
+    held, path = hold_write(app, "t-quorum", workspace)
+    first = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    assert first.returncode == 0, first.stderr
+    assert "1 of 2" in first.stdout
+    assert status_of(runtime, "t-quorum", held.id) is HeldStatus.HELD
+
+    same = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    assert same.returncode == 1
+    assert "'alice' already approved" in same.stderr
+    time.sleep(0.5)
+    assert not path.exists()
+    assert status_of(runtime, "t-quorum", held.id) is HeldStatus.HELD
+
+    second = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "bob", "--json")
+    assert second.returncode == 0, second.stderr
+    outcome = json.loads(second.stdout)
+    assert (outcome["outcome"], outcome["approvals"], outcome["quorum"]) == ("released", 2, 2)
+    held.get(timeout=30)
+    assert path.read_text() == "written"
+    ran_once(runtime, held.id)
+
+
+def test_self_approval_is_refused_and_the_reviewer_defaults_to_the_os_user(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+) -> None:
+    held, path = hold_write(app, "t-held", workspace, user="alice")
+    own = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    assert own.returncode == 1
+    assert "'alice' requested task" in own.stderr
+    assert "may not approve it" in own.stderr
+    assert status_of(runtime, "t-held", held.id) is HeldStatus.HELD
+
+    as_os_user = {"LOGNAME": "carol", "USER": "carol", "LNAME": "carol", "USERNAME": "carol"}
+    released = govctl(e2e_env, "held", "approve", held.id, **as_os_user)
+    assert released.returncode == 0, released.stderr
+    held.get(timeout=30)
+    assert path.read_text() == "written"
+    shown = json.loads(govctl(e2e_env, "held", "show", held.id, "--json").stdout)
+    assert [d["reviewer"] for d in shown["decisions"]] == ["carol"]
+
+
+def test_reject_records_the_reason_and_the_body_never_runs(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+) -> None:
+    held, path = hold_write(app, "t-held", workspace)
+    rejected = govctl(
+        e2e_env, "held", "reject", held.id, "--reviewer", "bob", "--reason", "too risky today"
+    )
+    assert rejected.returncode == 0, rejected.stderr
+    wait_until(lambda: held.state == "FAILURE", 10, "the result to become FAILURE")
+    assert type(held.result).__name__ == "ApprovalRejected"
+    assert "too risky today" in str(held.result)
+    assert "bob" in str(held.result)
+    entries = audit_of(runtime, held.id)
+    assert "task_started" not in types_of(entries)
+    rejection = next(e for e in entries if e.fields["type"] == "rejected")
+    assert rejection.fields["reviewer"] == "bob"
+    assert "too risky today" in rejection.fields["reason"]
+    time.sleep(0.5)
+    assert not path.exists()
+    late = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    assert late.returncode == 1
+    assert "not held (status: rejected)" in late.stderr
+
+
+def test_expire_rejects_a_hold_past_its_expiry(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+) -> None:
+    # Every worker sweeps expired holds too (every few seconds), so the worker may win the race
+    # for one task; try again with a new task until govctl is the one that expired it.
+    store = HeldStore(runtime.state)
+    for _attempt in range(6):
+        held, path = hold_write(app, "t-expiry", workspace)
+        task = store.get("t-expiry", held.id)
+        assert task is not None
+        assert task.expires_ms - task.requested_ms == 1000
+        wait_until(lambda t=task: time.time() * 1000 > t.expires_ms + 20, 5, "the hold to expire")
+        result = govctl(e2e_env, "held", "expire", "--json")
+        assert result.returncode == 0, result.stderr
+        expired = [t["task_id"] for t in json.loads(result.stdout)["expired"]]
+        assert status_of(runtime, "t-expiry", held.id) is HeldStatus.EXPIRED
+        wait_until(lambda h=held: h.state == "FAILURE", 10, "the result to become FAILURE")
+        assert type(held.result).__name__ == "ApprovalRejected"
+        assert "expired" in str(held.result)
+        assert not path.exists()
+        if held.id in expired:
+            break
+    else:
+        pytest.fail("the workers' sweep expired every attempt before govctl could")
+    late = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    assert late.returncode == 1
+    assert "not held (status: expired)" in late.stderr
+
+
+def test_audit_verify_passes_after_a_run_and_names_a_tampered_entry(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    state_server: EmbeddedRedis,
+) -> None:
+    held, _ = hold_write(app, "t-held", workspace)
+    assert govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice").returncode == 0
+    held.get(timeout=30)
+    ran_once(runtime, held.id)
+    verified = govctl(e2e_env, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert "entries verified" in verified.stdout
+
+    released = next(e for e in audit_of(runtime, held.id) if e.fields["type"] == "released")
+    client = redis.Redis.from_url(state_server.url)
+    try:
+        entries = client.xrange(DeploymentKeys.audit_stream)
+        client.delete(DeploymentKeys.audit_stream)
+        for entry_id, fields in entries:
+            if entry_id.decode() == released.id:
+                fields[b"reviewer"] = b"mallory"
+            client.xadd(DeploymentKeys.audit_stream, fields, id=entry_id)
+    finally:
+        client.close()
+    broken = govctl(e2e_env, "audit", "verify")
+    assert broken.returncode == 4
+    assert released.id in broken.stderr
+    assert "altered" in broken.stderr
+    assert "Traceback" not in broken.stderr
+
+
+def test_usage_of_a_tenant_as_json(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+) -> None:
+    held, _ = hold_write(app, "t-held", workspace)
+    assert govctl(e2e_env, "held", "approve", held.id, "--reviewer", "bob").returncode == 0
+    held.get(timeout=30)
+    result = govctl(e2e_env, "usage", "--tenant", "t-held", "--run", "run-govctl", "--json")
+    assert result.returncode == 0, result.stderr
+    usage = {row["period"]: row for row in json.loads(result.stdout)["usage"]}
+    assert set(usage) == {"day", "month", "run"}
+    assert usage["run"]["window"] == "run-govctl"
+    wait_until(
+        lambda: (
+            json.loads(govctl(e2e_env, "usage", "-t", "t-held", "--json").stdout)["usage"][0][
+                "tool_calls"
+            ]
+            >= 1
+        ),
+        10,
+        "the write to be counted",
+    )
