@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from governance.embedded import EmbeddedRedis
+from governance.embedded.processes import stop_processes
 from governance.policy.context import ActionContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,15 +136,7 @@ class Demo:
         )
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_processes(list(reversed(self.processes)))
         if self.redis is not None:
             self.redis.stop()
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from celery.result import ResultSet
 
 from governance.bench import store_bench
 from governance.embedded import EmbeddedRedis
+from governance.embedded.processes import log_tail, stop_processes
 from governance.integration import GovernanceHeaders
 from governance.policy.context import ActionContext
 from governance.settings import GovernanceSettings
@@ -212,20 +212,11 @@ class BenchWorker:
 
     def stop(self) -> None:
         """SIGTERM (warm shutdown), then SIGKILL to the worker's own process group if stuck."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        if self.process is not None:
+            stop_processes([self.process], timeout_s=30)
 
     def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return "(no worker log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 # -- measuring ---------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ class StateStore:
         """Like :meth:`call`, for scripts that take their ARGV as one JSON array of strings:
         one argument to encode instead of dozens (the hot path's main client-side cost)."""
         packed = json.dumps([a if isinstance(a, str) else _number(a) for a in args])
-        return self.run(operation, lambda: script(keys=list(keys), args=[packed]))
+        return self.call(operation, script, keys, [packed])
 
     def run(self, operation: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` (some Redis calls); any Redis failure becomes :class:`StoreUnavailable`."""

@@ -8,7 +8,6 @@ publishes through an app built from the same settings.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import redis
 from celery import Celery
 
 from governance.embedded import EmbeddedRedis
+from governance.embedded.processes import log_tail, stop_processes
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.settings import GovernanceSettings
 from governance.store.audit import AuditEntry
@@ -90,16 +90,11 @@ class WorkerProcess:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_processes([self.process])
         self._log.close()
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 @pytest.fixture(scope="session")

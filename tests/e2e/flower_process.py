@@ -7,7 +7,6 @@ must be started, and be capturing events, before the tasks under test are publis
 from __future__ import annotations
 
 import secrets
-import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from governance.embedded.processes import log_tail, stop_processes
 from tests.e2e.conftest import CELERY, wait_until
 
 
@@ -105,14 +105,8 @@ class FlowerProcess:
         self._http.close()
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_processes([self.process])
         self._log.close()
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
