@@ -13,9 +13,6 @@ from governance.policy.context import ActionContext
 
 log = logging.getLogger("governance.events")
 
-#: Governance states shown in Flower.
-GOVERNANCE_STATES = ("held", "denied", "deferred", "shadowed", "suggested", "rejected")
-
 
 def event_fields(
     ctx: ActionContext | None, action: str, reason: str, **extra: Any

@@ -18,7 +18,6 @@ CONTEXT = "gov_context"
 ATTEMPT = "gov_attempt"
 DEFERRALS = "gov_deferrals"
 RELEASE_TOKEN = "gov_release"
-HEADER_NAMES = (CONTEXT, ATTEMPT, DEFERRALS, RELEASE_TOKEN)
 
 
 class HeaderError(ValueError):

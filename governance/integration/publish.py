@@ -47,6 +47,11 @@ def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:
     except ValueError as exc:
         raise ActionDenied(f"invalid action for {task.name}: {exc}") from None
     decision = runtime.policy.authorize(ctx, action)
+    approvals = Approvals(task.app, runtime)
+    if decision.outcome is Outcome.hold:
+        grants = approvals.active_grants(ctx.tenant)
+        if grants:  # a grant given with an earlier approval lifts the hold
+            decision = runtime.policy.authorize(ctx, action, grants=grants)
     denial = None
     if decision.outcome is Outcome.deny:
         denial = decision.reason
@@ -74,19 +79,15 @@ def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:
         raise ActionDenied(denial)
     headers = GovernanceHeaders(context=ctx)
     if decision.outcome is Outcome.hold:
-        approvals = Approvals(task.app, runtime)
-        grants = approvals.active_grants(ctx.tenant)
-        granted = grants and runtime.policy.authorize(ctx, action, grants=grants)
-        if not granted or granted.outcome is Outcome.hold:
-            task_id = str(uuid.uuid4())
-            approvals.hold(
-                task_name=task.name,
-                task_id=task_id,
-                args=list(args),
-                kwargs=dict(kwargs),
-                headers=headers,
-                action=action,
-                decision=decision,
-            )
-            return task.AsyncResult(task_id)
+        task_id = str(uuid.uuid4())
+        approvals.hold(
+            task_name=task.name,
+            task_id=task_id,
+            args=list(args),
+            kwargs=dict(kwargs),
+            headers=headers,
+            action=action,
+            decision=decision,
+        )
+        return task.AsyncResult(task_id)
     return task.apply_async(args, kwargs, headers=headers.to_headers())

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -260,8 +260,3 @@ def _text(value: bytes | str) -> str:
 
 def _entry(raw_id: bytes | str, raw_fields: Mapping[Any, Any]) -> AuditEntry:
     return AuditEntry(id=_text(raw_id), fields={_text(k): _text(v) for k, v in raw_fields.items()})
-
-
-def events_of(entries: Sequence[AuditEntry], task_id: str) -> list[str]:
-    """The event types recorded for one task, in order (handy for tests and the CLI)."""
-    return [e.fields.get("type", "") for e in entries if e.fields.get("task_id") == task_id]

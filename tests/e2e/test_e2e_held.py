@@ -3,6 +3,7 @@ bound to the exact call, and durable across restarts of Redis (AOF) and of the w
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,31 @@ def test_a_thousand_held_tasks_survive_restarts_of_redis_and_workers(
     for i, result in enumerate(results):
         assert result.get(timeout=120) == {"text": f"n{i}"}
     assert approvals.store.count("t-durable", HeldStatus.RELEASED) == 1000
+
+
+def test_an_approval_with_a_grant_lets_the_same_agent_act_without_approval(
+    app: Celery, runtime: GovernanceRuntime
+) -> None:
+    approvals = Approvals(app, runtime)
+    first = submit_tool(app, ctx("t-held"), "shell", command=["echo", "first"])
+    outcome = approvals.approve(first.id, "alice", "routine", grant_for=timedelta(hours=1))
+    assert outcome.grant is not None
+    assert outcome.grant.agent == "ops-agent"
+    assert first.get(timeout=30)["stdout"].strip() == "first"
+
+    # The same agent, the same action: runs at once, from the API and straight from the broker.
+    again = submit_tool(app, ctx("t-held"), "shell", command=["echo", "again"])
+    assert again.get(timeout=30)["stdout"].strip() == "again"
+    direct = app.tasks["tools.shell"].apply_async(
+        kwargs={"command": ["echo", "direct"]},
+        headers=GovernanceHeaders(context=ctx("t-held")).to_headers(),
+    )
+    assert direct.get(timeout=30)["stdout"].strip() == "direct"
+    # Another agent is still held.
+    other = submit_tool(
+        app,
+        ActionContext(tenant="t-held", agent="other-agent", run="run-held", user="dana"),
+        "shell",
+        command=["echo", "other"],
+    )
+    assert other.state == "HELD"
