@@ -73,7 +73,10 @@ def register_llm_task(app: Celery, settings: GovernanceSettings) -> LLMTask:
     """Register ``llm.complete`` on ``app``."""
 
     def body(self: LLMTask, **kwargs: Any) -> dict[str, Any]:
-        return self.complete(LLMCall.model_validate(kwargs))
+        execution = current_execution()
+        assert execution is not None, "the LLM body runs inside a governed execution"
+        assert isinstance(execution.action, LLMCall)  # built from these kwargs by build_action
+        return self.complete(execution.action)
 
     task: LLMTask = app.task(
         body, name=LLM_TASK_NAME, base=LLMTask, bind=True, shared=False, settings=settings

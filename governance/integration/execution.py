@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.usage import Usage
 
@@ -24,6 +25,7 @@ class Execution:
     task_id: str
     context: ActionContext
     attempt: int
+    action: Action
     usage: Usage = field(default_factory=Usage)
 
     def report(self, usage: Usage) -> None:

@@ -87,7 +87,7 @@ class TaskLife:
             )
         except StoreUnavailable as exc:  # nothing runs unrecorded; the lease expires on its own
             self._defer(tenant, tenant.deferral.backoff_base_ms, "store_unavailable", str(exc))
-        execution = Execution(self.task_id, headers.context, headers.attempt)
+        execution = Execution(self.task_id, headers.context, headers.attempt, action)
         error: BaseException | None = None
         result: Any = None
         with self.runtime.leases.hold(admission.ticket), running(execution):

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import weakref
+from dataclasses import replace
 from typing import Any
 
 from governance.integration.leases import LeaseKeeper
@@ -114,8 +115,6 @@ class GovernanceRuntime:
 
 
 def _with_version(event: AuditEvent, version: str) -> AuditEvent:
-    from dataclasses import replace
-
     return replace(event, policy_version=version)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -136,6 +136,18 @@ def resolve_file_in_workspace(workspace: Path, relative: str) -> Path:
     if resolved == workspace.resolve():
         raise InputRejected(f"path {relative!r} is the workspace itself, not a file")
     return resolved
+
+
+class PathInput(Protocol):
+    """An input naming one file of the workspace."""
+
+    @property
+    def path(self) -> str: ...
+
+
+def check_file_path(inp: PathInput, env: ToolEnv) -> None:
+    """The `check` of every file tool: the path must name a file inside the workspace."""
+    resolve_file_in_workspace(env.workspace, inp.path)
 
 
 def workspace_relative(workspace: Path, resolved: Path) -> str:

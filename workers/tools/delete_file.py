@@ -10,6 +10,7 @@ from workers.tools.base import (
     ToolInput,
     ToolSpec,
     WorkspacePath,
+    check_file_path,
     resolve_file_in_workspace,
     workspace_relative,
 )
@@ -19,11 +20,6 @@ class DeleteFileInput(ToolInput):
     """The file to delete, relative to the workspace."""
 
     path: WorkspacePath
-
-
-def check(inp: DeleteFileInput, env: ToolEnv) -> None:
-    """The path must stay inside the workspace."""
-    resolve_file_in_workspace(env.workspace, inp.path)
 
 
 def run(inp: DeleteFileInput, env: ToolEnv) -> dict[str, Any]:
@@ -52,6 +48,6 @@ SPEC = ToolSpec(
     side_effect_class="fs.delete",
     input_model=DeleteFileInput,
     run=run,
-    check=check,
+    check=check_file_path,
     description="Delete a file from the workspace (not a directory); a missing file is no error.",
 )

@@ -10,6 +10,7 @@ from workers.tools.base import (
     ToolInput,
     ToolSpec,
     WorkspacePath,
+    check_file_path,
     resolve_file_in_workspace,
     workspace_relative,
 )
@@ -22,11 +23,6 @@ class ReadFileInput(ToolInput):
     """The file to read, relative to the workspace."""
 
     path: WorkspacePath
-
-
-def check(inp: ReadFileInput, env: ToolEnv) -> None:
-    """The path must stay inside the workspace."""
-    resolve_file_in_workspace(env.workspace, inp.path)
 
 
 def run(inp: ReadFileInput, env: ToolEnv) -> dict[str, Any]:
@@ -60,6 +56,6 @@ SPEC = ToolSpec(
     side_effect_class="fs.read",
     input_model=ReadFileInput,
     run=run,
-    check=check,
+    check=check_file_path,
     description="Read a UTF-8 text file (at most 1 MiB) from the workspace.",
 )

@@ -20,6 +20,7 @@ from workers.tools.base import (
     ToolInput,
     ToolSpec,
     WorkspacePath,
+    check_file_path,
     resolve_file_in_workspace,
     workspace_relative,
 )
@@ -34,11 +35,6 @@ class WriteFileInput(ToolInput):
     path: WorkspacePath
     content: Annotated[str, Field(max_length=MAX_CHARS)]
     overwrite: bool = True
-
-
-def check(inp: WriteFileInput, env: ToolEnv) -> None:
-    """The path must stay inside the workspace."""
-    resolve_file_in_workspace(env.workspace, inp.path)
 
 
 def _write_temp(directory: Path, name: str, data: bytes) -> Path:
@@ -90,6 +86,6 @@ SPEC = ToolSpec(
     side_effect_class="fs.write",
     input_model=WriteFileInput,
     run=run,
-    check=check,
+    check=check_file_path,
     description="Write a UTF-8 text file in the workspace atomically, creating parent directories.",
 )
