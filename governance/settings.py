@@ -48,7 +48,6 @@ class GovernanceSettings(BaseSettings):
     require_secrets: bool = Field(
         False, description="Refuse to start with the development secrets (set in production)."
     )
-    audit_maxlen: int = Field(1_000_000, ge=1000, description="Approximate audit stream cap.")
     lease_ms: int = Field(
         30_000, ge=100, description="Concurrency lease; a killed worker's slot frees after it."
     )
@@ -66,8 +65,32 @@ class GovernanceSettings(BaseSettings):
         description="Longest delay kept as a broker countdown; longer waits are parked in Redis. "
         "Defaults to a quarter of the visibility timeout.",
     )
-    park_poll_s: float = Field(
-        0.5, gt=0, description="How often a worker re-publishes parked tasks that are due."
+    sweep_poll_s: float = Field(
+        0.5,
+        gt=0,
+        description="How often the maintenance leader sweeps the ledger: publishes parked tasks "
+        "that are due and tasks that were lost, and hands free capacity to waiting tasks.",
+    )
+    reconcile_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long a published task may go unreceived before the reconciler publishes "
+        "it again (doubling each time, up to an hour); also the longest a hand-off may travel.",
+    )
+    settle_patience_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long a worker keeps trying to settle a finished task while the state "
+        "store is down, before it gives up (its lease then expires and the reconciler decides).",
+    )
+    seal_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="Audit entries younger than this may still be unsealed (pending); older ones "
+        "left unsealed by a killed writer are sealed by the maintenance leader (adopted).",
+    )
+    audit_checkpoint_s: float = Field(
+        60.0, gt=0, description="How often the maintenance leader signs where each chain ends."
     )
     held_sweep_s: float = Field(
         5.0, gt=0, description="How often a worker rejects held tasks whose hold expired."

@@ -3,9 +3,9 @@
 Starts an embedded Redis (AOF on, data under ``.demo/``), a governed Celery worker and Flower
 (basic auth), then plays agent actions for two tenants of ``config/governance.yaml`` that show
 every outcome: allowed tool and LLM calls, a denial, an approval held then released with
-``govctl`` (and one rejected), concurrency deferrals, a transient error retried, a 429 with a
-shared cooldown, a budget warning then a block, shadow and suggest. It ends with a summary table
-(expected vs observed), keeps everything up until Ctrl-C (or exits at once with ``DEMO_EXIT=1``),
+``govctl`` (and one rejected), tasks waiting in line for a slot, a transient error retried, a
+429 with a shared cooldown, a budget warning then a block, shadow and suggest. It ends with a
+summary table (expected vs observed), keeps everything up until Ctrl-C (or exits at once with ``DEMO_EXIT=1``),
 exits non-zero if any outcome differs, and stops every process it started.
 """
 
@@ -160,20 +160,20 @@ class Demo:
             console.print(f"      [dim]{line}[/dim]")
         return done
 
-    def audit_types(self, task_id: str) -> list[str]:
+    def audit_of(self, tenant: str, task_id: str) -> list[dict[str, str]]:
         from governance.integration.runtime import runtime_for
 
         log = runtime_for(self.app).audit_log
-        return [e.fields["type"] for e in log.entries() if e.fields.get("task_id") == task_id]
+        return [e.fields for e in log.records(tenant) if e.fields.get("task_id") == task_id]
 
-    def deferral_violations(self, task_id: str) -> list[str]:
-        from governance.integration.runtime import runtime_for
+    def audit_types(self, tenant: str, task_id: str) -> list[str]:
+        return [f["type"] for f in self.audit_of(tenant, task_id)]
 
-        log = runtime_for(self.app).audit_log
+    def wait_violations(self, tenant: str, task_id: str) -> list[str]:
         return [
-            json.loads(e.fields["detail"]).get("violation", "")
-            for e in log.entries()
-            if e.fields.get("task_id") == task_id and e.fields["type"] == "deferred"
+            json.loads(f["detail"]).get("violation", "")
+            for f in self.audit_of(tenant, task_id)
+            if f["type"] == "waiting"
         ]
 
 
@@ -252,26 +252,26 @@ def held_then_rejected(demo: Demo) -> str:
     return "rejected" if ok else error
 
 
-def concurrency_deferrals(demo: Demo) -> str:
+def concurrency_waits(demo: Demo) -> str:
     ctx = demo.ctx("acme", "planner", run="demo-concurrency")
     calls = [_fake(demo, ctx, f"[[sleep 700]] job {i}") for i in range(6)]
     for call in calls:
         call.get(timeout=60)
-    deferred = {v for call in calls for v in demo.deferral_violations(call.id)}
-    return "deferred, then all ran" if "concurrency_limit" in deferred else f"deferrals {deferred}"
+    waited = {v for call in calls for v in demo.wait_violations("acme", call.id)}
+    return "waited in line, then all ran" if "concurrency_limit" in waited else f"waits {waited}"
 
 
 def transient_retried(demo: Demo) -> str:
     result = _fake(demo, demo.ctx("acme", "planner"), "[[fail transient 2]] flaky upstream")
     result.get(timeout=60)
-    return f"SUCCESS after {demo.audit_types(result.id).count('task_started')} attempts"
+    return f"SUCCESS after {demo.audit_types('acme', result.id).count('admitted')} attempts"
 
 
 def cooldown(demo: Demo) -> str:
     ctx = demo.ctx("acme", "planner")
     first = _fake(demo, ctx, "[[fail 429 1500 1]] busy provider")
     deadline = time.monotonic() + 30
-    while "retry_scheduled" not in demo.audit_types(first.id):
+    while "retry_scheduled" not in demo.audit_types("acme", first.id):
         if time.monotonic() > deadline:
             return "no 429 recorded"
         time.sleep(0.05)
@@ -280,7 +280,7 @@ def cooldown(demo: Demo) -> str:
     second.get(timeout=30)
     return (
         "second call waited for the cooldown"
-        if "cooldown" in demo.deferral_violations(second.id)
+        if "cooldown" in demo.wait_violations("acme", second.id)
         else "second call did not wait"
     )
 
@@ -290,7 +290,7 @@ def budget_warning_then_block(demo: Demo) -> str:
     _fake(demo, ctx, "[[fill]] draft", max_tokens=2000).get(timeout=30)
     second = _fake(demo, ctx, "[[fill]] revise", max_tokens=2000)
     second.get(timeout=30)
-    warned = "budget_warning" in demo.audit_types(second.id)
+    warned = "budget_warning" in demo.audit_types("beta", second.id)
     error = _error_name(lambda: _fake(demo, ctx, "[[fill]] again", max_tokens=2000).get(timeout=30))
     blocked = error.startswith("LimitExceeded: token_limit exceeded")
     return "warning at 80%, then token_limit" if warned and blocked else f"{warned=} {error}"
@@ -315,7 +315,7 @@ STEPS = [
     Step("denied tool (intern writes a file)", "denied", denied_tool),
     Step("approval-tier shell, quorum 2", "held, then released by 2 reviewers", held_then_approved),
     Step("approval-tier shell, rejected", "rejected", held_then_rejected),
-    Step("6 slow calls, tenant concurrency 3", "deferred, then all ran", concurrency_deferrals),
+    Step("6 slow calls, tenant concurrency 3", "waited in line, then all ran", concurrency_waits),
     Step("transient error twice", "SUCCESS after 3 attempts", transient_retried),
     Step("429 with Retry-After 1.5 s", "second call waited for the cooldown", cooldown),
     Step("token budget of a run", "warning at 80%, then token_limit", budget_warning_then_block),

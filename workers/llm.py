@@ -11,8 +11,8 @@ from typing import Any
 
 from celery import Celery
 
-from governance.integration import GovernedTask, current_execution, report_usage, runtime_for
-from governance.policy.actions import Action, LLMCall
+from governance.integration import GovernedLLMTask, current_execution, report_usage, runtime_for
+from governance.policy.actions import LLMCall
 from governance.policy.usage import Usage
 from governance.settings import GovernanceSettings
 from workers.providers import Provider, build_provider
@@ -20,16 +20,11 @@ from workers.providers import Provider, build_provider
 LLM_TASK_NAME = "llm.complete"
 
 
-class LLMTask(GovernedTask):
+class LLMTask(GovernedLLMTask):
     """A governed task calling one LLM provider."""
 
     settings: GovernanceSettings
     _providers: dict[str, Provider]
-
-    def build_action(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
-        if args:
-            raise ValueError("llm.complete takes keyword arguments only")
-        return LLMCall.model_validate(kwargs)
 
     def provider(self, name: str) -> Provider:
         providers: dict[str, Provider] = self.__dict__.setdefault("_providers", {})

@@ -1,7 +1,9 @@
-"""``govctl audit``: read the newest audit entries, and verify the log's HMAC hash chain.
+"""``govctl audit``: read the newest audit entries, and verify the tenants' sealed chains.
 
-``verify`` walks the whole stream with the deployment's audit key (``GOVERNANCE_AUDIT_KEY``) and
-names the first entry whose content or link does not hold: exit code 4.
+``verify`` walks every chain (one per tenant of the policy, and one for decisions about unknown
+tenants) with the deployment's audit key (``GOVERNANCE_AUDIT_KEY``) and names every entry that
+was edited, removed, reordered or inserted, a cut tail and a head trimmed beyond the retention:
+exit code 4.
 """
 
 from __future__ import annotations
@@ -14,9 +16,27 @@ from governance.cli import context, output
 from governance.cli.errors import CliError, ExitCode
 from governance.cli.output import JsonFlag
 
-app = typer.Typer(help="The tamper-evident audit log: tail it, verify its chain.")
+app = typer.Typer(help="The tamper-evident audit log: tail it, verify its chains.")
 
 COLUMNS = ("ts", "type", "tenant", "agent", "run", "task_id", "action", "decision", "reviewer")
+
+
+def _chains(tenant: str | None) -> list[str]:
+    from governance.store.keys import DEPLOYMENT_CHAIN
+
+    policy = context.runtime().policy
+    if tenant is None:
+        return [*policy.tenant_names, DEPLOYMENT_CHAIN]
+    if tenant not in policy.tenant_names and tenant != DEPLOYMENT_CHAIN:
+        known = ", ".join(policy.tenant_names) or "none"
+        raise CliError(f"unknown tenant {tenant!r} (configured: {known})")
+    return [tenant]
+
+
+Tenant = Annotated[
+    str | None,
+    typer.Option("--tenant", "-t", help="Only this tenant's chain (default: every chain)."),
+]
 
 
 @app.command("tail")
@@ -24,12 +44,13 @@ def tail(
     count: Annotated[
         int, typer.Option("-n", "--lines", min=1, max=100_000, help="How many entries.")
     ] = 20,
+    tenant: Tenant = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The newest audit entries, oldest first."""
-    entries = context.runtime().audit_log.tail(count)
+    entries = context.runtime().audit_log.tail(_chains(tenant), count)
     if as_json:
-        output.emit_json([{"id": e.id, **e.fields} for e in entries])
+        output.emit_json([{"id": e.id, "chain": e.chain, **e.fields} for e in entries])
         return
     shown = output.table("entry", "when", *COLUMNS[1:], "reason", title="audit log")
     for e in entries:
@@ -42,23 +63,37 @@ def tail(
 
 
 @app.command("verify")
-def verify(as_json: JsonFlag = False) -> None:
-    """Check every entry's HMAC and its link to the one before; exit 4 naming a broken entry."""
-    report = context.runtime().audit_log.verify()
+def verify(tenant: Tenant = None, as_json: JsonFlag = False) -> None:
+    """Check every entry's seal and the chain's order; exit 4 naming what was tampered with."""
+    from governance.store.audit_verify import verify_all
+
+    runtime = context.runtime()
+    key = runtime.settings.audit_key.get_secret_value().encode()
+    grace_ms = round(runtime.settings.seal_grace_s * 1000)
+    reports = verify_all(runtime.audit_log, key, _chains(tenant), seal_grace_ms=grace_ms)
+    broken = [r for r in reports if not r.ok]
     if as_json:
         output.emit_json(
             {
-                "ok": report.ok,
-                "checked": report.checked,
-                "broken_entry": report.broken_entry,
-                "reason": report.reason,
+                "ok": not broken,
+                "chains": [
+                    {
+                        "chain": r.chain,
+                        "ok": r.ok,
+                        "checked": r.checked,
+                        "pending": r.pending,
+                        "adopted": r.adopted,
+                        "breaks": [{"entry": b.entry, "reason": b.reason} for b in r.breaks],
+                    }
+                    for r in reports
+                ],
             }
         )
-    elif report.ok:
-        output.show(f"audit chain ok: {report.checked} entries verified")
-    if not report.ok:
-        raise CliError(
-            f"audit verification failed at entry {report.broken_entry} after "
-            f"{report.checked} good entries: {report.reason}",
-            ExitCode.AUDIT_BROKEN,
-        )
+    elif not broken:
+        checked = sum(r.checked for r in reports)
+        pending = sum(r.pending for r in reports)
+        note = f", {pending} just written and not sealed yet" if pending else ""
+        output.show(f"audit chains ok: {checked} entries verified in {len(reports)} chains{note}")
+    if broken:
+        lines = [f"chain {r.chain}: {b.reason}" for r in broken for b in r.breaks]
+        raise CliError("audit verification failed:\n" + "\n".join(lines), ExitCode.AUDIT_BROKEN)

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from governance.integration.errors import ApprovalRefused, ApprovalRejected
 from governance.integration.events import event_fields, send_app_event
 from governance.integration.headers import RELEASE_TOKEN, GovernanceHeaders
+from governance.integration.messages import Envelope
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.actions import Action
+from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
 from governance.policy.grants import Grant
+from governance.policy.tiers import Outcome
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.held import HeldStatus, HeldStore, HeldTask, call_hash, token_hash
 
@@ -44,6 +48,14 @@ class ApprovalOutcome:
     grant: Grant | None = None
 
 
+def held_message(task: HeldTask) -> Envelope:
+    """The held message, to publish it once released (with its chain and options)."""
+    if task.envelope:
+        return Envelope.from_dict(task.envelope)
+    options = {"task_id": task.task_id, "headers": dict(task.headers)}
+    return Envelope(task.task_name, list(task.args), dict(task.kwargs), options)
+
+
 class Approvals:
     """The approval workflow of one Celery app."""
 
@@ -56,42 +68,41 @@ class Approvals:
 
     def hold(
         self,
+        envelope: Envelope,
         *,
-        task_name: str,
-        task_id: str,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        headers: GovernanceHeaders,
+        context: ActionContext,
         action: Action,
         decision: Decision,
         blocking: bool = True,
     ) -> HeldTask:
         """Keep the call in the held store (or list it as a suggestion) and tell Flower."""
-        ctx = headers.context
+        ctx = context
+        task_id = envelope.task_id
         tenant = self.runtime.policy.tenant(ctx.tenant)
         expiry = tenant.approval.expiry if tenant else timedelta(hours=24)
         now_ms = int(time.time() * 1000)
-        clean_headers = {**headers.to_headers()}
-        clean_headers.pop(RELEASE_TOKEN, None)
+        clean = {k: v for k, v in envelope.headers.items() if k != RELEASE_TOKEN}
+        kept = replace(envelope, options={**envelope.options, "headers": clean})
         task = HeldTask(
             task_id=task_id,
             tenant=ctx.tenant,
             agent=ctx.agent,
             run=ctx.run,
             user=ctx.user or "",
-            task_name=task_name,
-            args=list(args),
-            kwargs=dict(kwargs),
-            headers=clean_headers,
+            task_name=envelope.task,
+            args=list(envelope.args),
+            kwargs=dict(envelope.kwargs),
+            headers=clean,
             action=action.model_dump(mode="json"),
             action_name=action.name,
             action_class=decision.action_class or "",
             tier=decision.tier.value if decision.tier else "",
             reason=decision.reason,
-            args_hash=call_hash(task_name, list(args), dict(kwargs)),
+            args_hash=call_hash(envelope.task, list(envelope.args), dict(envelope.kwargs)),
             requested_ms=now_ms,
             expires_ms=now_ms + int(expiry.total_seconds() * 1000),
             status=HeldStatus.HELD if blocking else HeldStatus.SUGGESTED,
+            envelope=json.loads(kept.to_json()),
         )
         if blocking:  # first, so whoever sees the task held also sees the HELD result
             meta = {
@@ -105,6 +116,7 @@ class Approvals:
         outcome = self.store.put(task)
         if not blocking:
             return task
+        self.runtime.ledger.mark_held(ctx.tenant, task_id)
         if outcome != "waiting":
             self._audit(
                 task,
@@ -116,10 +128,44 @@ class Approvals:
             self.app,
             "held",
             task_id,
-            name=task_name,
+            name=envelope.task,
             **event_fields(ctx, action.name, decision.reason),
         )
         return task
+
+    def lift_with_grant(self, ctx: ActionContext, action: Action, decision: Decision) -> Decision:
+        """An approval-tier decision, lifted when a grant given with an earlier approval covers
+        the agent's action."""
+        grants = self.active_grants(ctx.tenant)
+        if not grants:
+            return decision
+        return self.runtime.policy.authorize(ctx, action, grants=grants)
+
+    def check_release(
+        self,
+        headers: GovernanceHeaders,
+        task_name: str,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        action: Action,
+        decision: Decision,
+    ) -> Decision | None:
+        """The decision under which a held-tier call runs now (a grant covers it, or it was
+        released for this exact call), or None: it must be held."""
+        lifted = self.lift_with_grant(headers.context, action, decision)
+        if lifted.outcome is not Outcome.hold:
+            return lifted
+        if headers.release_token and self.spend_release_token(
+            tenant=headers.context.tenant,
+            task_id=task_id,
+            task_name=task_name,
+            args=args,
+            kwargs=kwargs,
+            token=headers.release_token,
+        ):
+            return replace(decision, outcome=Outcome.allow)
+        return None
 
     # -- release tokens -----------------------------------------------------------------------
 
@@ -263,23 +309,6 @@ class Approvals:
                     expired.append(task)
         return expired
 
-    def republish_unpublished(self) -> int:
-        """Publish released tasks whose release was recorded but whose message may be missing."""
-        count = 0
-        for tenant in self.store.tenants(self.runtime.policy.tenant_names):
-            for task_id in self.store.unpublished(tenant):
-                task = self.store.get(tenant, task_id)
-                if task is None or task.status is not HeldStatus.RELEASED:
-                    continue
-                if task.decisions and time.time() * 1000 - task.decisions[-1].at_ms < 10_000:
-                    continue  # its releaser is probably still publishing it
-                # The stored token hash cannot be turned back into a token: mint a new release.
-                token = self.release_token(task_id, task.args_hash)
-                self.store.rearm_release(tenant, task_id, token_hash(token))
-                self._publish_released(task, token)
-                count += 1
-        return count
-
     # -- grants -------------------------------------------------------------------------------
 
     def _grant(self, task: HeldTask, reviewer: str, duration: timedelta, reason: str) -> Grant:
@@ -321,14 +350,10 @@ class Approvals:
         raise ApprovalRefused(f"task {task.task_id} is not held (status: {status})")
 
     def _publish_released(self, task: HeldTask, token: str) -> None:
-        self.app.send_task(
-            task.task_name,
-            args=task.args,
-            kwargs=task.kwargs,
-            task_id=task.task_id,
-            headers={**task.headers, RELEASE_TOKEN: token},
-        )
-        self.store.mark_published(task.tenant, task.task_id)
+        """Record the released task in the ledger (so it cannot be lost), then publish it."""
+        envelope = held_message(task).with_headers(**{RELEASE_TOKEN: token})
+        self.runtime.ledger.record_published(task.tenant, task.task_id, envelope.to_json())
+        self.runtime.publish(envelope)
 
     def _end(self, task: HeldTask, event: AuditEventType, reason: str, reviewer: str) -> None:
         self.app.backend.mark_as_failure(task.task_id, ApprovalRejected(reason))

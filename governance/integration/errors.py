@@ -25,7 +25,7 @@ class ActionDenied(GovernanceError):
 
 class LimitExceeded(GovernanceError):
     """A limit that waiting does not fix: a budget exhausted for its period, a discovery limit,
-    a loop, an idle run, or too many deferrals."""
+    a loop, an idle run, or a wait longer than the tenant's wait limit."""
 
 
 class ActionFailed(GovernanceError):
@@ -39,6 +39,16 @@ class ApprovalRejected(GovernanceError):
 class ApprovalRefused(GovernanceError):
     """A reviewer's decision was refused: unknown task, not held, not a reviewer, self-approval,
     or the same reviewer twice. Raised to the reviewer (``govctl``), never ends a task."""
+
+
+class GovernedRetry(Exception):
+    """Raised by ``GovernedTask.retry()`` inside a body: the attempt settles, then the worker
+    publishes the next one after ``delay_s``. Not an outcome: Celery shows the task as RETRY."""
+
+    def __init__(self, exc: BaseException | None, delay_s: float) -> None:
+        super().__init__(f"retry in {delay_s:g} s")
+        self.exc = exc
+        self.delay_s = delay_s
 
 
 #: Errors that end a governed task as expected outcomes: logged without a traceback.

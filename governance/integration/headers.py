@@ -1,13 +1,16 @@
-"""The governance headers of a task message: its context and its attempt and deferral counters.
+"""The governance headers of a task message: its context, and what the message is on its way.
 
-The context travels in the message headers (never in the arguments), so plain
-``apply_async(headers=...)`` works, and the worker, which decides authoritatively, reads and
-validates it before anything else. A missing or malformed context is a denial with a reason.
+The context travels in the message headers (never in the arguments), so a governed task keeps
+its ordinary signature, and the worker, which decides authoritatively, reads and validates it
+before anything else. A missing or malformed context is a denial with a reason. The attempt is
+Celery's own ``retries`` field, so ``self.request.retries`` and ``max_retries`` mean what Celery
+users expect.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,9 +18,20 @@ from pydantic import ValidationError
 from governance.policy.context import ActionContext
 
 CONTEXT = "gov_context"
-ATTEMPT = "gov_attempt"
-DEFERRALS = "gov_deferrals"
+#: Set by a publisher that recorded the task in the ledger (with its message): the worker then
+#: need not send the message along with its admission.
+LEDGER = "gov_ledger"
+#: The token of a message handed on from the wait list: its delivery takes the slot kept for it.
+HANDOFF = "gov_handoff"
+#: "count,since_ms": how often the message was sent back while the state store was down.
+OUTAGE = "gov_outage"
+#: The reviewers' signed decisions that release an approval-tier call (JSON list).
+APPROVALS = "gov_approvals"
+#: A one-time release token of an approval-tier call (HMAC over its task id and call).
 RELEASE_TOKEN = "gov_release"
+
+#: Headers that describe one trip of the message, not the task: dropped when it is published again.
+TRANSIENT = (HANDOFF, OUTAGE)
 
 
 class HeaderError(ValueError):
@@ -34,26 +48,22 @@ class GovernanceHeaders:
 
     context: ActionContext
     attempt: int = 0
-    deferrals: int = 0
+    handoff: str | None = None
+    outage: tuple[int, int] | None = None
+    approvals: tuple[dict[str, Any], ...] = ()
+    ledgered: bool = False
     release_token: str | None = None
 
     def to_headers(self) -> dict[str, Any]:
-        headers: dict[str, Any] = {
-            CONTEXT: self.context.model_dump_json(exclude_none=True),
-            ATTEMPT: self.attempt,
-            DEFERRALS: self.deferrals,
-        }
-        if self.release_token:
-            headers[RELEASE_TOKEN] = self.release_token
+        """The headers a publisher sends (the attempt goes in Celery's ``retries``)."""
+        headers: dict[str, Any] = {CONTEXT: context_json(self.context)}
+        if self.approvals:
+            headers[APPROVALS] = json.dumps(list(self.approvals), separators=(",", ":"))
         return headers
 
-    def next_attempt(self) -> GovernanceHeaders:
-        """For a retry after a failure: a new attempt, and no release token (it was used)."""
-        return replace(self, attempt=self.attempt + 1, release_token=None)
 
-    def deferred(self) -> GovernanceHeaders:
-        """For a re-offer after a deferral: the same attempt, one more deferral."""
-        return replace(self, deferrals=self.deferrals + 1)
+def context_json(context: ActionContext) -> str:
+    return context.model_dump_json(exclude_none=True)
 
 
 def header_value(request: Any, name: str) -> Any:
@@ -64,19 +74,40 @@ def header_value(request: Any, name: str) -> Any:
     return request.get(name) if hasattr(request, "get") else getattr(request, name, None)
 
 
-def _counter(request: Any, name: str) -> int:
-    raw = header_value(request, name)
-    if raw is None:
-        return 0
+def _outage(raw: Any) -> tuple[int, int] | None:
+    if not raw:
+        return None
     try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise HeaderError(
-            f"malformed governance header {name}: {raw!r} is not an integer"
-        ) from None
-    if value < 0:
-        raise HeaderError(f"malformed governance header {name}: {value} is negative")
-    return value
+        count, since = (int(x) for x in str(raw).split(","))
+    except ValueError:
+        raise HeaderError(f"malformed governance header {OUTAGE}: {raw!r}") from None
+    return count, since
+
+
+def _approvals(raw: Any) -> tuple[dict[str, Any], ...]:
+    if not raw:
+        return ()
+    try:
+        value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    except ValueError:
+        raise HeaderError(f"malformed governance header {APPROVALS}: not JSON") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise HeaderError(f"malformed governance header {APPROVALS}: not a list of decisions")
+    return tuple(value)
+
+
+def read_context(raw: Any) -> ActionContext:
+    """Validate a context header; :class:`HeaderError` says what is wrong."""
+    try:
+        if isinstance(raw, str | bytes):
+            return ActionContext.model_validate_json(raw)
+        return ActionContext.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'context'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise HeaderError(f"malformed governance context: {problems}") from None
 
 
 def read_headers(request: Any) -> GovernanceHeaders:
@@ -84,24 +115,20 @@ def read_headers(request: Any) -> GovernanceHeaders:
     raw = header_value(request, CONTEXT)
     if raw is None:
         raise HeaderError(
-            f"no governance context: the message has no {CONTEXT} header (send governed tasks "
-            "with governance.integration.submit, or apply_async(headers=...))"
+            f"no governance context: the message has no {CONTEXT} header (publish governed "
+            "tasks inside `with governance_context(...)`, or from a governed task's body)"
         )
-    try:
-        if isinstance(raw, str | bytes):
-            context = ActionContext.model_validate_json(raw)
-        else:
-            context = ActionContext.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'context'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise HeaderError(f"malformed governance context: {problems}") from None
+    retries = getattr(request, "retries", 0) or 0
+    if not isinstance(retries, int) or retries < 0:
+        raise HeaderError(f"malformed retries field: {retries!r}")
+    handoff = header_value(request, HANDOFF)
     token = header_value(request, RELEASE_TOKEN)
     return GovernanceHeaders(
-        context=context,
-        attempt=_counter(request, ATTEMPT),
-        deferrals=_counter(request, DEFERRALS),
+        context=read_context(raw),
+        attempt=retries,
+        handoff=str(handoff) if handoff else None,
+        outage=_outage(header_value(request, OUTAGE)),
+        approvals=_approvals(header_value(request, APPROVALS)),
+        ledgered=bool(header_value(request, LEDGER)),
         release_token=str(token) if token else None,
     )

@@ -1,14 +1,19 @@
-"""The life of a governed task on the worker (DESIGN.md, "The life of a task").
+"""The life of a governed task on the worker (DESIGN: "The life of a task").
 
 1. decode and validate the context from the headers (missing or malformed: deny);
 2. authorize (deny, shadow, suggest and hold never run the body);
-3. admit in one Lua call (over a limit: deferred, which does not use up retries);
+3. admit in one Lua call: admitted, or waiting in the tenant's wait list (the message is
+   acknowledged; a settlement hands it on), or booked for a later rate turn, or rejected; a copy
+   of a message that already ran, runs or waits is dropped;
 4. run the body, its lease renewed meanwhile;
-5. settle in one Lua call, also when the body raised;
-6. on error: classify, then retry with backoff / Retry-After, or fail with the reason.
+5. settle in one Lua call, also when the body raised: the outcome (finished, failed, or a retry
+   and when) is decided first, so the settlement records it with its audit entry;
+6. publish what must travel: hand-offs the calls returned, the retry.
 
 Every decision comes from the policy layer and every state change from the store; this module
-only sequences them and reports each step (audit entry, Celery task event).
+only sequences them. When the state store cannot be reached, a task that has not started goes
+back to the broker with a short countdown (never parked in the store that is down): only a
+policy limit fails a task, never an outage.
 """
 
 from __future__ import annotations
@@ -17,17 +22,28 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Ignore, Retry
 
 from governance.integration.approvals import Approvals
-from governance.integration.errors import ActionDenied, ActionFailed, LimitExceeded
+from governance.integration.errors import (
+    ActionDenied,
+    ActionFailed,
+    GovernedRetry,
+    LimitExceeded,
+)
 from governance.integration.events import event_fields, flower_fields
 from governance.integration.execution import Execution, running
-from governance.integration.headers import GovernanceHeaders, HeaderError, read_headers
-from governance.integration.republish import republish
+from governance.integration.headers import (
+    HANDOFF,
+    OUTAGE,
+    GovernanceHeaders,
+    HeaderError,
+    read_headers,
+)
+from governance.integration.messages import Envelope, envelope_from_request
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.decision import Decision
@@ -35,7 +51,7 @@ from governance.policy.errors import ActionError, ErrorKind
 from governance.policy.tenant import TenantPolicy
 from governance.policy.tiers import Outcome
 from governance.policy.usage import Usage
-from governance.store.admission import Admission, AdmissionStatus
+from governance.store.admission import Admission, AdmissionStatus, NextAttempt, Publication
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.cooldown import set_cooldown
 from governance.store.errors import StoreUnavailable
@@ -47,10 +63,23 @@ log = logging.getLogger("governance.lifecycle")
 
 _rng = random.Random()
 
+#: Backoff of a task sent back while the state store is down: 0.5 s doubling up to this.
+OUTAGE_MAX_DELAY_S = 5.0
+
 
 def base_usage(action: Action) -> Usage:
     """What every attempt counts before the body reports more: one step (and one tool call)."""
     return Usage(steps=1, tool_calls=1 if isinstance(action, ToolCall) else 0)
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """How an attempt ended, decided before it settles: its audit entry, and what follows."""
+
+    entry: dict[str, Any]
+    error: BaseException | None = None
+    retry_delay_ms: int | None = None
+    failure: str = ""
 
 
 class TaskLife:
@@ -65,6 +94,8 @@ class TaskLife:
         self.headers: GovernanceHeaders | None = None
         self.action: Action | None = None
         self.decision: Decision | None = None
+        self._envelope: Envelope | None = None
+        self._admit_ms = 0.0
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -77,17 +108,9 @@ class TaskLife:
         self._prepare(tenant)
         admit_started = time.perf_counter()
         admission = self._admit(headers, action, tenant)
-        admit_ms = round((time.perf_counter() - admit_started) * 1000, 3)
-        try:
-            self._audit(
-                AuditEventType.ADMITTED,
-                AuditEventType.TASK_STARTED,
-                required=True,
-                detail={"admit_ms": admit_ms, "attempt": headers.attempt},
-            )
-        except StoreUnavailable as exc:  # nothing runs unrecorded; the lease expires on its own
-            self._defer(tenant, tenant.deferral.backoff_base_ms, "store_unavailable", str(exc))
+        self._admit_ms = round((time.perf_counter() - admit_started) * 1000, 3)
         execution = Execution(self.task_id, headers.context, headers.attempt, action)
+        started = time.perf_counter()
         error: BaseException | None = None
         result: Any = None
         with self.runtime.leases.hold(admission.ticket), running(execution):
@@ -95,11 +118,20 @@ class TaskLife:
                 result = self.task.run(*self.args, **self.kwargs)
             except BaseException as exc:  # settle first, whatever happened
                 error = exc
-        self._settle(admission, base_usage(action) + execution.usage)
-        if error is None:
-            self._audit(AuditEventType.TASK_FINISHED)
+        run_ms = round((time.perf_counter() - started) * 1000, 3)
+        outcome = self._outcome(error, headers, action, tenant, run_ms)
+        self._settle(admission, base_usage(action) + execution.usage, outcome, headers)
+        if outcome.error is None:
             return result
-        return self._handle_error(error, headers, action, tenant)
+        if outcome.retry_delay_ms is not None:
+            raise Retry(
+                f"retry in {outcome.retry_delay_ms} ms",
+                exc=outcome.error,
+                when=outcome.retry_delay_ms / 1000,
+            )
+        if not isinstance(outcome.error, Exception):
+            raise outcome.error  # SystemExit, KeyboardInterrupt: the worker is going away
+        raise ActionFailed(outcome.failure) from outcome.error
 
     def _read_context(self) -> GovernanceHeaders:
         try:
@@ -110,11 +142,9 @@ class TaskLife:
 
     def _build_action(self) -> Action:
         try:
-            self.action = self.task.build_action(self.args, self.kwargs)
+            self.action = self.task.action_for(self.args, self.kwargs)
         except ActionDenied as exc:
             self._deny(exc.reason)
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            self._deny(f"invalid action for {self.task.name}: {exc}")
         return self.action
 
     def _authorize(self, headers: GovernanceHeaders, action: Action) -> Decision:
@@ -132,38 +162,27 @@ class TaskLife:
     def _release_or_hold(
         self, headers: GovernanceHeaders, action: Action, decision: Decision
     ) -> Decision:
-        """An approval-tier action runs only with a grant or a genuine, unspent release token;
-        otherwise it goes to the held store and this message is acknowledged."""
+        """An approval-tier action runs only when released (or covered by a grant); otherwise
+        it goes to the held store and this message is acknowledged."""
         approvals = Approvals(self.task.app, self.runtime)
-        ctx = headers.context
         try:
-            grants = approvals.active_grants(ctx.tenant)
-            if grants:
-                regranted = self.runtime.policy.authorize(ctx, action, grants=grants)
-                if regranted.outcome is not Outcome.hold:
-                    return regranted
-            if headers.release_token and approvals.spend_release_token(
-                tenant=ctx.tenant,
-                task_id=self.task_id,
-                task_name=self.task.name,
-                args=list(self.args),
-                kwargs=self.kwargs,
-                token=headers.release_token,
-            ):
-                return replace(decision, outcome=Outcome.allow)
-            approvals.hold(
-                task_name=self.task.name,
-                task_id=self.task_id,
-                args=list(self.args),
-                kwargs=self.kwargs,
-                headers=headers,
-                action=action,
-                decision=decision,
-            )
+            with self.runtime.store_call():
+                released = approvals.check_release(
+                    headers,
+                    self.task.name,
+                    self.task_id,
+                    list(self.args),
+                    self.kwargs,
+                    action,
+                    decision,
+                )
+                if released is not None:
+                    return released
+                approvals.hold(
+                    self.envelope(), context=headers.context, action=action, decision=decision
+                )
         except StoreUnavailable as exc:
-            tenant = self.runtime.policy.tenant(ctx.tenant)
-            assert tenant is not None
-            self._defer(tenant, tenant.deferral.backoff_base_ms, "store_unavailable", str(exc))
+            self._defer_for_outage(exc)
         raise Ignore()
 
     def _prepare(self, tenant: TenantPolicy) -> None:
@@ -173,120 +192,248 @@ class TaskLife:
         except ActionDenied as exc:
             self._deny(exc.reason)
 
+    def envelope(self) -> Envelope:
+        """This message, as the ledger keeps it (to publish it again)."""
+        if self._envelope is None:
+            self._envelope = envelope_from_request(self.task, self.args, self.kwargs)
+        return self._envelope
+
+    def _template(self) -> dict[str, str]:
+        assert self.headers is not None
+        assert self.action is not None
+        ctx, d = self.headers.context, self.decision
+        template = {
+            "tenant": ctx.tenant,
+            "agent": ctx.agent,
+            "run": ctx.run,
+            "task_id": self.task_id,
+            "action": self.action.name,
+            "policy_version": self.runtime.policy.version,
+        }
+        if d is not None and d.tier is not None:
+            template["tier"] = d.tier.value
+        return template
+
     def _admit(self, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy) -> Admission:
+        runtime = self.runtime
         try:
-            admission = self.runtime.admitter.admit(
-                ctx=headers.context,
-                action=action,
-                task_id=self.task_id,
-                attempt=headers.attempt,
-                estimate=self.runtime.policy.estimate_usage(action),
-                limits=self.runtime.limits_for(tenant, action),
-                holder=uuid.uuid4().hex,
-            )
+            with runtime.store_call():
+                admission = runtime.admitter.admit(
+                    ctx=headers.context,
+                    action=action,
+                    task_id=self.task_id,
+                    attempt=headers.attempt,
+                    estimate=runtime.policy.estimate_usage(action),
+                    limits=runtime.limits_for(tenant, action),
+                    holder=uuid.uuid4().hex,
+                    handoff=headers.handoff,
+                    envelope=None if headers.ledgered else self.envelope().to_json(),
+                    template=self._template(),
+                    outage=headers.outage,
+                    reclaim=runtime.may_reclaim,
+                )
         except StoreUnavailable as exc:
-            self._defer(tenant, tenant.deferral.backoff_base_ms, "store_unavailable", str(exc))
-        if admission.status is AdmissionStatus.SETTLED:
+            self._defer_for_outage(exc)
+        self._publish(admission.publish)
+        status = admission.status
+        if status is AdmissionStatus.ADMITTED:
+            return admission
+        if status.dropped:
             log.info(
-                "task %s attempt %s already ran and settled: not running it again",
+                "task %s attempt %s: %s, this copy is dropped",
                 self.task_id,
                 headers.attempt,
+                status.value,
             )
             raise Ignore()
-        if admission.status is AdmissionStatus.REJECTED:
-            assert admission.violation is not None
-            self._audit(
-                AuditEventType.TASK_FAILED,
-                reason=admission.violation.message,
-                detail={"violation": admission.violation.type.value},
+        if status is AdmissionStatus.REJECTED:
+            raise LimitExceeded(admission.reason)
+        violation = admission.violation.type.value if admission.violation else "capacity"
+        if status is AdmissionStatus.BOOKED and not admission.parked:
+            self.runtime.publish(
+                self.envelope(), countdown_s=max(0.0, admission.turn_ms / 1000 - time.time())
             )
-            raise LimitExceeded(admission.violation.message)
-        if not admission.admitted:
-            assert admission.violation is not None
-            self._defer(
-                tenant,
-                admission.wait_ms,
-                admission.violation.type.value,
-                admission.violation.message,
-            )
-        return admission
-
-    def _settle(self, admission: Admission, actual: Usage) -> None:
-        for attempt in range(3):
-            try:
-                settlement = self.runtime.admitter.settle(admission.ticket, actual)
-                break
-            except StoreUnavailable as exc:
-                log.warning("settlement of %s failed (try %d): %s", self.task_id, attempt + 1, exc)
-                time.sleep(0.2 * (attempt + 1))
+        meta: dict[str, Any] = {
+            "reason": admission.reason,
+            "violation": violation,
+            "waiting": "turn" if status is AdmissionStatus.BOOKED else "wait list",
+        }
+        if status is AdmissionStatus.BOOKED:
+            meta["turn_ms"] = admission.turn_ms
         else:
-            log.error(
-                "task %s ran but its usage could not be settled; its lease and reservation "
-                "expire after one lease period",
-                self.task_id,
-            )
-            return
-        for warning in settlement.warnings:
-            self._audit(
-                AuditEventType.BUDGET_WARNING,
-                reason=warning.message,
-                detail={"violation": warning.type.value, "percent": warning.percent},
-            )
+            meta["ahead"] = admission.ahead
+        self.task.update_state(state="DEFERRED", meta=meta)
+        self._send_event("deferred", admission.reason, violation=violation)
+        raise Ignore()
 
-    def _handle_error(
-        self, error: BaseException, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy
-    ) -> NoReturn:
+    def _publish(self, publications: tuple[Publication, ...]) -> None:
+        """Publish what a call handed on; a failure is left to the reconciler (the ledger has
+        every one of them)."""
+        for publication in publications:
+            try:
+                headers = {HANDOFF: publication.handoff} if publication.handoff else None
+                self.runtime.publish(Envelope.from_dict(publication.envelope), headers=headers)
+            except Exception:
+                log.warning(
+                    "could not publish task %s; the reconciler will",
+                    publication.task_id,
+                    exc_info=True,
+                )
+
+    def _outcome(
+        self,
+        error: BaseException | None,
+        headers: GovernanceHeaders,
+        action: Action,
+        tenant: TenantPolicy,
+        run_ms: float,
+    ) -> AttemptOutcome:
+        attempts = headers.attempt + 1
+        detail: dict[str, Any] = {
+            "attempt": headers.attempt,
+            "run_ms": run_ms,
+            "admit_ms": self._admit_ms,
+        }
+        if error is None:
+            return AttemptOutcome({"type": "task_finished", "decision": "allow", "detail": detail})
         if not isinstance(error, Exception):
-            raise error  # SystemExit, KeyboardInterrupt: the worker is going away
+            reason = f"interrupted ({type(error).__name__}) during attempt {attempts}"
+            return AttemptOutcome(
+                {"type": "task_failed", "decision": "allow", "reason": reason, "detail": detail},
+                error=error,
+                failure=reason,
+            )
+        if isinstance(error, GovernedRetry | Retry):
+            cause = error.exc if isinstance(error.exc, BaseException) else error
+            delay_s = error.delay_s if isinstance(error, GovernedRetry) else _when_s(error)
+            delay = round(delay_s * 1000)
+            if isinstance(cause, ActionError) and cause.kind is ErrorKind.rate_limited:
+                delay = max(delay, cause.retry_after_ms or 0)
+                self._record_cooldown(headers, action, cause)
+            reason = f"retry requested by the task: {cause}"
+            return self._retry(reason, delay, error, detail)
         classified = (
             error
             if isinstance(error, ActionError)
             else ActionError.permanent(f"{type(error).__name__}: {error}")
         )
-        if (
-            classified.kind is ErrorKind.rate_limited
-            and classified.retry_after_ms
-            and isinstance(action, LLMCall)
-        ):
-            self._record_cooldown(headers, action, classified.retry_after_ms)
-        delay = tenant.retry.delay_ms(classified, headers.attempt, _rng)
-        attempts = headers.attempt + 1
-        if delay is None:
+        if classified.kind is ErrorKind.rate_limited:
+            self._record_cooldown(headers, action, classified)
+        planned = tenant.retry.delay_ms(classified, headers.attempt, _rng)
+        detail["kind"] = classified.kind.value
+        if planned is None:
             reason = (
                 f"{classified.kind.value} error after {attempts} attempt(s): {classified.message}"
             )
-            self._audit(
-                AuditEventType.TASK_FAILED,
-                reason=reason,
-                detail={"kind": classified.kind.value, "attempts": attempts},
+            return AttemptOutcome(
+                {"type": "task_failed", "decision": "allow", "reason": reason, "detail": detail},
+                error=error,
+                failure=reason,
             )
-            raise ActionFailed(reason) from error
-        self._audit(
-            AuditEventType.RETRY_SCHEDULED,
-            reason=f"{classified.kind.value} error: {classified.message}; retry in {delay} ms",
-            detail={"kind": classified.kind.value, "attempt": attempts, "delay_ms": delay},
-        )
-        self._republish(headers.next_attempt(), delay)
-        raise Retry(
-            f"retry in {delay} ms after {classified.kind.value} error", exc=error, when=delay / 1000
+        reason = f"{classified.kind.value} error: {classified.message}"
+        return self._retry(reason, planned, error, detail)
+
+    def _retry(
+        self, reason: str, delay_ms: int, error: BaseException, detail: dict[str, Any]
+    ) -> AttemptOutcome:
+        detail = {**detail, "delay_ms": delay_ms}
+        return AttemptOutcome(
+            {
+                "type": "retry_scheduled",
+                "decision": "allow",
+                "reason": f"{reason}; retry in {delay_ms} ms",
+                "detail": detail,
+            },
+            error=error,
+            retry_delay_ms=delay_ms,
         )
 
-    def _record_cooldown(self, headers: GovernanceHeaders, call: LLMCall, wait_ms: int) -> None:
+    def _record_cooldown(
+        self, headers: GovernanceHeaders, action: Action, error: ActionError
+    ) -> None:
+        if not isinstance(action, LLMCall) or not error.retry_after_ms:
+            return
         try:
-            set_cooldown(self.runtime.state, headers.context.tenant, call.provider, wait_ms)
+            set_cooldown(
+                self.runtime.state, headers.context.tenant, action.provider, error.retry_after_ms
+            )
         except StoreUnavailable as exc:
-            log.warning("could not record the cooldown of %s: %s", call.provider, exc)
+            log.warning("could not record the cooldown of %s: %s", action.provider, exc)
+
+    def _settle(
+        self,
+        admission: Admission,
+        actual: Usage,
+        outcome: AttemptOutcome,
+        headers: GovernanceHeaders,
+    ) -> None:
+        next_attempt = None
+        parked = False
+        if outcome.retry_delay_ms is not None:
+            due_ms = int(time.time() * 1000) + outcome.retry_delay_ms
+            parked = outcome.retry_delay_ms / 1000 > self.runtime.settings.countdown_limit_s
+            next_envelope = self.envelope().with_retries(headers.attempt + 1)
+            next_attempt = NextAttempt(next_envelope.to_json(), due_ms, parked)
+        patience = time.monotonic() + self.runtime.settings.settle_patience_s
+        pause = 0.2
+        while True:
+            try:
+                with self.runtime.store_call():
+                    settlement = self.runtime.admitter.settle(
+                        admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
+                    )
+                break
+            except StoreUnavailable as exc:
+                if time.monotonic() > patience:
+                    log.error(
+                        "task %s ran but could not be settled for %.0f s: %s; its lease expires "
+                        "and the reconciler decides",
+                        self.task_id,
+                        self.runtime.settings.settle_patience_s,
+                        exc,
+                    )
+                    return
+                log.warning("settlement of %s failed, trying again: %s", self.task_id, exc)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        self._publish(settlement.publish)
+        if next_attempt is not None and not parked and outcome.retry_delay_ms is not None:
+            envelope = self.envelope().with_retries(headers.attempt + 1)
+            try:
+                self.runtime.publish(envelope, countdown_s=outcome.retry_delay_ms / 1000)
+            except Exception:
+                log.warning(
+                    "could not publish the retry of %s; the reconciler will",
+                    self.task_id,
+                    exc_info=True,
+                )
 
     # -- outcomes that end the task without running its body ---------------------------------
 
     def _deny(self, reason: str) -> NoReturn:
-        self._audit(AuditEventType.AUTHORIZATION_DENIED, reason=reason, decision="deny")
+        ctx = self.headers.context if self.headers else None
+        d = self.decision
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.AUTHORIZATION_DENIED,
+                tenant=ctx.tenant if ctx else "",
+                agent=ctx.agent if ctx else "",
+                run=ctx.run if ctx else "",
+                task_id=self.task_id,
+                action=self.action.name if self.action else self.task.name,
+                decision="deny",
+                reason=reason,
+                tier=d.tier.value if d and d.tier else "",
+            )
+        )
         raise ActionDenied(reason)
 
     def _finish_without_running(
         self, event_type: AuditEventType, outcome: str, decision: Decision
     ) -> NoReturn:
         assert self.action is not None
+        assert self.headers is not None
+        ctx = self.headers.context
         result = {
             "governance": outcome,
             "action": self.action.name,
@@ -294,15 +441,25 @@ class TaskLife:
             "reason": decision.reason,
             "would_run": self.action.model_dump(mode="json"),
         }
-        self._audit(event_type, reason=decision.reason, detail={"would_run": result["would_run"]})
-        if event_type is AuditEventType.SUGGESTED and self.headers is not None:
+        self.runtime.audit(
+            AuditEvent(
+                type=event_type,
+                tenant=ctx.tenant,
+                agent=ctx.agent,
+                run=ctx.run,
+                task_id=self.task_id,
+                action=self.action.name,
+                decision=decision.outcome.value,
+                reason=decision.reason,
+                tier=decision.tier.value if decision.tier else "",
+                detail={"would_run": result["would_run"]},
+            )
+        )
+        if event_type is AuditEventType.SUGGESTED:
             try:  # listed for reviewers as a non-blocking suggestion
                 Approvals(self.task.app, self.runtime).hold(
-                    task_name=self.task.name,
-                    task_id=self.task_id,
-                    args=list(self.args),
-                    kwargs=self.kwargs,
-                    headers=self.headers,
+                    self.envelope(),
+                    context=ctx,
                     action=self.action,
                     decision=decision,
                     blocking=False,
@@ -313,74 +470,31 @@ class TaskLife:
         self._send_event(outcome, decision.reason)
         raise Ignore()
 
-    def _defer(self, tenant: TenantPolicy, wait_ms: int, violation: str, reason: str) -> NoReturn:
+    def _defer_for_outage(self, exc: StoreUnavailable) -> NoReturn:
+        """The state store is down: send this message back to the broker with a short
+        countdown (never parked in the store that is down); the admission that finally
+        happens records how often and since when."""
         assert self.headers is not None
-        policy = tenant.deferral
-        jitter = int(_rng.uniform(0, policy.jitter_ratio * wait_ms))
-        delay = policy.delay_ms(self.headers.deferrals, _rng, min_delay_ms=wait_ms + jitter)
-        if delay is None:
-            message = (
-                f"deferred {self.headers.deferrals} times without being admitted "
-                f"(max_deferrals {policy.max_deferrals}); last reason: {reason}"
-            )
-            self._audit(AuditEventType.TASK_FAILED, reason=message, detail={"violation": violation})
-            raise LimitExceeded(message)
-        self._audit(
-            AuditEventType.DEFERRED,
-            reason=reason,
-            detail={
-                "violation": violation,
-                "delay_ms": delay,
-                "deferrals": self.headers.deferrals + 1,
-            },
+        count, since = self.headers.outage or (0, int(time.time() * 1000))
+        count += 1
+        delay = min(
+            0.5 * 2 ** min(count - 1, 4),
+            OUTAGE_MAX_DELAY_S,
+            self.runtime.settings.countdown_limit_s,
         )
-        how = self._republish(self.headers.deferred(), delay)
-        meta = {"reason": reason, "violation": violation, "delay_ms": delay, "via": how}
-        self.task.update_state(state="DEFERRED", meta=meta)
-        self._send_event("deferred", reason, violation=violation, delay_ms=delay)
+        delay *= 1 + _rng.uniform(0, 0.2)
+        log.warning(
+            "state store unavailable (%s): task %s goes back to the broker for %.1f s",
+            exc,
+            self.task_id,
+            delay,
+        )
+        self.runtime.publish(
+            self.envelope(), headers={OUTAGE: f"{count},{since}"}, countdown_s=delay
+        )
+        reason = f"state store unavailable; deferred {count} time(s)"
+        self._send_event("deferred", reason, violation="store_unavailable")
         raise Ignore()
-
-    # -- reporting ---------------------------------------------------------------------------
-
-    def _republish(self, headers: GovernanceHeaders, delay_ms: int) -> str:
-        return republish(
-            self.task.app,
-            self.runtime.parking,
-            task_name=self.task.name,
-            task_id=self.task_id,
-            args=self.args,
-            kwargs=self.kwargs,
-            headers=headers,
-            delay_ms=delay_ms,
-            countdown_limit_s=self.runtime.settings.countdown_limit_s,
-        )
-
-    def _audit(
-        self,
-        *types: AuditEventType,
-        reason: str = "",
-        decision: str = "",
-        detail: dict[str, Any] | None = None,
-        required: bool = False,
-    ) -> None:
-        ctx = self.headers.context if self.headers else None
-        d = self.decision
-        events = [
-            AuditEvent(
-                type=t,
-                tenant=ctx.tenant if ctx else "",
-                agent=ctx.agent if ctx else "",
-                run=ctx.run if ctx else "",
-                task_id=self.task_id,
-                action=self.action.name if self.action else self.task.name,
-                decision=decision or (d.outcome.value if d else ""),
-                reason=reason,
-                tier=d.tier.value if d and d.tier else "",
-                detail=detail or {},
-            )
-            for t in types
-        ]
-        self.runtime.audit(*events, required=required)
 
     def _send_event(self, kind: str, reason: str, **extra: Any) -> None:
         ctx = self.headers.context if self.headers else None
@@ -390,3 +504,12 @@ class TaskLife:
             self.task.send_event(f"task-{kind}", retry=False, **fields)
         except Exception:
             log.warning("could not send task-%s for %s", kind, self.task_id, exc_info=True)
+
+
+def _when_s(retry: Retry) -> float:
+    when = retry.when
+    if when is None:
+        return 0.0
+    if isinstance(when, int | float):
+        return float(when)
+    return max(0.0, float(when.timestamp()) - time.time())

@@ -1,9 +1,18 @@
 """The worker's maintenance thread: what must happen even when no task arrives.
 
-Every ``park_poll_s`` it publishes parked tasks that are due; every ``held_sweep_s`` it rejects
-held tasks whose hold expired and re-publishes released tasks whose publication was never
-confirmed. Every worker runs it; each step is atomic in Redis, so many workers never do the same
-work twice.
+Every worker runs one; a leader lock in Redis lets one of them work at a time (the others stand
+by and take over within a few seconds when it dies). Each round, the leader:
+
+- sweeps the ledger of every tenant with due entries (the reconciler): parked tasks that are due,
+  messages lost between broker and worker, tasks of dead workers, hand-offs that never arrived,
+  waits past their limit; and hands free capacity to waiting tasks (also every few seconds for
+  tenants that have waiting tasks, for capacity freed without a settlement);
+- every ``held_sweep_s``, rejects held tasks whose hold expired;
+- every ``audit_checkpoint_s``, signs where each audit chain ends, and seals (adopts) entries
+  whose writer was killed before sealing them.
+
+Every step is atomic in Redis, so two leaders for a moment (a lock that expired under a slow
+leader) never do anything twice.
 """
 
 from __future__ import annotations
@@ -11,14 +20,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from governance.integration.approvals import Approvals
-from governance.integration.republish import publish_due_parked
+from governance.integration.headers import HANDOFF
+from governance.integration.messages import Envelope
 from governance.integration.runtime import GovernanceRuntime
+from governance.store import audit_verify
+from governance.store.admission import Publication
 from governance.store.errors import StoreUnavailable
+from governance.store.keys import DEPLOYMENT_CHAIN, DeploymentKeys
 
 log = logging.getLogger("governance.maintenance")
+
+#: Tenants with waiting tasks are swept this often even when nothing in their ledger is due.
+WAITING_SWEEP_S = 5.0
 
 
 class MaintenanceThread:
@@ -29,7 +46,12 @@ class MaintenanceThread:
         self._thread = threading.Thread(
             target=self._loop, name="governance-maintenance", daemon=True
         )
-        self._next_sweep = 0.0
+        self._me = uuid.uuid4().hex
+        self._next_held = 0.0
+        self._next_waiting = 0.0
+        self._next_audit = 0.0
+        self._adopt_from: dict[str, str] = {}
+        self.republished = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -38,16 +60,84 @@ class MaintenanceThread:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def _lead(self) -> bool:
+        """Take or keep the leader lock (it lapses after a few rounds without renewal)."""
+        state = self._runtime.state
+        ttl_ms = max(3000, int(self._runtime.settings.sweep_poll_s * 6000))
+        key = DeploymentKeys.maintenance_leader
+
+        def lead() -> bool:
+            if state.client.set(key, self._me, nx=True, px=ttl_ms):
+                return True
+            holder = state.client.get(key)
+            if holder is not None and holder.decode() == self._me:
+                state.client.pexpire(key, ttl_ms)
+                return True
+            return False
+
+        return bool(state.run("maintenance lock", lead))
+
     def run_once(self) -> None:
-        publish_due_parked(self._app, self._runtime.parking)
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + self._runtime.settings.held_sweep_s
-            approvals = Approvals(self._app, self._runtime)
-            approvals.expire_due()
-            approvals.republish_unpublished()
+        """One round (tests call it directly)."""
+        runtime = self._runtime
+        with runtime.store_call():
+            if not self._lead():
+                return
+            now = time.monotonic()
+            tenants = runtime.policy.tenant_names
+            waiting_too = now >= self._next_waiting
+            if waiting_too:
+                self._next_waiting = now + WAITING_SWEEP_S
+            for tenant in runtime.ledger.tenants_due(tenants, waiting_too=waiting_too):
+                self._sweep(tenant)
+            if now >= self._next_held:
+                self._next_held = now + runtime.settings.held_sweep_s
+                Approvals(self._app, runtime).expire_due()
+            if now >= self._next_audit:
+                self._next_audit = now + runtime.settings.audit_checkpoint_s
+                self._audit_round((*tenants, DEPLOYMENT_CHAIN))
+
+    def _sweep(self, tenant: str) -> None:
+        runtime = self._runtime
+        for _ in range(50):  # a bounded round; what is left is due again next round
+            result = runtime.ledger.sweep(tenant, reclaim=runtime.may_reclaim)
+            self._publish(result.publish)
+            if not result.more:
+                return
+
+    def _publish(self, publications: tuple[Publication, ...]) -> None:
+        for publication in publications:
+            headers = {HANDOFF: publication.handoff} if publication.handoff else None
+            try:
+                self._runtime.publish(Envelope.from_dict(publication.envelope), headers=headers)
+            except Exception:
+                log.warning(
+                    "could not publish task %s; next round", publication.task_id, exc_info=True
+                )
+                continue
+            if publication.again:
+                self.republished += 1
+                log.info("reconciler published task %s again", publication.task_id)
+
+    def _audit_round(self, chains: tuple[str, ...]) -> None:
+        runtime = self._runtime
+        key = runtime.settings.audit_key.get_secret_value().encode()
+        grace_ms = round(runtime.settings.seal_grace_s * 1000)
+        log_ = runtime.audit_log
+        for chain in chains:
+            adopted, self._adopt_from[chain] = audit_verify.adopt(
+                log_, key, chain, grace_ms=grace_ms, start=self._adopt_from.get(chain, "-")
+            )
+            if adopted:
+                log.warning(
+                    "sealed %d audit entries of %s left unsealed by a stopped writer",
+                    adopted,
+                    chain,
+                )
+            audit_verify.checkpoint(log_, key, chain)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._runtime.settings.park_poll_s):
+        while not self._stop.wait(self._runtime.settings.sweep_poll_s):
             try:
                 self.run_once()
             except StoreUnavailable as exc:

@@ -1,93 +1,236 @@
-"""The publisher side: enqueue a governed task with its context, denied at once if it must be.
+"""The publisher side: every governed task leaves with its context, authorized and recorded.
 
-Authorization also runs here so a caller learns about a denial immediately and nothing is
-enqueued; the worker authorizes again all the same (messages can come from anyone who can reach
-the broker).
+``install`` wraps the app's ``send_task``, the one call that ``delay``, ``apply_async``,
+``send_task`` and canvas (chains, groups, chords) all go through. For a governed task it:
+
+1. finds the context: the one given in the headers, else the innermost ``with
+   governance_context(...)``, else the governed task whose body is publishing (a child is a
+   discovered step of the same run, one level deeper), else the governed task that just finished
+   (the next link of a chain: the same step level); without any, it fails at once with
+   :class:`MissingContext`, which says how to give one;
+2. authorizes the action, so a caller learns about a denial at once and nothing is enqueued
+   (the worker authorizes again all the same: anyone who can reach the broker can publish);
+3. holds an approval-tier action in the held store instead of the broker (its result says HELD);
+4. records the task in the ledger with its message, then publishes it. A countdown longer than
+   the safe broker limit is not given to the broker at all: the task is parked in the ledger and
+   published when due (celery #2599: a long countdown runs twice on the Redis broker).
 """
 
 from __future__ import annotations
 
+import contextvars
+import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from governance.integration.approvals import Approvals
-from governance.integration.errors import ActionDenied
+from governance.integration.errors import ActionDenied, GovernanceError
 from governance.integration.execution import current_execution
-from governance.integration.headers import GovernanceHeaders
-from governance.integration.runtime import runtime_for
+from governance.integration.headers import CONTEXT, LEDGER, context_json, header_value, read_context
+from governance.integration.messages import envelope_from_options
+from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
+from governance.policy.decision import Decision
 from governance.policy.tiers import Outcome
 from governance.store.audit import AuditEvent, AuditEventType
 
+if TYPE_CHECKING:
+    from governance.integration.task import GovernedTask
 
-def inherit(ctx: ActionContext) -> ActionContext:
-    """Inside a governed body, a child of the same run is a discovered step one level deeper."""
+_context: contextvars.ContextVar[ActionContext | None] = contextvars.ContextVar(
+    "governance_context", default=None
+)
+
+
+class MissingContext(GovernanceError):
+    """A governed task was published with no governance context to run under."""
+
+
+@contextmanager
+def governance_context(ctx: ActionContext | None = None, **fields: Any) -> Iterator[ActionContext]:
+    """Publish governed tasks inside this block on behalf of ``ctx`` (or of
+    ``ActionContext(**fields)``): ``task.delay(...)``, ``apply_async``, ``send_task``, chains
+    and groups all carry it."""
+    context = ctx if ctx is not None else ActionContext(**fields)
+    token = _context.set(context)
+    try:
+        yield context
+    finally:
+        _context.reset(token)
+
+
+def _finished_parent_context() -> ActionContext | None:
+    """The context of the governed task the worker is finishing (it publishes its chain)."""
+    from celery import current_task
+
+    task = current_task
+    request = getattr(task, "request", None) if task is not None else None
+    raw = header_value(request, CONTEXT) if request is not None else None
+    if raw is None or not getattr(task, "governed", False):
+        return None
+    try:
+        return read_context(raw)
+    except ValueError:
+        return None
+
+
+def context_for_publishing() -> ActionContext | None:
+    """The context a governed task published here and now runs under (see the module doc)."""
+    explicit = _context.get()
     parent = current_execution()
-    if parent is None or (parent.context.tenant, parent.context.run) != (ctx.tenant, ctx.run):
-        return ctx
+    if explicit is not None:
+        if parent is not None and (parent.context.tenant, parent.context.run) == (
+            explicit.tenant,
+            explicit.run,
+        ):
+            return _child_of(explicit, parent.context.discovery_depth, parent.task_id)
+        return explicit
+    if parent is not None:
+        return _child_of(parent.context, parent.context.discovery_depth, parent.task_id)
+    return _finished_parent_context()
+
+
+def _child_of(ctx: ActionContext, parent_depth: int, parent_task_id: str) -> ActionContext:
     return ctx.model_copy(
         update={
-            "discovery_depth": max(ctx.discovery_depth, parent.context.discovery_depth + 1),
-            "parent_task_id": parent.task_id,
+            "discovery_depth": max(ctx.discovery_depth, parent_depth + 1),
+            "parent_task_id": parent_task_id,
         }
     )
 
 
-def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:
-    """Authorize and enqueue ``task(*args, **kwargs)`` for ``ctx``; returns its AsyncResult.
+def _is_governed(task: Any) -> bool:
+    return bool(getattr(task, "governed", False))
 
-    Raises :class:`ActionDenied` (and enqueues nothing) when the policy denies the action or its
-    input is invalid. An approval-tier action goes to the held store instead of the broker: the
-    result's state is ``HELD`` until reviewers release or reject it.
-    """
-    runtime = runtime_for(task.app)
-    ctx = inherit(ctx)
-    try:
-        action = task.build_action(args, kwargs)
-    except ValueError as exc:
-        raise ActionDenied(f"invalid action for {task.name}: {exc}") from None
-    decision = runtime.policy.authorize(ctx, action)
-    approvals = Approvals(task.app, runtime)
-    if decision.outcome is Outcome.hold:
-        grants = approvals.active_grants(ctx.tenant)
-        if grants:  # a grant given with an earlier approval lifts the hold
-            decision = runtime.policy.authorize(ctx, action, grants=grants)
-    denial = None
-    if decision.outcome is Outcome.deny:
-        denial = decision.reason
-    else:
-        tenant = runtime.policy.tenant(ctx.tenant)
-        assert tenant is not None
+
+def wrap_send_task(app: Any, runtime: GovernanceRuntime) -> None:
+    """Route ``app.send_task`` (and so every publishing call of the app) through governance."""
+    if getattr(app, "_governance_wrapped", False):
+        return
+    original = app.send_task
+    runtime.set_raw_send(original)
+
+    def send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        task = options.get("task_type") or app.tasks.get(name)
+        if not _is_governed(task):
+            return original(name, args, kwargs, **options)
+        return publish_governed(app, runtime, task, name, args, kwargs, options)
+
+    app.send_task = send_task
+    app._governance_wrapped = True
+
+
+def publish_governed(
+    app: Any,
+    runtime: GovernanceRuntime,
+    task: GovernedTask,
+    name: str,
+    args: Any,
+    kwargs: Any,
+    options: dict[str, Any],
+) -> Any:
+    """Authorize, hold or record, and publish one governed task (see the module doc)."""
+    args = tuple(args or ())
+    kwargs = dict(kwargs or {})
+    headers = dict(options.pop("headers", None) or {})
+    if headers.get(CONTEXT) is not None:
         try:
-            task.prepare(action, tenant)
-        except ActionDenied as exc:
-            denial = exc.reason
-    if denial is not None:
-        runtime.audit(
-            AuditEvent(
-                type=AuditEventType.AUTHORIZATION_DENIED,
-                tenant=ctx.tenant,
-                agent=ctx.agent,
-                run=ctx.run,
-                action=action.name,
-                decision="deny",
-                reason=denial,
-                tier=decision.tier.value if decision.tier else "",
-                detail={"at": "publish"},
+            ctx = read_context(headers[CONTEXT])
+        except ValueError as exc:
+            raise ActionDenied(str(exc)) from None
+    else:
+        found = context_for_publishing()
+        if found is None:
+            raise MissingContext(
+                f"task {name!r} is governed and was published without a governance context: "
+                "publish it inside `with governance_context(tenant=..., agent=..., run=...):` "
+                "(from governance.integration), or from a governed task's body"
             )
-        )
-        raise ActionDenied(denial)
-    headers = GovernanceHeaders(context=ctx)
+        ctx = found
+    try:
+        action = task.action_for(args, kwargs)
+    except ActionDenied as exc:
+        _deny(runtime, ctx, name, exc.reason, "")
+    decision = runtime.policy.authorize(ctx, action)
+    approvals = Approvals(app, runtime)
     if decision.outcome is Outcome.hold:
-        task_id = str(uuid.uuid4())
-        approvals.hold(
-            task_name=task.name,
-            task_id=task_id,
-            args=list(args),
-            kwargs=dict(kwargs),
-            headers=headers,
+        decision = approvals.lift_with_grant(ctx, action, decision)
+    if decision.outcome is Outcome.deny:
+        _deny(runtime, ctx, action.name, decision.reason, _tier(decision))
+    tenant = runtime.policy.tenant(ctx.tenant)
+    assert tenant is not None  # authorization denies unknown tenants
+    try:
+        task.prepare(action, tenant)
+    except ActionDenied as exc:
+        _deny(runtime, ctx, action.name, exc.reason, _tier(decision))
+    task_id = str(options.pop("task_id", None) or uuid.uuid4())
+    headers[CONTEXT] = context_json(ctx)
+    headers[LEDGER] = 1
+    result_cls = options.get("result_cls") or app.AsyncResult
+    due_ms, countdown = _due(options)
+    envelope = envelope_from_options(
+        name, args, kwargs, {**options, "task_id": task_id, "headers": headers}
+    )
+    if decision.outcome is Outcome.hold:
+        approvals.hold(envelope, context=ctx, action=action, decision=decision)
+        return result_cls(task_id)
+    parked = countdown is not None and countdown > runtime.settings.countdown_limit_s
+    runtime.ledger.record_published(
+        ctx.tenant, task_id, envelope.to_json(), due_ms=due_ms, parked=parked
+    )
+    if parked:
+        return result_cls(task_id)
+    return runtime.send_raw(name, args, kwargs, task_id=task_id, headers=headers, **options)
+
+
+def _tier(decision: Decision) -> str:
+    return decision.tier.value if decision.tier else ""
+
+
+def _due(options: dict[str, Any]) -> tuple[int | None, float | None]:
+    """When the caller wants the task to run (``countdown`` or ``eta``), and the countdown."""
+    now = time.time()
+    countdown = options.get("countdown")
+    eta = options.get("eta")
+    if countdown is None and eta is not None:
+        when = eta if isinstance(eta, datetime) else datetime.fromisoformat(str(eta))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        countdown = max(0.0, when.timestamp() - now)
+    if countdown is None:
+        return None, None
+    countdown = float(countdown)
+    if countdown > 0:
+        options.pop("eta", None)
+        options["countdown"] = countdown
+    return int((now + countdown) * 1000), countdown
+
+
+def _deny(
+    runtime: GovernanceRuntime, ctx: ActionContext, action: str, reason: str, tier: str
+) -> NoReturn:
+    runtime.audit(
+        AuditEvent(
+            type=AuditEventType.AUTHORIZATION_DENIED,
+            tenant=ctx.tenant,
+            agent=ctx.agent,
+            run=ctx.run,
             action=action,
-            decision=decision,
+            decision="deny",
+            reason=reason,
+            tier=tier,
+            detail={"at": "publish"},
         )
-        return task.AsyncResult(task_id)
-    return task.apply_async(args, kwargs, headers=headers.to_headers())
+    )
+    raise ActionDenied(reason)
+
+
+def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:
+    """Publish ``task(*args, **kwargs)`` for ``ctx``: ``task.apply_async`` inside
+    ``governance_context(ctx)``. Raises :class:`ActionDenied` (nothing is enqueued) when the
+    policy denies it; an approval-tier action's result says ``HELD``."""
+    with governance_context(ctx):
+        return task.apply_async(args, kwargs)

@@ -10,26 +10,33 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from governance.integration.leases import LeaseKeeper
+from governance.integration.messages import Envelope, RawSend, publish
 from governance.policy.actions import Action, LLMCall
 from governance.policy.engine import Policy
 from governance.policy.tenant import TenantPolicy
 from governance.settings import GovernanceSettings
 from governance.store.admission import AdmissionTicket, Admitter
-from governance.store.audit import AuditEvent, AuditLog
+from governance.store.audit import AuditEvent, AuditLog, chain_for
+from governance.store.audit_seal import AuditSealer
 from governance.store.connection import connect
 from governance.store.errors import StoreUnavailable
+from governance.store.ledger import Ledger
 from governance.store.limits import AdmissionLimits
-from governance.store.parking import ParkingLot
-from governance.store.state import StateStore
+from governance.store.state import LedgerTimings, StateStore
 
 log = logging.getLogger("governance")
 
 _RUNTIMES: weakref.WeakKeyDictionary[Any, GovernanceRuntime] = weakref.WeakKeyDictionary()
+
+#: How long the seals of a chain may wait for a call to carry them before they are flushed.
+SEAL_FLUSH_S = 0.25
 
 
 class GovernanceRuntime:
@@ -43,9 +50,18 @@ class GovernanceRuntime:
         self._state: StateStore | None = None
         self._admitter: Admitter | None = None
         self._audit: AuditLog | None = None
-        self._parking: ParkingLot | None = None
-        self.leases = LeaseKeeper(self._renew, settings.heartbeat_interval_s)
+        self._ledger: Ledger | None = None
+        self.sealer = AuditSealer(settings.audit_key.get_secret_value().encode())
+        self.leases = LeaseKeeper(
+            self._renew, settings.heartbeat_interval_s, tick=self._flush_seals, tick_s=SEAL_FLUSH_S
+        )
         self._limits: dict[tuple[str, str | None], AdmissionLimits] = {}
+        self._raw_send: RawSend | None = None
+        #: When the state store last came back after being unreachable (monotonic seconds).
+        self._recovered_at: float | None = None
+        self._down_since: float | None = None
+
+    # -- policy-derived values ------------------------------------------------------------------
 
     def limits_for(self, tenant: TenantPolicy, action: Action) -> AdmissionLimits:
         """The admission limits of ``tenant`` for ``action`` (cached: the policy is immutable)."""
@@ -55,8 +71,11 @@ class GovernanceRuntime:
             limits = self._limits[key] = AdmissionLimits.for_action(tenant, action)
         return limits
 
-    def _renew(self, ticket: AdmissionTicket) -> int:
-        return self.admitter.renew(ticket)
+    def chain(self, tenant: str | None) -> str:
+        """The audit chain of an event about ``tenant`` (unknown tenants share one)."""
+        return chain_for(tenant, self.policy.tenant_names)
+
+    # -- state ---------------------------------------------------------------------------------
 
     def _ensure(self) -> StateStore:
         pid = os.getpid()
@@ -69,14 +88,14 @@ class GovernanceRuntime:
                     cluster=self.settings.state_redis_cluster,
                     timeout_s=self.settings.state_timeout_s,
                 )
-                state = StateStore(client, lease_ms=self.settings.lease_ms)
-                self._admitter = Admitter(state)
-                self._audit = AuditLog(
-                    state,
-                    self.settings.audit_key.get_secret_value().encode(),
-                    maxlen=self.settings.audit_maxlen,
+                timings = LedgerTimings(
+                    grace_ms=round(self.settings.reconcile_after_s * 1000),
+                    countdown_limit_ms=round(self.settings.countdown_limit_s * 1000),
                 )
-                self._parking = ParkingLot(state)
+                state = StateStore(client, lease_ms=self.settings.lease_ms, timings=timings)
+                self._admitter = Admitter(state, self.sealer)
+                self._audit = AuditLog(state, self.sealer)
+                self._ledger = Ledger(state, self.sealer)
                 self._state, self._pid = state, pid
         return self._state
 
@@ -97,32 +116,112 @@ class GovernanceRuntime:
         return self._audit
 
     @property
-    def parking(self) -> ParkingLot:
+    def ledger(self) -> Ledger:
         self._ensure()
-        assert self._parking is not None
-        return self._parking
+        assert self._ledger is not None
+        return self._ledger
 
-    def audit(self, *events: AuditEvent, required: bool = False) -> None:
-        """Append audit events. When ``required``, a Redis failure propagates (fail closed);
-        otherwise it is logged, because the action it describes already happened."""
-        stamped = [e if e.policy_version else _with_version(e, self.policy.version) for e in events]
+    def audit(self, *events: AuditEvent) -> None:
+        """Append audit events that are not part of an admission or settlement (a denial, a
+        note); a Redis failure is logged: the action they describe already happened."""
+        version = self.policy.version
+        stamped = [
+            e if e.policy_version else _replace_version(e, version, self.chain(e.tenant))
+            for e in events
+        ]
         try:
             self.audit_log.append(*stamped)
         except StoreUnavailable:
-            if required:
-                raise
             log.exception("audit events could not be written: %s", [e.type for e in events])
 
+    def _renew(self, ticket: AdmissionTicket) -> int:
+        return self.admitter.renew(ticket)
 
-def _with_version(event: AuditEvent, version: str) -> AuditEvent:
-    return replace(event, policy_version=version)
+    def _flush_seals(self) -> None:
+        if self._state is not None and self._pid == os.getpid():
+            self.audit_log.flush_due(SEAL_FLUSH_S)
+
+    # -- outages of the state store --------------------------------------------------------------
+
+    def store_failed(self) -> None:
+        """Note that the state store could not be reached."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+
+    def store_answered(self) -> None:
+        """Note that the state store answered (after an outage, start the grace period)."""
+        if self._down_since is not None:
+            self._down_since = None
+            self._recovered_at = time.monotonic()
+
+    @property
+    def may_reclaim(self) -> bool:
+        """Whether leases that expired may be taken from their holders now.
+
+        Right after an outage of the state store every lease looks expired, though the workers
+        that hold them were only cut off: for a lease period after recovery, nobody reclaims, so
+        they can renew (or settle) first.
+        """
+        if self._down_since is not None:
+            return False
+        if self._recovered_at is None:
+            return True
+        grace = self.settings.lease_ms / 1000 + self.settings.heartbeat_interval_s
+        return time.monotonic() - self._recovered_at > grace
+
+    @contextmanager
+    def store_call(self) -> Iterator[None]:
+        """Track whether the state store answers the calls made inside the block."""
+        try:
+            yield
+        except StoreUnavailable:
+            self.store_failed()
+            raise
+        self.store_answered()
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def set_raw_send(self, send: RawSend) -> None:
+        self._raw_send = send
+
+    def send_raw(self, name: str, args: Any, kwargs: Any, **options: Any) -> Any:
+        """The app's original ``send_task``: straight to the broker, no governance checks."""
+        if self._raw_send is None:
+            raise RuntimeError("the governance runtime is not installed on a Celery app")
+        return self._raw_send(name, args, kwargs, **options)
+
+    def publish(
+        self,
+        envelope: Envelope,
+        *,
+        headers: dict[str, Any] | None = None,
+        countdown_s: float | None = None,
+    ) -> None:
+        """Publish a message again (a hand-off, a retry, a re-publication), bypassing the
+        publisher's checks: it is the same task, already recorded in the ledger."""
+        if self._raw_send is None:
+            raise RuntimeError("the governance runtime is not installed on a Celery app")
+        publish(self._raw_send, envelope, headers=headers, countdown_s=countdown_s)
+
+
+def _replace_version(event: AuditEvent, version: str, chain: str) -> AuditEvent:
+    from dataclasses import replace
+
+    tenant = event.tenant if chain == event.tenant else ""
+    detail = dict(event.detail)
+    if event.tenant and not tenant:
+        detail["tenant"] = event.tenant  # an unknown tenant's name: kept, but not as a chain
+    return replace(event, policy_version=version, tenant=tenant, detail=detail)
 
 
 def install(app: Any, runtime: GovernanceRuntime) -> GovernanceRuntime:
-    """Attach ``runtime`` to a Celery app; governed tasks of that app find it there."""
+    """Attach ``runtime`` to a Celery app: its governed tasks find it there, its publishing goes
+    through the governance checks, and its workers run the maintenance thread."""
     _RUNTIMES[app] = runtime
+    from governance.integration import publish as publishing
     from governance.integration import signals
 
+    publishing.wrap_send_task(app, runtime)
     signals.connect(app)
     return runtime
 

@@ -1,8 +1,7 @@
-"""Celery signal handlers: context inheritance for child tasks, and the maintenance thread.
+"""Celery signal handlers: the maintenance thread of every worker, started and stopped with it.
 
-A task enqueued from inside a governed task's body, without a context of its own, inherits the
-parent's tenant, agent and run, one level deeper: it is a discovered step, so the long-running
-limits (discovered steps, discovery depth) apply to it.
+Publishing needs no signal: the app's ``send_task`` is wrapped by ``install`` (see
+:mod:`governance.integration.publish`), because a signal cannot refuse a message.
 """
 
 from __future__ import annotations
@@ -11,30 +10,8 @@ from typing import Any
 
 from celery import signals
 
-from governance.integration.execution import current_execution
-from governance.integration.headers import CONTEXT, GovernanceHeaders
-
 _connected: set[int] = set()
 _pumps: dict[int, Any] = {}
-
-
-def child_context_headers(headers: dict[str, Any]) -> None:
-    """Fill in the governance headers of a message published inside a governed body."""
-    parent = current_execution()
-    if parent is None or headers.get(CONTEXT):
-        return
-    child = parent.context.model_copy(
-        update={
-            "discovery_depth": parent.context.discovery_depth + 1,
-            "parent_task_id": parent.task_id,
-        }
-    )
-    headers.update(GovernanceHeaders(context=child).to_headers())
-
-
-def _before_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    if headers is not None:
-        child_context_headers(headers)
 
 
 def connect(app: Any) -> None:
@@ -42,7 +19,6 @@ def connect(app: Any) -> None:
     if id(app) in _connected:
         return
     _connected.add(id(app))
-    signals.before_task_publish.connect(_before_publish, weak=False)
 
     def start_pump(sender: Any = None, **_: Any) -> None:
         from governance.integration.maintenance import MaintenanceThread

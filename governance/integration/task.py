@@ -1,25 +1,43 @@
 """The Celery task base class that governs every task built on it.
 
-Subclasses say what action a call is (:meth:`GovernedTask.build_action`) and may validate its
-input against the tenant's policy (:meth:`GovernedTask.prepare`); the base class runs the life
-of the task (:mod:`governance.integration.lifecycle`) around the body on every delivery.
+``@app.task(base=GovernedTask)`` on an ordinary function is enough: the action is a tool call
+named after the task (or after its ``governance_tool`` option), with the bound arguments as its
+input. LLM tasks use :class:`GovernedLLMTask` (their keyword arguments are an ``LLMCall``).
+``build_action`` remains for a custom mapping; anything that goes wrong in it is a clear denial.
+The base class runs the life of the task (:mod:`governance.integration.lifecycle`) around the
+body on every delivery; ``self.retry()``, ``autoretry_for`` and ``max_retries`` work as in Celery,
+within the governance retry policy.
 """
 
 from __future__ import annotations
 
+import inspect
+from datetime import datetime
 from typing import Any
 
 from celery import Task
+from pydantic import ValidationError
 
-from governance.integration.errors import GOVERNANCE_ERRORS
+from governance.integration.errors import GOVERNANCE_ERRORS, ActionDenied, GovernedRetry
 from governance.integration.lifecycle import TaskLife
-from governance.policy.actions import Action
+from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.tenant import TenantPolicy
+
+
+def _validation_text(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}"
+        for err in exc.errors(include_url=False)
+    )
 
 
 class GovernedTask(Task):  # type: ignore[misc]
     """A task whose every delivery is authorized, admitted, settled and audited."""
 
+    #: Marks the task for the publisher and the worker (any class with it is governed).
+    governed = True
+    #: The tool name in the policy; default: the task's name.
+    governance_tool: str | None = None
     #: Governance outcomes are expected: workers log them without a traceback.
     throws = GOVERNANCE_ERRORS
     #: Shows governance failures in Flower as DENIED/REJECTED instead of FAILURE.
@@ -29,11 +47,81 @@ class GovernedTask(Task):  # type: ignore[misc]
     reject_on_worker_lost = True
 
     def build_action(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
-        """The action this call takes (a ToolCall or an LLMCall); raise ActionDenied if none."""
-        raise NotImplementedError(f"{type(self).__name__} must implement build_action()")
+        """The action this call takes. Default: a tool call of ``governance_tool`` (or the
+        task's name) whose input is the bound arguments, by parameter name."""
+        try:
+            bound = inspect.signature(self.run).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ActionDenied(f"invalid arguments for task {self.name!r}: {exc}") from None
+        tool_input: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = bound.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                tool_input.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                tool_input[name] = list(value)
+            else:
+                tool_input[name] = value
+        return ToolCall(tool=self.governance_tool or self.name, input=tool_input)
+
+    def action_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
+        """:meth:`build_action`, with any failure turned into a clear :class:`ActionDenied`."""
+        try:
+            return self.build_action(args, kwargs)
+        except ActionDenied:
+            raise
+        except ValidationError as exc:
+            raise ActionDenied(
+                f"invalid action for task {self.name!r}: {_validation_text(exc)}"
+            ) from None
+        except Exception as exc:
+            raise ActionDenied(
+                f"could not describe the action of task {self.name!r} ({type(exc).__name__}: {exc})"
+            ) from None
 
     def prepare(self, action: Action, tenant: TenantPolicy) -> None:
         """Check the input against the tenant's policy before admission; raise ActionDenied."""
 
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``self.retry()``, governed: the attempt settles first, then the task is
+        published again (its retry recorded in the ledger, a long wait parked) by the worker.
+        ``max_retries`` (the task's, or this call's) is honoured as Celery does."""
+        request = self.request
+        if request.called_directly:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries + 1 > limit:
+            if exc is not None:
+                raise exc
+            raise self.MaxRetriesExceededError(
+                f"Can't retry {self.name}[{request.id}]: max_retries {limit} reached"
+            )
+        delay_s: float | None = countdown
+        if eta is not None:
+            delay_s = max(0.0, eta.timestamp() - datetime.now(eta.tzinfo).timestamp())
+        if delay_s is None:
+            delay_s = float(self.default_retry_delay or 0)
+        raise GovernedRetry(exc, delay_s)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return TaskLife(self, args, kwargs).run()
+
+
+class GovernedLLMTask(GovernedTask):
+    """A governed task calling an LLM: its keyword arguments are an ``LLMCall`` (provider,
+    model, messages, max_tokens); admission reserves the call's estimate."""
+
+    def build_action(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
+        if args:
+            raise ActionDenied(f"LLM task {self.name!r} takes keyword arguments only")
+        return LLMCall.model_validate(kwargs)

@@ -22,7 +22,12 @@ from governance.settings import GovernanceSettings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve governance metrics for Prometheus.")
     parser.add_argument("--port", type=int, default=9108, help="port to listen on (9108)")
-    parser.add_argument("--address", default="0.0.0.0", help="address to bind (0.0.0.0)")
+    parser.add_argument(
+        "--address",
+        default="127.0.0.1",
+        help="address to bind (127.0.0.1: usage per tenant is not public; bind 0.0.0.0 behind a "
+        "firewall or in a container network)",
+    )
     args = parser.parse_args(argv)
     settings = GovernanceSettings()
     try:

@@ -1,16 +1,19 @@
-"""A Prometheus collector for governance: decisions, deferrals, held tasks, budgets, leases.
+"""A Prometheus collector for governance: decisions, waits, held tasks, budgets, the ledger.
 
-Counters and the admission latency histogram are derived from the audit stream (the record of
-every decision, read incrementally from where the last scrape stopped), so workers need no
-metrics server of their own and the numbers agree with the audit. Gauges (held tasks, budget
-used and limit, leases in use) are read live from Redis on every scrape.
+Counters and histograms come from the tenants' audit chains (the record of every decision, read
+incrementally from where the last scrape stopped), so workers need no metrics server of their
+own and the numbers agree with the audit. Gauges (running, waiting and held tasks, the oldest
+wait, budgets, overdue ledger entries) are read live from Redis on every scrape.
+
+Label hygiene: a ``tenant`` label only ever takes the name of a tenant of the policy, or
+``other`` (a name sent by any caller never becomes a label value); every metric has one unit,
+named in it. Every metric is listed in :data:`METRICS` (and in the README).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -26,10 +29,36 @@ from prometheus_client.registry import Collector
 from governance.policy.engine import Policy
 from governance.store.audit import AuditLog
 from governance.store.held import STATUS_ORDER, HeldStore
-from governance.store.keys import DeploymentKeys, Period, TenantKeys
+from governance.store.keys import DEPLOYMENT_CHAIN, Period, TenantKeys
+from governance.store.ledger import Ledger
 from governance.store.limits import budget_checks
 from governance.store.state import StateStore
 from governance.store.usage import read_usage
+
+OTHER = "other"
+
+#: Every metric this collector serves, with its help text (the README lists the same).
+METRICS = {
+    "governance_decisions_total": "Authorization and admission decisions, by tenant and outcome.",
+    "governance_waits_total": "Attempts that had to wait (first wait only), by tenant and limit.",
+    "governance_audit_events_total": "Audit entries written, by event type.",
+    "governance_republished_total": "Tasks published again by the reconciler, by tenant.",
+    "governance_wait_seconds": "Time a task waited before it was admitted, by tenant.",
+    "governance_admission_latency_seconds": "Admission call latency measured by the workers.",
+    "governance_held_tasks": "Held tasks, by tenant and status.",
+    "governance_running_tasks": "Running tasks holding a concurrency lease, by tenant.",
+    "governance_waiting_tasks": "Tasks in the tenant's wait list.",
+    "governance_oldest_wait_seconds": "How long the oldest task of the wait list has waited.",
+    "governance_ledger_overdue_tasks": "Ledger entries nobody looked at in time (should be 0).",
+    "governance_budget_used_tokens": "Tokens used in the current day/month, by kind.",
+    "governance_budget_limit_tokens": "Token budget of the current day/month, by kind.",
+    "governance_budget_used_steps": "Steps used in the current day/month.",
+    "governance_budget_limit_steps": "Step budget of the current day/month.",
+    "governance_budget_used_tool_calls": "Tool calls used in the current day/month.",
+    "governance_budget_limit_tool_calls": "Tool call budget of the current day/month.",
+    "governance_budget_used_usd": "Cost in USD used in the current day/month.",
+    "governance_budget_limit_usd": "Cost budget in USD of the current day/month.",
+}
 
 #: Audit event type -> the decision outcome it records.
 DECISION_OF_EVENT = {
@@ -40,6 +69,38 @@ DECISION_OF_EVENT = {
     "shadowed": "shadow",
 }
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+WAIT_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+#: Budget kind -> (metric stem, unit label value) for the per-unit budget metrics.
+BUDGET_METRIC = {
+    "tokens": ("tokens", "total"),
+    "input_tokens": ("tokens", "input"),
+    "output_tokens": ("tokens", "output"),
+    "steps": ("steps", ""),
+    "tool_calls": ("tool_calls", ""),
+    "cost": ("usd", ""),
+}
+
+
+class _Histogram:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts: dict[str, list[int]] = defaultdict(lambda: [0] * (len(bounds) + 1))
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def observe(self, label: str, seconds: float) -> None:
+        index = next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))
+        self.counts[label][index] += 1
+        self.sums[label] += seconds
+
+    def family(self, name: str, label: str | None) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, METRICS[name], labels=[label] if label else None)
+        for key, counts in sorted(self.counts.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric([key] if label else [], buckets, self.sums[key])
+        return family
 
 
 class GovernanceCollector(Collector):
@@ -50,44 +111,43 @@ class GovernanceCollector(Collector):
         self._audit = audit
         self._policy = policy
         self._lock = threading.Lock()
-        self._last_id = "-"
+        self._cursor: dict[str, str] = {}
         self._decisions: dict[tuple[str, str], int] = defaultdict(int)
-        self._deferrals: dict[tuple[str, str], int] = defaultdict(int)
+        self._waits: dict[tuple[str, str], int] = defaultdict(int)
         self._events: dict[str, int] = defaultdict(int)
-        self._buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self._latency_sum = 0.0
+        self._latency = _Histogram(LATENCY_BUCKETS_S)
+        self._wait = _Histogram(WAIT_BUCKETS_S)
+
+    def _label(self, tenant: str) -> str:
+        return tenant if tenant in self._policy.tenant_names else OTHER
 
     def _read_audit(self, max_entries: int = 50_000) -> None:
-        client = self._state.client
-        read = 0
-        while read < max_entries:
-            start = self._last_id if self._last_id == "-" else f"({self._last_id}"
-            page = client.xrange(DeploymentKeys.audit_stream, min=start, max="+", count=1000)
-            if not page:
-                return
-            for raw_id, raw in page:
-                fields = {_text(k): _text(v) for k, v in raw.items()}
-                self._count(fields)
-                self._last_id = _text(raw_id)
-            read += len(page)
+        for chain in (*self._policy.tenant_names, DEPLOYMENT_CHAIN):
+            start = self._cursor.get(chain)
+            entries = self._audit.entries(chain, start=f"({start}" if start else "-")
+            for read, entry in enumerate(entries):
+                self._cursor[chain] = entry.id
+                if not entry.is_seal:
+                    self._count(chain, entry.fields)
+                if read >= max_entries:
+                    break
 
-    def _count(self, fields: dict[str, str]) -> None:
+    def _count(self, chain: str, fields: dict[str, str]) -> None:
         kind = fields.get("type", "")
-        tenant = fields.get("tenant", "")
+        tenant = self._label(chain)
         self._events[kind] += 1
         if kind in DECISION_OF_EVENT:
             self._decisions[(tenant, DECISION_OF_EVENT[kind])] += 1
-        detail = json.loads(fields.get("detail") or "{}")
-        if kind == "deferred":
-            self._deferrals[(tenant, str(detail.get("violation", "unknown")))] += 1
-        if kind == "admitted" and "admit_ms" in detail:
-            seconds = float(detail["admit_ms"]) / 1000
-            self._latency_sum += seconds
-            index = next(
-                (i for i, bound in enumerate(LATENCY_BUCKETS_S) if seconds <= bound),
-                len(LATENCY_BUCKETS_S),
-            )
-            self._buckets[index] += 1
+        try:
+            detail = json.loads(fields.get("detail") or "{}")
+        except ValueError:
+            detail = {}
+        if kind == "waiting":
+            self._waits[(tenant, str(detail.get("violation", "unknown")))] += 1
+        if kind == "admitted" and "waited_ms" in detail:
+            self._wait.observe(tenant, float(detail["waited_ms"]) / 1000)
+        if "admit_ms" in detail:
+            self._latency.observe("", float(detail["admit_ms"]) / 1000)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -97,82 +157,82 @@ class GovernanceCollector(Collector):
 
     def _counters(self) -> Iterator[Metric]:
         decisions = CounterMetricFamily(
-            "governance_decisions", "Decisions by tenant and outcome.", labels=["tenant", "outcome"]
+            "governance_decisions",
+            METRICS["governance_decisions_total"],
+            labels=["tenant", "outcome"],
         )
         for (tenant, outcome), n in sorted(self._decisions.items()):
             decisions.add_metric([tenant, outcome], n)
         yield decisions
-        deferrals = CounterMetricFamily(
-            "governance_deferrals",
-            "Deferrals by tenant and violation.",
-            labels=["tenant", "violation"],
+        waits = CounterMetricFamily(
+            "governance_waits", METRICS["governance_waits_total"], labels=["tenant", "violation"]
         )
-        for (tenant, violation), n in sorted(self._deferrals.items()):
-            deferrals.add_metric([tenant, violation], n)
-        yield deferrals
+        for (tenant, violation), n in sorted(self._waits.items()):
+            waits.add_metric([tenant, violation], n)
+        yield waits
         events = CounterMetricFamily(
-            "governance_audit_events", "Audit entries by event type.", labels=["type"]
+            "governance_audit_events", METRICS["governance_audit_events_total"], labels=["type"]
         )
         for kind, n in sorted(self._events.items()):
             events.add_metric([kind], n)
         yield events
-        cumulative, buckets = 0, []
-        for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), self._buckets, strict=True):
-            cumulative += n
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        yield HistogramMetricFamily(
-            "governance_admission_latency_seconds",
-            "Admission latency (one Lua call), as measured by the workers.",
-            buckets=buckets,
-            sum_value=self._latency_sum,
-        )
+        yield self._wait.family("governance_wait_seconds", "tenant")
+        yield self._latency.family("governance_admission_latency_seconds", None)
 
     def _gauges(self) -> Iterator[Metric]:
-        held = GaugeMetricFamily(
-            "governance_held_tasks", "Held tasks by tenant and status.", labels=["tenant", "status"]
-        )
-        leases = GaugeMetricFamily(
-            "governance_leases_in_use",
-            "Running tasks holding a lease, by tenant.",
+        def gauge(name: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, METRICS[name], labels=list(labels))
+
+        held = gauge("governance_held_tasks", "tenant", "status")
+        running = gauge("governance_running_tasks", "tenant")
+        waiting = gauge("governance_waiting_tasks", "tenant")
+        oldest = gauge("governance_oldest_wait_seconds", "tenant")
+        overdue = gauge("governance_ledger_overdue_tasks", "tenant")
+        republished = CounterMetricFamily(
+            "governance_republished",
+            METRICS["governance_republished_total"],
             labels=["tenant"],
         )
-        used = GaugeMetricFamily(
-            "governance_budget_used",
-            "Budget used in the current window.",
-            labels=["tenant", "period", "kind"],
-        )
-        limit = GaugeMetricFamily(
-            "governance_budget_limit",
-            "Budget limit of the window.",
-            labels=["tenant", "period", "kind"],
-        )
+        budgets: dict[str, GaugeMetricFamily] = {}
         store = HeldStore(self._state)
-        now_ms = int(time.time() * 1000)
-        for tenant in store.tenants(self._policy.tenant_names):
+        ledger = Ledger(self._state)
+        grace_ms = self._state.timings.grace_ms
+        for tenant in self._policy.tenant_names:
             for status in STATUS_ORDER:
                 held.add_metric([tenant, status.value], store.count(tenant, status))
-            leases.add_metric(
-                [tenant], self._state.client.zcount(TenantKeys(tenant).leases, now_ms, "+inf")
-            )
-            self._budgets(tenant, used, limit)
-        yield held
-        yield leases
-        yield used
-        yield limit
+            status_now = ledger.status(tenant, overdue_after_ms=grace_ms)
+            running.add_metric([tenant], status_now.running)
+            waiting.add_metric([tenant], status_now.waiting)
+            oldest.add_metric([tenant], (status_now.oldest_wait_ms or 0) / 1000)
+            overdue.add_metric([tenant], status_now.overdue)
+            republished.add_metric([tenant], self._republished(tenant))
+            self._budgets(tenant, budgets)
+        yield from (held, running, waiting, oldest, overdue, republished)
+        yield from budgets.values()
 
-    def _budgets(self, tenant: str, used: GaugeMetricFamily, limit: GaugeMetricFamily) -> None:
+    def _republished(self, tenant: str) -> int:
+        key = TenantKeys(tenant).meta
+        count = self._state.run("metrics", lambda: self._state.client.hget(key, "republished"))
+        return int(count or 0)
+
+    def _budgets(self, tenant: str, families: dict[str, GaugeMetricFamily]) -> None:
         policy = self._policy.tenant(tenant)
         if policy is None:
             return
         for check in budget_checks(policy):
             if check.period is Period.RUN:
                 continue  # per-run budgets have one window per run: see `govctl usage --run`
+            stem, kind = BUDGET_METRIC[check.kind]
             snapshot = read_usage(self._state, tenant, check.period)
             value = _amount(snapshot.used, check.kind)
-            used.add_metric([tenant, check.period.value, check.kind], _scaled(check.kind, value))
-            limit.add_metric(
-                [tenant, check.period.value, check.kind], _scaled(check.kind, check.limit)
-            )
+            for what, amount in (("used", value), ("limit", check.limit)):
+                name = f"governance_budget_{what}_{stem}"
+                labels = ["tenant", "period", "kind"] if stem == "tokens" else ["tenant", "period"]
+                family = families.setdefault(
+                    name, GaugeMetricFamily(name, METRICS[name], labels=labels)
+                )
+                values = [tenant, check.period.value] + ([kind] if stem == "tokens" else [])
+                family.add_metric(values, _scaled(check.kind, amount))
 
 
 def _amount(usage: Any, kind: str) -> int:
@@ -186,7 +246,3 @@ def _amount(usage: Any, kind: str) -> int:
 def _scaled(kind: str, value: int) -> float:
     """Cost in USD, everything else as counted."""
     return value / 1_000_000 if kind == "cost" else float(value)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

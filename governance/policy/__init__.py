@@ -38,7 +38,7 @@ from governance.policy.limits import (
 )
 from governance.policy.loader import ConfigError
 from governance.policy.long_running import PRESETS, LongRunningLimits
-from governance.policy.retry import DeferralPolicy, RetryPolicy
+from governance.policy.retry import RetryPolicy
 from governance.policy.tenant import ApprovalPolicy, TenantPolicy
 from governance.policy.tiers import Outcome, Tier, TierLevel
 from governance.policy.usage import Usage
@@ -55,7 +55,6 @@ __all__ = [
     "Budget",
     "ConfigError",
     "Decision",
-    "DeferralPolicy",
     "ErrorKind",
     "GovernanceConfig",
     "Grant",

@@ -2,7 +2,7 @@
 
 All models forbid unknown keys and are frozen. Tenant settings are layered: `defaults` applies to
 every tenant, and a field a tenant writes (even as null) replaces the default's, except that
-`approval`, `retry` and `deferral` merge field by field, `deny`, `hooks` and `grants` add up, and
+`approval` and `retry` merge field by field, `deny`, `hooks` and `grants` add up, and
 the tier maps merge key by key. Cross-references between sections are checked in `checks.py`.
 """
 
@@ -135,15 +135,6 @@ class RetrySettings(_Model):
     jitter_ratio: Ratio = 0.2
 
 
-class DeferralSettings(_Model):
-    """Re-offering of actions over a limit (see DeferralPolicy). Unset fields inherit."""
-
-    max_deferrals: NonNegInt = 200
-    backoff_base_ms: NonNegInt = 50
-    backoff_cap_ms: NonNegInt | None = 2_000
-    jitter_ratio: Ratio = 0.5
-
-
 class RateLimit(_Model):
     """A token bucket: `rate` actions per `per`, bursts of up to `burst` (default: `rate`)."""
 
@@ -262,7 +253,7 @@ class TenantSettings(_Model):
     long_running: LongRunningEntry | None = None
     warning_threshold_pct: Annotated[int, Field(ge=0, le=100)] | None = None
     retry: RetrySettings | None = None
-    deferral: DeferralSettings | None = None
+    max_wait: PositiveDuration | None = None
 
 
 class GovernanceConfig(_Model):

@@ -1,4 +1,4 @@
-"""When to try a failed action again (RetryPolicy) and when to re-offer a deferred one.
+"""When to try a failed action again: the retry policy of a tenant.
 
 Semantics follow the seed's RetryWithBackoffPolicy: permanent errors never retry, a rate-limited
 error that says when waits exactly that long, anything else backs off exponentially from a base,
@@ -82,33 +82,3 @@ class RetryPolicy:
         return backoff_ms(
             self.backoff_base_ms, self.backoff_cap_ms, self.jitter_ratio, attempt, rng
         )
-
-
-@dataclass(frozen=True)
-class DeferralPolicy:
-    """How a task over a limit is re-offered later; deferrals never consume retries."""
-
-    max_deferrals: int
-    backoff_base_ms: int
-    backoff_cap_ms: int | None = None
-    jitter_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_deferrals < 0:
-            raise ValueError(f"max_deferrals must be >= 0 (got {self.max_deferrals})")
-        _validate(self.backoff_base_ms, self.backoff_cap_ms, self.jitter_ratio)
-
-    def delay_ms(
-        self, deferrals: int, rng: random.Random | None = None, *, min_delay_ms: int = 0
-    ) -> int | None:
-        """Milliseconds until deferral number `deferrals` (0-based) is re-offered, None to give up.
-
-        `min_delay_ms` is a lower bound known from the limit itself (say, when a rate bucket
-        refills): coming back before then is pointless.
-        """
-        if deferrals >= self.max_deferrals:
-            return None
-        delay = backoff_ms(
-            self.backoff_base_ms, self.backoff_cap_ms, self.jitter_ratio, deferrals, rng
-        )
-        return max(delay, min_delay_ms)

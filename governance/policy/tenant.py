@@ -1,7 +1,7 @@
 """The effective settings of one tenant: `defaults` and the tenant's own section, merged.
 
-Merging (see config.py): a field the tenant writes replaces the default's; `approval`, `retry` and
-`deferral` merge field by field over built-in values; `deny`, `hooks` and `grants` are the
+Merging (see config.py): a field the tenant writes replaces the default's; `approval` and `retry`
+merge field by field over built-in values; `deny`, `hooks` and `grants` are the
 defaults' followed by the tenant's; tier maps merge key by key. Every value is resolved here, once,
 so the per-action path (authorize, admit) only reads plain frozen objects.
 """
@@ -20,7 +20,6 @@ from governance.policy.checks import Problem
 from governance.policy.config import (
     ApprovalSettings,
     Budget,
-    DeferralSettings,
     DenyRule,
     GovernanceConfig,
     RateLimits,
@@ -31,11 +30,13 @@ from governance.policy.config import (
 from governance.policy.grants import Grant
 from governance.policy.hooks import Hook, HookLoadError
 from governance.policy.long_running import DEFAULT_PRESET, PRESETS, LongRunningLimits
-from governance.policy.retry import DeferralPolicy, RetryPolicy
+from governance.policy.retry import RetryPolicy
 from governance.policy.tiers import TierSource, TierTable
 
 BUILTIN = "built-in default"
 DEFAULT_WARNING_THRESHOLD_PCT = 80
+#: How long a task may wait for capacity or a rate turn before it fails, unless the policy says.
+DEFAULT_MAX_WAIT = timedelta(hours=1)
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -85,7 +86,7 @@ class TenantPolicy:
     budgets: tuple[Budget, ...]
     long_running: LongRunningLimits
     retry: RetryPolicy
-    deferral: DeferralPolicy
+    max_wait: timedelta
     warning_threshold_pct: int
     sources: Mapping[str, str]
 
@@ -191,15 +192,10 @@ def _build(
         )
 
     retry: RetryPolicy | None = None
-    deferral: DeferralPolicy | None = None
     try:
         retry = RetryPolicy(**b.merged("retry", RetrySettings).model_dump())
     except ValueError as exc:
         b.problems.append((f"{prefix}.retry", f"{exc}{merged_note}"))
-    try:
-        deferral = DeferralPolicy(**b.merged("deferral", DeferralSettings).model_dump())
-    except ValueError as exc:
-        b.problems.append((f"{prefix}.deferral", f"{exc}{merged_note}"))
 
     hooks: list[BoundHook] = []
     for path, spec in b.concatenated("hooks"):
@@ -208,7 +204,7 @@ def _build(
         except HookLoadError as exc:
             b.problems.append((path, str(exc)))
 
-    if b.problems or retry is None or deferral is None:
+    if b.problems or retry is None:
         return None, b.problems
 
     long_running_spec = b.replaced("long_running")
@@ -234,7 +230,7 @@ def _build(
             PRESETS[DEFAULT_PRESET] if long_running_spec is None else long_running_spec.resolve()
         ),
         retry=retry,
-        deferral=deferral,
+        max_wait=b.replaced("max_wait") or DEFAULT_MAX_WAIT,
         warning_threshold_pct=DEFAULT_WARNING_THRESHOLD_PCT if threshold is None else threshold,
         sources=MappingProxyType(dict(b.sources)),
     )

@@ -1,38 +1,55 @@
 """Admission, lease renewal and settlement of governed tasks: one Lua call each.
 
-``admit`` checks cooldown, rates, concurrency, long-running limits and budgets and, only if all
-pass, takes a lease and reserves the task's estimated usage. ``settle`` releases the lease and
-replaces the reservation with actual usage. Both are atomic and idempotent per task attempt.
+``admit`` decides one delivery of a task from its ledger record and the tenant's limits: admitted
+(lease and reservation taken), waiting (at the tail of the tenant's wait list), booked (a future
+rate turn taken for it), rejected, or dropped (a copy of a message that already ran, runs, waits
+or was handed on). ``settle`` releases the lease, replaces the reservation with actual usage,
+moves the record on, and hands freed capacity to the oldest waiting tasks. Both write their
+audit entries in the same call and return the messages the caller must publish (hand-offs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from governance.policy.actions import Action, LLMCall
 from governance.policy.context import ActionContext
 from governance.policy.limits import LimitWarning, Violation, ViolationType, Warning, check_limit
 from governance.policy.usage import Usage
+from governance.store.audit_seal import AuditSealer
 from governance.store.keys import WINDOW_ORDER, TenantKeys, WindowKeys
-from governance.store.limits import AdmissionLimits, BudgetCheck, Rate
+from governance.store.limits import AdmissionLimits, BudgetCheck
 from governance.store.state import StateStore
 
 
 class AdmissionStatus(StrEnum):
-    """What admission decided."""
+    """What admission decided for one delivery."""
 
     ADMITTED = "admitted"
-    #: Another delivery of the same attempt holds a live lease: wait, never run it twice at once.
-    IN_FLIGHT = "in_flight"
-    #: The same attempt was already admitted and settled: its body must not run again.
-    SETTLED = "settled"
-    #: Over a limit that frees up with time (rate, concurrency, cooldown, reservations in flight).
-    DEFERRED = "deferred"
-    #: Over a limit that waiting does not fix in this period (budget exhausted, loop, depth...).
+    #: Over a capacity limit (concurrency, budget held by tasks in flight): in the wait list.
+    WAITING = "waiting"
+    #: Over a rate limit or in a cooldown: its turn is booked; publish it again for that time.
+    BOOKED = "booked"
+    #: Over a limit that waiting does not fix (budget exhausted, loop, depth, waited too long).
     REJECTED = "rejected"
+    #: This attempt already ran and settled: its body must not run again.
+    SETTLED = "settled"
+    #: Another delivery of this attempt runs, waits or was handed on: this copy is dropped.
+    DUPLICATE = "duplicate"
+    #: A message of an earlier attempt (a later one exists): dropped.
+    STALE = "stale"
+    #: A booked task arriving before its turn (a copy): dropped, its turn's message will come.
+    EARLY = "early"
+
+    @property
+    def dropped(self) -> bool:
+        """This delivery is acknowledged and nothing else happens to it."""
+        return self in (self.SETTLED, self.DUPLICATE, self.STALE, self.EARLY)
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,18 @@ class AdmissionTicket:
     windows: tuple[WindowKeys, ...]
     checks: tuple[BudgetCheck, ...]
     warning_threshold_pct: int
+    template: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A task the caller must publish: handed on from the wait list (with its token), or
+    published again by the reconciler (``again``)."""
+
+    task_id: str
+    envelope: Mapping[str, Any]
+    handoff: str | None = None
+    again: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,14 +84,29 @@ class Admission:
     status: AdmissionStatus
     ticket: AdmissionTicket
     violation: Violation | None = None
+    reason: str = ""
     wait_ms: int = 0
+    turn_ms: int = 0
+    parked: bool = False
+    first_wait: bool = False
+    ahead: int = 0
     lease_expiry_ms: int = 0
     warnings: tuple[LimitWarning, ...] = ()
+    publish: tuple[Publication, ...] = ()
 
     @property
     def admitted(self) -> bool:
         """True when the task may run now."""
         return self.status is AdmissionStatus.ADMITTED
+
+
+@dataclass(frozen=True)
+class NextAttempt:
+    """A retry, recorded by the settlement of the failed attempt: its message and due time."""
+
+    envelope_json: str
+    due_ms: int
+    parked: bool
 
 
 @dataclass(frozen=True)
@@ -76,6 +120,7 @@ class Settlement:
     settled: bool
     late: bool = False
     warnings: tuple[LimitWarning, ...] = field(default=())
+    publish: tuple[Publication, ...] = ()
 
 
 def _micro_to_usd(value: float) -> float:
@@ -103,11 +148,60 @@ def _percent(value: float, limit: int) -> float:
     return float("inf") if limit == 0 else value * 100.0 / limit
 
 
+def publications(raw: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> tuple[Publication, ...]:
+    """The ``pub`` part of a script's reply (cjson encodes an empty list as ``{}``)."""
+    if isinstance(raw, Mapping):
+        return ()
+    return tuple(
+        Publication(
+            task_id=str(item["id"]),
+            envelope=json.loads(item["msg"]),
+            handoff=item.get("token") or None,
+            again=bool(item.get("again")),
+        )
+        for item in raw
+        if item.get("msg")
+    )
+
+
+def _list(raw: Any) -> list[Any]:
+    return [] if isinstance(raw, Mapping) else list(raw or [])
+
+
 class Admitter:
     """Admission, renewal and settlement against one Redis (or Redis Cluster)."""
 
-    def __init__(self, state: StateStore) -> None:
+    def __init__(self, state: StateStore, sealer: AuditSealer | None = None) -> None:
         self._state = state
+        self._sealer = sealer
+
+    def _call(
+        self,
+        operation: str,
+        script: Any,
+        tenant: str,
+        keys: list[str],
+        body: str,
+        *,
+        reclaim: bool = True,
+    ) -> dict[str, Any]:
+        seals = self._sealer.take(tenant) if self._sealer else "[]"
+        writer = self._sealer.writer if self._sealer else "unsealed"
+        try:
+            raw = self._state.call(
+                operation,
+                script,
+                keys,
+                [body, self._state.script_settings(reclaim=reclaim), seals, writer],
+            )
+        except Exception:
+            if self._sealer:
+                self._sealer.give_back(tenant, seals)
+            raise
+        reply: dict[str, Any] = json.loads(raw)
+        if self._sealer:
+            self._sealer.wrote(tenant, _list(reply.get("au")))
+        return reply
 
     def admit(
         self,
@@ -119,58 +213,87 @@ class Admitter:
         estimate: Usage,
         limits: AdmissionLimits,
         holder: str = "",
+        handoff: str | None = None,
+        envelope: str | None = None,
+        template: Mapping[str, str] | None = None,
+        outage: tuple[int, int] | None = None,
+        reclaim: bool = True,
         now: datetime | None = None,
     ) -> Admission:
-        """Admit one attempt of one task, or say which limit blocks it and how long to wait.
+        """Admit one delivery of one attempt of a task, or say what it waits for.
 
-        ``holder`` identifies this delivery of the task (a fresh id per execution): asking again
-        with the same holder is idempotent, another holder of the same attempt waits.
+        ``holder`` identifies this delivery (a fresh id per execution); ``handoff`` is the token
+        of a message handed on from the wait list; ``envelope`` the message (JSON) when the
+        ledger may not have it yet; ``outage`` (count, since ms) the deferrals it went through
+        while the state store was down; ``reclaim`` false right after an outage of the store,
+        so live workers get to renew their leases before anyone takes them.
         """
         holder = holder or f"{task_id}:{attempt}"
         keys = TenantKeys(ctx.tenant)
         windows = tuple(keys.windows(ctx.run, now))
         provider = action.provider if isinstance(action, LLMCall) else None
+        record = keys.task(task_id)
+        cooldown = keys.cooldown(provider) if provider else ""
+        provider_rate = keys.provider_rate(provider) if provider and limits.provider_rate else ""
+        window_keys = [k for w in windows for k in w.as_list()]
+        steps = keys.step_repetitions(ctx.run)
+        template = dict(template or {"tenant": ctx.tenant, "task_id": task_id})
         lr = limits.long_running
-        ttl = self._state.ttl
-        argv: list[str | int | float] = [
-            task_id,
-            attempt,
-            self._state.lease_ms,
-            -1 if limits.concurrency is None else limits.concurrency,
-            self._state.retry_hint_ms,
-            1 if provider else 0,
-            *_rate_args(limits.tenant_rate),
-            *_rate_args(limits.provider_rate if provider else None),
-            estimate.steps,
-            estimate.tool_calls,
-            estimate.input_tokens,
-            estimate.output_tokens,
-            estimate.cost_micro_usd,
-            ctx.discovery_depth,
-            _or_minus_one(lr.max_discovery_depth),
-            _or_minus_one(lr.max_discovered_steps),
-            -1 if lr.idle_timeout_s is None else round(lr.idle_timeout_s * 1000),
-            _or_minus_one(lr.max_same_step_repetitions),
-            f"{action.name}:{action.input_hash()}",
-            ttl.run_s,
-            ttl.day_s,
-            ttl.month_s,
-            ttl.task_s,
-            holder,
-            len(limits.budget_checks),
-        ]
-        for check in limits.budget_checks:
-            argv += [WINDOW_ORDER.index(check.period) + 1, check.kind, check.limit]
+        body = {
+            "id": task_id,
+            "a": attempt,
+            "holder": holder,
+            "handoff": handoff,
+            "k": {
+                "rec": record,
+                "cd": cooldown,
+                "pr": provider_rate,
+                "w": window_keys,
+                "steps": steps,
+            },
+            "conc": -1 if limits.concurrency is None else limits.concurrency,
+            "tr": limits.tenant_rate.as_args() if limits.tenant_rate else None,
+            "pr": limits.provider_rate.as_args() if provider and limits.provider_rate else None,
+            "est": [
+                estimate.steps,
+                estimate.tool_calls,
+                estimate.input_tokens,
+                estimate.output_tokens,
+                estimate.cost_micro_usd,
+            ],
+            "lr": [
+                ctx.discovery_depth,
+                _or_minus_one(lr.max_discovery_depth),
+                _or_minus_one(lr.max_discovered_steps),
+                -1 if lr.idle_timeout_s is None else round(lr.idle_timeout_s * 1000),
+                _or_minus_one(lr.max_same_step_repetitions),
+                f"{action.name}:{action.input_hash()}",
+            ],
+            "ttl": self._ttl(),
+            "checks": [
+                [WINDOW_ORDER.index(c.period) + 1, c.kind, c.limit] for c in limits.budget_checks
+            ],
+            "max_wait": limits.max_wait_ms,
+            "au": template,
+            "env": envelope,
+            "outage": list(outage) if outage else None,
+        }
         script_keys = [
-            keys.leases,
-            keys.task(task_id),
-            keys.cooldown(provider) if provider else keys.placeholder,
-            keys.tenant_rate,
-            keys.provider_rate(provider) if provider else keys.placeholder,
-            *(k for w in windows for k in w.as_list()),
-            keys.step_repetitions(ctx.run),
+            *keys.shared(),
+            record,
+            cooldown or keys.placeholder,
+            provider_rate or keys.placeholder,
+            *window_keys,
+            steps,
         ]
-        reply = self._state.call_packed("admission", self._state.scripts.admit, script_keys, argv)
+        reply = self._call(
+            "admission",
+            self._state.scripts.admit,
+            ctx.tenant,
+            script_keys,
+            json.dumps(body, separators=(",", ":")),
+            reclaim=reclaim,
+        )
         ticket = AdmissionTicket(
             tenant=ctx.tenant,
             task_id=task_id,
@@ -179,14 +302,20 @@ class Admitter:
             windows=windows,
             checks=limits.budget_checks,
             warning_threshold_pct=limits.warning_threshold_pct,
+            template=template,
         )
         return _parse_admission(reply, ticket, limits, provider)
+
+    def _ttl(self) -> list[int]:
+        ttl = self._state.ttl
+        return [ttl.run_s, ttl.day_s, ttl.month_s, ttl.task_s]
 
     def renew(self, ticket: AdmissionTicket) -> int:
         """Extend the task's lease; returns the new expiry (ms), or 0 if the lease was lost."""
         keys = TenantKeys(ticket.tenant)
         script_keys = [
             keys.leases,
+            keys.ledger,
             keys.task(ticket.task_id),
             ticket.windows[0].usage,
             *(w.reservation_expiry for w in ticket.windows),
@@ -197,94 +326,100 @@ class Admitter:
             self._state.lease_ms,
             ticket.holder,
         ]
-        return int(
-            self._state.call_packed("lease renewal", self._state.scripts.renew, script_keys, argv)
-        )
+        return int(self._state.call("lease renewal", self._state.scripts.renew, script_keys, argv))
 
-    def settle(self, ticket: AdmissionTicket, actual: Usage) -> Settlement:
-        """Release the lease and count ``actual`` instead of the reservation (at most once)."""
+    def settle(
+        self,
+        ticket: AdmissionTicket,
+        actual: Usage,
+        *,
+        entry: Mapping[str, Any] | None = None,
+        next_attempt: NextAttempt | None = None,
+    ) -> Settlement:
+        """Release the lease and count ``actual`` instead of the reservation (at most once).
+
+        ``entry`` is the attempt's audit entry ({type, decision, reason, detail}); with
+        ``next_attempt`` the task is recorded as queued (or parked) for its retry.
+        """
         keys = TenantKeys(ticket.tenant)
-        ttl = self._state.ttl
-        argv: list[str | int] = [
-            ticket.task_id,
-            ticket.attempt,
-            actual.steps,
-            actual.tool_calls,
-            actual.input_tokens,
-            actual.output_tokens,
-            actual.cost_micro_usd,
-            ttl.run_s,
-            ttl.day_s,
-            ttl.month_s,
-            ticket.holder,
-            len(ticket.checks),
-        ]
-        for check in ticket.checks:
-            argv += [WINDOW_ORDER.index(check.period) + 1, check.kind]
-        script_keys = [
-            keys.leases,
-            keys.task(ticket.task_id),
-            *(k for w in ticket.windows for k in w.as_list()),
-        ]
-        reply = self._state.call_packed("settlement", self._state.scripts.settle, script_keys, argv)
-        outcome = _text(reply[0])
+        window_keys = [k for w in ticket.windows for k in w.as_list()]
+        record = keys.task(ticket.task_id)
+        body = {
+            "id": ticket.task_id,
+            "a": ticket.attempt,
+            "holder": ticket.holder,
+            "k": {"rec": record, "w": window_keys},
+            "actual": [
+                actual.steps,
+                actual.tool_calls,
+                actual.input_tokens,
+                actual.output_tokens,
+                actual.cost_micro_usd,
+            ],
+            "ttl": self._ttl(),
+            "checks": [[WINDOW_ORDER.index(c.period) + 1, c.kind, c.limit] for c in ticket.checks],
+            "warn": ticket.warning_threshold_pct,
+            "au": dict(ticket.template),
+            "entry": dict(entry or {"type": "task_finished", "decision": "allow"}),
+            "next": (
+                {
+                    "msg": next_attempt.envelope_json,
+                    "due": next_attempt.due_ms,
+                    "park": next_attempt.parked,
+                }
+                if next_attempt
+                else None
+            ),
+        }
+        reply = self._call(
+            "settlement",
+            self._state.scripts.settle,
+            ticket.tenant,
+            [*keys.shared(), record, *window_keys],
+            json.dumps(body, separators=(",", ":")),
+        )
+        outcome = reply["s"]
         if outcome == "noop":
             return Settlement(settled=False)
         warnings = []
+        before, after = _list(reply.get("before")), _list(reply.get("after"))
         for i, check in enumerate(ticket.checks):
-            before, after = float(reply[1 + 2 * i]), float(reply[2 + 2 * i])
             crossed = (
-                _percent(before, check.limit)
+                _percent(before[i], check.limit)
                 < ticket.warning_threshold_pct
-                <= _percent(after, check.limit)
+                <= _percent(after[i], check.limit)
             )
-            warning = _warning(check, after, ticket.warning_threshold_pct) if crossed else None
+            warning = _warning(check, after[i], ticket.warning_threshold_pct) if crossed else None
             if warning is not None:
                 warnings.append(warning)
-        return Settlement(settled=True, late=outcome == "late", warnings=tuple(warnings))
+        return Settlement(
+            settled=True,
+            late=outcome == "late",
+            warnings=tuple(warnings),
+            publish=publications(reply.get("pub") or []),
+        )
 
 
 def _or_minus_one(value: int | None) -> int:
     return -1 if value is None else value
 
 
-def _rate_args(rate: Rate | None) -> tuple[float, int]:
-    return (0, 0) if rate is None else (rate.interval_ms, rate.burst)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _parse_admission(
-    reply: Sequence[bytes | str],
+    reply: Mapping[str, Any],
     ticket: AdmissionTicket,
     limits: AdmissionLimits,
     provider: str | None,
 ) -> Admission:
-    status = AdmissionStatus(_text(reply[0]))
-    name, current, limit = _text(reply[1]), _text(reply[2]), _text(reply[3])
-    wait_ms, lease_expiry, check_index = int(reply[4]), int(reply[5]), int(reply[6])
-    check_values = [float(_text(v)) for v in reply[7:]]
-    warnings = tuple(
-        w
-        for check, value in zip(limits.budget_checks, check_values, strict=False)
-        if (w := _warning(check, value, limits.warning_threshold_pct)) is not None
-    )
+    status = AdmissionStatus(reply["s"])
+    name = str(reply.get("v") or "")
+    wait_ms = int(reply.get("wait") or 0)
+    check_index = int(reply.get("ci") or 0)
+    check_values = _list(reply.get("cv"))
     violation: Violation | None = None
-    if status is AdmissionStatus.IN_FLIGHT:
-        violation = Violation(
-            ViolationType.concurrency_limit,
-            2,
-            1,
-            message=f"attempt {ticket.attempt} of task {ticket.task_id} is already running "
-            "under another delivery; waiting for it to finish or for its lease to expire",
-        )
-    elif status in (AdmissionStatus.DEFERRED, AdmissionStatus.REJECTED):
+    if status in (AdmissionStatus.WAITING, AdmissionStatus.BOOKED, AdmissionStatus.REJECTED):
+        current, limit = reply.get("cur") or 0, reply.get("lim") or 0
         if check_index > 0:
-            violation = _violation(
-                limits.budget_checks[check_index - 1], float(current), float(limit)
-            )
+            violation = _violation(limits.budget_checks[check_index - 1], current, limit)
         elif name == "cooldown":
             violation = Violation(
                 ViolationType.cooldown,
@@ -302,22 +437,31 @@ def _parse_admission(
                 ViolationType.rate_limit,
                 int(limit) + 1,
                 int(limit),
-                message=(
-                    f"rate_limit exceeded: {what} allows {described}; next slot in {wait_ms} ms"
-                ),
+                message=f"rate_limit exceeded: {what} allows {described}; turn in {wait_ms} ms",
             )
-        else:
-            violation = Violation(ViolationType(name), _number(current), _number(limit))
+        elif name in ViolationType.__members__:
+            violation = Violation(ViolationType(name), current, limit)
+        if status is AdmissionStatus.REJECTED and reply.get("reason"):
+            kind = violation.type if violation else ViolationType.concurrency_limit
+            violation = Violation(kind, current, limit, message=str(reply["reason"]))
+    warnings: tuple[LimitWarning, ...] = ()
+    if status is AdmissionStatus.ADMITTED:
+        warnings = tuple(
+            w
+            for check, value in zip(limits.budget_checks, check_values, strict=False)
+            if (w := _warning(check, value, limits.warning_threshold_pct)) is not None
+        )
     return Admission(
         status=status,
         ticket=ticket,
         violation=violation,
+        reason=str(reply.get("reason") or (violation.message if violation else "")),
         wait_ms=wait_ms,
-        lease_expiry_ms=lease_expiry,
-        warnings=warnings if status is AdmissionStatus.ADMITTED else (),
+        turn_ms=int(reply.get("turn") or 0),
+        parked=bool(reply.get("parked")),
+        first_wait=bool(reply.get("first")),
+        ahead=int(reply.get("ahead") or 0),
+        lease_expiry_ms=int(reply.get("le") or 0),
+        warnings=warnings,
+        publish=publications(reply.get("pub") or []),
     )
-
-
-def _number(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value.is_integer() else value

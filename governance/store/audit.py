@@ -1,28 +1,28 @@
-"""The audit log: one Redis Stream per deployment, tamper-evident through an HMAC hash chain.
+"""The audit log: one chain per tenant (a Redis Stream in the tenant's slot), sealed with HMACs.
 
-Each entry carries ``prev`` (the hash of the entry before it) and ``hash`` = HMAC-SHA256(key,
-prev + canonical JSON of the entry). The key stays with the writers and the verifier, never in
-Redis. Appends are compare-and-set on the chain head (one Lua call); a writer that lost a race
-recomputes its hashes from the new head and tries again, so the chain is one total order.
+Every decision leaves an entry: the admission and settlement scripts write theirs in the same
+atomic call that decides (see ``scripts/lib.lua``), so a governed task costs no extra round trip
+for its audit, and no key is written by every tenant (the chains spread over a Redis Cluster).
+Entries that are not part of a script's decision (a denial at publish time, a note of govctl) are
+appended here with :meth:`AuditLog.append`. How entries are sealed is in :mod:`audit_seal`; how a
+chain is verified, checkpointed and trimmed in :mod:`audit_verify`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from governance.store.keys import DeploymentKeys
+from governance.store.audit_seal import AuditSealer
+from governance.store.keys import DEPLOYMENT_CHAIN, TenantKeys
 from governance.store.state import StateStore
 
-#: Fields covered by the hash, in the order they are written.
+#: Fields an audit event may carry (besides ``seq`` and ``ts``, which the chain assigns).
 ENTRY_FIELDS = (
-    "ts",
     "type",
     "tenant",
     "agent",
@@ -47,15 +47,19 @@ class AuditEventType(StrEnum):
     RELEASED = "released"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    FORGED_RELEASE = "forged_release"
     SUGGESTED = "suggested"
     SHADOWED = "shadowed"
+    WAITING = "waiting"  # the first time an attempt waits (capacity, a rate turn, a cooldown)
     ADMITTED = "admitted"
-    DEFERRED = "deferred"
     BUDGET_WARNING = "budget_warning"
-    TASK_STARTED = "task_started"
     TASK_FINISHED = "task_finished"
     TASK_FAILED = "task_failed"
     RETRY_SCHEDULED = "retry_scheduled"
+    TASK_LOST = "task_lost"
+    GRANT_CREATED = "grant_created"
+    GRANT_REVOKED = "grant_revoked"
+    NOTIFY_FAILED = "notify_failed"
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,10 @@ class AuditEvent:
     policy_version: str = ""
     reviewer: str = ""
     detail: Mapping[str, Any] = field(default_factory=dict)
-    ts_ms: int | None = None
 
     def fields(self) -> dict[str, str]:
-        """The entry's fields as stored (without ``prev`` and ``hash``); empty ones are left
-        out, and the hash covers exactly the fields that are stored."""
+        """The entry's fields as the script writes them; empty ones are left out."""
         values = {
-            "ts": str(self.ts_ms if self.ts_ms is not None else int(time.time() * 1000)),
             "type": self.type.value,
             "tenant": self.tenant,
             "agent": self.agent,
@@ -100,163 +101,141 @@ class AuditEvent:
         }
         return {name: values[name] for name in ENTRY_FIELDS if values[name]}
 
-
-def entry_hash(key: bytes, prev: str, fields: Mapping[str, str]) -> str:
-    """HMAC-SHA256 over the previous hash and the canonical JSON of the entry's fields."""
-    canonical = json.dumps(
-        {k: v for k, v in fields.items() if k not in ("prev", "hash")},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hmac.new(key, f"{prev}\n{canonical}".encode(), hashlib.sha256).hexdigest()
+    @property
+    def chain(self) -> str:
+        """The chain the event belongs to: its tenant's, or the deployment's."""
+        return self.tenant or DEPLOYMENT_CHAIN
 
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """An entry read back from the stream."""
+    """An entry read back from a chain."""
 
+    chain: str
     id: str
     fields: dict[str, str]
 
     @property
-    def prev(self) -> str:
-        return self.fields.get("prev", "")
+    def seq(self) -> int:
+        return int(self.fields.get("seq", "0"))
 
     @property
-    def hash(self) -> str:
-        return self.fields.get("hash", "")
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """The verifier's verdict: how many entries it checked and the first broken link, if any."""
-
-    checked: int
-    broken_entry: str | None = None
-    reason: str = ""
+    def ts_ms(self) -> int:
+        return int(self.fields.get("ts", "0"))
 
     @property
-    def ok(self) -> bool:
-        return self.broken_entry is None
-
-
-class AuditConflictError(RuntimeError):
-    """The chain head kept moving under this writer; raised only after many retries."""
-
-
-class AuditLog:
-    """Appends to, reads and verifies the deployment's audit stream."""
-
-    MAX_ATTEMPTS = 200
-
-    def __init__(self, state: StateStore, key: bytes, *, maxlen: int = 1_000_000) -> None:
-        if not key:
-            raise ValueError("the audit HMAC key must not be empty")
-        self._state = state
-        self._key = key
-        self._maxlen = maxlen
-        self._head: str | None = None  # the last head this writer saw, to skip a GET
-
-    def append(self, *events: AuditEvent) -> list[str]:
-        """Append ``events`` in order, atomically; returns their stream ids."""
-        if not events:
-            return []
-        rows = [e.fields() for e in events]
-        keys = [DeploymentKeys.audit_stream, DeploymentKeys.audit_head]
-        head = self._head if self._head is not None else self._read_head()
-        for _ in range(self.MAX_ATTEMPTS):
-            entries: list[list[Any]] = []
-            prev = head
-            for row in rows:
-                digest = entry_hash(self._key, prev, row)
-                chained = {**row, "prev": prev, "hash": digest}
-                entries.append([digest, [x for pair in chained.items() for x in pair]])
-                prev = digest
-            argv: list[str | int] = [head, self._maxlen, json.dumps(entries)]
-            reply = self._state.call("audit append", self._state.scripts.audit_append, keys, argv)
-            if int(reply[0]) == 1:
-                self._head = prev
-                return [_text(i) for i in reply[1:]]
-            head = _text(reply[1])
-        raise AuditConflictError(f"audit chain head kept moving after {self.MAX_ATTEMPTS} tries")
-
-    def _read_head(self) -> str:
-        raw = self._state.run("audit head read", lambda: self._state.client.get(self.head_key))
-        return _text(raw) if raw is not None else ""
-
-    @property
-    def head_key(self) -> str:
-        return DeploymentKeys.audit_head
-
-    def entries(self, page_size: int = 1000) -> Iterator[AuditEntry]:
-        """Every entry, oldest first, read in pages."""
-        start = "-"
-        while True:
-
-            def read_page(first: str = start) -> list[tuple[bytes, dict[bytes, bytes]]]:
-                return list(
-                    self._state.client.xrange(
-                        DeploymentKeys.audit_stream, min=first, max="+", count=page_size
-                    )
-                )
-
-            page = self._state.run("audit read", read_page)
-            for raw_id, raw_fields in page:
-                yield _entry(raw_id, raw_fields)
-            if len(page) < page_size:
-                return
-            start = "(" + _text(page[-1][0])
-
-    def tail(self, count: int = 20) -> list[AuditEntry]:
-        """The newest ``count`` entries, oldest first."""
-        page = self._state.run(
-            "audit read",
-            lambda: self._state.client.xrevrange(DeploymentKeys.audit_stream, count=count),
-        )
-        return [_entry(i, f) for i, f in reversed(page)]
-
-    def verify(self) -> VerifyReport:
-        """Walk the chain; report the first entry whose hash or link does not hold.
-
-        The oldest retained entry anchors the chain (older ones may have been trimmed by the
-        stream's max length); the newest must match the recorded head, so removing entries at
-        the end is detected too.
-        """
-        checked = 0
-        previous: AuditEntry | None = None
-        for entry in self.entries():
-            if previous is not None and entry.prev != previous.hash:
-                return VerifyReport(
-                    checked,
-                    entry.id,
-                    f"entry {entry.id}: its prev does not match the hash of entry {previous.id} "
-                    "before it (an entry was removed, inserted or reordered)",
-                )
-            if not hmac.compare_digest(entry_hash(self._key, entry.prev, entry.fields), entry.hash):
-                return VerifyReport(
-                    checked,
-                    entry.id,
-                    f"entry {entry.id}: its hash does not match its content "
-                    "(the entry was altered)",
-                )
-            checked += 1
-            previous = entry
-        head = self._read_head()
-        last_hash = previous.hash if previous else ""
-        if head != last_hash:
-            where = previous.id if previous else "(empty stream)"
-            return VerifyReport(
-                checked,
-                where,
-                f"the chain head does not match the newest entry {where} "
-                "(entries were removed from the end, or the head was altered)",
-            )
-        return VerifyReport(checked)
+    def is_seal(self) -> bool:
+        return self.fields.get("type") == "seal"
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _entry(raw_id: bytes | str, raw_fields: Mapping[Any, Any]) -> AuditEntry:
-    return AuditEntry(id=_text(raw_id), fields={_text(k): _text(v) for k, v in raw_fields.items()})
+def chain_for(tenant: str | None, known: Iterable[str]) -> str:
+    """The chain of an event about ``tenant``: its own if configured, else the deployment's (an
+    unknown tenant's name, chosen by whoever sent the message, never becomes a key)."""
+    return tenant if tenant and tenant in set(known) else DEPLOYMENT_CHAIN
+
+
+class AuditLog:
+    """Appends to, reads and seals the tenants' audit chains."""
+
+    def __init__(self, state: StateStore, sealer: AuditSealer) -> None:
+        self._state = state
+        self.sealer = sealer
+
+    @property
+    def state(self) -> StateStore:
+        return self._state
+
+    def append(self, *events: AuditEvent) -> list[str]:
+        """Append ``events`` (each to its chain) and seal them at once; returns their ids."""
+        ids: list[str] = []
+        by_chain: dict[str, list[AuditEvent]] = {}
+        for event in events:
+            by_chain.setdefault(event.chain, []).append(event)
+        for chain, chained in by_chain.items():
+            written = self._call(chain, json.dumps([e.fields() for e in chained]))
+            ids += [entry_id for entry_id, _ in written]
+            self.flush(chain)
+        return ids
+
+    def flush(self, chain: str) -> None:
+        """Write the seals this process still owes ``chain`` (one call, no entries)."""
+        self._call(chain, "[]")
+
+    def flush_due(self, older_than_s: float) -> None:
+        """Write the seals owed for longer than ``older_than_s`` (the background flush)."""
+        for chain in self.sealer.due(older_than_s):
+            self.flush(chain)
+
+    def _call(self, chain: str, entries_json: str) -> list[tuple[str, dict[str, str]]]:
+        seals = self.sealer.take(chain)
+        if entries_json == "[]" and seals == "[]":
+            return []
+        keys = TenantKeys(chain).shared()
+        try:
+            reply = self._state.call(
+                "audit append",
+                self._state.scripts.audit_append,
+                keys,
+                [entries_json, seals, self.sealer.writer],
+            )
+        except Exception:
+            self.sealer.give_back(chain, seals)
+            raise
+        return self.sealer.wrote(chain, json.loads(reply)["au"])
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def entries(self, chain: str, page_size: int = 1000, start: str = "-") -> Iterator[AuditEntry]:
+        """Every entry of ``chain`` (seals included), oldest first, read in pages."""
+        key = TenantKeys(chain).audit
+        first = start
+        while True:
+
+            def read_page(lower: str = first) -> list[tuple[bytes, dict[bytes, bytes]]]:
+                return list(self._state.client.xrange(key, min=lower, max="+", count=page_size))
+
+            page = self._state.run("audit read", read_page)
+            for raw_id, raw_fields in page:
+                yield _entry(chain, raw_id, raw_fields)
+            if len(page) < page_size:
+                return
+            first = "(" + _text(page[-1][0])
+
+    def records(self, chain: str) -> Iterator[AuditEntry]:
+        """The decision entries of ``chain`` (no seals), oldest first."""
+        return (e for e in self.entries(chain) if not e.is_seal)
+
+    def tail(self, chains: Iterable[str], count: int = 20) -> list[AuditEntry]:
+        """The newest ``count`` decision entries across ``chains``, oldest first."""
+        newest: list[AuditEntry] = []
+        for chain in chains:
+            key = TenantKeys(chain).audit
+
+            def read(k: str = key) -> list[tuple[bytes, dict[bytes, bytes]]]:
+                return list(self._state.client.xrevrange(k, count=count * 2))
+
+            page = self._state.run("audit read", read)
+            entries = [_entry(chain, i, f) for i, f in page]
+            newest += [e for e in entries if not e.is_seal][:count]
+        newest.sort(key=lambda e: (e.ts_ms, e.chain, e.seq))
+        return newest[-count:]
+
+    def head_seq(self, chain: str) -> int:
+        """The sequence number of the newest entry the chain's counter says was written."""
+        key = TenantKeys(chain).meta
+        raw = self._state.run("audit read", lambda: self._state.client.hget(key, "audit_seq"))
+        return int(raw) if raw is not None else 0
+
+
+def _entry(chain: str, raw_id: bytes | str, raw_fields: Mapping[Any, Any]) -> AuditEntry:
+    return AuditEntry(
+        chain=chain, id=_text(raw_id), fields={_text(k): _text(v) for k, v in raw_fields.items()}
+    )
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -64,6 +64,7 @@ class HeldTask:
     decisions: tuple[HeldDecision, ...] = field(default=())
     published: bool = True
     reheld: int = 0
+    envelope: dict[str, Any] = field(default_factory=dict)
 
     @property
     def blocking(self) -> bool:
@@ -156,6 +157,7 @@ class HeldStore:
             "tier": task.tier,
             "reason": task.reason,
             "args_hash": task.args_hash,
+            "envelope": json.dumps(task.envelope),
         }
         argv: list[str | int] = [
             task.task_id,
@@ -282,31 +284,6 @@ class HeldStore:
         )
         return int(reply) == 1
 
-    def mark_published(self, tenant: str, task_id: str) -> None:
-        keys = TenantKeys(tenant)
-
-        def write() -> None:
-            pipe = self._state.client.pipeline(transaction=True)
-            pipe.hset(keys.held(task_id), "published", 1)
-            pipe.srem(keys.held_unpublished, task_id)
-            pipe.execute()
-
-        self._state.run("held publish", write)
-
-    def rearm_release(self, tenant: str, task_id: str, new_token_hash: str) -> None:
-        """Bind a released task to a new token (its first message was never published)."""
-        key = TenantKeys(tenant).held(task_id)
-        self._state.run(
-            "held publish", lambda: self._state.client.hset(key, "token_hash", new_token_hash)
-        )
-
-    def unpublished(self, tenant: str) -> list[str]:
-        """Released tasks whose re-publication was not confirmed (the releaser may have died)."""
-        key = TenantKeys(tenant).held_unpublished
-        return sorted(
-            _text(i) for i in self._state.run("held", lambda: self._state.client.smembers(key))
-        )
-
     def save_grant(self, tenant: str, grant_id: str, grant_json: str) -> None:
         key = TenantKeys(tenant).grants
         self._state.run("grant", lambda: self._state.client.hset(key, grant_id, grant_json))
@@ -350,4 +327,5 @@ def _parse(raw: dict[bytes, bytes]) -> HeldTask:
         decisions=tuple(HeldDecision(**d) for d in json.loads(f.get("decisions", "[]") or "[]")),
         published=f.get("published", "1") == "1",
         reheld=int(f.get("reheld", "0")),
+        envelope=json.loads(f.get("envelope", "{}") or "{}"),
     )

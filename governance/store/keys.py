@@ -1,8 +1,9 @@
 """Every Redis key the governance layer uses, named in one place.
 
 All keys of one tenant carry the tenant as a hash tag (``gov:{tenant}:...``), so every Lua script,
-which only ever touches the keys of one tenant, runs unchanged on Redis Cluster. Deployment-wide
-keys (the audit log) use their own hash tag. Nothing else in the code base builds a key string.
+which only ever touches the keys of one tenant, runs unchanged on Redis Cluster: admission, the
+wait list, the ledger and the audit chain of a tenant share its slot, and tenants spread over the
+cluster. Nothing else in the code base builds a key string.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class WindowKeys:
         return [self.usage, self.reservations, self.reservation_expiry]
 
 
+#: The audit chain of decisions that belong to no configured tenant (an unknown tenant's name is
+#: never used as a key). Tenant names start with a letter or a digit, so it cannot collide.
+DEPLOYMENT_CHAIN = "_deployment"
+
+
 class TenantKeys:
     """Key names for one tenant; every one of them hashes to the tenant's cluster slot."""
 
@@ -55,11 +61,55 @@ class TenantKeys:
 
     @property
     def leases(self) -> str:
-        """Sorted set of running tasks: member = task id, score = lease expiry (ms)."""
+        """Sorted set of running (or handed-on) tasks: member = task id, score = lease expiry."""
         return f"{self._base}:leases"
 
+    @property
+    def waiting(self) -> str:
+        """Sorted set: the tenant's FIFO wait list, member = record key, score = wait position."""
+        return f"{self._base}:waiting"
+
+    @property
+    def ledger(self) -> str:
+        """Sorted set of tasks not yet done: member = record key, score = when the reconciler
+        must look at the task again (ms)."""
+        return f"{self._base}:ledger"
+
+    @property
+    def meta(self) -> str:
+        """Hash of the tenant's counters: the wait-list position and the audit sequence."""
+        return f"{self._base}:meta"
+
+    @property
+    def audit(self) -> str:
+        """Stream: the tenant's audit chain (entries, and the seals that authenticate them)."""
+        return f"{self._base}:audit"
+
+    @property
+    def audit_marks(self) -> str:
+        """Hash of signed marks on the audit chain: the newest checkpoint and trim record."""
+        return f"{self._base}:audit-marks"
+
+    @property
+    def runs(self) -> str:
+        """Sorted set of the tenant's runs in flight: member = run id, score = idle deadline."""
+        return f"{self._base}:runs"
+
+    def shared(self) -> list[str]:
+        """The keys every admission, settlement and sweep script takes first (KEYS[1..7])."""
+        return [
+            self.leases,
+            self.waiting,
+            self.ledger,
+            self.meta,
+            self.audit,
+            self.tenant_rate,
+            self.runs,
+        ]
+
     def task(self, task_id: str) -> str:
-        """Hash recording a task's admission (attempt, state, reservation) for idempotency."""
+        """Hash: the ledger record of one task (where it is, since when, its message, its
+        admission state per attempt)."""
         return f"{self._base}:task:{task_id}"
 
     @property
@@ -117,11 +167,9 @@ class TenantKeys:
 
 
 class DeploymentKeys:
-    """Keys shared by the whole deployment; each group shares one hash tag."""
+    """Keys shared by the whole deployment, each with its own hash tag; none is on the path of a
+    governed task."""
 
-    audit_stream = f"{PREFIX}:{{audit}}:stream"
-    audit_head = f"{PREFIX}:{{audit}}:head"
-    parked_due = f"{PREFIX}:{{parking}}:due"
-    parked_claimed = f"{PREFIX}:{{parking}}:claimed"
-    parked_messages = f"{PREFIX}:{{parking}}:messages"
     held_tenants = f"{PREFIX}:{{held}}:tenants"
+    #: Which worker runs the reconciler, the audit checkpoints and the held-task sweep right now.
+    maintenance_leader = f"{PREFIX}:{{maintenance}}:leader"

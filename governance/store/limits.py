@@ -48,6 +48,10 @@ class Rate:
             per_s=limit.per.total_seconds(),
         )
 
+    def as_args(self) -> list[float | int]:
+        """[emission interval ms, burst], as the admission script takes a rate."""
+        return [self.interval_ms, self.burst]
+
     def describe(self) -> str:
         per = f"{self.per_s:g}s"
         return f"{self.rate} per {per} (burst {self.burst})"
@@ -76,6 +80,8 @@ class AdmissionLimits:
     budget_checks: tuple[BudgetCheck, ...] = ()
     long_running: LongRunningLimits = field(default_factory=LongRunningLimits)
     warning_threshold_pct: int = 80
+    #: How long a task may wait (in the wait list or for a booked turn) before it fails.
+    max_wait_ms: int = 3_600_000
 
     @classmethod
     def for_action(cls, tenant: TenantPolicy, action: Action) -> AdmissionLimits:
@@ -90,6 +96,7 @@ class AdmissionLimits:
             budget_checks=budget_checks(tenant),
             long_running=tenant.long_running,
             warning_threshold_pct=tenant.warning_threshold_pct,
+            max_wait_ms=round(tenant.max_wait.total_seconds() * 1000),
         )
 
 

@@ -1,5 +1,9 @@
 """Loads the store's Lua scripts (package data) and registers each once per Redis client.
 
+Scripts that admit, settle, sweep or append to the audit chain share one library
+(``scripts/lib.lua``: the admission rules, the wait list and hand-off, the audit chain); it is
+prepended to each of them here, so every script stays one atomic call and each rule exists once.
+
 ``register_script`` keeps the SHA and sends EVALSHA, falling back to loading the script when the
 server does not know it yet (after a restart or failover), so callers never see NOSCRIPT.
 """
@@ -12,25 +16,24 @@ from typing import Any
 
 from redis.commands.core import Script
 
-SCRIPT_NAMES = (
-    "admit",
-    "settle",
-    "renew",
-    "cooldown",
-    "audit_append",
-    "park_claim",
-    "held_put",
-    "held_decide",
-    "release_consume",
-)
+#: Scripts that run with lib.lua prepended, and the standalone ones.
+WITH_LIBRARY = ("admit", "settle", "sweep", "audit_append")
+STANDALONE = ("renew", "cooldown", "held_put", "held_decide", "release_consume")
+SCRIPT_NAMES = WITH_LIBRARY + STANDALONE
+
+
+def _read(name: str) -> str:
+    return resources.files("governance.store.scripts").joinpath(f"{name}.lua").read_text("utf-8")
 
 
 @cache
 def script_source(name: str) -> str:
-    """The text of ``scripts/<name>.lua``."""
+    """The text that runs for ``scripts/<name>.lua`` (with the library, when it uses it)."""
     if name not in SCRIPT_NAMES:
         raise ValueError(f"unknown store script {name!r}; known: {', '.join(SCRIPT_NAMES)}")
-    return resources.files("governance.store.scripts").joinpath(f"{name}.lua").read_text("utf-8")
+    if name in WITH_LIBRARY:
+        return f"{_read('lib')}\n-- ---- {name}.lua ----\n{_read(name)}"
+    return _read(name)
 
 
 class Scripts:
@@ -39,10 +42,10 @@ class Scripts:
     def __init__(self, client: Any) -> None:
         self.admit: Script = client.register_script(script_source("admit"))
         self.settle: Script = client.register_script(script_source("settle"))
+        self.sweep: Script = client.register_script(script_source("sweep"))
+        self.audit_append: Script = client.register_script(script_source("audit_append"))
         self.renew: Script = client.register_script(script_source("renew"))
         self.cooldown: Script = client.register_script(script_source("cooldown"))
-        self.audit_append: Script = client.register_script(script_source("audit_append"))
-        self.park_claim: Script = client.register_script(script_source("park_claim"))
         self.held_put: Script = client.register_script(script_source("held_put"))
         self.held_decide: Script = client.register_script(script_source("held_decide"))
         self.release_consume: Script = client.register_script(script_source("release_consume"))

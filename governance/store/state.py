@@ -31,6 +31,25 @@ class KeyTTL:
     task_s: int = 7 * DAY_S
 
 
+@dataclass(frozen=True)
+class LedgerTimings:
+    """How the ledger and the wait lists move tasks on (all in milliseconds).
+
+    ``grace_ms``: how long a published task may go unreceived before the reconciler publishes it
+    again (doubling with each re-publication, up to ``grace_max_ms``); ``countdown_limit_ms``: the
+    longest wait published as a broker countdown, longer ones are parked in the ledger;
+    ``scan``: how many waiting tasks a hand-off looks at for one that fits; ``slack_ms``: how early
+    a booked task may arrive before its turn; ``sweep_limit``: ledger entries per sweep call.
+    """
+
+    grace_ms: int = 60_000
+    grace_max_ms: int = 3_600_000
+    countdown_limit_ms: int = 900_000
+    scan: int = 8
+    slack_ms: int = 50
+    sweep_limit: int = 200
+
+
 class StateStore:
     """A Redis client for governance state, with the store's scripts registered on it."""
 
@@ -39,16 +58,37 @@ class StateStore:
         client: Any,
         *,
         lease_ms: int = 30_000,
-        retry_hint_ms: int = 250,
         ttl: KeyTTL | None = None,
+        timings: LedgerTimings | None = None,
     ) -> None:
         if lease_ms <= 0:
             raise ValueError(f"lease_ms must be positive, got {lease_ms}")
         self.client = client
         self.scripts = Scripts(client)
         self.lease_ms = lease_ms
-        self.retry_hint_ms = retry_hint_ms
         self.ttl = ttl or KeyTTL()
+        self.timings = timings or LedgerTimings()
+        self._settings = {reclaim: self._settings_json(reclaim) for reclaim in (True, False)}
+
+    def _settings_json(self, reclaim: bool) -> str:
+        t = self.timings
+        return json.dumps(
+            {
+                "lease": self.lease_ms,
+                "grace": t.grace_ms,
+                "grace_max": t.grace_max_ms,
+                "cdl": t.countdown_limit_ms,
+                "scan": t.scan,
+                "slack": t.slack_ms,
+                "limit": t.sweep_limit,
+                "reclaim": 1 if reclaim else 0,
+            },
+            separators=(",", ":"),
+        )
+
+    def script_settings(self, *, reclaim: bool = True) -> str:
+        """The settings argument of the admission, settlement and sweep scripts (JSON)."""
+        return self._settings[reclaim]
 
     def call(
         self,
@@ -60,18 +100,6 @@ class StateStore:
         """Run one registered script; any Redis failure becomes :class:`StoreUnavailable`."""
         return self.run(operation, lambda: script(keys=list(keys), args=list(args)))
 
-    def call_packed(
-        self,
-        operation: str,
-        script: Callable[..., Any],
-        keys: Sequence[str],
-        args: Sequence[str | int | float],
-    ) -> Any:
-        """Like :meth:`call`, for scripts that take their ARGV as one JSON array of strings:
-        one argument to encode instead of dozens (the hot path's main client-side cost)."""
-        packed = json.dumps([a if isinstance(a, str) else _number(a) for a in args])
-        return self.call(operation, script, keys, [packed])
-
     def run(self, operation: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` (some Redis calls); any Redis failure becomes :class:`StoreUnavailable`."""
         try:
@@ -81,8 +109,3 @@ class StateStore:
 
     def close(self) -> None:
         self.client.close()
-
-
-def _number(value: int | float) -> str:
-    """A number as Lua's tonumber() reads it back exactly (no float noise for integers)."""
-    return str(value) if isinstance(value, int) or not value.is_integer() else str(int(value))

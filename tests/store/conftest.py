@@ -12,9 +12,8 @@ from governance.store import Admitter, StateStore
 
 @pytest.fixture
 def state(redis_client: redis.Redis) -> Iterator[StateStore]:
-    """A StateStore on the (flushed) session Redis, with short leases and retry hints."""
-    store = StateStore(redis_client, lease_ms=5_000, retry_hint_ms=5)
-    return store
+    """A StateStore on the (flushed) session Redis, with short leases."""
+    return StateStore(redis_client, lease_ms=5_000)
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -24,7 +23,7 @@ def any_state(request: pytest.FixtureRequest) -> Iterator[StateStore]:
         client = request.getfixturevalue("redis_client")
     else:
         client = request.getfixturevalue("redis_cluster_client")
-    return StateStore(client, lease_ms=5_000, retry_hint_ms=5)
+    return StateStore(client, lease_ms=5_000)
 
 
 @pytest.fixture

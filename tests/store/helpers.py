@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 from governance.policy.actions import LLMCall, Message, ToolCall
 from governance.policy.context import ActionContext
@@ -38,3 +39,8 @@ TOOL_STEP = Usage(steps=1, tool_calls=1)
 
 def task_id() -> str:
     return f"task-{next(_ids)}"
+
+
+def envelope(task: str) -> str:
+    """The message of a task as a publisher records it in the ledger (what a hand-off sends)."""
+    return json.dumps({"task": "tools.echo", "args": [], "kwargs": {}, "options": {"task_id": task}})

@@ -17,7 +17,7 @@ from governance.store import (
     StateStore,
     read_usage,
 )
-from tests.store.helpers import TOOL_STEP, ctx, llm, task_id, tokens, tool
+from tests.store.helpers import TOOL_STEP, ctx, envelope, llm, task_id, tokens, tool
 
 
 def test_admitted_task_holds_a_lease_until_settled(any_state: StateStore) -> None:
@@ -28,16 +28,38 @@ def test_admitted_task_holds_a_lease_until_settled(any_state: StateStore) -> Non
     )
     assert first.status is AdmissionStatus.ADMITTED
     second = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="t2", attempt=0, estimate=TOOL_STEP, limits=limits
+        ctx=ctx(),
+        action=tool(),
+        task_id="t2",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=limits,
+        envelope=envelope("t2"),
     )
-    assert second.status is AdmissionStatus.DEFERRED
+    assert second.status is AdmissionStatus.WAITING
     assert second.violation is not None
     assert second.violation.type is ViolationType.concurrency_limit
-    assert second.wait_ms > 0
+    assert second.first_wait
 
-    assert admitter.settle(first.ticket, TOOL_STEP).settled
+    settled = admitter.settle(first.ticket, TOOL_STEP)
+    assert settled.settled
+    # The freed slot is handed to the waiting task: its message comes back with a token.
+    (handed,) = settled.publish
+    assert handed.task_id == "t2"
+    assert handed.handoff
+    # Another task arriving now finds the slot taken by the hand-off.
+    late = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t3", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert late.status is AdmissionStatus.WAITING
     third = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="t2", attempt=0, estimate=TOOL_STEP, limits=limits
+        ctx=ctx(),
+        action=tool(),
+        task_id="t2",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=limits,
+        handoff=handed.handoff,
     )
     assert third.status is AdmissionStatus.ADMITTED
 
@@ -68,10 +90,10 @@ def test_same_attempt_admitted_and_settled_twice_counts_once(any_state: StateSto
     assert day.active_leases == 1
     assert day.reserved.output_tokens == 100
 
-    # A second copy of the message (e.g. redelivered by the broker) waits: never twice at once.
+    # A second copy of the message (e.g. redelivered by the broker) is dropped: never twice at
+    # once (the ledger publishes the task again if its holder dies).
     copy = admit("delivery-2")
-    assert copy.status is AdmissionStatus.IN_FLIGHT
-    assert copy.wait_ms > 0
+    assert copy.status is AdmissionStatus.DUPLICATE
     assert read_usage(any_state, "acme", Period.DAY).reserved.output_tokens == 100
 
     assert admitter.settle(first.ticket, tokens(60)).settled
@@ -91,7 +113,7 @@ def test_same_attempt_admitted_and_settled_twice_counts_once(any_state: StateSto
 def test_a_holder_that_lost_its_lease_settles_late_without_touching_the_new_one(
     redis_client: object,
 ) -> None:
-    state = StateStore(redis_client, lease_ms=300, retry_hint_ms=5)
+    state = StateStore(redis_client, lease_ms=300)
     admitter = Admitter(state)
     limits = AdmissionLimits(concurrency=1)
 
@@ -168,7 +190,7 @@ def test_settling_an_unknown_task_is_a_no_op(any_state: StateStore) -> None:
     assert read_usage(any_state, "acme", Period.DAY).used == Usage()
 
 
-def test_exhausted_budget_rejects_and_reservations_in_flight_defer(any_state: StateStore) -> None:
+def test_exhausted_budget_rejects_and_reservations_in_flight_wait(any_state: StateStore) -> None:
     admitter = Admitter(any_state)
     limits = AdmissionLimits(budget_checks=(BudgetCheck(Period.DAY, "tokens", 300),))
     running = [
@@ -179,15 +201,25 @@ def test_exhausted_budget_rejects_and_reservations_in_flight_defer(any_state: St
     ]
     assert all(a.admitted for a in running)
     pressured = admitter.admit(
-        ctx=ctx(), action=llm(), task_id="t3", attempt=0, estimate=tokens(100), limits=limits
+        ctx=ctx(),
+        action=llm(),
+        task_id="t3",
+        attempt=0,
+        estimate=tokens(100),
+        limits=limits,
+        envelope=envelope("t3"),
     )
     # Over only because of reservations of tasks in flight: waiting may help.
-    assert pressured.status is AdmissionStatus.DEFERRED
+    assert pressured.status is AdmissionStatus.WAITING
     assert pressured.violation is not None
     assert pressured.violation.message == "token_limit exceeded: 400 / 300 (133%)"
 
+    published = []
     for admission in running:
-        admitter.settle(admission.ticket, tokens(100))
+        published += admitter.settle(admission.ticket, tokens(100)).publish
+    # The settlements spent the budget: the waiting task is published so that its own delivery
+    # ends it (a task always ends on a worker, with its result), without a hand-off token.
+    assert [(p.task_id, p.handoff) for p in published] == [("t3", None)]
     exhausted = admitter.admit(
         ctx=ctx(), action=llm(), task_id="t3", attempt=0, estimate=tokens(100), limits=limits
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -24,15 +25,18 @@ from governance.store import (
     AdmissionStatus,
     Admitter,
     BudgetCheck,
+    Ledger,
     Period,
+    Publication,
     Rate,
     StateStore,
     StoreUnavailable,
+    TenantKeys,
     connect,
     read_usage,
     set_cooldown,
 )
-from tests.store.helpers import TOOL_STEP, ctx, llm, tokens, tool
+from tests.store.helpers import TOOL_STEP, ctx, envelope, llm, tokens, tool
 
 # Spawn, not fork: other tests leave threads in this process (Celery's result consumer, HTTP
 # servers), and a child forked while one of them holds a lock deadlocks.
@@ -55,36 +59,63 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.01)
 
 
-def _contend(url: str, worker: int, rounds: int, concurrency: int) -> None:
+def _consume(url: str, worker: int, total: int, concurrency: int) -> None:
+    """One worker process: takes task messages off a shared list (a broker's queue), admits
+    them, runs the admitted ones, and publishes what admission and settlement hand on."""
     client = redis.Redis.from_url(url)
-    state = StateStore(client, lease_ms=10_000, retry_hint_ms=2)
+    state = StateStore(client, lease_ms=10_000)
     admitter = Admitter(state)
     observe = client.register_script(OBSERVE)
     rng = random.Random(worker)
     limits = AdmissionLimits(concurrency=concurrency)
-    for i in range(rounds):
-        task = f"w{worker}-{i}"
-        while True:
-            admission = admitter.admit(
-                ctx=ctx(), action=tool(), task_id=task, attempt=0, estimate=TOOL_STEP, limits=limits
-            )
-            if admission.admitted:
-                break
-            assert admission.status is AdmissionStatus.DEFERRED
-            time.sleep(min(admission.wait_ms, 2) / 1000)
+    deliveries = 0
+
+    def publish(publications: tuple[Publication, ...]) -> None:
+        for p in publications:
+            client.lpush("broker", json.dumps([p.task_id, p.handoff]))
+
+    while int(client.get("obs:done") or 0) < total:
+        item = client.brpop(["broker"], timeout=0.2)
+        if item is None:
+            continue
+        task, token = json.loads(item[1])
+        deliveries += 1
+        client.incr("obs:admissions")
+        admission = admitter.admit(
+            ctx=ctx(),
+            action=tool(),
+            task_id=task,
+            attempt=0,
+            estimate=TOOL_STEP,
+            limits=limits,
+            handoff=token,
+            holder=f"{worker}-{deliveries}",
+            envelope=envelope(task),
+        )
+        publish(admission.publish)
+        if not admission.admitted:
+            assert admission.status in (AdmissionStatus.WAITING, AdmissionStatus.DUPLICATE)
+            continue
         observe(keys=["obs:running", "obs:max"])
         time.sleep(rng.uniform(0, 0.002))
         client.decr("obs:running")
-        admitter.settle(admission.ticket, TOOL_STEP)
+        settlement = admitter.settle(admission.ticket, TOOL_STEP)
+        assert settlement.settled
+        client.sadd("obs:ran", task)
         client.incr("obs:done")
+        publish(settlement.publish)
     client.close()
 
 
 @pytest.mark.timeout(300)
 def test_zero_over_admission_8_processes_x_500(redis_url: str, redis_client: redis.Redis) -> None:
-    processes, rounds, concurrency = 8, 500, 3
+    """4,000 tasks through 8 contending processes at a concurrency of 3: an independent observer
+    never sees more than 3 running; every task runs exactly once; none polls (at most two
+    admissions per task: its arrival, and its hand-off)."""
+    processes, total, concurrency = 8, 4000, 3
+    redis_client.lpush("broker", *[json.dumps([f"t{i}", None]) for i in range(total)][::-1])
     workers = [
-        SPAWN.Process(target=_contend, args=(redis_url, w, rounds, concurrency))
+        SPAWN.Process(target=_consume, args=(redis_url, w, total, concurrency))
         for w in range(processes)
     ]
     for p in workers:
@@ -92,17 +123,33 @@ def test_zero_over_admission_8_processes_x_500(redis_url: str, redis_client: red
     for p in workers:
         p.join(timeout=280)
         assert p.exitcode == 0, f"worker exited with {p.exitcode}"
-    assert int(redis_client.get("obs:done") or 0) == processes * rounds
+    assert int(redis_client.get("obs:done") or 0) == total
+    assert redis_client.scard("obs:ran") == total
     observed_max = int(redis_client.get("obs:max") or 0)
     # Never more than the limit at once, and the limit was actually reached (real contention).
     assert observed_max == concurrency
+    assert int(redis_client.get("obs:admissions") or 0) <= 2 * total
     state = StateStore(redis_client)
-    assert read_usage(state, "acme", Period.RUN, run="run-1").used.steps == processes * rounds
+    assert read_usage(state, "acme", Period.RUN, run="run-1").used.steps == total
+    assert read_usage(state, "acme", Period.DAY).active_leases == 0
 
 
-def _admit_llm(admitter: Admitter, task: str, reserve: int, limits: AdmissionLimits) -> Admission:
+def _admit_llm(
+    admitter: Admitter,
+    task: str,
+    reserve: int,
+    limits: AdmissionLimits,
+    handoff: str | None = None,
+) -> Admission:
     return admitter.admit(
-        ctx=ctx(), action=llm(), task_id=task, attempt=0, estimate=tokens(reserve), limits=limits
+        ctx=ctx(),
+        action=llm(),
+        task_id=task,
+        attempt=0,
+        estimate=tokens(reserve),
+        limits=limits,
+        handoff=handoff,
+        envelope=envelope(task),
     )
 
 
@@ -113,23 +160,36 @@ def test_zero_budget_overrun_with_50_concurrent_admissions(state: StateStore) ->
         first = list(pool.map(lambda i: _admit_llm(admitter, f"a{i}", 100, limits), range(50)))
     admitted = [a for a in first if a.admitted]
     assert len(admitted) == 10
-    assert {a.status for a in first if not a.admitted} == {AdmissionStatus.DEFERRED}
+    # Over only because of what the ten in flight reserved: they wait for it.
+    assert {a.status for a in first if not a.admitted} == {AdmissionStatus.WAITING}
 
+    wait_order = [
+        m.decode().rsplit(":", 1)[1] for m in state.client.zrange(TenantKeys("acme").waiting, 0, -1)
+    ]
+    handed: list[Publication] = []
     for admission in admitted:
-        assert admitter.settle(admission.ticket, tokens(60)).settled
-    assert read_usage(state, "acme", Period.DAY).used.output_tokens == 600
+        settlement = admitter.settle(admission.ticket, tokens(60))
+        assert settlement.settled
+        handed += settlement.publish
+    # 400 tokens are left: exactly four waiting calls of 100 are handed on, in order.
+    assert [p.task_id for p in handed] == wait_order[:4]
+    day = read_usage(state, "acme", Period.DAY)
+    assert (day.used.output_tokens, day.reserved.output_tokens) == (600, 400)
 
-    # 400 tokens are left. The issue's "6 more fit" holds for calls that reserve 60 tokens
-    # (6 x 60 = 360 <= 400 < 7 x 60); calls that reserve 100 fit 4 times (4 x 100 = 400).
-    with ThreadPoolExecutor(max_workers=40) as pool:
-        small = list(pool.map(lambda i: _admit_llm(admitter, f"s{i}", 60, limits), range(40)))
-    assert sum(a.admitted for a in small) == 6
-    for admission in small:
-        if admission.admitted:
-            admitter.settle(admission.ticket, tokens(60))
-    assert read_usage(state, "acme", Period.DAY).used.output_tokens == 960
-    last = _admit_llm(admitter, "last", 60, limits)
-    assert last.status is AdmissionStatus.REJECTED
+    ended: list[Publication] = []
+    for publication in handed:
+        admission = _admit_llm(admitter, publication.task_id, 100, limits, publication.handoff)
+        assert admission.admitted
+        ended += admitter.settle(admission.ticket, tokens(100)).publish
+    # The budget is spent: every other waiting call is published without a token, so that its
+    # own delivery ends it with the reason.
+    assert len(ended) == 36
+    assert all(p.handoff is None for p in ended)
+    for publication in ended:
+        rejected = _admit_llm(admitter, publication.task_id, 100, limits)
+        assert rejected.status is AdmissionStatus.REJECTED
+        assert rejected.reason.startswith("token_limit exceeded: 1100 / 1000")
+    assert read_usage(state, "acme", Period.DAY).used.output_tokens == 1_000
 
 
 def test_no_interleaving_of_admissions_and_settlements_records_over_the_budget(
@@ -149,13 +209,21 @@ def test_no_interleaving_of_admissions_and_settlements_records_over_the_budget(
         rng = random.Random(n)
         admitter = Admitter(state)
         spent = 0
+        inbox: list[tuple[str, str | None, int]] = []
         for i in range(40):
-            reserve = rng.randint(1, 120)
-            admission = _admit_llm(admitter, f"r{n}-{i}", reserve, limits)
-            if admission.admitted:
+            inbox.append((f"r{n}-{i}", None, rng.randint(1, 120)))
+            while inbox:
+                task, token, reserve = inbox.pop(0)
+                admission = _admit_llm(admitter, task, reserve, limits, token)
+                if not admission.admitted:
+                    continue
                 actual = rng.randint(0, reserve)
-                admitter.settle(admission.ticket, tokens(actual))
+                settlement = admitter.settle(admission.ticket, tokens(actual))
                 spent += actual
+                # This agent runs what its settlement handed on (its reservation is the one
+                # recorded at the time it began to wait).
+                for p in settlement.publish:
+                    inbox.append((p.task_id, p.handoff, _reserved(state, p.task_id)))
         return spent
 
     watcher = threading.Thread(target=monitor)
@@ -171,6 +239,11 @@ def test_no_interleaving_of_admissions_and_settlements_records_over_the_budget(
     assert spent <= limit
     assert seen
     assert max(seen) <= limit
+
+
+def _reserved(state: StateStore, task: str) -> int:
+    raw = state.client.hget(f"gov:{{acme}}:task:{task}", "req")
+    return int(json.loads(raw)["est"][3]) if raw else 1
 
 
 def _hold_lease_forever(url: str, ready: Any) -> None:
@@ -207,22 +280,29 @@ def test_a_killed_holder_frees_its_slot_and_reservation_within_one_lease(
         concurrency=1, budget_checks=(BudgetCheck(Period.DAY, "tokens", 1_000),)
     )
     blocked = _admit_llm(admitter, "next", 600, limits)
-    assert blocked.status is AdmissionStatus.DEFERRED  # the dead task still holds its lease
+    assert blocked.status is AdmissionStatus.WAITING  # the dead task still holds its lease
     assert read_usage(state, "acme", Period.DAY).reserved.output_tokens == 500
 
-    results: list[Admission] = []
+    ledger = Ledger(state)
+    handed: list[Publication] = []
 
-    def slot_reused() -> bool:
-        results.append(_admit_llm(admitter, "next", 600, limits))
-        return results[-1].admitted
+    def slot_handed_on() -> bool:
+        handed.extend(p for p in ledger.sweep("acme").publish if p.handoff)
+        return bool(handed)
 
-    wait_until(slot_reused, timeout_s=5, what="the dead task's lease to expire")
+    started = time.monotonic()
+    wait_until(slot_handed_on, timeout_s=5, what="the dead task's lease to expire")
+    assert time.monotonic() - started < 1.5  # within one lease (1 s) and a sweep
+    admitted = _admit_llm(admitter, "next", 600, limits, handed[0].handoff)
+    assert admitted.admitted
     day = read_usage(state, "acme", Period.DAY)
     assert day.active_leases == 1
     assert day.reserved.output_tokens == 600  # the dead task's 500 were given back
 
 
-def test_rate_limit_admits_exactly_the_burst(state: StateStore) -> None:
+def test_rate_limit_admits_the_burst_and_books_the_rest_one_interval_apart(
+    state: StateStore,
+) -> None:
     admitter = Admitter(state)
     limits = AdmissionLimits(tenant_rate=Rate(interval_ms=100, burst=10, rate=10, per_s=1))
     started = time.monotonic()
@@ -233,23 +313,22 @@ def test_rate_limit_admits_exactly_the_burst(state: StateStore) -> None:
         for i in range(100)
     ]
     elapsed_ms = (time.monotonic() - started) * 1000
-    admitted = sum(r.admitted for r in results)
-    # GCRA lets the burst through at once, then one per 100 ms: exactly 10 unless the loop
-    # itself took longer than 100 ms (then one more per 100 ms elapsed, never more).
-    assert 10 <= admitted <= 10 + int(elapsed_ms // 100)
-    deferred = [r for r in results if not r.admitted]
-    assert all(r.violation and r.violation.type is ViolationType.rate_limit for r in deferred)
-    assert all(0 < r.wait_ms <= 100 for r in deferred)
+    admitted = [r for r in results if r.admitted]
+    booked = [r for r in results if r.status is AdmissionStatus.BOOKED]
+    # GCRA lets the burst through at once; every later call books the next free turn (one
+    # more is admitted at once per 100 ms the loop itself took).
+    assert 10 <= len(admitted) <= 10 + int(elapsed_ms // 100)
+    assert len(admitted) + len(booked) == 100
+    assert all(r.violation and r.violation.type is ViolationType.rate_limit for r in booked)
+    turns = [r.turn_ms for r in booked]
+    assert all(b - a == 100 for a, b in zip(turns, turns[1:], strict=False))
 
-    # After the wait the store asked for, exactly one more call fits.
-    time.sleep(max(r.wait_ms for r in deferred[-1:]) / 1000 + 0.005)
-    after = [
-        admitter.admit(
-            ctx=ctx(), action=tool(), task_id=f"c{i}", attempt=0, estimate=TOOL_STEP, limits=limits
-        )
-        for i in range(2)
-    ]
-    assert [a.admitted for a in after] == [True, False]
+    # A new call books the turn after the last one: the rate holds however many wait.
+    later = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="late", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert later.status is AdmissionStatus.BOOKED
+    assert later.turn_ms == turns[-1] + 100
 
 
 def test_provider_rate_limit_is_separate_from_other_providers(state: StateStore) -> None:
@@ -257,7 +336,11 @@ def test_provider_rate_limit_is_separate_from_other_providers(state: StateStore)
     limits = AdmissionLimits(provider_rate=Rate(interval_ms=1000, burst=2, rate=1, per_s=1))
     openai = [_admit_llm_to(admitter, "openai", f"o{i}", limits) for i in range(3)]
     fake = [_admit_llm_to(admitter, "fake", f"f{i}", limits) for i in range(2)]
-    assert [a.admitted for a in openai] == [True, True, False]
+    assert [a.status for a in openai] == [
+        AdmissionStatus.ADMITTED,
+        AdmissionStatus.ADMITTED,
+        AdmissionStatus.BOOKED,
+    ]
     assert all(a.admitted for a in fake)
 
 
@@ -279,13 +362,13 @@ def test_shared_cooldown_defers_one_provider_until_it_passes(state: StateStore) 
     limits = AdmissionLimits()
     set_cooldown(state, "acme", "openai", 2_000)
     cooling = _admit_llm_to(admitter, "openai", "p1", limits)
-    assert cooling.status is AdmissionStatus.DEFERRED
+    assert cooling.status is AdmissionStatus.BOOKED
     assert cooling.violation is not None
     assert cooling.violation.type is ViolationType.cooldown
     assert 0 < cooling.wait_ms <= 2_000
     assert _admit_llm_to(admitter, "fake", "q1", limits).admitted
     assert _admit_llm_to(admitter, "openai", "other-tenant", limits).status is (
-        AdmissionStatus.DEFERRED
+        AdmissionStatus.BOOKED
     )
     # A shorter Retry-After never shortens the recorded cooldown.
     assert set_cooldown(state, "acme", "openai", 10) > int(time.time() * 1000) + 1_000

@@ -1,23 +1,18 @@
--- audit_append.lua: append entries to the hash-chained audit stream, but only if the chain head
--- is still the one the caller computed the entries' hashes from (compare-and-set). The HMACs are
--- computed by the caller, who holds the key; on a lost race it gets the current head and retries.
+-- audit_append.lua: append entries to a tenant's audit chain (lib.lua is prepended): for records
+-- that are not part of an admission or a settlement (a denial at publish time, a task lost by
+-- the ledger). Each entry gets the chain's next sequence number and the server time; the caller
+-- seals them with its key afterwards (in its next call, or at once with `seal_only`).
 --
--- KEYS[1] audit stream        STREAM
--- KEYS[2] chain head          STRING hash of the newest entry
+-- KEYS[1..7] the tenant's shared keys (see lib.lua; only meta and audit are written)
 --
--- ARGV[1] expected head ('' for an empty chain)
--- ARGV[2] approximate max length of the stream
--- ARGV[3] the entries, as one JSON array: [[hash, [field, value, field, value, ...]], ...]
---         (the prev and hash fields included)
+-- ARGV[1] the entries (JSON [{field: value, ...}, ...])
+-- ARGV[2] seals of this writer's earlier entries (JSON [[seq, mac], ...])
+-- ARGV[3] the writer's id
 --
--- Returns {1, id_1, ..., id_N} on success, {0, current_head} when the head moved.
+-- Returns JSON {au = [[stream id, [field, value, ...]], ...]}.
 
-local head = redis.call('GET', KEYS[2]) or ''
-if head ~= ARGV[1] then return {0, head} end
-local ids = {1}
-for _, entry in ipairs(cjson.decode(ARGV[3])) do
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(entry[2]))
-  head = entry[1]
-end
-redis.call('SET', KEYS[2], head)
-return ids
+L.seal(ARGV[2], ARGV[3])
+local now = L.now_ms()
+local written = {}
+for _, fields in ipairs(cjson.decode(ARGV[1])) do L.audit(written, now, fields) end
+return cjson.encode({au = written})

@@ -1,0 +1,134 @@
+"""Seals: the HMACs that make the audit chains tamper-evident, with a key that never goes to Redis.
+
+Entries are written by the Lua scripts that make the decisions (admission, settlement, hand-off,
+held-task decisions), so the entry and the decision are one atomic write; the script numbers
+each entry in its tenant's chain (``seq``) and returns exactly what it wrote. The writer then
+computes the seal of each entry, ``HMAC(key, chain, stream id, fields)``, over that reply (not
+over a later read, so an edit made in between shows), and the seals travel with its next call
+to the same chain as one ``seal`` entry. A background flush writes the seals of a chain that
+gets no next call soon. A writer killed before sealing leaves its last entries unsealed: the
+maintenance leader adopts them after a grace period (sealing what it reads, which it records).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SEAL_VERSION = "v1"
+
+
+def canonical_fields(fields: Mapping[str, str]) -> str:
+    """The fields of an entry as one canonical JSON text (sorted keys, no spaces)."""
+    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def seal_mac(key: bytes, chain: str, entry_id: str, fields: Mapping[str, str]) -> str:
+    """The seal of one entry: it covers the chain, the entry's stream id and every field."""
+    message = f"{SEAL_VERSION}\n{chain}\n{entry_id}\n{canonical_fields(fields)}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:40]
+
+
+def mark_mac(key: bytes, chain: str, kind: str, body: Mapping[str, Any]) -> str:
+    """The seal of a checkpoint or a trim record of a chain."""
+    text = json.dumps(dict(body), sort_keys=True, separators=(",", ":"))
+    message = f"{SEAL_VERSION}\n{chain}\nmark:{kind}\n{text}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:40]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_written(written: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
+    """The ``au`` part of a script's reply: [(stream id, fields), ...]."""
+    entries = []
+    for item in written or ():
+        entry_id, flat = item[0], item[1]
+        fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        entries.append((_text(entry_id), fields))
+    return entries
+
+
+@dataclass
+class _Pending:
+    seals: list[list[Any]]
+    since: float
+
+
+class AuditSealer:
+    """The seals this process owes, per chain, until a call to that chain carries them."""
+
+    def __init__(self, key: bytes) -> None:
+        if not key:
+            raise ValueError("the audit HMAC key must not be empty")
+        self._key = key
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._pid = os.getpid()
+        self._writer = self._new_writer_id()
+
+    @staticmethod
+    def _new_writer_id() -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    def _check_fork(self) -> None:
+        # A forked child must not carry (and later write twice) the parent's pending seals.
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._pending = {}
+            self._writer = self._new_writer_id()
+
+    @property
+    def writer(self) -> str:
+        """Who writes these seals (host, pid and a random suffix)."""
+        with self._lock:
+            self._check_fork()
+            return self._writer
+
+    def take(self, chain: str) -> str:
+        """The pending seals of ``chain`` as the scripts' JSON argument; they leave the queue
+        (give them back with :meth:`give_back` if the call fails)."""
+        with self._lock:
+            self._check_fork()
+            pending = self._pending.pop(chain, None)
+        if pending is None:
+            return "[]"
+        return json.dumps(pending.seals, separators=(",", ":"))
+
+    def give_back(self, chain: str, seals_json: str) -> None:
+        """Seals taken for a call that failed: owed again (a duplicate seal is harmless)."""
+        seals = json.loads(seals_json)
+        if not seals:
+            return
+        with self._lock:
+            pending = self._pending.setdefault(chain, _Pending([], time.monotonic()))
+            pending.seals[:0] = seals
+
+    def wrote(self, chain: str, written: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
+        """Seal the entries a script reports it wrote; returns them, parsed."""
+        entries = parse_written(written)
+        if not entries:
+            return entries
+        seals = [[int(f["seq"]), seal_mac(self._key, chain, i, f)] for i, f in entries]
+        with self._lock:
+            self._check_fork()
+            pending = self._pending.setdefault(chain, _Pending([], time.monotonic()))
+            pending.seals.extend(seals)
+        return entries
+
+    def due(self, older_than_s: float) -> list[str]:
+        """Chains whose seals have waited longer than ``older_than_s`` for a call."""
+        limit = time.monotonic() - older_than_s
+        with self._lock:
+            self._check_fork()
+            return [chain for chain, p in self._pending.items() if p.since <= limit]

@@ -1,0 +1,223 @@
+"""The ledger: where every governed task is, from its publication until it is done.
+
+Each task has a record (a hash in its tenant's slot) and, until it is done, an entry in its
+tenant's ledger index scored by when someone must look at it again. Publishers record a task
+before its message goes to the broker; admission, settlement and hand-off move the record on in
+the same calls that decide (see ``scripts/lib.lua``); the reconciler (:meth:`Ledger.sweep`)
+publishes again whatever is overdue: a message lost between broker and worker, a parked wait
+that is due, the task of a worker that died, a hand-off that never arrived. Admission is
+idempotent per task and attempt, so a copy that was not lost after all is dropped, never run
+twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from governance.store.admission import Publication, publications
+from governance.store.audit_seal import AuditSealer
+from governance.store.keys import TenantKeys
+from governance.store.state import StateStore
+
+#: Where a task can be, as its record says.
+WHERE = ("queued", "parked", "waiting", "handed", "running", "held", "done")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """One tenant's reconciler round: what to publish, and whether due entries remain."""
+
+    publish: tuple[Publication, ...]
+    more: bool
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    """What ``govctl`` shows per tenant: running and waiting tasks, the oldest wait, the
+    ledger's open entries and those overdue (not looked at in time: should be none)."""
+
+    tenant: str
+    running: int
+    waiting: int
+    oldest_wait_ms: int | None
+    open: int
+    overdue: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "running": self.running,
+            "waiting": self.waiting,
+            "oldest_wait_s": None if self.oldest_wait_ms is None else self.oldest_wait_ms / 1000,
+            "open": self.open,
+            "overdue": self.overdue,
+        }
+
+
+class Ledger:
+    """Records, sweeps and reports on the tasks of every tenant."""
+
+    def __init__(self, state: StateStore, sealer: AuditSealer | None = None) -> None:
+        self._state = state
+        self._sealer = sealer
+
+    def record_published(
+        self,
+        tenant: str,
+        task_id: str,
+        envelope_json: str,
+        *,
+        due_ms: int | None = None,
+        parked: bool = False,
+    ) -> None:
+        """Record a task that a publisher sends now (``queued``) or keeps for ``due_ms``
+        (``parked``: the reconciler publishes it then, no broker countdown)."""
+        keys = TenantKeys(tenant)
+        record = keys.task(task_id)
+        now = int(time.time() * 1000)
+        due = due_ms or now
+        score = due if parked else due + self._state.timings.grace_ms
+
+        def write() -> None:
+            pipe = self._state.client.pipeline(transaction=True)
+            pipe.hset(
+                record,
+                mapping={
+                    "id": task_id,
+                    "where": "parked" if parked else "queued",
+                    "since": now,
+                    "msg": envelope_json,
+                },
+            )
+            pipe.zadd(keys.ledger, {record: score})
+            pipe.execute()
+
+        self._state.run("ledger record", write)
+
+    def mark_held(self, tenant: str, task_id: str) -> None:
+        """The task waits for reviewers in the held store: not the reconciler's business."""
+        keys = TenantKeys(tenant)
+        record = keys.task(task_id)
+
+        def write() -> None:
+            pipe = self._state.client.pipeline(transaction=True)
+            pipe.hset(
+                record, mapping={"id": task_id, "where": "held", "since": int(time.time() * 1000)}
+            )
+            pipe.zrem(keys.ledger, record)
+            pipe.execute()
+
+        self._state.run("ledger record", write)
+
+    def sweep(self, tenant: str, *, reclaim: bool = True) -> SweepResult:
+        """One reconciler round for ``tenant`` (see ``scripts/sweep.lua``)."""
+        keys = TenantKeys(tenant)
+        seals = self._sealer.take(tenant) if self._sealer else "[]"
+        writer = self._sealer.writer if self._sealer else "unsealed"
+        try:
+            raw = self._state.call(
+                "ledger sweep",
+                self._state.scripts.sweep,
+                keys.shared(),
+                [self._state.script_settings(reclaim=reclaim), seals, writer],
+            )
+        except Exception:
+            if self._sealer:
+                self._sealer.give_back(tenant, seals)
+            raise
+        reply = json.loads(raw)
+        if self._sealer:
+            written = reply.get("au")
+            self._sealer.wrote(tenant, [] if isinstance(written, dict) else written or [])
+        return SweepResult(publications(reply.get("pub") or []), bool(reply.get("more")))
+
+    def tenants_due(self, tenants: Iterable[str], *, waiting_too: bool) -> list[str]:
+        """Tenants with ledger entries due now (and, with ``waiting_too``, with waiting tasks):
+        one pipelined read for all of them."""
+        names = list(tenants)
+        if not names:
+            return []
+        now = int(time.time() * 1000)
+
+        def read() -> list[Any]:
+            pipe = self._state.client.pipeline(transaction=False)
+            for name in names:
+                keys = TenantKeys(name)
+                pipe.zrangebyscore(keys.ledger, "-inf", now, start=0, num=1)
+                pipe.zcard(keys.waiting)
+            return list(pipe.execute())
+
+        replies = self._state.run("ledger read", read)
+        due = []
+        for i, name in enumerate(names):
+            if replies[2 * i] or (waiting_too and int(replies[2 * i + 1]) > 0):
+                due.append(name)
+        return due
+
+    def status(self, tenant: str, *, overdue_after_ms: int) -> TenantStatus:
+        """Counts for ``govctl status`` and the metrics (one pipelined read)."""
+        keys = TenantKeys(tenant)
+        now = int(time.time() * 1000)
+
+        def read() -> list[Any]:
+            pipe = self._state.client.pipeline(transaction=False)
+            pipe.zcount(keys.leases, now, "+inf")
+            pipe.zcard(keys.waiting)
+            pipe.zrange(keys.waiting, 0, 0)
+            pipe.zcard(keys.ledger)
+            pipe.zcount(keys.ledger, "-inf", now - overdue_after_ms)
+            return list(pipe.execute())
+
+        running, waiting, head, open_, overdue = self._state.run("ledger read", read)
+        oldest = None
+        if head:
+            since = self._state.run(
+                "ledger read", lambda: self._state.client.hget(head[0], "wait_since")
+            )
+            if since is not None:
+                oldest = max(0, now - int(since))
+        return TenantStatus(tenant, int(running), int(waiting), oldest, int(open_), int(overdue))
+
+    def overdue(
+        self, tenant: str, *, overdue_after_ms: int, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Tasks nobody looked at in time: neither done nor accounted for (should be none)."""
+        keys = TenantKeys(tenant)
+        now = int(time.time() * 1000)
+
+        def read() -> list[dict[str, Any]]:
+            members = self._state.client.zrangebyscore(
+                keys.ledger, "-inf", now - overdue_after_ms, start=0, num=limit, withscores=True
+            )
+            pipe = self._state.client.pipeline(transaction=False)
+            for member, _ in members:
+                pipe.hmget(member, "id", "where", "since")
+            rows = []
+            for (_member, score), (task_id, where, since) in zip(
+                members, pipe.execute(), strict=True
+            ):
+                rows.append(
+                    {
+                        "task_id": _text(task_id or b""),
+                        "where": _text(where or b"?"),
+                        "since_ms": int(since) if since else None,
+                        "due_ms": int(score),
+                    }
+                )
+            return rows
+
+        return self._state.run("ledger read", read)
+
+    def where(self, tenant: str, task_id: str) -> dict[str, str]:
+        """A task's record (for tests and ``govctl``)."""
+        key = TenantKeys(tenant).task(task_id)
+        raw = self._state.run("ledger read", lambda: self._state.client.hgetall(key))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,96 @@
+-- sweep.lua: the reconciler's round for one tenant, in one atomic call (lib.lua is prepended).
+-- Every governed task that is not done has a ledger entry scored by the time someone must look
+-- at it again; this script takes the due ones:
+--   queued / parked  published but never received in time (lost between broker and worker), or
+--                    a parked wait that is due: published (again), with a growing grace;
+--   handed           a hand-off whose message did not arrive: published again, same token;
+--   running          its lease expired (its worker died): published again for a new delivery;
+--   waiting          it waited longer than its wait limit: published with the reason, so its
+--                    own delivery ends it (a task always ends on a worker, with its result);
+--   held, done       nothing to do (held tasks have their own expiry).
+-- Then it hands free capacity to the oldest waiting tasks that fit (capacity freed by a lease
+-- reclaimed from a dead worker, a run closed, a policy change).
+--
+-- KEYS[1..7]  the tenant's shared keys (see lib.lua)
+--
+-- ARGV[1] settings (JSON, see admit.lua) plus: limit (most entries per call), reclaim (1: leases
+--         of dead workers may be reclaimed; 0 just after an outage of the state store)
+-- ARGV[2] seals (JSON)    ARGV[3] the writer's id
+--
+-- Returns JSON {pub = [{id, msg, token, again}], au = [...], more = 1 when due entries remain}.
+
+local G = cjson.decode(ARGV[1])
+L.seal(ARGV[2], ARGV[3])
+local now = L.now_ms()
+local written, publish = {}, {}
+
+if G.reclaim == 1 then redis.call('ZREMRANGEBYSCORE', L.T.leases, '-inf', now) end
+
+-- The grace before a published task counts as lost grows with each re-publication, so a long
+-- broker backlog costs a few duplicate messages (dropped by admission), not a storm.
+local function again(rec)
+  redis.call('HINCRBY', L.T.meta, 'republished', 1)
+  local n = redis.call('HINCRBY', rec, 'republished', 1)
+  local grace = math.min(G.grace * 2 ^ math.min(n - 1, 16), G.grace_max)
+  redis.call('ZADD', L.T.ledger, now + grace, rec)
+end
+
+local due = redis.call('ZRANGEBYSCORE', L.T.ledger, '-inf', now, 'LIMIT', 0, G.limit)
+for _, rec in ipairs(due) do
+  local r = redis.call('HMGET', rec, 'id', 'where', 'lease_exp', 'msg', 'handoff', 'wait_since',
+    'wait_for', 'req')
+  local id, where, lease_exp, msg, token = r[1], r[2], r[3], r[4], r[5]
+  if not where or not id or not msg then
+    -- Nothing to publish it from (a record without a message): forget it, loudly.
+    redis.call('ZREM', L.T.ledger, rec)
+    if where and id then
+      L.audit(written, now, {type = 'task_lost', task_id = id,
+        reason = 'the ledger holds no message to publish this task again'})
+    end
+  elseif where == 'queued' or where == 'parked' then
+    redis.call('HSET', rec, 'where', 'queued', 'since', now)
+    again(rec)
+    publish[#publish + 1] = {id = id, msg = msg, again = 1}
+  elseif where == 'handed' then
+    local since = tonumber(r[6] or now)
+    local req = r[8] and cjson.decode(r[8]) or nil
+    local max_wait = req and req.max_wait or G.grace_max
+    if now - since > max_wait and not redis.call('ZSCORE', L.T.leases, id) then
+      redis.call('HSET', rec, 'fail', string.format(
+        'waited %d s for %s without starting (wait limit %d s)',
+        math.floor((now - since) / 1000), r[7] or 'capacity', math.floor(max_wait / 1000)))
+      L.requeue(rec, now, G)
+      publish[#publish + 1] = {id = id, msg = msg}
+    else
+      again(rec)
+      publish[#publish + 1] = {id = id, msg = msg, token = token, again = 1}
+    end
+  elseif where == 'running' then
+    if G.reclaim == 1 and tonumber(lease_exp or '0') <= now then
+      redis.call('HSET', rec, 'where', 'queued', 'since', now)
+      redis.call('HDEL', rec, 'holder')
+      again(rec)
+      publish[#publish + 1] = {id = id, msg = msg, again = 1}
+    else
+      redis.call('ZADD', L.T.ledger, math.max(now + G.grace, tonumber(lease_exp or now)), rec)
+    end
+  elseif where == 'waiting' then
+    local req = cjson.decode(r[8])
+    local since = tonumber(r[6] or now)
+    redis.call('ZREM', L.T.waiting, rec)
+    redis.call('HSET', rec, 'fail', string.format(
+      'waited %d s for %s without starting (wait limit %d s)',
+      math.floor((now - since) / 1000), r[7] or 'capacity', math.floor(req.max_wait / 1000)))
+    redis.call('HDEL', rec, 'req')
+    L.requeue(rec, now, G)
+    publish[#publish + 1] = {id = id, msg = msg}
+  else
+    redis.call('ZREM', L.T.ledger, rec)
+  end
+end
+
+if redis.call('ZCARD', L.T.waiting) > 0 then
+  L.handoff(now, G, {pub = publish, written = written})
+end
+local more = #due >= G.limit and 1 or 0
+return cjson.encode({pub = publish, au = written, more = more})

@@ -1,0 +1,171 @@
+"""Wait lists, hand-offs and booked turns: real Redis, single node and 3-master cluster."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from governance.policy.limits import ViolationType
+from governance.store import (
+    Admission,
+    AdmissionLimits,
+    AdmissionStatus,
+    Admitter,
+    Ledger,
+    Period,
+    Rate,
+    StateStore,
+    read_usage,
+)
+from tests.store.helpers import TOOL_STEP, ctx, envelope, tool
+
+ONE_SLOT = AdmissionLimits(concurrency=1)
+
+
+def admit(
+    admitter: Admitter,
+    task: str,
+    limits: AdmissionLimits = ONE_SLOT,
+    *,
+    handoff: str | None = None,
+    holder: str = "",
+) -> Admission:
+    return admitter.admit(
+        ctx=ctx(),
+        action=tool(),
+        task_id=task,
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=limits,
+        handoff=handoff,
+        holder=holder,
+        envelope=envelope(task),
+    )
+
+
+def test_waiting_tasks_start_in_the_order_they_began_to_wait(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    running = admit(admitter, "first")
+    assert running.admitted
+    order = [f"w{i}" for i in range(10)]
+    for task in order:
+        assert admit(admitter, task).status is AdmissionStatus.WAITING
+    started = []
+    current = running
+    while True:
+        settlement = admitter.settle(current.ticket, TOOL_STEP)
+        if not settlement.publish:
+            break
+        (handed,) = settlement.publish  # one slot freed: exactly one task handed on
+        assert handed.handoff
+        current = admit(admitter, handed.task_id, handoff=handed.handoff)
+        assert current.admitted
+        started.append(handed.task_id)
+    assert started == order
+
+
+def _server_commands(client: Any) -> int:
+    return sum(int(v["calls"]) for v in client.info("commandstats").values())
+
+
+def test_each_waiting_task_costs_the_same_redis_work_whatever_the_backlog(
+    state: StateStore,
+) -> None:
+    """Redis commands (counted by the server, inside scripts too) per task through the wait
+    list: the same at a backlog of 20 as at 400 (within 20 %), because nothing polls."""
+    admitter = Admitter(state)
+    per_task = []
+    for backlog in (20, 400):
+        state.client.flushall()
+        before = _server_commands(state.client)
+        current = admit(admitter, "head")
+        for i in range(backlog):
+            assert admit(admitter, f"b{i}").status is AdmissionStatus.WAITING
+        done = 0
+        while True:
+            settlement = admitter.settle(current.ticket, TOOL_STEP)
+            done += 1
+            if not settlement.publish:
+                break
+            (handed,) = settlement.publish
+            current = admit(admitter, handed.task_id, handoff=handed.handoff)
+            assert current.admitted
+        assert done == backlog + 1
+        per_task.append((_server_commands(state.client) - before) / done)
+    small, large = per_task
+    assert large <= small * 1.2, f"commands per task grew from {small:.1f} to {large:.1f}"
+
+
+def test_only_the_handed_message_takes_the_kept_slot(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    running = admit(admitter, "first")
+    assert admit(admitter, "second").status is AdmissionStatus.WAITING
+    (handed,) = admitter.settle(running.ticket, TOOL_STEP).publish
+    # A copy of the waiting task's old message (no token, or a wrong one) is dropped.
+    assert admit(admitter, "second").status is AdmissionStatus.DUPLICATE
+    assert admit(admitter, "second", handoff="second:0:99").status is AdmissionStatus.DUPLICATE
+    taken = admit(admitter, "second", handoff=handed.handoff, holder="d1")
+    assert taken.admitted
+    # The hand-off message delivered twice: the second delivery is a copy.
+    assert admit(admitter, "second", handoff=handed.handoff, holder="d2").status is (
+        AdmissionStatus.DUPLICATE
+    )
+    assert read_usage(any_state, "acme", Period.DAY).active_leases == 1
+
+
+def test_a_hand_off_lost_on_its_way_is_published_again_with_its_token(
+    redis_client: object,
+) -> None:
+    state = StateStore(redis_client, lease_ms=5_000)
+    fast = StateStore(
+        redis_client,
+        lease_ms=5_000,
+        timings=type(state.timings)(grace_ms=200),
+    )
+    admitter = Admitter(fast)
+    running = admit(admitter, "first")
+    assert admit(admitter, "second").status is AdmissionStatus.WAITING
+    (handed,) = admitter.settle(running.ticket, TOOL_STEP).publish
+    # The settling worker dies before publishing it: nothing happens until the grace passes.
+    ledger = Ledger(fast)
+    assert ledger.sweep("acme").publish == ()
+    time.sleep(0.25)
+    (again,) = ledger.sweep("acme").publish
+    assert (again.task_id, again.handoff, again.again) == ("second", handed.handoff, True)
+    # The slot stayed kept for it: a newcomer waits, the republished hand-off runs.
+    assert admit(admitter, "newcomer").status is AdmissionStatus.WAITING
+    assert admit(admitter, "second", handoff=again.handoff).admitted
+
+
+def test_rate_limited_tasks_book_turns_spaced_at_the_rate(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(tenant_rate=Rate(interval_ms=100, burst=2, rate=10, per_s=1))
+    results = [admit(admitter, f"r{i}", limits) for i in range(8)]
+    admitted = [r for r in results if r.admitted]
+    booked = [r for r in results if r.status is AdmissionStatus.BOOKED]
+    assert len(admitted) >= 2
+    assert len(admitted) + len(booked) == 8
+    turns = [r.turn_ms for r in booked]
+    # Each booked task has its own turn, one interval after the one before: no stampede.
+    assert all(b - a == 100 for a, b in zip(turns, turns[1:], strict=False))
+    assert all(r.violation and r.violation.type is ViolationType.rate_limit for r in booked)
+    # Arriving early is a copy; arriving at its turn, it is admitted without a second token.
+    first = booked[0]
+    task = first.ticket.task_id
+    if first.turn_ms > time.time() * 1000 + 60:
+        assert admit(admitter, task, limits).status is AdmissionStatus.EARLY
+    time.sleep(max(0.0, first.turn_ms / 1000 - time.time()) + 0.01)
+    assert admit(admitter, task, limits).admitted
+
+
+def test_a_turn_beyond_the_wait_limit_is_refused_with_the_reason(any_state: StateStore) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(
+        tenant_rate=Rate(interval_ms=1000, burst=1, rate=1, per_s=1), max_wait_ms=1500
+    )
+    assert admit(admitter, "a", limits).admitted
+    assert admit(admitter, "b", limits).status is AdmissionStatus.BOOKED
+    refused = admit(admitter, "c", limits)  # its turn would be ~2 s away
+    assert refused.status is AdmissionStatus.REJECTED
+    assert "rate_limit" in refused.reason
+    assert "wait limit of 1500 ms" in refused.reason
