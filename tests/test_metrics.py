@@ -18,7 +18,15 @@ from governance.policy.actions import LLMCall, Message
 from governance.policy.context import ActionContext
 from governance.policy.engine import Policy
 from governance.policy.usage import Usage
-from governance.store import AdmissionLimits, Admitter, AuditEvent, AuditEventType, AuditLog
+from governance.metrics.collector import METRICS
+from governance.store import (
+    AdmissionLimits,
+    Admitter,
+    AuditEvent,
+    AuditEventType,
+    AuditLog,
+    AuditSealer,
+)
 from governance.store.held import HeldStatus, HeldStore, HeldTask
 from governance.store.state import StateStore
 
@@ -99,13 +107,17 @@ def _held(task_id: str) -> HeldTask:
 
 def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis) -> None:
     state = StateStore(redis_client)
-    audit = AuditLog(state, AUDIT_KEY.encode())
+    audit = AuditLog(state, AuditSealer(AUDIT_KEY.encode()))
     base = {"tenant": "acme", "agent": "a", "run": "r"}
     audit.append(
-        AuditEvent(type=AuditEventType.ADMITTED, detail={"admit_ms": 0.8}, **base),
-        AuditEvent(type=AuditEventType.ADMITTED, detail={"admit_ms": 3.0}, **base),
+        AuditEvent(type=AuditEventType.ADMITTED, detail={"waited_ms": 800}, **base),
+        AuditEvent(type=AuditEventType.TASK_FINISHED, detail={"admit_ms": 0.8}, **base),
+        AuditEvent(type=AuditEventType.TASK_FINISHED, detail={"admit_ms": 3.0}, **base),
         AuditEvent(type=AuditEventType.AUTHORIZATION_DENIED, **base),
-        AuditEvent(type=AuditEventType.DEFERRED, detail={"violation": "rate_limit"}, **base),
+        AuditEvent(type=AuditEventType.WAITING, detail={"violation": "rate_limit"}, **base),
+        # A tenant name nobody configured, sent by whoever published: recorded in the
+        # deployment's chain (as the runtime does), never a key nor a label value.
+        AuditEvent(type=AuditEventType.AUTHORIZATION_DENIED, detail={"tenant": "intruder-1234"}),
     )
     store = HeldStore(state)
     store.put(_held("h1"))
@@ -142,22 +154,37 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
     assert running.admitted
 
     m = _scrape(exporter)
-    assert m[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 2
+    assert m[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 3
     assert m[("governance_decisions_total", (("outcome", "deny"), ("tenant", "acme")))] == 1
-    assert m[("governance_deferrals_total", (("tenant", "acme"), ("violation", "rate_limit")))] == 1
+    assert m[("governance_decisions_total", (("outcome", "deny"), ("tenant", "other")))] == 1
+    assert m[("governance_waits_total", (("tenant", "acme"), ("violation", "rate_limit")))] == 1
     assert m[("governance_held_tasks", (("status", "held"), ("tenant", "acme")))] == 2
     assert m[("governance_held_tasks", (("status", "released"), ("tenant", "acme")))] == 0
-    assert m[("governance_leases_in_use", (("tenant", "acme"),))] == 1
-    day_tokens = (("kind", "tokens"), ("period", "day"), ("tenant", "acme"))
-    assert m[("governance_budget_used", day_tokens)] == 45
-    assert m[("governance_budget_limit", day_tokens)] == 100_000
+    assert m[("governance_running_tasks", (("tenant", "acme"),))] == 1
+    assert m[("governance_waiting_tasks", (("tenant", "acme"),))] == 0
+    day_tokens = (("kind", "total"), ("period", "day"), ("tenant", "acme"))
+    assert m[("governance_budget_used_tokens", day_tokens)] == 45
+    assert m[("governance_budget_limit_tokens", day_tokens)] == 100_000
+    assert m[("governance_budget_limit_usd", (("period", "day"), ("tenant", "acme")))] == 5.0
     assert m[("governance_admission_latency_seconds_count", ())] == 2
     assert m[("governance_admission_latency_seconds_bucket", (("le", "0.001"),))] == 1
     assert m[("governance_admission_latency_seconds_bucket", (("le", "0.005"),))] == 2
+    assert m[("governance_wait_seconds_count", (("tenant", "acme"),))] == 1
+
+    # Label hygiene: only the policy's tenants and "other"; one unit per metric (its name).
+    tenants = {dict(labels).get("tenant") for _, labels in m} - {None}
+    assert tenants <= {*policy.tenant_names, "other"}
+    assert "intruder" not in httpx.get(exporter, timeout=5).text
+    documented = set(METRICS)
+    served = {
+        name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for name, _ in m
+    }
+    served = {n if n in documented else n + "_total" for n in served}
+    assert served <= documented, served - documented
 
     # Counters keep counting from where the previous scrape stopped.
     audit.append(AuditEvent(type=AuditEventType.HELD, **base))
     again = _scrape(exporter)
     assert again[("governance_decisions_total", (("outcome", "hold"), ("tenant", "acme")))] == 1
-    assert again[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 2
+    assert again[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 3
     assert store.count("acme", HeldStatus.HELD) == 2

@@ -5,8 +5,8 @@ Starts an embedded Redis (AOF on, data under ``.demo/``), a governed Celery work
 every outcome: allowed tool and LLM calls, a denial, an approval held then released with
 ``govctl`` (and one rejected), tasks waiting in line for a slot, a transient error retried, a
 429 with a shared cooldown, a budget warning then a block, shadow and suggest. It ends with a
-summary table (expected vs observed), keeps everything up until Ctrl-C (or exits at once with ``DEMO_EXIT=1``),
-exits non-zero if any outcome differs, and stops every process it started.
+summary table (expected vs observed), keeps everything up until Ctrl-C (or exits at once with
+``DEMO_EXIT=1``), exits non-zero if any outcome differs, and stops every process it started.
 """
 
 from __future__ import annotations

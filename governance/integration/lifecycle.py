@@ -493,6 +493,11 @@ class TaskLife:
             self.envelope(), headers={OUTAGE: f"{count},{since}"}, countdown_s=delay
         )
         reason = f"state store unavailable; deferred {count} time(s)"
+        meta = {"reason": reason, "violation": "store_unavailable", "retry_in_s": round(delay, 2)}
+        try:
+            self.task.update_state(state="DEFERRED", meta=meta)
+        except Exception:
+            log.warning("could not record the DEFERRED state of %s", self.task_id, exc_info=True)
         self._send_event("deferred", reason, violation="store_unavailable")
         raise Ignore()
 

@@ -63,7 +63,8 @@ class AdmissionTicket:
     windows: tuple[WindowKeys, ...]
     checks: tuple[BudgetCheck, ...]
     warning_threshold_pct: int
-    template: Mapping[str, str] = field(default_factory=dict)
+    #: The audit fields of the task (tenant, agent, run, action, tier, policy version).
+    template: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)

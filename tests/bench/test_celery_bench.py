@@ -111,7 +111,7 @@ def test_a_tiny_run_measures_both_kinds(tmp_path: Path) -> None:
     assert result["plain"]["tasks_per_s"] > 0
     assert result["governed"]["tasks_per_s"] > 0
     assert result["governed_to_plain_ratio"] > 0
-    # admission, two audit appends and settlement at the least, counted by the server
-    assert result["script_calls_per_governed_task_raw"] >= 4
+    # admission and settlement (their audit entries included), counted by the server
+    assert result["script_calls_per_governed_task_raw"] >= 2
     assert result["store"]["admit_settle_p50_ms"] > 0
     assert result["store"]["admission_p50_ms_many_tenants"] > 0

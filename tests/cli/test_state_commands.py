@@ -9,8 +9,9 @@ import time
 import redis
 
 from governance.store.audit import AuditEvent, AuditEventType, AuditLog
+from governance.store.audit_seal import AuditSealer
 from governance.store.held import HeldStatus, HeldStore, HeldTask, call_hash
-from governance.store.keys import DeploymentKeys
+from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
 from tests.cli.conftest import Govctl
 
@@ -73,13 +74,13 @@ def test_an_unreachable_store_exits_3_promptly(govctl: Govctl) -> None:
 def test_audit_verify_on_an_empty_stream_passes(govctl: Govctl) -> None:
     result = govctl("audit", "verify")
     assert result.returncode == 0, result.stderr
-    assert "0 entries" in result.stdout
+    assert "0 entries verified" in result.stdout
 
 
 def test_audit_verify_names_a_tampered_entry(
     govctl: Govctl, state: StateStore, redis_client: redis.Redis
 ) -> None:
-    log = AuditLog(state, AUDIT_KEY)
+    log = AuditLog(state, AuditSealer(AUDIT_KEY))
     ids = [
         log.append(AuditEvent(type=AuditEventType.HELD, tenant="acme", task_id=f"t{i}"))[0]
         for i in range(4)
@@ -87,20 +88,22 @@ def test_audit_verify_names_a_tampered_entry(
     assert govctl("audit", "verify").returncode == 0
     tail = json.loads(govctl("audit", "tail", "-n", "2", "--json").stdout)
     assert [e["task_id"] for e in tail] == ["t2", "t3"]
-    entries = redis_client.xrange(DeploymentKeys.audit_stream)
-    redis_client.delete(DeploymentKeys.audit_stream)
+    stream = TenantKeys("acme").audit
+    entries = redis_client.xrange(stream)
+    redis_client.delete(stream)
     for entry_id, fields in entries:
         if entry_id.decode() == ids[1]:
             fields[b"tenant"] = b"someone-else"
-        redis_client.xadd(DeploymentKeys.audit_stream, fields, id=entry_id)
+        redis_client.xadd(stream, fields, id=entry_id)
     result = govctl("audit", "verify")
     assert result.returncode == 4
     assert ids[1] in result.stderr
     assert "altered" in result.stderr
     assert "Traceback" not in result.stderr
     report = json.loads(govctl("audit", "verify", "--json").stdout)
-    assert report["broken_entry"] == ids[1]
-    assert report["checked"] == 1
+    (acme,) = [c for c in report["chains"] if c["chain"] == "acme"]
+    assert [b["entry"] for b in acme["breaks"]] == [ids[1]]
+    assert acme["checked"] == 3
 
 
 def test_usage_prints_json_and_refuses_unknown_tenants(govctl: Govctl) -> None:

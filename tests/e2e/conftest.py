@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from governance.embedded.processes import log_tail, stop_processes
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.settings import GovernanceSettings
 from governance.store.audit import AuditEntry
+from governance.store.audit_verify import verify_all
+from governance.store.keys import DEPLOYMENT_CHAIN
 from tests.e2e.observer import ObserverServer
 
 HERE = Path(__file__).parent
@@ -134,7 +137,11 @@ def e2e_env(
         "GOVERNANCE_LEASE_MS": "2000",
         "GOVERNANCE_VISIBILITY_TIMEOUT_S": "6",
         "GOVERNANCE_MAX_COUNTDOWN_S": "2",
-        "GOVERNANCE_PARK_POLL_S": "0.2",
+        "GOVERNANCE_SWEEP_POLL_S": "0.2",
+        # A published task unseen for 3 s is published again (the reconciler's bound here).
+        "GOVERNANCE_RECONCILE_AFTER_S": "3",
+        "GOVERNANCE_AUDIT_CHECKPOINT_S": "1",
+        "GOVERNANCE_SEAL_GRACE_S": "5",
         # govctl's expiry test expires holds itself; the workers' own sweep would race it.
         "GOVERNANCE_HELD_SWEEP_S": "3600",
         "GOVERNANCE_STATE_TIMEOUT_S": "1",
@@ -176,8 +183,37 @@ def runtime(app: Celery, worker: WorkerProcess, state_server: EmbeddedRedis) -> 
     return runtime_for(app)
 
 
+def to_broker(
+    app: Celery,
+    task_name: str,
+    kwargs: dict[str, Any],
+    headers: dict[str, Any],
+    task_id: str | None = None,
+) -> Any:
+    """Publish straight to the broker, as anyone who can reach it may: none of the publisher's
+    checks (the worker must decide on its own)."""
+    task_id = task_id or str(uuid.uuid4())
+    runtime_for(app).send_raw(task_name, (), kwargs, task_id=task_id, headers=headers)
+    return app.AsyncResult(task_id)
+
+
 def audit_of(runtime: GovernanceRuntime, task_id: str) -> list[AuditEntry]:
-    return [e for e in runtime.audit_log.entries() if e.fields.get("task_id") == task_id]
+    """The decision entries about one task, in every chain, oldest first."""
+    chains = (*runtime.policy.tenant_names, DEPLOYMENT_CHAIN)
+    return [
+        e
+        for chain in chains
+        for e in runtime.audit_log.records(chain)
+        if e.fields.get("task_id") == task_id
+    ]
+
+
+def verify_audit(runtime: GovernanceRuntime) -> list[str]:
+    """Every break in every audit chain (none expected)."""
+    key = runtime.settings.audit_key.get_secret_value().encode()
+    chains = (*runtime.policy.tenant_names, DEPLOYMENT_CHAIN)
+    reports = verify_all(runtime.audit_log, key, chains)
+    return [f"{r.chain}: {b.reason}" for r in reports for b in r.breaks]
 
 
 def types_of(entries: list[AuditEntry]) -> list[str]:

@@ -21,7 +21,7 @@ from governance.integration.approvals import Approvals
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus
-from tests.e2e.conftest import WorkerProcess, audit_of, types_of, wait_until
+from tests.e2e.conftest import WorkerProcess, audit_of, to_broker, types_of, wait_until
 from tests.e2e.flower_process import FlowerProcess
 from tests.e2e.observer import ObserverServer
 from workers.api import submit_tool
@@ -146,9 +146,11 @@ def test_denied_shadowed_and_suggested_tasks_show_their_state(
     app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess, workspace: Path
 ) -> None:
     # DENIED: through the broker (the publisher API would refuse to enqueue it at all).
-    denied = app.tasks["tools.write_file"].apply_async(
-        kwargs={"path": "flower-intern.txt", "content": "x"},
-        headers=headers(ctx("t-basic", agent="intern-9")),
+    denied = to_broker(
+        app,
+        "tools.write_file",
+        {"path": "flower-intern.txt", "content": "x"},
+        headers(ctx("t-basic", agent="intern-9")),
     )
     shadowed = submit_tool(
         app, ctx("t-basic", agent="watcher"), "write_file", path="flower-s.txt", content="x"
@@ -192,9 +194,11 @@ def test_denied_shadowed_and_suggested_tasks_show_their_state(
 def test_a_task_held_by_the_worker_shows_held(
     app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess
 ) -> None:
-    held = app.tasks["tools.write_file"].apply_async(
-        kwargs={"path": "flower-held-broker.txt", "content": "b"},
-        headers=headers(ctx("t-held", user="dana")),
+    held = to_broker(
+        app,
+        "tools.write_file",
+        {"path": "flower-held-broker.txt", "content": "b"},
+        headers(ctx("t-held", user="dana")),
     )
     listed = wait_for_state(flower, held.id, "HELD")
     # Flower knew the task from the broker (task-received) before the worker held it.
@@ -204,7 +208,7 @@ def test_a_task_held_by_the_worker_shows_held(
     assert_governance_fields(info_of(flower, held.id), "t-held", reason)
     assert held.state == "HELD"
     assert Approvals(app, runtime).find(held.id).status is HeldStatus.HELD
-    assert "task_started" not in types_of(audit_of(runtime, held.id))
+    assert "admitted" not in types_of(audit_of(runtime, held.id))
 
 
 def test_a_task_held_at_publish_time_shows_held(
@@ -275,7 +279,7 @@ def test_deferred_tasks_show_deferred_until_they_succeed(
     for result in results:
         assert result.get(timeout=30)["status"] == 200
 
-    deferred = {r.id for r in results if "deferred" in types_of(audit_of(runtime, r.id))}
+    deferred = {r.id for r in results if "waiting" in types_of(audit_of(runtime, r.id))}
     shown_deferred = {task_id for task_id, states in seen.items() if "DEFERRED" in states}
     assert deferred, "with concurrency 1, some of the four tasks must have been deferred"
     assert shown_deferred == deferred, seen

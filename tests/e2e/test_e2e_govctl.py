@@ -23,7 +23,7 @@ from governance.embedded import EmbeddedRedis
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus, HeldStore
-from governance.store.keys import DeploymentKeys
+from governance.store.keys import TenantKeys
 from tests.e2e.conftest import audit_of, types_of, wait_until
 from workers.api import submit_tool
 
@@ -73,7 +73,7 @@ def ran_once(runtime: GovernanceRuntime, task_id: str) -> None:
     """The body ran exactly once: one task_started, and nothing more after it finished."""
     wait_until(lambda: "task_finished" in types_of(audit_of(runtime, task_id)), 30, "task_finished")
     time.sleep(1.0)  # a second run would start here: it must not
-    assert types_of(audit_of(runtime, task_id)).count("task_started") == 1
+    assert types_of(audit_of(runtime, task_id)).count("admitted") == 1
 
 
 def test_approve_runs_it_exactly_once_and_a_second_approval_is_refused(
@@ -183,7 +183,7 @@ def test_reject_records_the_reason_and_the_body_never_runs(
     assert "too risky today" in str(held.result)
     assert "bob" in str(held.result)
     entries = audit_of(runtime, held.id)
-    assert "task_started" not in types_of(entries)
+    assert "admitted" not in types_of(entries)
     rejection = next(e for e in entries if e.fields["type"] == "rejected")
     assert rejection.fields["reviewer"] == "bob"
     assert "too risky today" in rejection.fields["reason"]
@@ -241,12 +241,13 @@ def test_audit_verify_passes_after_a_run_and_names_a_tampered_entry(
     released = next(e for e in audit_of(runtime, held.id) if e.fields["type"] == "released")
     client = redis.Redis.from_url(state_server.url)
     try:
-        entries = client.xrange(DeploymentKeys.audit_stream)
-        client.delete(DeploymentKeys.audit_stream)
+        stream = TenantKeys("t-held").audit
+        entries = client.xrange(stream)
+        client.delete(stream)
         for entry_id, fields in entries:
             if entry_id.decode() == released.id:
                 fields[b"reviewer"] = b"mallory"
-            client.xadd(DeploymentKeys.audit_stream, fields, id=entry_id)
+            client.xadd(stream, fields, id=entry_id)
     finally:
         client.close()
     broken = govctl(e2e_env, "audit", "verify")

@@ -15,7 +15,7 @@ from governance.integration.approvals import Approvals
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus
-from tests.e2e.conftest import WorkerProcess, audit_of, types_of, wait_until
+from tests.e2e.conftest import WorkerProcess, audit_of, to_broker, types_of, wait_until
 from workers.api import submit_tool
 
 pytestmark = pytest.mark.timeout(180)
@@ -38,9 +38,11 @@ def test_held_from_the_api_and_from_plain_apply_async_never_run_before_release(
     assert via_api.state == "HELD"
     assert held_status(approvals, via_api.id) is HeldStatus.HELD
 
-    via_broker = app.tasks["tools.write_file"].apply_async(
-        kwargs={"path": "broker.txt", "content": "b"},
-        headers=GovernanceHeaders(context=ctx("t-held")).to_headers(),
+    via_broker = to_broker(
+        app,
+        "tools.write_file",
+        {"path": "broker.txt", "content": "b"},
+        GovernanceHeaders(context=ctx("t-held")).to_headers(),
     )
     wait_until(
         lambda: held_status(approvals, via_broker.id) is HeldStatus.HELD,
@@ -50,7 +52,7 @@ def test_held_from_the_api_and_from_plain_apply_async_never_run_before_release(
     assert via_broker.state == "HELD"
     assert not (workspace / "api.txt").exists()
     assert not (workspace / "broker.txt").exists()
-    assert "task_started" not in types_of(audit_of(runtime, via_broker.id))
+    assert "admitted" not in types_of(audit_of(runtime, via_broker.id))
     assert types_of(audit_of(runtime, via_api.id)) == ["held"]
 
     outcome = approvals.approve(via_broker.id, "alice", "looks fine")
@@ -60,7 +62,6 @@ def test_held_from_the_api_and_from_plain_apply_async_never_run_before_release(
         "held",
         "released",
         "admitted",
-        "task_started",
         "task_finished",
     ]
 
@@ -79,9 +80,7 @@ def test_copied_or_forged_release_headers_are_held_again(
     spent = approvals.store.get("t-held", held.id)
     assert spent is not None
     copied_headers = {**task.headers, "gov_release": "0" * 32 + "." + "f" * 64}
-    forged = app.send_task(
-        "tools.write_file", kwargs=task.kwargs, task_id=held.id, headers=copied_headers
-    )
+    forged = to_broker(app, "tools.write_file", task.kwargs, copied_headers, task_id=held.id)
     wait_until(
         lambda: held_status(approvals, held.id) is HeldStatus.HELD,
         timeout_s=30,
@@ -93,11 +92,12 @@ def test_copied_or_forged_release_headers_are_held_again(
 
     # A genuine token for other arguments does not release this call either.
     other = approvals.release_token(held.id, "not-the-hash-of-this-call")
-    app.send_task(
+    to_broker(
+        app,
         "tools.write_file",
-        kwargs={"path": "once.txt", "content": "evil"},
+        {"path": "once.txt", "content": "evil"},
+        {**task.headers, "gov_release": other},
         task_id=held.id,
-        headers={**task.headers, "gov_release": other},
     )
     wait_until(
         lambda: types_of(audit_of(runtime, held.id)).count("held") >= 2,
@@ -105,7 +105,7 @@ def test_copied_or_forged_release_headers_are_held_again(
         what="the mismatched token to be refused",
     )
     assert not (workspace / "once.txt").exists()
-    assert types_of(audit_of(runtime, held.id)).count("task_started") == 1
+    assert types_of(audit_of(runtime, held.id)).count("admitted") == 1
 
 
 def test_a_released_task_goes_through_admission(app: Celery, runtime: GovernanceRuntime) -> None:
@@ -117,7 +117,7 @@ def test_a_released_task_goes_through_admission(app: Celery, runtime: Governance
     approvals.approve(second.id, "alice")
     with pytest.raises(LimitExceeded, match="step_limit exceeded: 2 / 1"):
         second.get(timeout=30)
-    assert "task_started" not in types_of(audit_of(runtime, second.id))
+    assert "admitted" not in types_of(audit_of(runtime, second.id))
 
 
 @pytest.mark.timeout(300)

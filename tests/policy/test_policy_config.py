@@ -111,20 +111,20 @@ def test_tenant_value_replaces_default_and_explicit_null_counts(
     assert unlimited.concurrency is None
 
 
-def test_approval_retry_and_deferral_merge_field_by_field(
+def test_approval_and_retry_merge_field_by_field_and_max_wait_is_replaced(
     make_policy: Callable[..., Policy],
 ) -> None:
     acme = make_policy(
         defaults={
             "approval": {"expiry": "2h", "allow_self_approval": True},
             "retry": {"max_retries": 5, "backoff_cap_ms": 1000},
-            "deferral": {"max_deferrals": 7},
+            "max_wait": "10m",
         },
         acme={
             "reviewers": ["alice", "bob"],
             "approval": {"quorum": 2},
             "retry": {"backoff_cap_ms": None},
-            "deferral": {"jitter_ratio": 0},
+            "max_wait": "90s",
         },
     ).tenant("acme")
     assert acme is not None
@@ -134,7 +134,7 @@ def test_approval_retry_and_deferral_merge_field_by_field(
         True,
     )
     assert acme.retry == RetryPolicy(5, 200, None, 0.2)
-    assert (acme.deferral.max_deferrals, acme.deferral.jitter_ratio) == (7, 0.0)
+    assert acme.max_wait == timedelta(seconds=90)
 
 
 def test_long_running_preset_with_overrides(make_policy: Callable[..., Policy]) -> None:

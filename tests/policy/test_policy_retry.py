@@ -1,4 +1,4 @@
-"""RetryPolicy and DeferralPolicy: the seed's backoff examples, validation, and properties."""
+"""RetryPolicy: the seed's backoff examples, validation, and properties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from governance.policy import ActionError, DeferralPolicy, RetryPolicy
+from governance.policy import ActionError, RetryPolicy
 
 TRANSIENT = ActionError.transient("timeout")
 
@@ -142,18 +142,3 @@ def test_backoff_without_jitter_never_decreases(
     delays = [policy.delay_ms(TRANSIENT, n) for n in sorted(attempts)]
     assert all(d is not None for d in delays)
     assert delays == sorted(delays)  # type: ignore[type-var]
-
-
-def test_deferral_backs_off_then_gives_up() -> None:
-    policy = DeferralPolicy(3, 50, 120)
-    assert [policy.delay_ms(n) for n in range(4)] == [50, 100, 120, None]
-
-
-def test_deferral_respects_a_known_minimum_wait() -> None:
-    assert DeferralPolicy(3, 50).delay_ms(0, min_delay_ms=700) == 700
-    assert DeferralPolicy(3, 50).delay_ms(2, min_delay_ms=10) == 200
-
-
-def test_invalid_deferral_policy_is_rejected() -> None:
-    with pytest.raises(ValueError, match="max_deferrals"):
-        DeferralPolicy(-1, 50)

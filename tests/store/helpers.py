@@ -43,4 +43,6 @@ def task_id() -> str:
 
 def envelope(task: str) -> str:
     """The message of a task as a publisher records it in the ledger (what a hand-off sends)."""
-    return json.dumps({"task": "tools.echo", "args": [], "kwargs": {}, "options": {"task_id": task}})
+    return json.dumps(
+        {"task": "tools.echo", "args": [], "kwargs": {}, "options": {"task_id": task}}
+    )

@@ -10,8 +10,14 @@ from typing import Any
 import pytest
 import redis
 
-from governance.store import AuditEvent, AuditEventType, AuditLog, AuditSealer, StateStore
-from governance.store import audit_verify
+from governance.store import (
+    AuditEvent,
+    AuditEventType,
+    AuditLog,
+    AuditSealer,
+    StateStore,
+    audit_verify,
+)
 from governance.store.keys import TenantKeys
 
 KEY = b"test-audit-key"
@@ -82,7 +88,7 @@ def test_wrong_key_fails_verification(state: StateStore) -> None:
 
 def test_an_edited_entry_is_named(state: StateStore, redis_client: redis.Redis) -> None:
     _fill(state, 5)
-    target, fields = _records(redis_client)[2]
+    target, _fields = _records(redis_client)[2]
     # Streams are append-only: an edit is a delete and a re-insert under the same id.
     everything = redis_client.xrange(STREAM)
     redis_client.delete(STREAM)

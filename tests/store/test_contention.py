@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -321,7 +322,7 @@ def test_rate_limit_admits_the_burst_and_books_the_rest_one_interval_apart(
     assert len(admitted) + len(booked) == 100
     assert all(r.violation and r.violation.type is ViolationType.rate_limit for r in booked)
     turns = [r.turn_ms for r in booked]
-    assert all(b - a == 100 for a, b in zip(turns, turns[1:], strict=False))
+    assert all(b - a == 100 for a, b in itertools.pairwise(turns))
 
     # A new call books the turn after the last one: the rate holds however many wait.
     later = admitter.admit(

@@ -35,13 +35,23 @@ def test_a_published_message_never_received_is_published_again(redis_client: obj
     # Received at last: admitted once; the reconciler's copy (or the original) is then dropped.
     admitter = Admitter(state)
     first = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="lost", attempt=0, estimate=TOOL_STEP,
-        limits=AdmissionLimits(), holder="a",
+        ctx=ctx(),
+        action=tool(),
+        task_id="lost",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(),
+        holder="a",
     )
     assert first.admitted
     copy = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="lost", attempt=0, estimate=TOOL_STEP,
-        limits=AdmissionLimits(), holder="b",
+        ctx=ctx(),
+        action=tool(),
+        task_id="lost",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(),
+        holder="b",
     )
     assert copy.status is AdmissionStatus.DUPLICATE
     admitter.settle(first.ticket, TOOL_STEP)
@@ -56,8 +66,13 @@ def test_the_task_of_a_dead_worker_is_published_again_once_its_lease_expires(
     state = fast_state(redis_client)
     admitter, ledger = Admitter(state), Ledger(state)
     admitted = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="orphan", attempt=0, estimate=TOOL_STEP,
-        limits=AdmissionLimits(concurrency=1), envelope=envelope("orphan"),
+        ctx=ctx(),
+        action=tool(),
+        task_id="orphan",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(concurrency=1),
+        envelope=envelope("orphan"),
     )
     assert admitted.admitted
     assert ledger.sweep("acme").publish == ()  # its lease is alive
@@ -69,8 +84,13 @@ def test_the_task_of_a_dead_worker_is_published_again_once_its_lease_expires(
     (again,) = ledger.sweep("acme").publish
     assert again.task_id == "orphan"
     redelivered = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="orphan", attempt=0, estimate=TOOL_STEP,
-        limits=AdmissionLimits(concurrency=1), holder="new",
+        ctx=ctx(),
+        action=tool(),
+        task_id="orphan",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(concurrency=1),
+        holder="new",
     )
     assert redelivered.admitted
     # The dead holder settles late: counted once, the new holder's lease untouched.
@@ -83,13 +103,23 @@ def test_a_task_that_waits_past_its_limit_ends_on_its_next_delivery(redis_client
     admitter, ledger = Admitter(state), Ledger(state)
     limits = AdmissionLimits(concurrency=1, max_wait_ms=300)
     running = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="runner", attempt=0, estimate=TOOL_STEP,
-        limits=limits, envelope=envelope("runner"),
+        ctx=ctx(),
+        action=tool(),
+        task_id="runner",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=limits,
+        envelope=envelope("runner"),
     )
     assert running.admitted
     waiting = admitter.admit(
-        ctx=ctx(), action=tool(), task_id="patient", attempt=0, estimate=TOOL_STEP,
-        limits=limits, envelope=envelope("patient"),
+        ctx=ctx(),
+        action=tool(),
+        task_id="patient",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=limits,
+        envelope=envelope("patient"),
     )
     assert waiting.status is AdmissionStatus.WAITING
     for _ in range(50):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -147,7 +148,7 @@ def test_rate_limited_tasks_book_turns_spaced_at_the_rate(any_state: StateStore)
     assert len(admitted) + len(booked) == 8
     turns = [r.turn_ms for r in booked]
     # Each booked task has its own turn, one interval after the one before: no stampede.
-    assert all(b - a == 100 for a, b in zip(turns, turns[1:], strict=False))
+    assert all(b - a == 100 for a, b in itertools.pairwise(turns))
     assert all(r.violation and r.violation.type is ViolationType.rate_limit for r in booked)
     # Arriving early is a copy; arriving at its turn, it is admitted without a second token.
     first = booked[0]
