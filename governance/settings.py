@@ -101,7 +101,21 @@ class GovernanceSettings(BaseSettings):
     workspace_dir: Path = Field(
         Path(".workspace"), description="The only directory the file tools may touch."
     )
-    http_timeout_s: float = Field(10.0, gt=0, description="Timeout of the http_get tool.")
+    http_timeout_s: float = Field(
+        10.0, gt=0, description="Total deadline of one http_get request (connect and all reads)."
+    )
+    shell_user: str = Field(
+        "nobody",
+        min_length=1,
+        description="The unprivileged user the shell tool runs commands as when the worker runs "
+        "as root (it is given the workspace directory); a worker that is not root runs them as "
+        "its own user.",
+    )
+    shell_isolate_network: bool = Field(
+        True,
+        description="Run shell commands in a network namespace of their own, without network, "
+        "when the kernel allows it (the result's isolation says whether it did).",
+    )
     llm_base_url: str | None = Field(
         None, description="Base URL of the OpenAI-compatible provider (e.g. .../v1)."
     )

@@ -3,7 +3,8 @@
 The compose file is parsed as YAML, and every command it runs is resolved against this checkout:
 ``celery -A <module> <subcommand> <options>`` must name an importable module, a Celery
 subcommand that exists (Flower's included) and options that subcommand knows; ``python -m
-<module>`` must name an importable module. Secrets must be required, never defaulted.
+<module>`` must name an importable module. Secrets must be required, never defaulted, and the
+Redis that holds the broker and the governance state requires a password.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 APP_SERVICES = ("worker", "flower", "metrics")
 SECRETS = ("GOVERNANCE_AUDIT_KEY", "GOVERNANCE_RELEASE_SECRET")
+REDIS_PASSWORD = "${REDIS_PASSWORD:?set REDIS_PASSWORD}"
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,18 @@ def test_redis_is_official_persistent_and_health_checked(
     volume, _, target = redis["volumes"][0].partition(":")
     assert target == "/data", "the AOF lives in /data"
     assert volume in (compose.get("volumes") or {}), "a named volume, declared at the top"
-    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def test_redis_requires_a_password_and_the_healthcheck_uses_it(services: dict[str, Any]) -> None:
+    redis = services["redis"]
+    argv = command_of(redis)
+    assert argv[argv.index("--requirepass") + 1] == REDIS_PASSWORD
+    # redis-cli authenticates with REDISCLI_AUTH, so the healthcheck PING is an authenticated one
+    # and must answer PONG (an unauthenticated PING is answered with NOAUTH).
+    assert environment_of(redis)["REDISCLI_AUTH"] == REDIS_PASSWORD
+    test = redis["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    assert re.fullmatch(r"redis-cli ping \| grep -q PONG", test[1])
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -165,8 +178,8 @@ def test_services_use_the_shared_redis_and_required_secrets(
     services: dict[str, Any], name: str
 ) -> None:
     env = environment_of(services[name])
-    assert env["GOVERNANCE_BROKER_URL"] == "redis://redis:6379/0"
-    assert env["GOVERNANCE_STATE_REDIS_URL"] == "redis://redis:6379/1"
+    assert env["GOVERNANCE_BROKER_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+    assert env["GOVERNANCE_STATE_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/1"
     assert env["GOVERNANCE_REQUIRE_SECRETS"].lower() == "true"
     for secret in SECRETS:
         assert re.fullmatch(rf"\$\{{{secret}:\?[^}}]*\}}", env[secret]), (
@@ -176,7 +189,7 @@ def test_services_use_the_shared_redis_and_required_secrets(
 
 def test_no_secret_has_a_default() -> None:
     text = COMPOSE.read_text(encoding="utf-8")
-    for secret in (*SECRETS, "FLOWER_PASSWORD"):
+    for secret in (*SECRETS, "FLOWER_PASSWORD", "REDIS_PASSWORD"):
         uses = re.findall(rf"\$\{{{secret}([^}}]*)\}}", text)
         assert uses, f"{secret} is not used"
         assert all(use.startswith(":?") for use in uses), f"{secret} must use :? ({uses})"

@@ -2,17 +2,23 @@
 
 Run a worker with ``celery -A workers.app worker -E``. Settings come from ``GOVERNANCE_*``
 environment variables (see ``governance/settings.py``); the policy file is loaded at start, and
-a worker refuses to start, with the file, field and reason, when it is invalid.
+a worker refuses to start, with the file, field and reason, when it is invalid. Every worker
+process makes itself non-dumpable when it starts (``workers.hardening``), so the commands the
+``shell`` tool runs as the worker's user cannot read its secrets from ``/proc``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_init, worker_process_init
 
 from governance.integration import GovernanceRuntime, install
 from governance.policy.engine import Policy
 from governance.policy.loader import ConfigError
 from governance.settings import GovernanceSettings
+from workers.hardening import make_process_non_dumpable
 from workers.llm import register_llm_task
 from workers.tasks import register_tool_tasks
 
@@ -44,5 +50,13 @@ def create_app(settings: GovernanceSettings | None = None) -> Celery:
     register_llm_task(app, settings)
     return app
 
+
+def harden_worker_process(**_: Any) -> None:
+    """Celery's `worker_init` (main process) and `worker_process_init` (pool processes)."""
+    make_process_non_dumpable()
+
+
+worker_init.connect(harden_worker_process, weak=False)
+worker_process_init.connect(harden_worker_process, weak=False)
 
 app = create_app()

@@ -1,8 +1,8 @@
 """The tools as governed Celery tasks: ``tools.<name>``, taking the tool's input as kwargs.
 
 Each task's action is ``ToolCall(tool=<name>, input=kwargs)``; its input is validated against
-the tool's pydantic model and the tenant's policy (workspace, allowed domains) before admission,
-so an invalid input is a denial and the tool never runs.
+the tool's pydantic model and the tenant's policy (workspace, allowed domains and networks) before
+admission, so an invalid input is a denial and the tool never runs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ class ToolTask(GovernedTask):
         return ToolEnv(
             workspace=self.settings.workspace_dir,
             allowed_domains=tenant.allowed_domains,
+            allowed_networks=tenant.allowed_networks,
             http_timeout_s=self.settings.http_timeout_s,
+            shell_user=self.settings.shell_user,
+            shell_isolate_network=self.settings.shell_isolate_network,
         )
 
     def prepare(self, action: Action, tenant: TenantPolicy) -> None:
@@ -53,10 +56,11 @@ class ToolTask(GovernedTask):
         assert tenant is not None
         env = self.env(tenant)
         try:
-            tool_input = validate_input(self.spec, kwargs, env)
-        except InputRejected as exc:  # checked before admission; the world may have changed
+            # Checked before admission, but the world may have changed (a name may resolve to
+            # another address now); the run checks again what it actually uses.
+            return self.spec.run(validate_input(self.spec, kwargs, env), env)
+        except InputRejected as exc:
             raise ActionError.permanent(exc.reason) from None
-        return self.spec.run(tool_input, env)
 
 
 def register_tool_tasks(app: Celery, settings: GovernanceSettings) -> dict[str, ToolTask]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from fnmatch import fnmatchcase
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -235,12 +236,30 @@ def _hook_spec(value: str) -> str:
 HookSpec = Annotated[str, AfterValidator(_hook_spec)]
 
 
+def _cidr(value: Any) -> Any:
+    if isinstance(value, IPv4Network | IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"a network is written as a string, like 10.0.0.0/8 (got {value!r})")
+    try:
+        return ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(
+            f"not a network in CIDR notation, like 10.0.0.0/8 or fd00::/8 (got {value!r}: {exc})"
+        ) from None
+
+
+Cidr = Annotated[IPv4Network | IPv6Network, BeforeValidator(_cidr)]
+"""An IP network, written `10.0.0.0/8`; host bits must be zero (`10.0.0.1/8` is an error)."""
+
+
 class TenantSettings(_Model):
     """Settings of a tenant, or of every tenant when under `defaults`. None/absent inherits."""
 
     allowed_tools: list[str] | None = None
     allowed_providers: list[str] | None = None
     allowed_domains: list[Annotated[str, Field(min_length=1)]] | None = None
+    allowed_networks: list[Cidr] | None = None
     deny: list[DenyRule] | None = None
     tiers: TierSettings | None = None
     reviewers: list[Identifier] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -75,6 +76,7 @@ class TenantPolicy:
     allowed_tools: frozenset[str]
     allowed_providers: frozenset[str]
     allowed_domains: tuple[str, ...]
+    allowed_networks: tuple[IPv4Network | IPv6Network, ...]
     deny: tuple[BoundDenyRule, ...]
     tiers: TierTable
     reviewers: tuple[str, ...]
@@ -214,6 +216,7 @@ def _build(
         allowed_tools=_expand(b.replaced("allowed_tools"), config.tools),
         allowed_providers=_expand(b.replaced("allowed_providers"), config.providers),
         allowed_domains=tuple(b.replaced("allowed_domains") or ()),
+        allowed_networks=tuple(b.replaced("allowed_networks") or ()),
         deny=tuple(BoundDenyRule(path, rule) for path, rule in b.concatenated("deny")),
         tiers=TierTable.merge(
             _tier_source("defaults", config.defaults.tiers),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from datetime import timedelta
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,29 @@ def test_tenant_value_replaces_default_and_explicit_null_counts(
     assert (inherit.concurrency, inherit.source("concurrency")) == (10, "defaults.concurrency")
     assert (replace.concurrency, replace.source("concurrency")) == (2, "tenants.acme.concurrency")
     assert unlimited.concurrency is None
+
+
+def test_allowed_networks_are_resolved_like_allowed_domains(
+    make_policy: Callable[..., Policy],
+) -> None:
+    policy = make_policy(
+        defaults={"allowed_networks": ["10.20.0.0/16"]},
+        acme={"allowed_networks": ["127.0.0.0/8", "fd00::/8", "192.168.1.7"]},
+    )
+    acme = policy.tenant("acme")
+    assert acme is not None
+    assert acme.allowed_networks == (
+        ip_network("127.0.0.0/8"),
+        ip_network("fd00::/8"),
+        ip_network("192.168.1.7/32"),
+    )
+    assert acme.source("allowed_networks") == "tenants.acme.allowed_networks"
+    inherited = make_policy(defaults={"allowed_networks": ["10.20.0.0/16"]}).tenant("acme")
+    assert inherited is not None
+    assert inherited.allowed_networks == (ip_network("10.20.0.0/16"),)
+    none = make_policy().tenant("acme")
+    assert none is not None
+    assert none.allowed_networks == ()
 
 
 def test_approval_and_retry_merge_field_by_field_and_max_wait_is_replaced(

@@ -253,6 +253,27 @@ def with_acme(**settings: Any) -> dict[str, Any]:
             "unknown preset 'forever'",
         ),
         (
+            with_acme(allowed_networks=["10.0.0.0/8", "10.0.0.1/8"]),
+            "tenants.acme.allowed_networks[1]",
+            "not a network in CIDR notation, like 10.0.0.0/8 or fd00::/8 (got '10.0.0.1/8': "
+            "10.0.0.1/8 has host bits set)",
+        ),
+        (
+            with_acme(allowed_networks=["intranet"]),
+            "tenants.acme.allowed_networks[0]",
+            "not a network in CIDR notation",
+        ),
+        (
+            with_acme(allowed_networks=["10.0.0.0/33"]),
+            "tenants.acme.allowed_networks[0]",
+            "got '10.0.0.0/33'",
+        ),
+        (
+            with_acme(allowed_networks=[10]),
+            "tenants.acme.allowed_networks[0]",
+            "a network is written as a string",
+        ),
+        (
             with_acme(warning_threshold_pct=101),
             "tenants.acme.warning_threshold_pct",
             "less than or equal to 100",

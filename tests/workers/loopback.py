@@ -2,6 +2,8 @@
 
 Each route (method, path) has a queue of replies: a request takes the first one, and the last one
 keeps answering, so `[500, 200]` means "fail once, then succeed". Every request is recorded.
+A reply with `drip_s` sends its whole response (status line, headers, body) one byte at a time,
+`drip_s` apart, like a slow-drip attacker.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Reply:
     body: bytes | str | dict[str, Any] | list[Any] = b""
     headers: Mapping[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    drip_s: float = 0.0
 
     def encoded(self) -> tuple[bytes, dict[str, str]]:
         headers = dict(self.headers)
@@ -77,12 +80,26 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay_s:
             owner.stopping.wait(reply.delay_s)
         data, headers = reply.encoded()
+        if reply.drip_s:
+            self._drip(reply, data, headers)
+            return
         self.send_response(reply.status)
         for name, value in headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _drip(self, reply: Reply, data: bytes, headers: dict[str, str]) -> None:
+        lines = [f"HTTP/1.1 {reply.status} Drip", f"Content-Length: {len(data)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+        self.close_connection = True
+        for index in range(len(raw)):
+            self.wfile.write(raw[index : index + 1])
+            self.wfile.flush()
+            if self.server.owner.stopping.wait(reply.drip_s):
+                return
 
     def do_GET(self) -> None:
         self._answer()

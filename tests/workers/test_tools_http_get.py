@@ -1,8 +1,14 @@
-"""`http_get` against a real HTTP server on 127.0.0.1, and its domain allow-list."""
+"""`http_get` against a real HTTP server on 127.0.0.1, and its domain allow-list.
+
+The server is on loopback, which `http_get` refuses unless the tenant allows it: `get` allows
+127.0.0.0/8 with `allowed_networks`, as a tenant of the end-to-end policy does. The address
+checks themselves are in test_tools_http_get_addresses.py.
+"""
 
 from __future__ import annotations
 
 import socket
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +19,13 @@ from tests.workers.loopback import LoopbackServer, Reply
 from workers.tools import TOOLS, InputRejected, ToolEnv, validate_input
 from workers.tools.http_get import host_allowed
 
+LOOPBACK = (ip_network("127.0.0.0/8"),)
+
 
 def get(url: str, workspace: Path, allowed: tuple[str, ...] = ("127.0.0.1",)) -> dict[str, Any]:
-    env = ToolEnv(workspace=workspace, allowed_domains=allowed, http_timeout_s=5.0)
+    env = ToolEnv(
+        workspace=workspace, allowed_domains=allowed, allowed_networks=LOOPBACK, http_timeout_s=5.0
+    )
     spec = TOOLS["http_get"]
     return spec.run(validate_input(spec, {"url": url}, env), env)
 
@@ -86,9 +96,14 @@ def test_connection_refused_is_transient(workspace: Path) -> None:
 
 def test_read_timeout_is_transient(http_server: LoopbackServer, workspace: Path) -> None:
     http_server.route("GET", "/hang", Reply(200, "late", delay_s=5))
-    env = ToolEnv(workspace=workspace, allowed_domains=("127.0.0.1",), http_timeout_s=0.2)
+    env = ToolEnv(
+        workspace=workspace,
+        allowed_domains=("127.0.0.1",),
+        allowed_networks=LOOPBACK,
+        http_timeout_s=0.2,
+    )
     spec = TOOLS["http_get"]
-    with pytest.raises(ActionError, match="ReadTimeout") as info:
+    with pytest.raises(ActionError, match=r"ReadTimeout: the total deadline of 0\.2 s") as info:
         spec.run(validate_input(spec, {"url": http_server.url + "/hang"}, env), env)
     assert info.value.kind is ErrorKind.transient
 

@@ -19,13 +19,25 @@ def shell(command: list[str], workspace: Path, timeout_s: float = 30.0) -> dict[
 
 
 def test_runs_argv_and_captures_output(workspace: Path) -> None:
-    assert shell(["echo", "hi"], workspace) == {
+    result = shell(["echo", "hi"], workspace)
+    isolation = result.pop("isolation")
+    assert result == {
         "returncode": 0,
         "stdout": "hi\n",
         "stderr": "",
         "stdout_truncated": False,
         "stderr_truncated": False,
     }
+    assert set(isolation) == {"user", "network"}
+    assert isolation["network"] == "none" or isolation["network"].startswith("shared: ")
+
+
+def test_a_pipe_closed_early_ends_the_writer_quietly(workspace: Path) -> None:
+    """SIGPIPE has its default action in the command (the Python launcher ignores it)."""
+    result = shell(["sh", "-c", "yes | head -n 2"], workspace)
+    assert result["returncode"] == 0
+    assert result["stdout"] == "y\ny\n"
+    assert result["stderr"] == ""
 
 
 def test_argv_is_not_interpreted_by_a_shell(workspace: Path) -> None:

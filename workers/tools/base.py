@@ -8,11 +8,14 @@ and then calls `spec.run`. Failures while running are raised as classified `Acti
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.tools.netguard import IPNetwork
+from workers.tools.sandbox import ShellLimits
 
 __all__ = [
     "InputRejected",
@@ -43,13 +46,21 @@ class ToolEnv:
     """What a tool may use at run time, taken from the deployment and the tenant's policy.
 
     `workspace` is the only directory file tools and `shell` may touch; `allowed_domains` are the
-    hosts (and their subdomains) that network tools may reach, none when empty.
+    hosts (and their subdomains) that network tools may reach, none when empty, and
+    `allowed_networks` the internal networks (loopback, private, ...) they may reach too, none
+    when empty. `http_timeout_s` is one deadline for a whole request. `shell_user` is who `shell`
+    runs commands as when the worker is root; `shell_limits` what one command may use;
+    `shell_isolate_network` whether it cuts the command's network (when the kernel allows).
     """
 
     workspace: Path
     allowed_domains: tuple[str, ...] = ()
+    allowed_networks: tuple[IPNetwork, ...] = ()
     http_timeout_s: float = 10.0
     shell_timeout_s: float = 30.0
+    shell_user: str | None = "nobody"
+    shell_limits: ShellLimits = field(default_factory=ShellLimits)
+    shell_isolate_network: bool = True
 
 
 class ToolInput(BaseModel):

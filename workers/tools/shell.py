@@ -1,9 +1,16 @@
-"""`shell`: runs one program (an argv list, never a shell string) in the workspace.
+"""`shell`: runs one program (an argv list, never a shell string) in the workspace, contained.
 
 The child gets a minimal environment (PATH, HOME set to the workspace, LANG), not the worker's,
-so provider API keys and other secrets of the worker are not handed to whatever the agent runs.
-It starts in its own process group, and when it exits or times out the whole group is killed, so
-no background grandchild outlives the call or keeps the worker waiting on the output pipes.
+and the workspace as its working directory. Before the program starts, `sandbox` applies resource
+limits (CPU seconds, address space, processes, file size, open files), cuts the network when the
+kernel allows it, and, when the worker runs as root, switches to the unprivileged `shell_user`; a
+worker that is not root makes itself non-dumpable (`workers.hardening`), so a command running as
+its user cannot read its environment or memory. The result says who the command ran as and
+whether it had a network (`isolation`).
+
+It starts in its own process group, and when it exits, times out or floods its output the whole
+group is killed, so no background grandchild outlives the call or keeps the worker waiting on the
+output pipes. A command stopped by a limit fails with a permanent `ActionError` naming the limit.
 """
 
 from __future__ import annotations
@@ -14,15 +21,18 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Annotated, Any
 
 from pydantic import Field
 
 from governance.policy.errors import ActionError
+from workers.tools import sandbox
 from workers.tools.base import InputRejected, ToolEnv, ToolInput, ToolSpec
 
 MAX_OUTPUT_BYTES = 64 * 1024
-"""Each of stdout and stderr is cut here; the rest is read and dropped so the child never blocks."""
+"""Each of stdout and stderr is cut here; more is read and dropped so the child never blocks, up
+to `ShellLimits.output_bytes`, where the command is stopped."""
 
 
 class ShellInput(ToolInput):
@@ -49,18 +59,27 @@ def _child_env(env: ToolEnv) -> dict[str, str]:
 
 
 class _CappedReader(threading.Thread):
-    """Reads a pipe to its end, keeping only the first `MAX_OUTPUT_BYTES`."""
+    """Reads a pipe to its end, keeping the first `MAX_OUTPUT_BYTES`, counting up to `limit`."""
 
-    def __init__(self, pipe: IO[bytes]) -> None:
+    def __init__(self, name: str, pipe: IO[bytes], limit: int) -> None:
         super().__init__(daemon=True)
+        self.stream = name
         self.pipe = pipe
+        self.limit = limit
         self.chunks: list[bytes] = []
         self.kept = 0
+        self.seen = 0
         self.truncated = False
+
+    @property
+    def flooded(self) -> bool:
+        """More than `limit` bytes came: the command is to be stopped."""
+        return self.seen > self.limit
 
     def run(self) -> None:
         with self.pipe:
             while chunk := os.read(self.pipe.fileno(), 65536):
+                self.seen += len(chunk)
                 room = MAX_OUTPUT_BYTES - self.kept
                 if len(chunk) > room:
                     self.truncated = True
@@ -73,68 +92,92 @@ class _CappedReader(threading.Thread):
         return b"".join(self.chunks).decode("utf-8", errors="replace")
 
 
-def _wait_unreaped(pid: int, timeout_s: float) -> bool:
-    """Wait up to `timeout_s` for `pid` to exit, without reaping it; whether it exited."""
+def _wait_unreaped(pid: int, timeout_s: float, stop: Callable[[], bool]) -> str:
+    """Wait, without reaping, until `pid` exits ("exited"), `stop()` ("stopped") or timeout."""
     deadline = time.monotonic() + timeout_s
     pause = 0.001
     while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if stop():
+            return "stopped"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return False
+            return "timeout"
         time.sleep(min(pause, remaining))
         pause = min(pause * 2, 0.05)
-    return True
+    return "exited"
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> float:
+    """Reap the command; the CPU seconds it used (for telling the CPU limit's SIGKILL)."""
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # already reaped
+        proc.wait()
+        return 0.0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return float(usage.ru_utime + usage.ru_stime)
 
 
 def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
-    """Run the program with the workspace as working directory and return its exit and output.
+    """Run the program contained, in the workspace, and return its exit, output and isolation.
 
-    A non-zero exit is a result, not a failure. A missing or non-executable program is a permanent
-    failure; exceeding `env.shell_timeout_s` is a transient one.
+    A non-zero exit is a result, not a failure. A missing or non-executable program, a command
+    stopped by a limit (CPU, memory, processes, file size, open files, output) or a containment
+    step that failed is a permanent failure; exceeding `env.shell_timeout_s` is a transient one.
     """
     program = inp.command[0]
+    limits = env.shell_limits
     if not env.workspace.is_dir():
         raise ActionError.permanent(f"workspace is not a directory: {env.workspace}")
-    try:
-        proc = subprocess.Popen(
-            inp.command,
-            cwd=env.workspace,
-            env=_child_env(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-    except FileNotFoundError:
-        raise ActionError.permanent(f"no such executable: {program}") from None
-    except PermissionError:
-        raise ActionError.permanent(f"not executable: {program}") from None
-    except OSError as exc:
-        raise ActionError.permanent(f"cannot run {program}: {exc.strerror or exc}") from exc
-    readers = [_CappedReader(pipe) for pipe in (proc.stdout, proc.stderr) if pipe is not None]
+    proc, isolation = sandbox.launch(
+        list(inp.command),
+        env.workspace,
+        _child_env(env),
+        env.shell_user,
+        limits,
+        env.shell_isolate_network,
+    )
+    readers = [
+        _CappedReader(name, pipe, limits.output_bytes)
+        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
+        if pipe is not None
+    ]
     for reader in readers:
         reader.start()
-    exited = False
+    ended = "interrupted"
     try:
-        exited = _wait_unreaped(proc.pid, env.shell_timeout_s)
+        ended = _wait_unreaped(
+            proc.pid, env.shell_timeout_s, lambda: any(r.flooded for r in readers)
+        )
     finally:
         # Killed while the child is unreaped (a zombie keeps its pid, so the group id cannot have
         # been reused); also on success, so a background grandchild cannot hold the pipes open,
         # and also when interrupted (e.g. Celery's soft time limit), so nothing is left running.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        returncode = proc.wait()
+        cpu_used_s = _reap(proc)
         for reader in readers:
             reader.join()
-    if not exited:
+    returncode = proc.returncode
+    if ended == "timeout":
         raise ActionError.transient(f"command timed out after {env.shell_timeout_s:g} s: {program}")
     out, err = readers
+    for reader in readers:
+        if reader.flooded:
+            raise ActionError.permanent(
+                f"{program} was stopped by the output limit: more than {limits.output_bytes} "
+                f"bytes on {reader.stream}"
+            )
+    limit = sandbox.limit_hit(returncode, cpu_used_s, err.text(), limits)
+    if limit is not None:
+        raise ActionError.permanent(f"{program} was stopped by {limit}")
     return {
         "returncode": returncode,
         "stdout": out.text(),
         "stderr": err.text(),
         "stdout_truncated": out.truncated,
         "stderr_truncated": err.truncated,
+        "isolation": isolation.as_dict(),
     }
 
 
@@ -144,5 +187,6 @@ SPEC = ToolSpec(
     input_model=ShellInput,
     run=run,
     check=check,
-    description="Run a program (argv list, no shell) in the workspace; returns exit code, output.",
+    description="Run a program (argv list, no shell) in the workspace, contained; returns exit "
+    "code, output and how it was isolated.",
 )
