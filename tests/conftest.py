@@ -1,7 +1,13 @@
-"""Shared fixtures: real Redis servers (single and cluster) started privately for the tests.
+"""Shared fixtures: real Redis servers (single and cluster) and RabbitMQ nodes, started
+privately for the tests.
 
-No fakes: every fixture talks to a genuine ``redis-server``. Set ``REDIS_URL`` to use an
-existing server for ``redis_url``/``redis_client`` instead of an embedded one.
+No fakes: every fixture talks to a genuine ``redis-server`` or RabbitMQ node. Set ``REDIS_URL``
+to use an existing server for ``redis_url``/``redis_client`` instead of an embedded one, and
+``RABBITMQ_URL`` to use an existing broker for ``rabbitmq_url``.
+
+RabbitMQ is a system package, not a Python one: where it is not installed the RabbitMQ
+fixtures skip, saying how to install it, unless ``GOVERNANCE_REQUIRE_RABBITMQ=1`` (CI) makes
+that a failure.
 """
 
 from __future__ import annotations
@@ -15,11 +21,20 @@ import redis
 from redis.cluster import RedisCluster
 
 from governance.embedded import (
+    EmbeddedRabbitMQ,
     EmbeddedRedis,
     EmbeddedRedisCluster,
+    RabbitMQBinaries,
+    RabbitMQBinaryNotFound,
     RedisBinaryNotFound,
     RedisStartError,
+    find_rabbitmq_binaries,
 )
+
+#: Set to 1 where RabbitMQ must be installed (CI): its fixtures then fail instead of skipping.
+REQUIRE_RABBITMQ_ENV = "GOVERNANCE_REQUIRE_RABBITMQ"
+#: The consumer timeout of ``rabbitmq_short_consumer_timeout``, in milliseconds.
+SHORT_CONSUMER_TIMEOUT_MS = 5000
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +117,60 @@ def redis_cluster_client(redis_cluster: EmbeddedRedisCluster) -> Iterator[RedisC
         yield client
     finally:
         client.close()
+
+
+def rabbitmq_binaries_or_skip() -> RabbitMQBinaries:
+    """RabbitMQ's binaries; skips the test when RabbitMQ is not installed.
+
+    With ``GOVERNANCE_REQUIRE_RABBITMQ=1`` a missing RabbitMQ fails the test instead, so CI
+    never passes by skipping.
+    """
+    try:
+        return find_rabbitmq_binaries()
+    except RabbitMQBinaryNotFound as exc:
+        missing = str(exc)
+    if os.environ.get(REQUIRE_RABBITMQ_ENV) == "1":
+        pytest.fail(
+            f"RabbitMQ is required here ({REQUIRE_RABBITMQ_ENV}=1): {missing}", pytrace=False
+        )
+    pytest.skip(f"RabbitMQ is not installed: {missing}")
+
+
+def start_rabbitmq(**kwargs: Any) -> EmbeddedRabbitMQ:
+    """A started :class:`EmbeddedRabbitMQ`, or a skip (see ``rabbitmq_binaries_or_skip``).
+
+    A node that is installed but fails to start is always an error, never a skip.
+    """
+    rabbitmq_binaries_or_skip()
+    return EmbeddedRabbitMQ(**kwargs).start()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[EmbeddedRabbitMQ]:
+    """The session's private RabbitMQ node (default settings: a 30-minute consumer timeout)."""
+    node = start_rabbitmq()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(request: pytest.FixtureRequest) -> str:
+    """AMQP URL of the session's broker: ``$RABBITMQ_URL`` if set, else the ``rabbitmq`` node."""
+    external = os.environ.get("RABBITMQ_URL")
+    if external:
+        return external
+    node: EmbeddedRabbitMQ = request.getfixturevalue("rabbitmq")
+    return node.url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_short_consumer_timeout() -> Iterator[EmbeddedRabbitMQ]:
+    """A second node whose ``consumer_timeout`` is ``SHORT_CONSUMER_TIMEOUT_MS`` (checked
+    every second): a delivery left unacknowledged longer gets its channel closed."""
+    node = start_rabbitmq(consumer_timeout_ms=SHORT_CONSUMER_TIMEOUT_MS)
+    try:
+        yield node
+    finally:
+        node.stop()

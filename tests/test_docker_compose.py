@@ -5,19 +5,27 @@ The compose file is parsed as YAML, and every command it runs is resolved agains
 subcommand that exists (Flower's included) and options that subcommand knows; ``python -m
 <module>`` must name an importable module. Secrets must be required, never defaulted, and the
 Redis that holds the broker and the governance state requires a password.
+
+The ``rabbitmq`` profile (a RabbitMQ broker, and workers and a Flower on it) is checked the same
+way, and must leave plain ``docker compose up`` exactly as it was.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from celery import Celery
+from kombu.utils.url import url_to_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -25,6 +33,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 APP_SERVICES = ("worker", "flower", "metrics")
 SECRETS = ("GOVERNANCE_AUDIT_KEY", "GOVERNANCE_RELEASE_SECRET")
 REDIS_PASSWORD = "${REDIS_PASSWORD:?set REDIS_PASSWORD}"
+RABBITMQ_PROFILE = "rabbitmq"
+RABBITMQ_APP_SERVICES = ("worker-rabbitmq", "flower-rabbitmq")
+#: What the rabbitmq profile's variables expand to in the checks below.
+RABBITMQ_VARIABLES = {"RABBITMQ_USER": "governance", "RABBITMQ_PASSWORD": "s3cret"}
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +230,150 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     for entry in (".venv", ".git", ".redis-data", ".demo", "**/__pycache__", ".pytest_cache"):
         assert entry in ignored
+
+
+# ------------------------------------------------------------------ the rabbitmq profile
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}`` / ``${NAME:?message}`` / ``${NAME}`` with ``variables``."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, rest = match.group(1), match.group(2), match.group(3)
+        value = variables.get(name, "")
+        if value or operator not in (":-", "-"):
+            return value
+        return rest
+
+    return re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", one, text)
+
+
+def test_the_rabbitmq_profile_adds_a_broker_workers_and_flower(services: dict[str, Any]) -> None:
+    for name in (RABBITMQ_PROFILE, *RABBITMQ_APP_SERVICES):
+        assert services[name].get("profiles") == [RABBITMQ_PROFILE], name
+    for name in ("redis", *APP_SERVICES):
+        assert "profiles" not in services[name], f"{name} must run without any profile"
+
+
+def test_rabbitmq_is_official_persistent_and_health_checked(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    rabbitmq = services["rabbitmq"]
+    assert re.fullmatch(r"rabbitmq:[34][\w.\-]*-management", rabbitmq["image"]), (
+        "the official image, with the management plugin (Flower's broker API)"
+    )
+    assert rabbitmq["hostname"], "a fixed hostname: the node name names the data directory"
+    volume, _, target = rabbitmq["volumes"][0].partition(":")
+    assert target == "/var/lib/rabbitmq"
+    assert volume in (compose.get("volumes") or {}), "a named volume, declared at the top"
+    test = rabbitmq["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    assert test[1] == "rabbitmq-diagnostics"
+    for port in rabbitmq.get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), "the management UI only on the host's loopback"
+
+
+def test_rabbitmq_has_its_own_user_with_a_password(services: dict[str, Any]) -> None:
+    """guest may only log in from localhost, so the workers need a user of their own."""
+    env = environment_of(services["rabbitmq"])
+    assert env["RABBITMQ_DEFAULT_USER"] == "${RABBITMQ_USER:-governance}"
+    assert env["RABBITMQ_DEFAULT_PASS"] == "${RABBITMQ_PASSWORD:-}"
+
+
+def test_the_rabbitmq_password_is_never_defaulted() -> None:
+    """Empty, never a usable default: ``:?`` would make plain ``docker compose up`` demand it."""
+    uses = re.findall(r"\$\{RABBITMQ_PASSWORD([^}]*)\}", COMPOSE.read_text(encoding="utf-8"))
+    assert uses
+    assert set(uses) == {":-"}, uses
+
+
+@pytest.mark.parametrize(("password", "starts"), [("", False), ("s3cret", True)])
+def test_rabbitmq_refuses_to_start_without_a_password(
+    services: dict[str, Any], tmp_path: Path, password: str, starts: bool
+) -> None:
+    """Run the service's entry point here, with a stand-in for the image's own script."""
+    rabbitmq = services["rabbitmq"]
+    entrypoint = [part.replace("$$", "$") for part in rabbitmq["entrypoint"]]  # compose's escape
+    (tmp_path / "docker-entrypoint.sh").write_text('#!/bin/sh\necho "image entry point: $*"\n')
+    (tmp_path / "docker-entrypoint.sh").chmod(0o755)
+    env = {
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RABBITMQ_DEFAULT_PASS": password,
+    }
+    result = subprocess.run(
+        [*entrypoint, *command_of(rabbitmq)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    if starts:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "image entry point: rabbitmq-server"
+    else:
+        assert result.returncode != 0
+        assert "set RABBITMQ_PASSWORD" in result.stderr
+        assert "image entry point" not in result.stdout
+
+
+@pytest.mark.parametrize("name", RABBITMQ_APP_SERVICES)
+def test_rabbitmq_services_name_entry_points_that_exist(
+    services: dict[str, Any], name: str
+) -> None:
+    check_entry_point(command_of(services[name]))
+
+
+def test_the_rabbitmq_worker_and_flower_match_the_redis_ones(services: dict[str, Any]) -> None:
+    assert command_of(services["worker-rabbitmq"]) == command_of(services["worker"])
+    assert services["worker-rabbitmq"]["deploy"]["replicas"] >= 2
+    flower = command_of(services["flower-rabbitmq"])
+    redis_flower = command_of(services["flower"])
+    assert flower[: len(redis_flower)] == redis_flower, "the same Flower, basic auth included"
+
+
+def test_the_published_host_ports_do_not_clash(services: dict[str, Any]) -> None:
+    """Every profile on: each host port is published once."""
+    published = [
+        str(port).rsplit(":", 1)[0]
+        for service in services.values()
+        for port in service.get("ports", [])
+    ]
+    assert len(published) == len(set(published)), published
+
+
+@pytest.mark.parametrize("name", RABBITMQ_APP_SERVICES)
+def test_rabbitmq_services_use_the_broker_and_keep_state_in_redis(
+    services: dict[str, Any], name: str
+) -> None:
+    service = services[name]
+    env = environment_of(service)
+    broker = expand(env["GOVERNANCE_BROKER_URL"], RABBITMQ_VARIABLES)
+    assert broker == "amqp://governance:s3cret@rabbitmq:5672//"
+    parts = url_to_parts(broker)
+    assert (parts.scheme, parts.hostname, parts.port, parts.path) == ("amqp", "rabbitmq", 5672, "/")
+    assert (parts.username, parts.password) == ("governance", "s3cret")
+    app = Celery("compose-check", broker=broker, backend=env["GOVERNANCE_RESULT_BACKEND"])
+    try:
+        assert app.connection_for_write().transport.driver_type == "amqp"  # no connection made
+    finally:
+        app.close()
+    # Governance state stays in the Redis service, shared with the Redis-broker workers;
+    # results go to Redis too (Celery 5 has no amqp:// result backend).
+    assert env["GOVERNANCE_STATE_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/1"
+    backend = env["GOVERNANCE_RESULT_BACKEND"]
+    assert backend.startswith(f"redis://:{REDIS_PASSWORD}@redis:6379/")
+    assert backend.rsplit("/", 1)[1] not in ("0", "1")
+    assert env["GOVERNANCE_REQUIRE_SECRETS"].lower() == "true"
+    for secret in SECRETS:
+        assert re.fullmatch(rf"\$\{{{secret}:\?[^}}]*\}}", env[secret]), (name, secret)
+    for dependency in ("redis", "rabbitmq"):
+        assert service["depends_on"][dependency]["condition"] == "service_healthy"
+
+
+def test_flower_on_rabbitmq_reads_the_management_api(services: dict[str, Any]) -> None:
+    options = [a for a in command_of(services["flower-rabbitmq"]) if a.startswith("--broker-api=")]
+    assert len(options) == 1
+    api = urlsplit(expand(options[0].removeprefix("--broker-api="), RABBITMQ_VARIABLES))
+    assert (api.scheme, api.hostname, api.port, api.path) == ("http", "rabbitmq", 15672, "/api/")
+    assert (api.username, api.password) == ("governance", "s3cret")

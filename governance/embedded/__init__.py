@@ -1,9 +1,17 @@
-"""Private, real Redis processes (a single server or a small cluster) for tests and demos.
+"""Private, real Redis processes (a single server or a small cluster) and RabbitMQ nodes.
 
 Everything in the project keeps its shared state in Redis, so tests run against a genuine
-``redis-server`` started here rather than a fake.
+``redis-server`` started here rather than a fake; a private RabbitMQ node serves the tests
+that run Celery on an AMQP broker.
 """
 
+from governance.embedded.rabbitmq import (
+    EmbeddedRabbitMQ,
+    RabbitMQBinaries,
+    RabbitMQBinaryNotFound,
+    RabbitMQStartError,
+    find_rabbitmq_binaries,
+)
 from governance.embedded.redis_cluster import EmbeddedRedisCluster
 from governance.embedded.redis_server import (
     EmbeddedRedis,
@@ -14,10 +22,15 @@ from governance.embedded.redis_server import (
 )
 
 __all__ = [
+    "EmbeddedRabbitMQ",
     "EmbeddedRedis",
     "EmbeddedRedisCluster",
+    "RabbitMQBinaries",
+    "RabbitMQBinaryNotFound",
+    "RabbitMQStartError",
     "RedisBinaries",
     "RedisBinaryNotFound",
     "RedisStartError",
+    "find_rabbitmq_binaries",
     "find_redis_binaries",
 ]
