@@ -14,11 +14,11 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from governance.metrics.collector import METRICS
 from governance.policy.actions import LLMCall, Message
 from governance.policy.context import ActionContext
 from governance.policy.engine import Policy
 from governance.policy.usage import Usage
-from governance.metrics.collector import METRICS
 from governance.store import (
     AdmissionLimits,
     Admitter,
