@@ -10,6 +10,7 @@ Commands::
     govctl submit tool TOOL --tenant T --agent A --run R [--input JSON | -i key=value ...]
     govctl submit llm --provider P --model M --message TEXT --max-tokens N ...
     govctl usage [--tenant T] [--run R]
+    govctl status [--tenant T] [--overdue]
     govctl audit tail [-n N]
     govctl audit verify
     govctl policy check [FILE]
@@ -39,7 +40,7 @@ import sys
 
 import typer
 
-from governance.cli import audit, held, policy, submit, usage
+from governance.cli import audit, held, policy, status, submit, usage
 from governance.cli.errors import ExitCode, classify
 from governance.cli.output import error
 
@@ -73,6 +74,7 @@ app = typer.Typer(
 app.add_typer(held.app, name="held")
 app.add_typer(submit.app, name="submit")
 app.command("usage")(usage.usage)
+app.command("status")(status.status)
 app.add_typer(audit.app, name="audit", no_args_is_help=True)
 app.add_typer(policy.app, name="policy")
 

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from governance.policy.engine import Policy
 from governance.store.audit import AuditLog
 from governance.store.held import STATUS_ORDER, HeldStore
-from governance.store.keys import DEPLOYMENT_CHAIN, Period, TenantKeys
+from governance.store.keys import DEPLOYMENT_CHAIN, Period
 from governance.store.ledger import Ledger
 from governance.store.limits import budget_checks
 from governance.store.state import StateStore
@@ -205,15 +205,10 @@ class GovernanceCollector(Collector):
             waiting.add_metric([tenant], status_now.waiting)
             oldest.add_metric([tenant], (status_now.oldest_wait_ms or 0) / 1000)
             overdue.add_metric([tenant], status_now.overdue)
-            republished.add_metric([tenant], self._republished(tenant))
+            republished.add_metric([tenant], ledger.republished(tenant))
             self._budgets(tenant, budgets)
         yield from (held, running, waiting, oldest, overdue, republished)
         yield from budgets.values()
-
-    def _republished(self, tenant: str) -> int:
-        key = TenantKeys(tenant).meta
-        count = self._state.run("metrics", lambda: self._state.client.hget(key, "republished"))
-        return int(count or 0)
 
     def _budgets(self, tenant: str, families: dict[str, GaugeMetricFamily]) -> None:
         policy = self._policy.tenant(tenant)

@@ -212,6 +212,12 @@ class Ledger:
 
         return self._state.run("ledger read", read)
 
+    def republished(self, tenant: str) -> int:
+        """How many tasks of ``tenant`` the reconciler published again, in all."""
+        key = TenantKeys(tenant).meta
+        count = self._state.run("ledger read", lambda: self._state.client.hget(key, "republished"))
+        return int(count or 0)
+
     def where(self, tenant: str, task_id: str) -> dict[str, str]:
         """A task's record (for tests and ``govctl``)."""
         key = TenantKeys(tenant).task(task_id)

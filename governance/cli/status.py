@@ -1,0 +1,81 @@
+"""``govctl status``: per tenant, what runs, what waits, and whether the ledger accounts for it.
+
+``running`` are tasks holding a concurrency lease, ``waiting`` the tenant's wait list (and how
+long its oldest task has waited), ``open`` the ledger's tasks that are not done yet (queued,
+parked, waiting, running), ``overdue`` those nobody looked at in time: neither done nor
+accounted for, which should always be 0 (the reconciler publishes them again), and
+``republished`` how often the reconciler had to. ``--overdue`` lists the overdue tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from governance.cli import context, output
+from governance.cli.errors import CliError
+from governance.cli.output import JsonFlag
+
+
+def status(
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", "-t", help="One tenant (default: every tenant).")
+    ] = None,
+    overdue: Annotated[
+        bool, typer.Option("--overdue", help="Also list the overdue tasks, one per line.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Running and waiting tasks per tenant, the oldest wait, and the ledger's open tasks."""
+    rt = context.runtime()
+    policy = rt.policy
+    if tenant and policy.tenant(tenant) is None:
+        known = ", ".join(policy.tenant_names) or "none"
+        raise CliError(f"unknown tenant {tenant!r} (configured: {known})")
+    names = [tenant] if tenant else list(policy.tenant_names)
+    grace_ms = round(rt.settings.reconcile_after_s * 1000)
+    rows: list[dict[str, Any]] = []
+    late: list[dict[str, Any]] = []
+    for name in names:
+        row = rt.ledger.status(name, overdue_after_ms=grace_ms).as_dict()
+        row["republished"] = rt.ledger.republished(name)
+        rows.append(row)
+        if overdue:
+            late += [
+                {"tenant": name, **t} for t in rt.ledger.overdue(name, overdue_after_ms=grace_ms)
+            ]
+    if as_json:
+        data: dict[str, Any] = {"tenants": rows}
+        if overdue:
+            data["overdue"] = late
+        output.emit_json(data)
+        return
+    shown = output.table(
+        "tenant", "running", "waiting", "oldest wait", "open", "overdue", "republished",
+        title="governed tasks",
+    )  # fmt: skip
+    for row in rows:
+        oldest = row["oldest_wait_s"]
+        output.add_row(
+            shown,
+            row["tenant"],
+            row["running"],
+            row["waiting"],
+            "" if oldest is None else output.span(oldest),
+            row["open"],
+            row["overdue"],
+            row["republished"],
+        )
+    output.show(shown)
+    if overdue:
+        listing = output.table("tenant", "task", "where", "since", title="overdue tasks")
+        for task in late:
+            output.add_row(
+                listing,
+                task["tenant"],
+                task["task_id"],
+                task["where"],
+                output.when(task["since_ms"]),
+            )
+        output.show(listing if late else "no overdue task: every task is accounted for")
