@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Retry
 
 from governance.integration.approvals import Approvals
 from governance.integration.errors import (
@@ -70,6 +70,12 @@ OUTAGE_MAX_DELAY_S = 5.0
 def base_usage(action: Action) -> Usage:
     """What every attempt counts before the body reports more: one step (and one tool call)."""
     return Usage(steps=1, tool_calls=1 if isinstance(action, ToolCall) else 0)
+
+
+class Acknowledged(Exception):
+    """This delivery ends here without a result of its own (it waits, was held, was a copy):
+    ``GovernedTask.__call__`` turns it into Celery's ``Ignore``, raised from a shallow stack,
+    because Celery records the whole traceback of an ``Ignore`` on every such delivery."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ class TaskLife:
                 )
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
-        raise Ignore()
+        raise Acknowledged()
 
     def _prepare(self, tenant: TenantPolicy) -> None:
         assert self.action is not None
@@ -245,7 +251,7 @@ class TaskLife:
                 headers.attempt,
                 status.value,
             )
-            raise Ignore()
+            raise Acknowledged()
         if status is AdmissionStatus.REJECTED:
             raise LimitExceeded(admission.reason)
         violation = admission.violation.type.value if admission.violation else "capacity"
@@ -264,7 +270,7 @@ class TaskLife:
             meta["ahead"] = admission.ahead
         self.task.update_state(state="DEFERRED", meta=meta)
         self._send_event("deferred", admission.reason, violation=violation)
-        raise Ignore()
+        raise Acknowledged()
 
     def _publish(self, publications: tuple[Publication, ...]) -> None:
         """Publish what a call handed on; a failure is left to the reconciler (the ledger has
@@ -468,7 +474,7 @@ class TaskLife:
                 log.warning("suggestion %s could not be listed", self.task_id, exc_info=True)
         self.task.backend.mark_as_done(self.task_id, result, request=self.task.request)
         self._send_event(outcome, decision.reason)
-        raise Ignore()
+        raise Acknowledged()
 
     def _defer_for_outage(self, exc: StoreUnavailable) -> NoReturn:
         """The state store is down: send this message back to the broker with a short
@@ -499,7 +505,7 @@ class TaskLife:
         except Exception:
             log.warning("could not record the DEFERRED state of %s", self.task_id, exc_info=True)
         self._send_event("deferred", reason, violation="store_unavailable")
-        raise Ignore()
+        raise Acknowledged()
 
     def _send_event(self, kind: str, reason: str, **extra: Any) -> None:
         ctx = self.headers.context if self.headers else None

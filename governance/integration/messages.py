@@ -12,10 +12,13 @@ to the broker through the app's original ``send_task``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
+
+from celery._state import _task_stack
 
 from governance.integration.headers import TRANSIENT
 
@@ -118,6 +121,20 @@ def envelope_from_request(task: Any, args: Any, kwargs: Any) -> Envelope:
     return envelope_from_options(task.name, list(args), dict(kwargs), options)
 
 
+@contextmanager
+def detached_from_running_task() -> Iterator[None]:
+    """Celery ties a message published inside a running task to that task (its parent and root
+    ids, and a trail of results kept until the task ends). A re-publication is the same task
+    again, not a child of whichever task happens to publish it: hide the running task."""
+    stack = _task_stack.stack
+    saved = list(stack)
+    del stack[:]
+    try:
+        yield
+    finally:
+        stack[:] = saved
+
+
 def publish(
     send: RawSend,
     envelope: Envelope,
@@ -133,12 +150,14 @@ def publish(
     extra: dict[str, Any] = {}
     if countdown_s is not None and countdown_s > 0:
         extra["countdown"] = countdown_s
-    send(
-        envelope.task,
-        args=envelope.args,
-        kwargs=envelope.kwargs,
-        task_id=task_id,
-        headers=merged,
-        **options,
-        **extra,
-    )
+    with detached_from_running_task():
+        send(
+            envelope.task,
+            args=envelope.args,
+            kwargs=envelope.kwargs,
+            task_id=task_id,
+            headers=merged,
+            add_to_parent=False,
+            **options,
+            **extra,
+        )

@@ -16,10 +16,11 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
 from pydantic import ValidationError
 
 from governance.integration.errors import GOVERNANCE_ERRORS, ActionDenied, GovernedRetry
-from governance.integration.lifecycle import TaskLife
+from governance.integration.lifecycle import Acknowledged, TaskLife
 from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.tenant import TenantPolicy
 
@@ -114,7 +115,13 @@ class GovernedTask(Task):  # type: ignore[misc]
         raise GovernedRetry(exc, delay_s)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return TaskLife(self, args, kwargs).run()
+        life = TaskLife(self, args, kwargs)
+        try:
+            return life.run()
+        except Acknowledged:
+            pass
+        life.runtime.garbage.noted()
+        raise Ignore()
 
 
 class GovernedLLMTask(GovernedTask):

@@ -7,7 +7,10 @@ publishes through an app built from the same settings.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,13 +53,21 @@ def wait_until(
 class WorkerProcess:
     """A real `celery -A workers.app worker` process (prefork), with its log kept for failures."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 4) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, concurrency: int = 4, name: str = "e2e"
+    ) -> None:
         self.env = env
         self.log_path = log_path
         self.concurrency = concurrency
+        self.name = name
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def node_name(self) -> str:
+        return f"{self.name}-{os.getpid()}@{socket.gethostname()}"
+
     def start(self, app: Celery) -> None:
+        self._app = app
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -73,7 +84,7 @@ class WorkerProcess:
                 "--without-gossip",
                 "--without-mingle",
                 "-n",
-                f"e2e-{os.getpid()}@%h",
+                f"{self.name}-{os.getpid()}@%h",
             ],
             env=self.env,
             stdout=self._log,
@@ -94,6 +105,37 @@ class WorkerProcess:
         if self.process is None or self.process.poll() is not None:
             return
         stop_processes([self.process])
+        self._log.close()
+
+    def children(self) -> list[int]:
+        """The pool's processes (children of the worker's main process)."""
+        if self.process is None:
+            return []
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                found.append(int(entry.name))
+        return found
+
+    def busy_children(self) -> list[int]:
+        """Pool processes running a task right now (as the worker reports them)."""
+        replies = self._app.control.inspect(destination=[self.node_name], timeout=1).active()
+        return [t["worker_pid"] for tasks in (replies or {}).values() for t in tasks]
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker at once: its main process and every pool process."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        for pid in [*self.children(), self.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
         self._log.close()
 
     def log_tail(self, lines: int = 60) -> str:

@@ -1,0 +1,150 @@
+"""Waiting, end to end: wait lists, hand-offs, booked turns and the wait limit, real workers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from governance.integration import LimitExceeded, governance_context
+from governance.integration.approvals import Approvals
+from governance.integration.runtime import GovernanceRuntime
+from governance.policy.context import ActionContext
+from governance.store.held import HeldStatus
+from tests.e2e.conftest import WorkerProcess, audit_of, types_of, verify_audit, wait_until
+from tests.e2e.observer import ObserverServer
+from workers.api import submit_llm, submit_tool
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def ctx(tenant: str, run: str = "run-1", user: str = "dana") -> ActionContext:
+    return ActionContext(tenant=tenant, agent="agent-1", run=run, user=user)
+
+
+def slow_call(app: Celery, tenant: str, ms: int, run: str = "run-1") -> object:
+    return submit_llm(
+        app,
+        ctx(tenant, run=run),
+        provider="fake",
+        model="fake-small",
+        messages=[{"role": "user", "content": f"[[sleep {ms}]] work"}],
+        max_tokens=5,
+    )
+
+
+def test_tasks_start_in_the_order_they_began_to_wait(
+    app: Celery, runtime: GovernanceRuntime
+) -> None:
+    calls = [slow_call(app, "t-line", 150) for _ in range(8)]
+    for call in calls:
+        call.get(timeout=60)  # type: ignore[attr-defined]
+    waited, started = [], []
+    for entry in sorted(
+        (e for c in calls for e in audit_of(runtime, c.id)),  # type: ignore[attr-defined]
+        key=lambda e: e.seq,
+    ):
+        if entry.fields["type"] == "waiting":
+            waited.append(entry.fields["task_id"])
+        elif entry.fields["type"] == "admitted" and entry.fields["task_id"] in waited:
+            started.append(entry.fields["task_id"])
+    assert len(waited) >= 5  # one slot, eight calls on four worker processes
+    assert started == waited
+    # Each waiting call cost one wait entry and one start: the audit does not follow re-checks.
+    for call in calls:
+        kinds = types_of(audit_of(runtime, call.id))  # type: ignore[attr-defined]
+        assert kinds.count("waiting") <= 1
+        assert kinds.count("admitted") == 1
+    assert verify_audit(runtime) == []
+
+
+def test_an_approved_task_meeting_a_busy_slot_waits_runs_once_and_is_never_held_again(
+    app: Celery, runtime: GovernanceRuntime, workspace: Path
+) -> None:
+    approvals = Approvals(app, runtime)
+    busy = slow_call(app, "t-held-line", 2500)
+    wait_until(
+        lambda: runtime.ledger.status("t-held-line", overdue_after_ms=60_000).running == 1,
+        timeout_s=30,
+        what="the slow call to hold the tenant's only slot",
+    )
+    held = submit_tool(app, ctx("t-held-line"), "write_file", path="approved.txt", content="1")
+    assert held.state == "HELD"
+    assert approvals.approve(held.id, "alice", "go").outcome == "released"
+    assert held.get(timeout=60) == {"path": "approved.txt", "bytes": 1}
+    busy.get(timeout=60)  # type: ignore[attr-defined]
+    kinds = types_of(audit_of(runtime, held.id))
+    assert kinds == ["held", "released", "waiting", "admitted", "task_finished"]
+    task = approvals.find(held.id)
+    assert task.status is HeldStatus.RELEASED
+    assert task.reheld == 0
+
+
+def test_a_task_waiting_past_its_limit_fails_naming_the_limit(
+    app: Celery, runtime: GovernanceRuntime
+) -> None:
+    busy = slow_call(app, "t-wait-limit", 6000)
+    wait_until(
+        lambda: runtime.ledger.status("t-wait-limit", overdue_after_ms=60_000).running == 1,
+        timeout_s=30,
+        what="the slow call to hold the tenant's only slot",
+    )
+    patient = slow_call(app, "t-wait-limit", 10)
+    with pytest.raises(LimitExceeded, match=r"waited \d+ s for concurrency_limit"):
+        patient.get(timeout=60)  # type: ignore[attr-defined]
+    assert "wait limit 2 s" in str(patient.result)  # type: ignore[attr-defined]
+    assert busy.get(timeout=60)["text"] == "echo: work"  # type: ignore[attr-defined]
+    assert types_of(audit_of(runtime, patient.id)) == [  # type: ignore[attr-defined]
+        "waiting",
+        "task_failed",
+    ]
+
+
+def test_rate_limited_tasks_come_back_spaced_at_the_rate_once_each(
+    app: Celery, runtime: GovernanceRuntime
+) -> None:
+    results = [submit_tool(app, ctx("t-rate"), "echo", text=str(i)) for i in range(5)]
+    assert [r.get(timeout=60) for r in results] == [{"text": str(i)} for i in range(5)]
+    starts = sorted(
+        e.ts_ms for r in results for e in audit_of(runtime, r.id) if e.fields["type"] == "admitted"
+    )
+    assert len(starts) == 5  # each admitted exactly once: booked, never retried
+    # 2 per second, burst 1: every start at least ~500 ms after the one before.
+    assert all(b - a >= 450 for a, b in itertools.pairwise(starts)), starts
+    booked = [
+        json.loads(e.fields["detail"])
+        for r in results
+        for e in audit_of(runtime, r.id)
+        if e.fields["type"] == "waiting"
+    ]
+    assert booked
+    assert {d["violation"] for d in booked} == {"rate_limit:tenant"}
+
+
+def test_eight_processes_never_run_more_than_the_limit(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    observer: ObserverServer,
+    e2e_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Two workers of four processes each contend for a tenant's two slots; the test server,
+    not the governance layer, counts what runs at once."""
+    env = {**os.environ, **e2e_env}
+    env.pop("REDIS_URL", None)
+    second = WorkerProcess(env, tmp_path / "second.log", concurrency=4, name="second")
+    second.start(app)
+    try:
+        url = f"{observer.base_url}/slow?key=eight&ms=150"
+        with governance_context(ctx("t-eight")):
+            results = [app.tasks["tools.http_get"].delay(url=url) for _ in range(40)]
+        for result in results:
+            assert result.get(timeout=120)["status"] == 200
+    finally:
+        second.stop()
+    assert observer.observations.max_in_flight["eight"] == 2
+    assert observer.observations.counts["eight"] == 40
