@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 PACKAGES := governance $(wildcard workers)
 PYTEST_ARGS ?=
 
-.PHONY: help install lint format test demo bench clean
+.PHONY: help install lint format test demo bench stress redis clean
 
 help:
 	@echo "make demo     the main job end to end: Redis, a worker, Flower, a scripted scenario"
@@ -17,7 +17,9 @@ help:
 	@echo "make test     lint, type-check and run every test (starts its own Redis)"
 	@echo "make lint     ruff check, ruff format --check, mypy --strict"
 	@echo "make format   apply ruff's fixes and formatting"
-	@echo "make bench    governed vs plain Celery throughput, and the store micro-benchmark"
+	@echo "make bench    governed vs plain Celery throughput, a backlog next to another tenant,"
+	@echo "              and the store micro-benchmark"
+	@echo "make stress   the worker-kill scenario 20 times in a row (STRESS_RUNS=N to change)"
 	@echo "make install  create $(VENV) and install the project with its dev extras"
 	@echo "make clean    remove $(VENV) and caches"
 
@@ -47,7 +49,18 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m governance.bench.celery_bench
+	$(BIN)/python -m governance.bench.backlog_bench
 	$(BIN)/python -m governance.bench.store_bench
+
+STRESS_RUNS ?= 20
+STRESS_TEST := tests/e2e/test_e2e_nothing_lost.py::test_sigkilled_pool_children_then_the_whole_worker_lose_nothing
+
+# Not part of `make test`: the kill scenario again and again; every run must pass.
+stress: $(STAMP)
+	@for i in $$(seq $(STRESS_RUNS)); do \
+		echo "stress run $$i/$(STRESS_RUNS)"; \
+		$(BIN)/pytest -q -p no:cacheprovider $(STRESS_TEST) || exit 1; \
+	done; echo "all $(STRESS_RUNS) runs passed"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

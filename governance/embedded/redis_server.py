@@ -321,6 +321,12 @@ class EmbeddedRedis:
             self._stop_process()
             self._release_data_dir()
 
+    def halt(self) -> None:
+        """Stop the server but keep its data directory (and port) for :meth:`restart`: an
+        outage of a server whose data survives (AOF), as opposed to :meth:`stop`."""
+        with self._lock:
+            self._stop_process()
+
     def restart(self) -> Self:
         """Stop, then start again on the same port and data directory."""
         with self._lock:

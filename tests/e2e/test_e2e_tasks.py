@@ -289,7 +289,7 @@ def _values(client: redis.Redis, key: bytes) -> list[bytes]:
 def test_state_redis_down_defers_and_nothing_runs_until_it_is_back(
     app: Celery, runtime: GovernanceRuntime, state_server: EmbeddedRedis, workspace: Path
 ) -> None:
-    state_server.stop()
+    state_server.halt()
     try:
         result = to_broker(
             app,
@@ -308,6 +308,9 @@ def test_state_redis_down_defers_and_nothing_runs_until_it_is_back(
         state_server.restart()
     assert result.get(timeout=60) == {"path": "while-down.txt", "bytes": 1}
     assert (workspace / "while-down.txt").read_text() == "x"
+    # Once the store was back, the admission recorded the deferrals the outage caused.
+    (admitted,) = [e for e in audit_of(runtime, result.id) if e.fields["type"] == "admitted"]
+    assert json.loads(admitted.fields["detail"])["outage_deferrals"] >= 1
 
 
 def test_openai_compatible_provider_through_the_worker(
