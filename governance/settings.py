@@ -42,9 +42,6 @@ class GovernanceSettings(BaseSettings):
     audit_key: SecretStr = Field(
         SecretStr(DEVELOPMENT_SECRET), description="HMAC key of the audit hash chain."
     )
-    release_secret: SecretStr = Field(
-        SecretStr(DEVELOPMENT_SECRET), description="HMAC key of one-time release tokens."
-    )
     require_secrets: bool = Field(
         False, description="Refuse to start with the development secrets (set in production)."
     )
@@ -126,7 +123,7 @@ class GovernanceSettings(BaseSettings):
     @model_validator(mode="after")
     def _secrets_are_real(self) -> GovernanceSettings:
         if self.require_secrets:
-            for name in ("audit_key", "release_secret"):
+            for name in ("audit_key",):
                 if getattr(self, name).get_secret_value() == DEVELOPMENT_SECRET:
                     raise ValueError(
                         f"GOVERNANCE_{name.upper()} must be set: require_secrets is on and the "

@@ -89,19 +89,20 @@ def _held(task_id: str) -> HeldTask:
         tenant="acme",
         agent="a",
         run="r",
-        user="",
+        user="u",
         task_name="tools.shell",
         args=[],
         kwargs={"command": ["ls"]},
-        headers={},
+        context={},
         action={},
         action_name="shell",
         action_class="process.exec",
         tier="act_with_approval",
         reason="needs approval",
-        args_hash="h",
+        call="h",
         requested_ms=1,
         expires_ms=2**40,
+        envelope={},
     )
 
 
@@ -120,8 +121,8 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
         AuditEvent(type=AuditEventType.AUTHORIZATION_DENIED, detail={"tenant": "intruder-1234"}),
     )
     store = HeldStore(state)
-    store.put(_held("h1"))
-    store.put(_held("h2"))
+    store.put(_held("h1"), audit={"tenant": "acme"})
+    store.put(_held("h2"), audit={"tenant": "acme"})
     policy = Policy.from_file("config/governance.yaml")
     tenant = policy.tenant("acme")
     assert tenant is not None
@@ -156,6 +157,7 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
     m = _scrape(exporter)
     assert m[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 3
     assert m[("governance_decisions_total", (("outcome", "deny"), ("tenant", "acme")))] == 1
+    assert m[("governance_decisions_total", (("outcome", "hold"), ("tenant", "acme")))] == 2
     assert m[("governance_decisions_total", (("outcome", "deny"), ("tenant", "other")))] == 1
     assert m[("governance_waits_total", (("tenant", "acme"), ("violation", "rate_limit")))] == 1
     assert m[("governance_held_tasks", (("status", "held"), ("tenant", "acme")))] == 2
@@ -185,6 +187,6 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
     # Counters keep counting from where the previous scrape stopped.
     audit.append(AuditEvent(type=AuditEventType.HELD, **base))
     again = _scrape(exporter)
-    assert again[("governance_decisions_total", (("outcome", "hold"), ("tenant", "acme")))] == 1
+    assert again[("governance_decisions_total", (("outcome", "hold"), ("tenant", "acme")))] == 3
     assert again[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 3
     assert store.count("acme", HeldStatus.HELD) == 2

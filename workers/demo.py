@@ -79,12 +79,9 @@ class Demo:
         self.env = {
             "GOVERNANCE_BROKER_URL": f"{base}/0",
             "GOVERNANCE_STATE_REDIS_URL": f"{base}/1",
-            "GOVERNANCE_CONFIG_PATH": str(ROOT / "config" / "governance.yaml"),
+            "GOVERNANCE_CONFIG_PATH": str(self._demo_policy()),
             "GOVERNANCE_WORKSPACE_DIR": str(DEMO_DIR / "workspace"),
             "GOVERNANCE_AUDIT_KEY": os.environ.get("GOVERNANCE_AUDIT_KEY", secrets.token_hex(16)),
-            "GOVERNANCE_RELEASE_SECRET": os.environ.get(
-                "GOVERNANCE_RELEASE_SECRET", secrets.token_hex(16)
-            ),
             "GOVERNANCE_LEASE_MS": "5000",
         }
         os.environ.update(self.env)
@@ -127,6 +124,31 @@ class Demo:
         while not self.app.control.ping(timeout=0.5):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start; see {DEMO_DIR / 'worker.log'}")
+
+    def _demo_policy(self) -> Path:
+        """The example policy, with reviewer keys made for this demo (as a reviewer would with
+        `govctl reviewers keygen`): alice's and bob's private keys are in .demo/keys."""
+        import yaml
+
+        from governance.policy.signing import new_private_key, private_key_pem, public_key_text
+
+        keys = DEMO_DIR / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        data = yaml.safe_load((ROOT / "config" / "governance.yaml").read_text())
+        reviewers = {}
+        for name in ("alice", "bob"):
+            key = new_private_key()
+            path = keys / f"{name}.key"
+            path.write_bytes(private_key_pem(key))
+            path.chmod(0o600)
+            reviewers[name] = public_key_text(key.public_key())
+        data["tenants"]["acme"]["reviewers"] = reviewers
+        policy = DEMO_DIR / "governance.yaml"
+        policy.write_text(yaml.safe_dump(data, sort_keys=False))
+        return policy
+
+    def key(self, name: str) -> str:
+        return str(DEMO_DIR / "keys" / f"{name}.key")
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = (DEMO_DIR / f"{name}.log").open("ab")
@@ -230,9 +252,9 @@ def held_then_approved(demo: Demo) -> str:
     result = _tool(demo, demo.ctx("acme", "planner"), "shell", command=["echo", "deployed"])
     if result.state != "HELD":
         return f"state {result.state}"
-    first = demo.govctl("held", "approve", result.id, "--reviewer", "alice", "--reason", "ok")
+    first = demo.govctl("held", "approve", result.id, "--key", demo.key("alice"), "--reason", "ok")
     still = result.state
-    second = demo.govctl("held", "approve", result.id, "--reviewer", "bob", "--reason", "ok")
+    second = demo.govctl("held", "approve", result.id, "--key", demo.key("bob"), "--reason", "ok")
     output = result.get(timeout=30)
     ok = first.returncode == 0 and still == "HELD" and second.returncode == 0
     return (
@@ -245,7 +267,7 @@ def held_then_approved(demo: Demo) -> str:
 def held_then_rejected(demo: Demo) -> str:
     result = _tool(demo, demo.ctx("acme", "planner"), "shell", command=["rm", "-rf", "build"])
     done = demo.govctl(
-        "held", "reject", result.id, "--reviewer", "alice", "--reason", "not during the freeze"
+        "held", "reject", result.id, "--key", demo.key("alice"), "--reason", "not during the freeze"
     )
     error = _error_name(lambda: result.get(timeout=30))
     ok = done.returncode == 0 and error.startswith("ApprovalRejected")
@@ -367,7 +389,6 @@ def main() -> int:
                 "GOVERNANCE_BROKER_URL",
                 "GOVERNANCE_STATE_REDIS_URL",
                 "GOVERNANCE_AUDIT_KEY",
-                "GOVERNANCE_RELEASE_SECRET",
             )
         )
         console.print(

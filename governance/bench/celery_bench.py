@@ -130,7 +130,6 @@ def bench_env(base_url: str, workdir: Path) -> dict[str, str]:
         "GOVERNANCE_CONFIG_PATH": str(policy),
         "GOVERNANCE_WORKSPACE_DIR": str(workdir / "workspace"),
         "GOVERNANCE_AUDIT_KEY": "bench-audit-key",
-        "GOVERNANCE_RELEASE_SECRET": "bench-release-secret",
     }
 
 

@@ -8,8 +8,9 @@ sweep, reject it as expired).
 
 from __future__ import annotations
 
-import getpass
+import os
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -18,6 +19,8 @@ from governance.cli import context, output
 from governance.cli.output import JsonFlag
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from governance.store.held import HeldStatus, HeldTask
 
 app = typer.Typer(
@@ -27,13 +30,15 @@ app = typer.Typer(
 
 STATUSES = "held, suggested, released, rejected, expired"
 
-Reviewer = Annotated[
-    str | None,
+KeyFile = Annotated[
+    Path | None,
     typer.Option(
-        "--reviewer",
-        "-r",
-        help="Who decides; recorded in the task and the audit log. Default: the OS user.",
+        "--key",
+        "-k",
+        help="Your reviewer's private key file (from `govctl reviewers keygen`); default: "
+        "GOVERNANCE_REVIEWER_KEY. The decision is signed with it, and your name comes from it.",
         show_default=False,
+        dir_okay=False,
     ),
 ]
 
@@ -49,15 +54,29 @@ def _status(value: str) -> HeldStatus:
         ) from None
 
 
-def _reviewer(value: str | None) -> str:
-    if value:
-        return value
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
+def _key(path: Path | None) -> Ed25519PrivateKey:
+    """The reviewer's private key, from ``--key`` or ``GOVERNANCE_REVIEWER_KEY``."""
+    from governance.policy.signing import load_private_key
+
+    chosen = path or (
+        Path(os.environ["GOVERNANCE_REVIEWER_KEY"])
+        if os.environ.get("GOVERNANCE_REVIEWER_KEY")
+        else None
+    )
+    if chosen is None:
         raise typer.BadParameter(
-            "the OS user is unknown here: pass --reviewer NAME", param_hint="--reviewer"
+            "a decision is signed with your reviewer key: pass --key PATH or set "
+            "GOVERNANCE_REVIEWER_KEY (make one with `govctl reviewers keygen NAME`)",
+            param_hint="--key",
+        )
+    try:
+        return load_private_key(chosen.read_bytes())
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {chosen}: {exc.strerror}", param_hint="--key"
         ) from None
+    except ValueError as exc:
+        raise typer.BadParameter(f"{chosen}: {exc}", param_hint="--key") from None
 
 
 def _row(task: HeldTask) -> list[str]:
@@ -96,7 +115,7 @@ def list_(
     if tenant:
         listing = list_tenant(approvals.store, tenant, wanted, limit, cursor)
     else:
-        tenants = approvals.store.tenants(context.runtime().policy.tenant_names)
+        tenants = list(context.runtime().policy.tenant_names)
         listing = list_all(approvals.store, tenants, wanted, limit, cursor)
     if as_json:
         output.emit_json(
@@ -164,37 +183,50 @@ def _show_task(task: HeldTask) -> None:
         rows.append(("held again", f"{task.reheld} time(s)"))
     output.show(output.fields_table(rows, title=f"held task {task.task_id}"))
     if task.decisions:
-        decisions = output.table("when", "verdict", "reviewer", "reason", title="decisions")
+        decisions = output.table(
+            "when", "verdict", "reviewer", "reason", "grant", "signed", title="decisions"
+        )
         for d in task.decisions:
-            output.add_row(decisions, output.when(d.at_ms), d.verdict, d.reviewer, d.reason)
+            grant_s = (d.signed or {}).get("payload", {}).get("grant_s")
+            output.add_row(
+                decisions,
+                output.when(d.at_ms),
+                d.verdict,
+                d.reviewer or "(expiry)",
+                d.reason,
+                "" if grant_s is None else output.span(grant_s),
+                "yes" if d.signed else "no",
+            )
         output.show(decisions)
 
 
 @app.command("approve")
 def approve(
     task_id: Annotated[str, typer.Argument(help="The held task's id.", metavar="ID")],
-    reviewer: Reviewer = None,
-    reason: Annotated[str, typer.Option("--reason", help="Why; recorded.")] = "",
+    key: KeyFile = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why; signed and recorded.")] = "",
     grant: Annotated[
         str | None,
         typer.Option(
             "--grant",
             help="Also let the agent take this action without approval for DURATION "
-            "(e.g. 30m, 8h, 2d): an expiring grant.",
+            "(e.g. 30m, 8h): a grant, created when the quorum is reached if every approval of "
+            "the quorum asks for one (the shortest, at most approval.max_grant).",
             metavar="DURATION",
         ),
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Approve a held task; with the quorum of reviewers it is released and runs once.
+    """Approve a held task (signed with your key); with the quorum it is released, runs once.
 
     Until the tenant's quorum of distinct reviewers has approved, the approval is recorded and
     the task stays held. A reviewer may not approve their own request (unless the tenant allows
-    it), nor approve twice.
+    it), nor approve twice. The worker runs the task only with the reviewers' valid signatures.
     """
     grant_for = _duration(grant) if grant is not None else None
-    who = _reviewer(reviewer)
-    outcome = context.approvals().approve(task_id, who, reason, grant_for=grant_for)
+    private = _key(key)
+    outcome = context.approvals().approve(task_id, private, reason, grant_for=grant_for)
+    who = outcome.reviewer
     if as_json:
         output.emit_json(
             {
@@ -203,7 +235,11 @@ def approve(
                 "reviewer": who,
                 "approvals": outcome.approvals,
                 "quorum": outcome.quorum,
-                "grant": outcome.grant.model_dump(mode="json") if outcome.grant else None,
+                "grant": (
+                    {"id": outcome.grant_id, "until_ms": outcome.grant_until_ms}
+                    if outcome.grant_id
+                    else None
+                ),
                 "task": outcome.task.as_dict(),
             }
         )
@@ -217,9 +253,14 @@ def approve(
             f"recorded {who}'s approval of task {task_id} ({count}); still held until "
             f"{waiting} more reviewer(s) approve"
         )
-    if outcome.grant is not None:
-        g = outcome.grant
-        output.show(f"granted {g.action} to agent {g.agent} until {g.until.isoformat()}")
+    if outcome.grant_id is not None:
+        until = output.when(outcome.grant_until_ms)
+        output.show(
+            f"grant {outcome.grant_id}: agent {outcome.task.agent} may take "
+            f"{outcome.task.action_name} without approval until {until}"
+        )
+    elif grant_for is not None and outcome.outcome == "released":
+        output.show("no grant: not every approval of the quorum asked for one")
 
 
 def _duration(value: str) -> timedelta:
@@ -237,15 +278,16 @@ def _duration(value: str) -> timedelta:
 @app.command("reject")
 def reject(
     task_id: Annotated[str, typer.Argument(help="The held task's id.", metavar="ID")],
-    reason: Annotated[str, typer.Option("--reason", help="Why (required); recorded.")],
-    reviewer: Reviewer = None,
+    reason: Annotated[str, typer.Option("--reason", help="Why (required); signed, recorded.")],
+    key: KeyFile = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Reject a held task: it never runs, and its result becomes FAILURE with the reason."""
+    """Reject a held task (signed with your key): it never runs, its result becomes FAILURE."""
     if not reason.strip():
         raise typer.BadParameter("a rejection needs a reason", param_hint="--reason")
-    who = _reviewer(reviewer)
-    task = context.approvals().reject(task_id, who, reason)
+    private = _key(key)
+    task = context.approvals().reject(task_id, private, reason)
+    who = task.decisions[-1].reviewer if task.decisions else "?"
     if as_json:
         output.emit_json({"task_id": task_id, "outcome": "rejected", "task": task.as_dict()})
         return

@@ -4,9 +4,13 @@ Commands::
 
     govctl held list [--tenant T] [--status S] [--limit N] [--cursor C]
     govctl held show ID
-    govctl held approve ID [--reviewer NAME] [--reason R] [--grant DURATION]
-    govctl held reject ID [--reviewer NAME] --reason R
+    govctl held approve ID [--key PATH] [--reason R] [--grant DURATION]
+    govctl held reject ID [--key PATH] --reason R
     govctl held expire
+    govctl reviewers keygen NAME [--out PATH]
+    govctl reviewers list [--tenant T]
+    govctl grants list [--tenant T]
+    govctl grants revoke ID --tenant T
     govctl submit tool TOOL --tenant T --agent A --run R [--input JSON | -i key=value ...]
     govctl submit llm --provider P --model M --message TEXT --max-tokens N ...
     govctl usage [--tenant T] [--run R]
@@ -17,7 +21,8 @@ Commands::
     govctl policy explain --tenant T --agent A --action X
 
 Listings take ``--json``. Settings come from the same ``GOVERNANCE_*`` environment variables as
-the workers (``governance.settings.GovernanceSettings``); the reviewer defaults to the OS user.
+the workers (``governance.settings.GovernanceSettings``); a reviewer signs with the key given by
+``--key`` or ``GOVERNANCE_REVIEWER_KEY``.
 
 Exit codes:
 
@@ -40,7 +45,7 @@ import sys
 
 import typer
 
-from governance.cli import audit, held, policy, status, submit, usage
+from governance.cli import audit, grants, held, policy, reviewers, status, submit, usage
 from governance.cli.errors import ExitCode, classify
 from governance.cli.output import error
 
@@ -72,6 +77,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(held.app, name="held")
+app.add_typer(reviewers.app, name="reviewers")
+app.add_typer(grants.app, name="grants")
 app.add_typer(submit.app, name="submit")
 app.command("usage")(usage.usage)
 app.command("status")(status.status)

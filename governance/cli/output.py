@@ -60,6 +60,12 @@ def error(message: str) -> None:
     sys.stderr.flush()
 
 
+def emit_line(text: str) -> None:
+    """One line of plain text on stdout, never wrapped (something to copy or pipe)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def note(message: str) -> None:
     """A hint for people (for example the next cursor), on stderr so stdout stays parseable."""
     sys.stderr.write(message + "\n")

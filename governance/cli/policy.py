@@ -129,7 +129,14 @@ def explain(
         str | None,
         typer.Option("--model", "-m", help="For an LLM call (default: the provider's first)."),
     ] = None,
-    user: Annotated[str | None, typer.Option("--user", "-u", help="Who asks.")] = None,
+    user: Annotated[
+        str,
+        typer.Option(
+            "--user",
+            "-u",
+            help="Who asks (an approval-tier action needs a requester; without one it is denied).",
+        ),
+    ] = "requester",
     config: ConfigFile = None,
     as_json: JsonFlag = False,
 ) -> None:

@@ -1,59 +1,89 @@
-"""Held tasks and their reviewers: hold, release (approve), reject, expire, and grants.
+"""Held tasks and their reviewers: hold, approve, reject, expire, grants, and the worker's check.
 
 An approval-tier action is written to the held store instead of running. Reviewers decide with
-``govctl``. When the policy's quorum of distinct reviewers has approved, the task is published
-again with its original id and a one-time release token: an HMAC (with the deployment's release
-secret) over the task id, the hash of its exact call and a nonce. The worker checks the HMAC
-against the message it received and spends the token in Redis; a copied, forged or reused token
-finds the task held again, never run. The released task then goes through admission as usual.
+``govctl``, signing each decision with their Ed25519 key (see :mod:`governance.policy.signing`).
+The approval that completes the tenant's quorum releases the task: it is recorded in the ledger
+and published again with its original id, carrying the signed approvals. The worker runs it only
+if those signatures release this very call (:meth:`Approvals.check`); anything else (a task
+marked released in Redis, a copied or edited message) is held again and audited as a forged
+release. A grant given with an approval is stored with the approvals that justify it, and the
+worker verifies those too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
-import secrets
 import time
 import uuid
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration.errors import ApprovalRefused, ApprovalRejected
 from governance.integration.events import event_fields, send_app_event
-from governance.integration.headers import RELEASE_TOKEN, GovernanceHeaders
+from governance.integration.headers import (
+    APPROVALS,
+    CONTEXT,
+    LEDGER,
+    GovernanceHeaders,
+    context_json,
+)
 from governance.integration.messages import Envelope
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
-from governance.policy.grants import Grant
+from governance.policy.signing import (
+    DecisionPayload,
+    call_hash,
+    check_grant,
+    check_release,
+    grant_until_ms,
+    new_nonce,
+    reviewer_of,
+    sign,
+    verified,
+)
+from governance.policy.tenant import TenantPolicy
 from governance.policy.tiers import Outcome
 from governance.store.audit import AuditEvent, AuditEventType
-from governance.store.held import HeldStatus, HeldStore, HeldTask, call_hash, token_hash
+from governance.store.held import HeldStatus, HeldStore, HeldTask
 
 log = logging.getLogger("governance.approvals")
 
 
 @dataclass(frozen=True)
 class ApprovalOutcome:
-    """What an approval did: ``released`` once the quorum is reached, else ``recorded``."""
+    """What an approval did: ``released`` once the quorum is reached, else ``recorded``; the
+    grant it created (id and end), if the quorum's approvals all asked for one."""
 
     task: HeldTask
     outcome: str
+    reviewer: str
     approvals: int
     quorum: int
-    grant: Grant | None = None
+    grant_id: str | None = None
+    grant_until_ms: int | None = None
 
 
 def held_message(task: HeldTask) -> Envelope:
     """The held message, to publish it once released (with its chain and options)."""
-    if task.envelope:
-        return Envelope.from_dict(task.envelope)
-    options = {"task_id": task.task_id, "headers": dict(task.headers)}
-    return Envelope(task.task_name, list(task.args), dict(task.kwargs), options)
+    return Envelope.from_dict(task.envelope)
+
+
+def context_dict(context: ActionContext) -> dict[str, Any]:
+    """The context as a decision's call hash covers it (exactly as the message carries it)."""
+    value: dict[str, Any] = json.loads(context_json(context))
+    return value
+
+
+def message_call(task_name: str, args: Any, kwargs: Any, context: ActionContext) -> str:
+    """The call hash of a message (what the reviewers' signatures must be over)."""
+    return call_hash(task_name, list(args), dict(kwargs), context_dict(context))
 
 
 class Approvals:
@@ -62,7 +92,27 @@ class Approvals:
     def __init__(self, app: Any, runtime: GovernanceRuntime) -> None:
         self.app = app
         self.runtime = runtime
-        self.store = HeldStore(runtime.state)
+        self.store = HeldStore(runtime.state, runtime.sealer)
+
+    def _tenant(self, name: str) -> TenantPolicy:
+        tenant = self.runtime.policy.tenant(name)
+        if tenant is None:
+            raise ApprovalRefused(f"tenant {name!r} is not in the policy")
+        return tenant
+
+    def _audit_fields(self, task: HeldTask, reviewer: str = "") -> dict[str, str]:
+        fields = {
+            "tenant": task.tenant,
+            "agent": task.agent,
+            "run": task.run,
+            "task_id": task.task_id,
+            "action": task.action_name,
+            "tier": task.tier,
+            "policy_version": self.runtime.policy.version,
+        }
+        if reviewer:
+            fields["reviewer"] = reviewer
+        return fields
 
     # -- holding ------------------------------------------------------------------------------
 
@@ -74,290 +124,409 @@ class Approvals:
         action: Action,
         decision: Decision,
         blocking: bool = True,
+        kind: str = "hold",
     ) -> HeldTask:
-        """Keep the call in the held store (or list it as a suggestion) and tell Flower."""
-        ctx = context
-        task_id = envelope.task_id
-        tenant = self.runtime.policy.tenant(ctx.tenant)
+        """Keep the call in the held store (or list it as a suggestion), tell the tenant's
+        notifiers and Flower."""
+        tenant = self.runtime.policy.tenant(context.tenant)
         expiry = tenant.approval.expiry if tenant else timedelta(hours=24)
         now_ms = int(time.time() * 1000)
-        clean = {k: v for k, v in envelope.headers.items() if k != RELEASE_TOKEN}
-        kept = replace(envelope, options={**envelope.options, "headers": clean})
+        # The context exactly as parsed here (a default such as trace_id filled in), so every
+        # later delivery parses the same context and hashes the same call.
+        headers = {k: v for k, v in envelope.headers.items() if k != APPROVALS}
+        headers[CONTEXT] = context_json(context)
+        kept = Envelope(
+            envelope.task, envelope.args, envelope.kwargs, {**envelope.options, "headers": headers}
+        )
         task = HeldTask(
-            task_id=task_id,
-            tenant=ctx.tenant,
-            agent=ctx.agent,
-            run=ctx.run,
-            user=ctx.user or "",
+            task_id=envelope.task_id,
+            tenant=context.tenant,
+            agent=context.agent,
+            run=context.run,
+            user=context.user or "",
             task_name=envelope.task,
             args=list(envelope.args),
             kwargs=dict(envelope.kwargs),
-            headers=clean,
+            context=context_dict(context),
             action=action.model_dump(mode="json"),
             action_name=action.name,
             action_class=decision.action_class or "",
             tier=decision.tier.value if decision.tier else "",
             reason=decision.reason,
-            args_hash=call_hash(envelope.task, list(envelope.args), dict(envelope.kwargs)),
+            call=message_call(envelope.task, envelope.args, envelope.kwargs, context),
             requested_ms=now_ms,
             expires_ms=now_ms + int(expiry.total_seconds() * 1000),
-            status=HeldStatus.HELD if blocking else HeldStatus.SUGGESTED,
             envelope=json.loads(kept.to_json()),
+            status=HeldStatus.HELD if blocking else HeldStatus.SUGGESTED,
+            kind=kind,
         )
         if blocking:  # first, so whoever sees the task held also sees the HELD result
             meta = {
                 "reason": decision.reason,
-                "tenant": ctx.tenant,
+                "tenant": context.tenant,
+                "agent": context.agent,
+                "run": context.run,
+                "requested_by": context.user,
                 "action": action.name,
+                "call": task.action.get("input", task.kwargs),
                 "expires_ms": task.expires_ms,
-                "govctl": f"govctl held approve {task_id} --reviewer NAME",
+                "govctl": f"govctl held approve {task.task_id} --key PATH",
             }
-            self.app.backend.store_result(task_id, meta, "HELD")
-        outcome = self.store.put(task)
-        if not blocking:
-            return task
-        self.runtime.ledger.mark_held(ctx.tenant, task_id)
-        if outcome != "waiting":
-            self._audit(
-                task,
-                AuditEventType.HELD,
-                reason=decision.reason,
-                detail={"expires_ms": task.expires_ms, "outcome": outcome},
-            )
-        send_app_event(
-            self.app,
-            "held",
-            task_id,
-            name=envelope.task,
-            **event_fields(ctx, action.name, decision.reason),
+            self.app.backend.store_result(task.task_id, meta, "HELD")
+        notifications = self._notifications(task, tenant)
+        self.store.put(
+            task,
+            audit=self._audit_fields(task),
+            detail={"expires_ms": task.expires_ms, "kind": kind},
+            notification=notifications,
         )
+        if blocking:
+            send_app_event(
+                self.app,
+                "held",
+                task.task_id,
+                name=envelope.task,
+                **event_fields(context, action.name, decision.reason),
+            )
         return task
 
-    def lift_with_grant(self, ctx: ActionContext, action: Action, decision: Decision) -> Decision:
-        """An approval-tier decision, lifted when a grant given with an earlier approval covers
-        the agent's action."""
-        grants = self.active_grants(ctx.tenant)
-        if not grants:
-            return decision
-        return self.runtime.policy.authorize(ctx, action, grants=grants)
+    def _notifications(self, task: HeldTask, tenant: TenantPolicy | None) -> dict[str, Any] | None:
+        if tenant is None or not tenant.notify:
+            return None
+        from governance.integration.notify import notification_body
 
-    def check_release(
+        return {"body": notification_body(task, tenant), "notifiers": len(tenant.notify)}
+
+    # -- on the worker ------------------------------------------------------------------------
+
+    def lift_with_grant(self, ctx: ActionContext, action: Action, decision: Decision) -> Decision:
+        """An approval-tier decision, lifted when a genuine grant covers the agent's action."""
+        tenant = self.runtime.policy.tenant(ctx.tenant)
+        if tenant is None:
+            return decision
+        now_ms = int(time.time() * 1000)
+        names = {action.name, decision.action_class or action.name}
+        for grant_id, grant in self.store.grants(ctx.tenant).items():
+            verdict = check_grant(
+                grant,
+                reviewers=tenant.reviewers,
+                quorum=tenant.approval.quorum,
+                allow_self_approval=tenant.approval.allow_self_approval,
+                max_grant=tenant.approval.max_grant,
+                agent=ctx.agent,
+                action_names=names,
+                now_ms=now_ms,
+            )
+            if verdict.ok:
+                reason = f"{decision.reason}; allowed by grant {grant_id} ({verdict.reason})"
+                return Decision(
+                    Outcome.allow,
+                    reason,
+                    decision.tier,
+                    f"grant {grant_id}",
+                    decision.action_class,
+                    True,
+                    decision.tier_level,
+                )
+        return decision
+
+    def check(
         self,
         headers: GovernanceHeaders,
         task_name: str,
         task_id: str,
-        args: list[Any],
-        kwargs: dict[str, Any],
+        args: Any,
+        kwargs: Any,
         action: Action,
         decision: Decision,
     ) -> Decision | None:
-        """The decision under which a held-tier call runs now (a grant covers it, or it was
-        released for this exact call), or None: it must be held."""
+        """The decision under which a held-tier call runs now: a genuine grant covers it, or the
+        message carries the signed approvals that release this exact call. None: it must be
+        held (a release that does not verify is audited as forged first)."""
         lifted = self.lift_with_grant(headers.context, action, decision)
         if lifted.outcome is not Outcome.hold:
             return lifted
-        if headers.release_token and self.spend_release_token(
-            tenant=headers.context.tenant,
+        if not headers.approvals:
+            return None
+        ctx = headers.context
+        tenant = self._tenant(ctx.tenant)
+        release = check_release(
+            headers.approvals,
+            reviewers=tenant.reviewers,
+            quorum=tenant.approval.quorum,
+            allow_self_approval=tenant.approval.allow_self_approval,
             task_id=task_id,
-            task_name=task_name,
-            args=args,
-            kwargs=kwargs,
-            token=headers.release_token,
-        ):
-            return replace(decision, outcome=Outcome.allow)
+            call=message_call(task_name, args, kwargs, ctx),
+            requester=ctx.user,
+            now_ms=int(time.time() * 1000),
+            valid_for=tenant.approval.valid_for,
+        )
+        if release.ok:
+            return Decision(
+                Outcome.allow,
+                f"{decision.reason}; {release.reason}",
+                decision.tier,
+                decision.rule,
+                decision.action_class,
+                False,
+                decision.tier_level,
+            )
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.FORGED_RELEASE,
+                tenant=ctx.tenant,
+                agent=ctx.agent,
+                run=ctx.run,
+                task_id=task_id,
+                action=action.name,
+                decision="hold",
+                reason=f"a release that does not verify: {release.reason}; held again",
+                tier=decision.tier.value if decision.tier else "",
+            )
+        )
+        log.warning("task %s carried a release that does not verify: %s", task_id, release.reason)
         return None
-
-    # -- release tokens -----------------------------------------------------------------------
-
-    def _mac(self, task_id: str, args_hash: str, nonce: str) -> str:
-        secret = self.runtime.settings.release_secret.get_secret_value().encode()
-        message = f"{task_id}:{args_hash}:{nonce}".encode()
-        return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-    def release_token(self, task_id: str, args_hash: str) -> str:
-        nonce = secrets.token_hex(16)
-        return f"{nonce}.{self._mac(task_id, args_hash, nonce)}"
-
-    def spend_release_token(
-        self,
-        *,
-        tenant: str,
-        task_id: str,
-        task_name: str,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        token: str,
-    ) -> bool:
-        """True once for a genuine token of this exact call; it cannot be spent again."""
-        nonce, _, mac = token.partition(".")
-        expected = self._mac(task_id, call_hash(task_name, list(args), dict(kwargs)), nonce)
-        if not nonce or not hmac.compare_digest(mac, expected):
-            return False
-        return self.store.consume_release(tenant, task_id, token)
 
     # -- reviewer decisions -------------------------------------------------------------------
 
     def find(self, task_id: str) -> HeldTask:
-        task = self.store.find(task_id, list(self.runtime.policy.tenant_names))
+        task = self.store.find(task_id, self.runtime.policy.tenant_names)
         if task is None:
             raise ApprovalRefused(f"unknown held task {task_id!r}")
         return task
 
-    def _check_reviewer(self, task: HeldTask, reviewer: str, verb: str) -> None:
+    def reviewer_for(self, task: HeldTask, key: Ed25519PrivateKey) -> str:
+        """The reviewer a key belongs to, for this task's tenant; refused if it is not listed."""
+        tenant = self._tenant(task.tenant)
+        name = reviewer_of(key.public_key(), tenant.reviewers)
+        if name is None:
+            listed = ", ".join(tenant.reviewers) or "none configured"
+            raise ApprovalRefused(
+                f"this key is not a reviewer's of tenant {task.tenant!r} (reviewers: {listed}); "
+                "a reviewer's public key must be listed in the policy"
+            )
+        return name
+
+    def _check_open(self, task: HeldTask, verb: str) -> None:
         if not task.blocking:
             raise ApprovalRefused(
                 f"task {task.task_id} is a non-blocking suggestion: there is nothing to {verb}"
             )
         if task.status is not HeldStatus.HELD:
             raise ApprovalRefused(f"task {task.task_id} is not held (status: {task.status.value})")
-        tenant = self.runtime.policy.tenant(task.tenant)
-        reviewers = tenant.reviewers if tenant else ()
-        if reviewer not in reviewers:
-            listed = ", ".join(reviewers) or "none configured"
-            raise ApprovalRefused(
-                f"{reviewer!r} is not a reviewer of tenant {task.tenant!r} (reviewers: {listed})"
-            )
 
-    def approve(
-        self, task_id: str, reviewer: str, reason: str = "", grant_for: timedelta | None = None
-    ) -> ApprovalOutcome:
-        task = self.find(task_id)
-        self._check_reviewer(task, reviewer, "approve")
-        tenant = self.runtime.policy.tenant(task.tenant)
-        assert tenant is not None
-        if task.user and reviewer == task.user and not tenant.approval.allow_self_approval:
-            raise ApprovalRefused(
-                f"{reviewer!r} requested task {task_id} and may not approve it "
-                f"(tenant {task.tenant!r} forbids self-approval)"
-            )
-        token = self.release_token(task_id, task.args_hash)
-        decided = self.store.decide(
-            task.tenant,
-            task_id,
-            verdict="approve",
+    def _signed(
+        self,
+        task: HeldTask,
+        key: Ed25519PrivateKey,
+        reviewer: str,
+        verdict: str,
+        reason: str,
+        grant_s: int | None,
+    ) -> dict[str, Any]:
+        payload = DecisionPayload(
+            task_id=task.task_id,
+            tenant=task.tenant,
+            agent=task.agent,
+            action=task.action_name,
+            call=task.call,
+            verdict="approve" if verdict == "approve" else "reject",
             reviewer=reviewer,
             reason=reason,
-            quorum=tenant.approval.quorum,
-            release_token_hash=token_hash(token),
+            grant_s=grant_s,
+            policy=self.runtime.policy.version,
+            nonce=new_nonce(),
+            at_ms=int(time.time() * 1000),
+            kind=task.kind,
         )
-        self._refuse_unless(
-            decided.outcome,
-            task,
-            reviewer,
-            decided.approvals,
-            tenant.approval.quorum,
-            ("recorded", "released"),
-        )
-        grant = self._grant(task, reviewer, grant_for, reason) if grant_for else None
-        if decided.outcome == "recorded":
-            self._audit(
-                task,
-                AuditEventType.APPROVED,
-                reviewer=reviewer,
-                reason=reason,
-                detail={"approvals": decided.approvals, "quorum": tenant.approval.quorum},
-            )
-        else:
-            self._audit(
-                task,
-                AuditEventType.RELEASED,
-                reviewer=reviewer,
-                reason=reason,
-                detail={"approvals": decided.approvals},
-            )
-            self._publish_released(task, token)
-        updated = self.store.get(task.tenant, task_id) or task
-        return ApprovalOutcome(
-            updated, decided.outcome, decided.approvals, tenant.approval.quorum, grant
-        )
+        return sign(key, payload)
 
-    def reject(self, task_id: str, reviewer: str, reason: str) -> HeldTask:
+    def approve(
+        self,
+        task_id: str,
+        key: Ed25519PrivateKey,
+        reason: str = "",
+        grant_for: timedelta | None = None,
+    ) -> ApprovalOutcome:
+        """Sign and record an approval; the one that completes the quorum releases the task."""
+        for _ in range(10):  # another reviewer approving at the same time: read again
+            task = self.find(task_id)
+            reviewer = self.reviewer_for(task, key)
+            self._check_open(task, "approve")
+            tenant = self._tenant(task.tenant)
+            if task.user == reviewer and not tenant.approval.allow_self_approval:
+                raise ApprovalRefused(
+                    f"{reviewer!r} requested task {task_id} and may not approve it "
+                    f"(tenant {task.tenant!r} forbids self-approval)"
+                )
+            if any(d.verdict == "approve" and d.reviewer == reviewer for d in task.decisions):
+                raise ApprovalRefused(
+                    f"{reviewer!r} already approved task {task_id} ({task.approvals} of "
+                    f"{tenant.approval.quorum} approvals); another reviewer must approve it"
+                )
+            grant_s = int(grant_for.total_seconds()) if grant_for else None
+            signed = self._signed(task, key, reviewer, "approve", reason, grant_s)
+            approvals: list[Mapping[str, Any]] = [*task.signed_approvals(), signed]
+            quorum = tenant.approval.quorum
+            release = grant = None
+            if len(approvals) >= quorum:
+                release = held_message(task).with_headers(
+                    **{APPROVALS: json.dumps(approvals, separators=(",", ":")), LEDGER: 1}
+                )
+                grant = self._grant(task, tenant, approvals)
+            decided = self.store.decide(
+                task,
+                verdict="approve",
+                reviewer=reviewer,
+                reason=reason,
+                quorum=quorum,
+                signed=signed,
+                seen=len(approvals),
+                release=release.to_json() if release else None,
+                grant=grant,
+                audit=self._audit_fields(task, reviewer),
+                ttl_s=self.runtime.state.ttl.task_s,
+            )
+            if decided.outcome == "stale":
+                continue
+            self._refuse_unless(decided.outcome, task, reviewer, ("recorded", "released"))
+            if decided.outcome == "released" and release is not None:
+                self._publish_released(task, release)
+            updated = self.store.get(task.tenant, task_id) or task
+            released = decided.outcome == "released"
+            return ApprovalOutcome(
+                updated,
+                decided.outcome,
+                reviewer,
+                decided.approvals,
+                quorum,
+                grant["id"] if grant and released else None,
+                int(grant["until_ms"]) if grant and released else None,
+            )
+        raise ApprovalRefused(f"task {task_id} kept changing while approving it: try again")
+
+    def _grant(
+        self, task: HeldTask, tenant: TenantPolicy, approvals: list[Mapping[str, Any]]
+    ) -> dict[str, Any] | None:
+        payloads = [p for p, _ in (verified(a, tenant.reviewers) for a in approvals) if p]
+        until = grant_until_ms(payloads, tenant.approval.max_grant)
+        if until is None:
+            return None
+        grant_id = uuid.uuid4().hex[:12]
+        record = {
+            "id": grant_id,
+            "tenant": task.tenant,
+            "agent": task.agent,
+            "action": task.action_name,
+            "until_ms": until,
+            "requester": task.user,
+            "decisions": approvals,
+        }
+        return {"id": grant_id, "json": json.dumps(record), "until_ms": until}
+
+    def reject(self, task_id: str, key: Ed25519PrivateKey, reason: str) -> HeldTask:
+        """Sign and record a rejection: the task never runs; its result becomes FAILURE."""
         if not reason.strip():
             raise ApprovalRefused("a rejection needs a reason")
         task = self.find(task_id)
-        self._check_reviewer(task, reviewer, "reject")
+        reviewer = self.reviewer_for(task, key)
+        self._check_open(task, "reject")
+        signed = self._signed(task, key, reviewer, "reject", reason, None)
         decided = self.store.decide(
-            task.tenant, task_id, verdict="reject", reviewer=reviewer, reason=reason
+            task,
+            verdict="reject",
+            reviewer=reviewer,
+            reason=reason,
+            signed=signed,
+            audit=self._audit_fields(task, reviewer),
+            ttl_s=self.runtime.state.ttl.task_s,
         )
-        self._refuse_unless(decided.outcome, task, reviewer, decided.approvals, 0, ("rejected",))
-        self._end(task, AuditEventType.REJECTED, f"rejected by {reviewer}: {reason}", reviewer)
+        self._refuse_unless(decided.outcome, task, reviewer, ("rejected",))
+        self._end(task, f"rejected by {reviewer}: {reason}", reviewer)
         return self.store.get(task.tenant, task_id) or task
 
     def expire_due(self, now_ms: int | None = None) -> list[HeldTask]:
         """Reject as expired every held task past its expiry; returns those it expired."""
         expired = []
-        for tenant in self.store.tenants(self.runtime.policy.tenant_names):
+        for tenant in self.runtime.policy.tenant_names:
             for task_id in self.store.due_for_expiry(tenant, now_ms):
+                task = self.store.get(tenant, task_id)
+                if task is None:
+                    continue
                 decided = self.store.decide(
-                    tenant,
-                    task_id,
+                    task,
                     verdict="expire",
                     reviewer="",
-                    reason="approval expired",
+                    reason="expired: no reviewer decision before the hold expired",
+                    audit=self._audit_fields(task),
+                    ttl_s=self.runtime.state.ttl.task_s,
                     now_ms=now_ms,
                 )
-                if decided.outcome != "expired":
-                    continue
-                task = self.store.get(tenant, task_id)
-                if task is not None:
-                    self._end(
-                        task,
-                        AuditEventType.EXPIRED,
-                        "expired: no reviewer decision before the hold expired",
-                        "",
-                    )
-                    expired.append(task)
+                if decided.outcome == "expired":
+                    self._end(task, "expired: no reviewer decision before the hold expired", "")
+                    expired.append(self.store.get(tenant, task_id) or task)
         return expired
 
     # -- grants -------------------------------------------------------------------------------
 
-    def _grant(self, task: HeldTask, reviewer: str, duration: timedelta, reason: str) -> Grant:
-        grant = Grant(
-            agent=task.agent,
-            action=task.action_name,
-            until=datetime.now(UTC) + duration,
-            granted_by=reviewer,
-            reason=reason or f"granted with the approval of task {task.task_id}",
-        )
-        self.store.save_grant(task.tenant, uuid.uuid4().hex, grant.model_dump_json())
-        return grant
+    def grants(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's grants, each with whether it is genuine and active now."""
+        policy = self._tenant(tenant)
+        now_ms = int(time.time() * 1000)
+        listed = []
+        for grant_id, grant in sorted(self.store.grants(tenant).items()):
+            verdict = check_grant(
+                grant,
+                reviewers=policy.reviewers,
+                quorum=policy.approval.quorum,
+                allow_self_approval=policy.approval.allow_self_approval,
+                max_grant=policy.approval.max_grant,
+                agent=str(grant.get("agent", "")),
+                action_names=[str(grant.get("action", ""))],
+                now_ms=now_ms,
+            )
+            listed.append(
+                {
+                    "id": grant_id,
+                    "tenant": tenant,
+                    "agent": grant.get("agent"),
+                    "action": grant.get("action"),
+                    "until_ms": grant.get("until_ms"),
+                    "active": verdict.ok,
+                    "why": verdict.reason,
+                }
+            )
+        return listed
 
-    def active_grants(self, tenant: str) -> list[Grant]:
-        now = datetime.now(UTC)
-        grants = [Grant.model_validate_json(raw) for raw in self.store.grants(tenant)]
-        return [g for g in grants if g.until > now]
+    def revoke(self, tenant: str, grant_id: str, by: str) -> None:
+        self._tenant(tenant)
+        audit = {"tenant": tenant, "reviewer": by, "policy_version": self.runtime.policy.version}
+        if not self.store.revoke_grant(tenant, grant_id, audit):
+            raise ApprovalRefused(f"unknown grant {grant_id!r} of tenant {tenant!r}")
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _refuse_unless(
-        self,
-        outcome: str,
-        task: HeldTask,
-        reviewer: str,
-        approvals: int,
-        quorum: int,
-        accepted: tuple[str, ...],
+        self, outcome: str, task: HeldTask, reviewer: str, accepted: tuple[str, ...]
     ) -> None:
         if outcome in accepted:
             return
         if outcome == "already_approved":
-            raise ApprovalRefused(
-                f"{reviewer!r} already approved task {task.task_id} ({approvals} of {quorum} "
-                "approvals); another reviewer must approve it"
-            )
+            raise ApprovalRefused(f"{reviewer!r} already approved task {task.task_id}")
         current = self.store.get(task.tenant, task.task_id)
         status = current.status.value if current else "unknown"
         raise ApprovalRefused(f"task {task.task_id} is not held (status: {status})")
 
-    def _publish_released(self, task: HeldTask, token: str) -> None:
-        """Record the released task in the ledger (so it cannot be lost), then publish it."""
-        envelope = held_message(task).with_headers(**{RELEASE_TOKEN: token})
-        self.runtime.ledger.record_published(task.tenant, task.task_id, envelope.to_json())
-        self.runtime.publish(envelope)
+    def _publish_released(self, task: HeldTask, envelope: Envelope) -> None:
+        """Publish the released task (the ledger already has it, so a failure here is not a
+        loss: the reconciler publishes it)."""
+        try:
+            self.runtime.publish(envelope)
+        except Exception:
+            log.warning("could not publish released task %s; the reconciler will", task.task_id)
 
-    def _end(self, task: HeldTask, event: AuditEventType, reason: str, reviewer: str) -> None:
+    def _end(self, task: HeldTask, reason: str, reviewer: str) -> None:
         self.app.backend.mark_as_failure(task.task_id, ApprovalRejected(reason))
-        self._audit(task, event, reviewer=reviewer, reason=reason)
         send_app_event(
             self.app,
             "rejected",
@@ -368,29 +537,4 @@ class Approvals:
             action=task.action_name,
             reason=reason,
             reviewer=reviewer,
-        )
-
-    def _audit(
-        self,
-        task: HeldTask,
-        event: AuditEventType,
-        *,
-        reviewer: str = "",
-        reason: str = "",
-        detail: dict[str, Any] | None = None,
-    ) -> None:
-        self.runtime.audit(
-            AuditEvent(
-                type=event,
-                tenant=task.tenant,
-                agent=task.agent,
-                run=task.run,
-                task_id=task.task_id,
-                action=task.action_name,
-                decision="hold",
-                tier=task.tier,
-                reviewer=reviewer,
-                reason=reason or task.reason,
-                detail=detail or {},
-            )
         )

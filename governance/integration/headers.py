@@ -27,8 +27,6 @@ HANDOFF = "gov_handoff"
 OUTAGE = "gov_outage"
 #: The reviewers' signed decisions that release an approval-tier call (JSON list).
 APPROVALS = "gov_approvals"
-#: A one-time release token of an approval-tier call (HMAC over its task id and call).
-RELEASE_TOKEN = "gov_release"
 
 #: Headers that describe one trip of the message, not the task: dropped when it is published again.
 TRANSIENT = (HANDOFF, OUTAGE)
@@ -52,7 +50,6 @@ class GovernanceHeaders:
     outage: tuple[int, int] | None = None
     approvals: tuple[dict[str, Any], ...] = ()
     ledgered: bool = False
-    release_token: str | None = None
 
     def to_headers(self) -> dict[str, Any]:
         """The headers a publisher sends (the attempt goes in Celery's ``retries``)."""
@@ -122,7 +119,6 @@ def read_headers(request: Any) -> GovernanceHeaders:
     if not isinstance(retries, int) or retries < 0:
         raise HeaderError(f"malformed retries field: {retries!r}")
     handoff = header_value(request, HANDOFF)
-    token = header_value(request, RELEASE_TOKEN)
     return GovernanceHeaders(
         context=read_context(raw),
         attempt=retries,
@@ -130,5 +126,4 @@ def read_headers(request: Any) -> GovernanceHeaders:
         outage=_outage(header_value(request, OUTAGE)),
         approvals=_approvals(header_value(request, APPROVALS)),
         ledgered=bool(header_value(request, LEDGER)),
-        release_token=str(token) if token else None,
     )

@@ -173,14 +173,8 @@ class TaskLife:
         approvals = Approvals(self.task.app, self.runtime)
         try:
             with self.runtime.store_call():
-                released = approvals.check_release(
-                    headers,
-                    self.task.name,
-                    self.task_id,
-                    list(self.args),
-                    self.kwargs,
-                    action,
-                    decision,
+                released = approvals.check(
+                    headers, self.task.name, self.task_id, self.args, self.kwargs, action, decision
                 )
                 if released is not None:
                     return released

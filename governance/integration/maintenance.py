@@ -8,6 +8,8 @@ by and take over within a few seconds when it dies). Each round, the leader:
   waits past their limit; and hands free capacity to waiting tasks (also every few seconds for
   tenants that have waiting tasks, for capacity freed without a settlement);
 - every ``held_sweep_s``, rejects held tasks whose hold expired;
+- (in a thread of its own, so a slow webhook delays nothing else) sends the notifications of
+  held tasks to the tenants' reviewers;
 - every ``audit_checkpoint_s``, signs where each audit chain ends, and seals (adopts) entries
   whose writer was killed before sealing them.
 
@@ -26,6 +28,7 @@ from typing import Any
 from governance.integration.approvals import Approvals
 from governance.integration.headers import HANDOFF
 from governance.integration.messages import Envelope
+from governance.integration.notify import NotifierThread
 from governance.integration.runtime import GovernanceRuntime
 from governance.store import audit_verify
 from governance.store.admission import Publication
@@ -52,13 +55,18 @@ class MaintenanceThread:
         self._next_audit = 0.0
         self._adopt_from: dict[str, str] = {}
         self.republished = 0
+        #: Whether this process held the leader lock at its last round.
+        self.leading = False
+        self._notifier = NotifierThread(runtime, lambda: self.leading)
 
     def start(self) -> None:
         self._thread.start()
+        self._notifier.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self._notifier.stop()
 
     def _lead(self) -> bool:
         """Take or keep the leader lock (it lapses after a few rounds without renewal)."""
@@ -81,7 +89,8 @@ class MaintenanceThread:
         """One round (tests call it directly)."""
         runtime = self._runtime
         with runtime.store_call():
-            if not self._lead():
+            self.leading = self._lead()
+            if not self.leading:
                 return
             now = time.monotonic()
             tenants = runtime.policy.tenant_names

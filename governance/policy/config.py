@@ -32,6 +32,7 @@ from governance.policy.duration import PositiveDuration
 from governance.policy.grants import Grant
 from governance.policy.hooks import HOOK_SPEC_RE
 from governance.policy.long_running import DEFAULT_PRESET, PRESETS, LongRunningLimits
+from governance.policy.signing import parse_public_key
 from governance.policy.tiers import Tier
 
 GLOB_CHARS = frozenset("*?[")
@@ -120,11 +121,48 @@ class DenyRule(_Model):
 
 
 class ApprovalSettings(_Model):
-    """How held actions are released. Unset fields inherit (from defaults, then built-ins)."""
+    """How held actions are released. Unset fields inherit (from defaults, then built-ins).
+
+    `max_grant` bounds a grant given with an approval; `valid_for` is how long after the last
+    signature a released call may still start (it may wait for capacity, or retry, meanwhile).
+    """
 
     quorum: int = Field(default=1, ge=1)
     expiry: PositiveDuration = timedelta(hours=24)
     allow_self_approval: bool = False
+    max_grant: PositiveDuration = timedelta(hours=24)
+    valid_for: PositiveDuration = timedelta(hours=24)
+
+
+def _reviewer_key(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(
+            "a reviewer is listed with the public half of their key: "
+            "`name: ed25519:<base64>` (run `govctl reviewers keygen NAME`)"
+        )
+    parse_public_key(value)
+    return value
+
+
+ReviewerKey = Annotated[str, BeforeValidator(_reviewer_key)]
+
+
+def _reviewers_shape(value: Any) -> Any:
+    if isinstance(value, list):
+        raise ValueError(
+            "reviewers are listed with the public halves of their keys, as a mapping "
+            "`{alice: 'ed25519:...', bob: 'ed25519:...'}` (run `govctl reviewers keygen NAME` "
+            "for each reviewer and paste the line it prints)"
+        )
+    return value
+
+
+class Notifier(_Model):
+    """Where reviewers are told that something waits for them: a generic JSON webhook, or a
+    Slack incoming webhook. Calls are retried with backoff and never block a worker."""
+
+    kind: Literal["webhook", "slack"]
+    url: Annotated[str, Field(pattern=r"^https?://", min_length=8, max_length=2048)]
 
 
 class RetrySettings(_Model):
@@ -262,7 +300,10 @@ class TenantSettings(_Model):
     allowed_networks: list[Cidr] | None = None
     deny: list[DenyRule] | None = None
     tiers: TierSettings | None = None
-    reviewers: list[Identifier] | None = None
+    reviewers: (
+        Annotated[dict[Identifier, ReviewerKey], BeforeValidator(_reviewers_shape)] | None
+    ) = None
+    notify: list[Notifier] | None = None
     approval: ApprovalSettings | None = None
     hooks: list[HookSpec] | None = None
     grants: list[Grant] | None = None

@@ -12,7 +12,8 @@ Authorization order (each step can end it):
    No allow-list means nothing is allowed (deny by default).
 6. Hooks: `defaults.hooks` then the tenant's; the first deny wins, a crashing hook denies.
 7. Tier: a granted action runs at act_auto; otherwise the tier is resolved most specific first
-   (see tiers.py) and gives the outcome: allow, hold, suggest or shadow.
+   (see tiers.py) and gives the outcome: allow, hold, suggest or shadow. An action to hold needs
+   a requester (the context's user): without one it is denied.
 """
 
 from __future__ import annotations
@@ -258,6 +259,13 @@ class Policy:
             )
         resolution = tenant.tiers.resolve(ctx.agent, name, action_class)
         outcome = outcome_for(resolution.tier)
+        if outcome is Outcome.hold and not ctx.user:
+            return deny(
+                f"{what} for agent {ctx.agent!r} of tenant {t!r} needs approval (tier "
+                f"{resolution.tier} from {resolution.rule}), and an approval-tier action needs a "
+                "requester: the context has no user (who asks for it, and may not approve it)",
+                resolution.rule,
+            )
         reason = (
             f"{what} for agent {ctx.agent!r} of tenant {t!r}: {_TIER_WORDING[outcome]} "
             f"(tier {resolution.tier} from {resolution.rule})"

@@ -15,6 +15,7 @@ from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel
 
 from governance.policy.checks import Problem
@@ -23,6 +24,7 @@ from governance.policy.config import (
     Budget,
     DenyRule,
     GovernanceConfig,
+    Notifier,
     RateLimits,
     RetrySettings,
     TenantSettings,
@@ -32,6 +34,7 @@ from governance.policy.grants import Grant
 from governance.policy.hooks import Hook, HookLoadError
 from governance.policy.long_running import DEFAULT_PRESET, PRESETS, LongRunningLimits
 from governance.policy.retry import RetryPolicy
+from governance.policy.signing import parse_public_key
 from governance.policy.tiers import TierSource, TierTable
 
 BUILTIN = "built-in default"
@@ -44,11 +47,14 @@ _M = TypeVar("_M", bound=BaseModel)
 
 @dataclass(frozen=True)
 class ApprovalPolicy:
-    """How many distinct reviewers must release a held action, and how long a hold lives."""
+    """How many distinct reviewers must release a held action, how long a hold lives, how long a
+    grant may last, and how long after the last signature a released call may still start."""
 
     quorum: int
     expiry: timedelta
     allow_self_approval: bool
+    max_grant: timedelta = timedelta(hours=24)
+    valid_for: timedelta = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,9 @@ class TenantPolicy:
     allowed_networks: tuple[IPv4Network | IPv6Network, ...]
     deny: tuple[BoundDenyRule, ...]
     tiers: TierTable
-    reviewers: tuple[str, ...]
+    reviewers: Mapping[str, Ed25519PublicKey]
     approval: ApprovalPolicy
+    notify: tuple[Notifier, ...]
     hooks: tuple[BoundHook, ...]
     grants: tuple[Grant, ...]
     concurrency: int | None
@@ -182,7 +189,9 @@ def _build(
     prefix = b.prefix
     merged_note = "" if len(layers) == 1 else " (after merging defaults)"
 
-    reviewers = tuple(b.replaced("reviewers") or ())
+    reviewers = {
+        name: parse_public_key(text) for name, text in (b.replaced("reviewers") or {}).items()
+    }
     approval = b.merged("approval", ApprovalSettings)
     if reviewers and approval.quorum > len(reviewers):
         b.problems.append(
@@ -222,8 +231,15 @@ def _build(
             _tier_source("defaults", config.defaults.tiers),
             _tier_source(prefix, layers[-1][1].tiers if len(layers) > 1 else None),
         ),
-        reviewers=reviewers,
-        approval=ApprovalPolicy(approval.quorum, approval.expiry, approval.allow_self_approval),
+        reviewers=MappingProxyType(reviewers),
+        approval=ApprovalPolicy(
+            approval.quorum,
+            approval.expiry,
+            approval.allow_self_approval,
+            approval.max_grant,
+            approval.valid_for,
+        ),
+        notify=tuple(b.replaced("notify") or ()),
         hooks=tuple(hooks),
         grants=tuple(grant for _path, grant in b.concatenated("grants")),
         concurrency=b.replaced("concurrency"),

@@ -1,21 +1,24 @@
 """The held store: approval-tier tasks wait here for reviewers, in Redis, never in the broker.
 
-A hash per task keeps the whole call (task name, arguments, headers, context, action) with its
-status and decisions; per-tenant sorted sets index it by status and request time (for paginated
-listing in O(page)) and by expiry. Every transition is one Lua script, so exactly one reviewer
-can release a task, and a release token is spent at most once.
+A hash per task keeps the whole call (task name, arguments, context, action, the message to
+publish) with its status and the reviewers' signed decisions; per-tenant sorted sets index it by
+status and request time (paginated listing in O(page)) and by expiry. Every transition is one
+Lua script that also writes its audit entry and moves the task's ledger record, so a decision
+and its record are one. Redis state is not what releases a task, though: the worker verifies the
+reviewers' signatures that the released message carries.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from governance.store.keys import DeploymentKeys, TenantKeys
+from governance.store.audit_seal import AuditSealer
+from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
 
 
@@ -36,6 +39,7 @@ class HeldDecision:
     reviewer: str
     reason: str
     at_ms: int
+    signed: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,25 +54,29 @@ class HeldTask:
     task_name: str
     args: list[Any]
     kwargs: dict[str, Any]
-    headers: dict[str, Any]
+    context: dict[str, Any]
     action: dict[str, Any]
     action_name: str
     action_class: str
     tier: str
     reason: str
-    args_hash: str
+    call: str
     requested_ms: int
     expires_ms: int
+    envelope: dict[str, Any]
     status: HeldStatus = HeldStatus.HELD
+    kind: str = "hold"
     approvals: int = 0
     decisions: tuple[HeldDecision, ...] = field(default=())
-    published: bool = True
     reheld: int = 0
-    envelope: dict[str, Any] = field(default_factory=dict)
 
     @property
     def blocking(self) -> bool:
         return self.status is not HeldStatus.SUGGESTED
+
+    def signed_approvals(self) -> list[Mapping[str, Any]]:
+        """The signed approve decisions recorded so far."""
+        return [d.signed for d in self.decisions if d.verdict == "approve" and d.signed]
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view (``govctl held show --json``)."""
@@ -81,38 +89,38 @@ class HeldTask:
             "task_name": self.task_name,
             "args": self.args,
             "kwargs": self.kwargs,
+            "context": self.context,
             "action": self.action,
             "action_name": self.action_name,
             "action_class": self.action_class,
             "tier": self.tier,
+            "kind": self.kind,
             "reason": self.reason,
-            "args_hash": self.args_hash,
+            "call": self.call,
             "requested_ms": self.requested_ms,
             "expires_ms": self.expires_ms,
             "status": self.status.value,
             "blocking": self.blocking,
             "approvals": self.approvals,
-            "decisions": [d.__dict__ for d in self.decisions],
+            "decisions": [
+                {
+                    "verdict": d.verdict,
+                    "reviewer": d.reviewer,
+                    "reason": d.reason,
+                    "at_ms": d.at_ms,
+                    "signed": d.signed is not None,
+                    "grant_s": (d.signed or {}).get("payload", {}).get("grant_s"),
+                }
+                for d in self.decisions
+            ],
             "reheld": self.reheld,
         }
-
-
-def call_hash(task_name: str, args: list[Any], kwargs: dict[str, Any]) -> str:
-    """The hash a release is bound to: the exact task and arguments."""
-    canonical = json.dumps(
-        {"task": task_name, "args": args, "kwargs": kwargs}, sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class Decided:
     """What a decision did: ``outcome`` is released, recorded, rejected, expired, unknown,
-    not_held, already_approved or not_due; ``status`` is the task's status afterwards."""
+    not_held, already_approved, not_due or stale; ``status`` is the task's status afterwards."""
 
     outcome: str
     status: str
@@ -132,14 +140,39 @@ def _text(value: bytes | str) -> str:
 class HeldStore:
     """Held tasks of every tenant in one Redis (or Redis Cluster)."""
 
-    def __init__(self, state: StateStore) -> None:
+    def __init__(self, state: StateStore, sealer: AuditSealer | None = None) -> None:
         self._state = state
+        self._sealer = sealer
 
     def _status_keys(self, keys: TenantKeys) -> list[str]:
         return [keys.held_by_status(s.value) for s in STATUS_ORDER]
 
-    def put(self, task: HeldTask) -> str:
-        """Store ``task`` (status held or suggested); returns created, waiting or reheld."""
+    def _call(self, operation: str, script: Any, tenant: str, keys: list[str], *args: str) -> Any:
+        """Run a held-store script that writes audit entries: seals go with it."""
+        seals = self._sealer.take(tenant) if self._sealer else "[]"
+        writer = self._sealer.writer if self._sealer else "unsealed"
+        try:
+            raw = self._state.call(operation, script, keys, [*args, seals, writer])
+        except Exception:
+            if self._sealer:
+                self._sealer.give_back(tenant, seals)
+            raise
+        reply: dict[str, Any] = json.loads(raw)
+        written = reply.get("au")
+        if self._sealer:
+            self._sealer.wrote(tenant, [] if isinstance(written, dict) else written or [])
+        return reply
+
+    def put(
+        self,
+        task: HeldTask,
+        *,
+        audit: Mapping[str, str],
+        detail: Mapping[str, Any] | None = None,
+        notification: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Store ``task`` (status held or suggested) with its audit entry and notification;
+        returns created, waiting (it already was) or reheld."""
         keys = TenantKeys(task.tenant)
         record = {
             "task_id": task.task_id,
@@ -150,31 +183,40 @@ class HeldStore:
             "task_name": task.task_name,
             "args": json.dumps(task.args),
             "kwargs": json.dumps(task.kwargs),
-            "headers": json.dumps(task.headers),
+            "context": json.dumps(task.context),
             "action": json.dumps(task.action),
             "action_name": task.action_name,
             "action_class": task.action_class,
             "tier": task.tier,
+            "kind": task.kind,
             "reason": task.reason,
-            "args_hash": task.args_hash,
+            "call": task.call,
             "envelope": json.dumps(task.envelope),
         }
-        argv: list[str | int] = [
-            task.task_id,
-            task.status.value,
-            task.requested_ms,
-            task.expires_ms,
+        body = {
+            "id": task.task_id,
+            "status": task.status.value,
+            "requested_ms": task.requested_ms,
+            "expires_ms": task.expires_ms,
+            "fields": record,
+            "au": dict(audit),
+            "reason": task.reason,
+            "detail": dict(detail or {"expires_ms": task.expires_ms}),
+            "notify": json.dumps(notification) if notification else None,
+        }
+        script_keys = [
+            *keys.shared(),
+            keys.held(task.task_id),
+            *self._status_keys(keys),
+            keys.held_expiry,
+            keys.task(task.task_id),
+            keys.outbox,
+            keys.notifications,
         ]
-        for name, value in record.items():
-            argv += [name, value]
-        script_keys = [keys.held(task.task_id), *self._status_keys(keys), keys.held_expiry]
-        reply = self._state.call("hold", self._state.scripts.held_put, script_keys, argv)
-
-        def remember_tenant() -> None:
-            self._state.client.sadd(DeploymentKeys.held_tenants, task.tenant)
-
-        self._state.run("hold", remember_tenant)
-        return _text(reply[0])
+        reply = self._call(
+            "hold", self._state.scripts.held_put, task.tenant, script_keys, json.dumps(body)
+        )
+        return str(reply["outcome"])
 
     def get(self, tenant: str, task_id: str) -> HeldTask | None:
         raw = self._state.run(
@@ -182,20 +224,20 @@ class HeldStore:
         )
         return _parse(raw) if raw else None
 
-    def find(self, task_id: str, tenants: list[str]) -> HeldTask | None:
-        """The held task with this id, looked up in each of ``tenants``."""
-        for tenant in self.tenants(tenants):
-            task = self.get(tenant, task_id)
-            if task is not None:
-                return task
-        return None
+    def find(self, task_id: str, tenants: Iterable[str]) -> HeldTask | None:
+        """The held task with this id, looked up in each of ``tenants`` (one pipelined read)."""
+        names = list(tenants)
 
-    def tenants(self, known: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """Tenants that ever held a task, plus ``known`` ones, sorted."""
-        recorded = self._state.run(
-            "held tenants", lambda: self._state.client.smembers(DeploymentKeys.held_tenants)
-        )
-        return sorted(set(known) | {_text(t) for t in recorded})
+        def read() -> list[Any]:
+            pipe = self._state.client.pipeline(transaction=False)
+            for tenant in names:
+                pipe.hgetall(TenantKeys(tenant).held(task_id))
+            return list(pipe.execute())
+
+        for raw in self._state.run("held read", read) if names else []:
+            if raw:
+                return _parse(raw)
+        return None
 
     def page(
         self,
@@ -243,54 +285,78 @@ class HeldStore:
 
     def decide(
         self,
-        tenant: str,
-        task_id: str,
+        task: HeldTask,
         *,
         verdict: str,
         reviewer: str,
         reason: str,
         quorum: int = 1,
-        release_token_hash: str = "",
+        signed: Mapping[str, Any] | None = None,
+        seen: int = 0,
+        release: str | None = None,
+        grant: Mapping[str, Any] | None = None,
+        audit: Mapping[str, str],
+        ttl_s: int,
         now_ms: int | None = None,
     ) -> Decided:
         """Record an approval, a rejection or an expiry atomically (see held_decide.lua)."""
-        keys = TenantKeys(tenant)
+        keys = TenantKeys(task.tenant)
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        argv: list[str | int] = [
-            task_id,
-            verdict,
-            reviewer,
-            reason,
-            now,
-            quorum,
-            release_token_hash,
-        ]
+        body = {
+            "id": task.task_id,
+            "verdict": verdict,
+            "reviewer": reviewer,
+            "reason": reason,
+            "now": now,
+            "quorum": quorum,
+            "signed": dict(signed) if signed else None,
+            "seen": seen,
+            "release": release,
+            "grant": dict(grant) if grant else None,
+            "au": dict(audit),
+            "ttl": ttl_s,
+        }
         script_keys = [
-            keys.held(task_id),
+            *keys.shared(),
+            keys.held(task.task_id),
             *self._status_keys(keys),
             keys.held_expiry,
-            keys.held_unpublished,
+            keys.task(task.task_id),
+            keys.grants,
         ]
-        reply = self._state.call(
-            "held decision", self._state.scripts.held_decide, script_keys, argv
+        reply = self._call(
+            "held decision",
+            self._state.scripts.held_decide,
+            task.tenant,
+            script_keys,
+            json.dumps(body),
+            self._state.script_settings(),
         )
-        return Decided(_text(reply[0]), _text(reply[1]), int(reply[2]))
+        return Decided(str(reply["outcome"]), str(reply["status"]), int(reply["approvals"]))
 
-    def consume_release(self, tenant: str, task_id: str, token: str) -> bool:
-        """Spend a release token: True exactly once, for the token of the current release."""
-        keys = [TenantKeys(tenant).held(task_id)]
-        reply = self._state.call(
-            "release token", self._state.scripts.release_consume, keys, [token_hash(token)]
+    def grants(self, tenant: str) -> dict[str, dict[str, Any]]:
+        """The tenant's stored grants, by id (not verified: the worker verifies each)."""
+        key = TenantKeys(tenant).grants
+        raw = self._state.run("grants", lambda: self._state.client.hgetall(key))
+        grants = {}
+        for grant_id, value in raw.items():
+            try:
+                grants[_text(grant_id)] = json.loads(value)
+            except ValueError:
+                continue  # not ours; never valid anyway
+        return grants
+
+    def revoke_grant(self, tenant: str, grant_id: str, audit: Mapping[str, str]) -> bool:
+        keys = TenantKeys(tenant)
+        body = json.dumps({"id": grant_id, "au": dict(audit)})
+        reply = self._call(
+            "grant revoke",
+            self._state.scripts.grant_revoke,
+            tenant,
+            [*keys.shared(), keys.grants],
+            body,
         )
-        return int(reply) == 1
-
-    def save_grant(self, tenant: str, grant_id: str, grant_json: str) -> None:
-        key = TenantKeys(tenant).grants
-        self._state.run("grant", lambda: self._state.client.hset(key, grant_id, grant_json))
-
-    def grants(self, tenant: str) -> list[str]:
-        key = TenantKeys(tenant).grants
-        return [_text(v) for v in self._state.run("grants", lambda: self._state.client.hvals(key))]
+        return int(reply["removed"]) == 1
 
     def due_for_expiry(self, tenant: str, now_ms: int | None = None, limit: int = 500) -> list[str]:
         now = int(time.time() * 1000) if now_ms is None else now_ms
@@ -302,8 +368,20 @@ class HeldStore:
         return [_text(i) for i in self._state.run("held expiry", read)]
 
 
-def _parse(raw: dict[bytes, bytes]) -> HeldTask:
+def _decision(d: Mapping[str, Any]) -> HeldDecision:
+    signed = d.get("signed")
+    return HeldDecision(
+        verdict=str(d.get("verdict", "")),
+        reviewer=str(d.get("reviewer", "")),
+        reason=str(d.get("reason", "")),
+        at_ms=int(d.get("at_ms", 0)),
+        signed=signed if isinstance(signed, Mapping) else None,
+    )
+
+
+def _parse(raw: Mapping[bytes, bytes]) -> HeldTask:
     f = {_text(k): _text(v) for k, v in raw.items()}
+    decisions: Sequence[Mapping[str, Any]] = json.loads(f.get("decisions", "[]") or "[]")
     return HeldTask(
         task_id=f["task_id"],
         tenant=f["tenant"],
@@ -313,19 +391,19 @@ def _parse(raw: dict[bytes, bytes]) -> HeldTask:
         task_name=f["task_name"],
         args=json.loads(f.get("args", "[]")),
         kwargs=json.loads(f.get("kwargs", "{}")),
-        headers=json.loads(f.get("headers", "{}")),
+        context=json.loads(f.get("context", "{}") or "{}"),
         action=json.loads(f.get("action", "{}")),
         action_name=f.get("action_name", ""),
         action_class=f.get("action_class", ""),
         tier=f.get("tier", ""),
         reason=f.get("reason", ""),
-        args_hash=f.get("args_hash", ""),
+        call=f.get("call", ""),
         requested_ms=int(f.get("requested_ms", "0")),
         expires_ms=int(f.get("expires_ms", "0")),
-        status=HeldStatus(f["status"]),
-        approvals=int(f.get("approvals", "0")),
-        decisions=tuple(HeldDecision(**d) for d in json.loads(f.get("decisions", "[]") or "[]")),
-        published=f.get("published", "1") == "1",
-        reheld=int(f.get("reheld", "0")),
         envelope=json.loads(f.get("envelope", "{}") or "{}"),
+        status=HeldStatus(f["status"]),
+        kind=f.get("kind", "hold"),
+        approvals=int(f.get("approvals", "0")),
+        decisions=tuple(_decision(d) for d in decisions if isinstance(d, Mapping)),
+        reheld=int(f.get("reheld", "0")),
     )

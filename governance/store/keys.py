@@ -147,9 +147,14 @@ class TenantKeys:
         return f"{self._base}:held-status:{status}"
 
     @property
-    def held_unpublished(self) -> str:
-        """Set of released tasks not yet confirmed published again (retried by the sweep)."""
-        return f"{self._base}:held-unpublished"
+    def outbox(self) -> str:
+        """Sorted set of notifications to send to reviewers: id -> when to try next (ms)."""
+        return f"{self._base}:outbox"
+
+    @property
+    def notifications(self) -> str:
+        """Hash of notifications not sent yet: id -> JSON (body, attempts)."""
+        return f"{self._base}:notifications"
 
     @property
     def held_expiry(self) -> str:
@@ -158,7 +163,8 @@ class TenantKeys:
 
     @property
     def grants(self) -> str:
-        """Hash of grants given by reviewers: grant id -> grant (JSON)."""
+        """Hash of grants given by a quorum of reviewers: grant id -> grant with the signed
+        approvals that justify it (JSON)."""
         return f"{self._base}:grants"
 
     def step_repetitions(self, run: str) -> str:

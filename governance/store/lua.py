@@ -17,8 +17,16 @@ from typing import Any
 from redis.commands.core import Script
 
 #: Scripts that run with lib.lua prepended, and the standalone ones.
-WITH_LIBRARY = ("admit", "settle", "sweep", "audit_append")
-STANDALONE = ("renew", "cooldown", "held_put", "held_decide", "release_consume")
+WITH_LIBRARY = (
+    "admit",
+    "settle",
+    "sweep",
+    "audit_append",
+    "held_put",
+    "held_decide",
+    "grant_revoke",
+)
+STANDALONE = ("renew", "cooldown")
 SCRIPT_NAMES = WITH_LIBRARY + STANDALONE
 
 
@@ -48,4 +56,4 @@ class Scripts:
         self.cooldown: Script = client.register_script(script_source("cooldown"))
         self.held_put: Script = client.register_script(script_source("held_put"))
         self.held_decide: Script = client.register_script(script_source("held_decide"))
-        self.release_consume: Script = client.register_script(script_source("release_consume"))
+        self.grant_revoke: Script = client.register_script(script_source("grant_revoke"))

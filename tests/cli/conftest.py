@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 
+from governance.policy.signing import (
+    load_private_key,
+    new_private_key,
+    private_key_pem,
+    public_key_text,
+)
 from governance.store.state import StateStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,12 +50,37 @@ def run_govctl(
 
 
 @pytest.fixture
-def cli_env(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> dict[str, str]:
+def reviewer_keys(tmp_path: Path) -> dict[str, Path]:
+    """Key files of acme's reviewers (alice, bob) and of a stranger (mallory)."""
+    keys = {}
+    for name in ("alice", "bob", "mallory"):
+        keys[name] = tmp_path / f"{name}.key"
+        keys[name].write_bytes(private_key_pem(new_private_key()))
+    return keys
+
+
+@pytest.fixture
+def cli_config(tmp_path: Path, reviewer_keys: dict[str, Path]) -> Path:
+    """The example policy with acme's reviewers' keys replaced by the test's own."""
+    data = yaml.safe_load(CONFIG.read_text())
+    data["tenants"]["acme"]["reviewers"] = {
+        name: public_key_text(load_private_key(reviewer_keys[name].read_bytes()).public_key())
+        for name in ("alice", "bob")
+    }
+    path = tmp_path / "governance.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def cli_env(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, cli_config: Path
+) -> dict[str, str]:
     """govctl's settings on the (flushed) session Redis: broker and state alike."""
     return {
         "GOVERNANCE_BROKER_URL": redis_url,
         "GOVERNANCE_STATE_REDIS_URL": redis_url,
-        "GOVERNANCE_CONFIG_PATH": str(CONFIG),
+        "GOVERNANCE_CONFIG_PATH": str(cli_config),
         "GOVERNANCE_WORKSPACE_DIR": str(tmp_path / "workspace"),
         "GOVERNANCE_AUDIT_KEY": "cli-test-audit-key",
     }

@@ -35,7 +35,7 @@ def test_group_help_lists_subcommands() -> None:
     assert held.returncode == 0
     for command in ("list", "show", "approve", "reject", "expire"):
         assert command in held.stdout
-    assert "--reviewer" in run_govctl("held", "approve", "--help").stdout
+    assert "--key" in run_govctl("held", "approve", "--help").stdout
     assert "tool" in run_govctl("submit", "--help").stdout
     assert "verify" in run_govctl("audit", "--help").stdout
     assert "explain" in run_govctl("policy", "--help").stdout

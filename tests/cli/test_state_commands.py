@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import redis
 
+from governance.policy.signing import call_hash
 from governance.store.audit import AuditEvent, AuditEventType, AuditLog
 from governance.store.audit_seal import AuditSealer
-from governance.store.held import HeldStatus, HeldStore, HeldTask, call_hash
+from governance.store.held import HeldStatus, HeldStore, HeldTask
 from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
 from tests.cli.conftest import Govctl
@@ -20,8 +22,10 @@ AUDIT_KEY = b"cli-test-audit-key"
 
 def held_task(tenant: str, n: int, requested_ms: int, user: str = "carol") -> HeldTask:
     kwargs = {"command": ["echo", str(n)]}
+    task_id = f"task-{tenant}-{n:06d}"
+    context = {"tenant": tenant, "agent": "bot", "run": "run-1", "user": user}
     return HeldTask(
-        task_id=f"task-{tenant}-{n:06d}",
+        task_id=task_id,
         tenant=tenant,
         agent="bot",
         run="run-1",
@@ -29,16 +33,26 @@ def held_task(tenant: str, n: int, requested_ms: int, user: str = "carol") -> He
         task_name="tools.shell",
         args=[],
         kwargs=kwargs,
-        headers={},
+        context=context,
         action={"kind": "tool", "tool": "shell", "input": kwargs},
         action_name="shell",
         action_class="process.exec",
         tier="act_with_approval",
         reason="held for the test",
-        args_hash=call_hash("tools.shell", [], kwargs),
+        call=call_hash("tools.shell", [], kwargs, context),
         requested_ms=requested_ms,
         expires_ms=requested_ms + 86_400_000,
+        envelope={
+            "task": "tools.shell",
+            "args": [],
+            "kwargs": kwargs,
+            "options": {"task_id": task_id},
+        },
     )
+
+
+def put(store: HeldStore, task: HeldTask) -> None:
+    store.put(task, audit={"tenant": task.tenant, "task_id": task.task_id})
 
 
 def closed_port() -> int:
@@ -121,7 +135,9 @@ def test_usage_prints_json_and_refuses_unknown_tenants(govctl: Govctl) -> None:
     assert govctl("usage", "--run", "run-7").returncode == 2  # a run needs its tenant
 
 
-def test_submit_holds_shell_and_reviewers_decide(govctl: Govctl) -> None:
+def test_submit_holds_shell_and_reviewers_decide(
+    govctl: Govctl, reviewer_keys: dict[str, Path]
+) -> None:
     submitted = govctl(
         "submit", "tool", "shell", "-t", "acme", "-a", "planner", "--run", "r1", "-u", "carol",
         "-i", 'command:=["ls"]', "--json",
@@ -139,21 +155,24 @@ def test_submit_holds_shell_and_reviewers_decide(govctl: Govctl) -> None:
         {"command": ["ls"]},
     )
 
-    stranger = govctl("held", "approve", task_id, "--reviewer", "mallory")
+    def key(name: str) -> str:
+        return str(reviewer_keys[name])
+
+    stranger = govctl("held", "approve", task_id, "--key", key("mallory"))
     assert stranger.returncode == 1
-    assert "'mallory' is not a reviewer" in stranger.stderr
-    first = govctl("held", "approve", task_id, "--reviewer", "alice", "--reason", "looks fine")
+    assert "this key is not a reviewer's of tenant 'acme'" in stranger.stderr
+    first = govctl("held", "approve", task_id, "--key", key("alice"), "--reason", "looks fine")
     assert first.returncode == 0, first.stderr
     assert "1 of 2" in first.stdout
-    again = govctl("held", "approve", task_id, "--reviewer", "alice")
+    again = govctl("held", "approve", task_id, "--key", key("alice"))
     assert again.returncode == 1
     assert "already approved" in again.stderr
-    rejected = govctl("held", "reject", task_id, "--reviewer", "bob", "--reason", "not today")
+    rejected = govctl("held", "reject", task_id, "--key", key("bob"), "--reason", "not today")
     assert rejected.returncode == 0, rejected.stderr
     after = json.loads(govctl("held", "show", task_id, "--json").stdout)
     assert after["status"] == "rejected"
     assert [d["reviewer"] for d in after["decisions"]] == ["alice", "bob"]
-    late = govctl("held", "approve", task_id, "--reviewer", "bob")
+    late = govctl("held", "approve", task_id, "--key", key("bob"))
     assert late.returncode == 1
     assert "not held (status: rejected)" in late.stderr
 
@@ -177,9 +196,9 @@ def test_listing_all_tenants_follows_cursors_over_every_task_once(
     base = 1_700_000_000_000
     tasks = [held_task("acme", i, base + 10 * i) for i in range(7)]
     tasks += [held_task("beta", i, base + 10 * i + 5) for i in range(4)]
-    tasks += [held_task("ghost", i, base + 3) for i in range(3)]  # not configured, same time
+    tasks += [held_task("beta", i + 10, base + 3) for i in range(3)]  # at the same time
     for task in tasks:
-        store.put(task)
+        put(store, task)
     seen: list[str] = []
     cursor: list[str] = []
     for _ in range(10):
@@ -208,14 +227,14 @@ def test_first_page_of_many_held_tasks_is_o_page(
 ) -> None:
     store = HeldStore(state)
     base = 1_700_000_000_000
-    store.put(held_task("beta", 0, base - 1))  # a second tenant, for the all-tenants listing
+    put(store, held_task("beta", 0, base - 1))  # a second tenant, for the all-tenants listing
     counts: dict[tuple[str, int], int] = {}
-    put = 0
+    made = 0
     for total in (1_000, 10_000):
         started = time.monotonic()
-        while put < total:
-            store.put(held_task("acme", put, base + put))
-            put += 1
+        while made < total:
+            put(store, held_task("acme", made, base + made))
+            made += 1
         setup_s = time.monotonic() - started
         assert store.count("acme", HeldStatus.HELD) == total
         for scope in (("--tenant", "acme"), ()):

@@ -22,10 +22,17 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.embedded import EmbeddedRedis
 from governance.embedded.processes import log_tail, stop_processes
 from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.policy.signing import (
+    load_private_key,
+    new_private_key,
+    private_key_pem,
+    public_key_text,
+)
 from governance.settings import GovernanceSettings
 from governance.store.audit import AuditEntry
 from governance.store.audit_verify import verify_all
@@ -167,14 +174,55 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("workspace")
 
 
+REVIEWERS = ("alice", "bob", "carol", "dana")
+
+
+@pytest.fixture(scope="session")
+def reviewer_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A private key file per reviewer of the test policy (as `govctl reviewers keygen` writes)."""
+    folder = tmp_path_factory.mktemp("reviewers")
+    keys = {}
+    for name in REVIEWERS:
+        keys[name] = folder / f"{name}.key"
+        keys[name].write_bytes(private_key_pem(new_private_key()))
+    return keys
+
+
+@pytest.fixture(scope="session")
+def keys(reviewer_keys: dict[str, Path]) -> dict[str, Ed25519PrivateKey]:
+    """The reviewers' private keys, loaded (for the tests that decide in-process)."""
+    return {name: load_private_key(path.read_bytes()) for name, path in reviewer_keys.items()}
+
+
+@pytest.fixture(scope="session")
+def e2e_policy(
+    reviewer_keys: dict[str, Path],
+    observer: ObserverServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """The test policy with the reviewers' public keys and the test server's URL filled in."""
+    text = (HERE / "governance-e2e.yaml").read_text()
+    for name, path in reviewer_keys.items():
+        public = public_key_text(load_private_key(path.read_bytes()).public_key())
+        text = text.replace(f"{{{{key:{name}}}}}", public)
+    text = text.replace("{{observer}}", observer.base_url)
+    rendered = tmp_path_factory.mktemp("policy") / "governance-e2e.yaml"
+    rendered.write_text(text)
+    return rendered
+
+
 @pytest.fixture(scope="session")
 def e2e_env(
-    broker: EmbeddedRedis, state_server: EmbeddedRedis, observer: ObserverServer, workspace: Path
+    broker: EmbeddedRedis,
+    state_server: EmbeddedRedis,
+    observer: ObserverServer,
+    workspace: Path,
+    e2e_policy: Path,
 ) -> dict[str, str]:
     return {
         "GOVERNANCE_BROKER_URL": broker.url,
         "GOVERNANCE_STATE_REDIS_URL": state_server.url,
-        "GOVERNANCE_CONFIG_PATH": str(HERE / "governance-e2e.yaml"),
+        "GOVERNANCE_CONFIG_PATH": str(e2e_policy),
         "GOVERNANCE_WORKSPACE_DIR": str(workspace),
         "GOVERNANCE_LEASE_MS": "2000",
         "GOVERNANCE_VISIBILITY_TIMEOUT_S": "6",
@@ -189,7 +237,6 @@ def e2e_env(
         "GOVERNANCE_STATE_TIMEOUT_S": "1",
         "GOVERNANCE_LLM_BASE_URL": observer.base_url + "/v1",
         "GOVERNANCE_AUDIT_KEY": "e2e-audit-key",
-        "GOVERNANCE_RELEASE_SECRET": "e2e-release-secret",
     }
 
 

@@ -3,7 +3,8 @@
 ``/slow?key=K&ms=N`` holds the request N ms and records how many requests of key K were in flight
 at once; ``/flaky?key=K&fail=N`` answers 500 to the first N requests of K, then 200;
 ``/v1/chat/completions`` is a tiny OpenAI-compatible endpoint (``/v1/<key>/chat/completions`` to
-script failures: ``fail500once``). Every request is timestamped.
+script failures: ``fail500once``); ``POST /hook`` records a webhook's body. Every request is
+timestamped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Observations:
         self.max_in_flight: dict[str, int] = defaultdict(int)
         self.requests: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.counts: dict[str, int] = defaultdict(int)
+        self.hooks: list[dict[str, Any]] = []
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -75,6 +77,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         length = int(self.headers.get("Content-Length", "0"))
         body = json.loads(self.rfile.read(length) or b"{}")
+        if url.path == "/hook":  # a webhook: recorded as received
+            with self.server.observations.lock:
+                self.server.observations.hooks.append(body)
+            self._reply(200, {"ok": True})
+            return
         parts = url.path.strip("/").split("/")
         key = parts[1] if len(parts) == 4 else "chat"
         obs = self.server.observations

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration import ActionDenied, GovernanceHeaders
 from governance.integration.approvals import Approvals
@@ -228,13 +229,16 @@ def test_a_task_held_at_publish_time_shows_held(
 
 
 def test_a_rejected_held_task_shows_rejected(
-    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess
+    app: Celery,
+    runtime: GovernanceRuntime,
+    flower: FlowerProcess,
+    keys: dict[str, Ed25519PrivateKey],
 ) -> None:
     held = submit_tool(
         app, ctx("t-held", user="dana"), "write_file", path="flower-rejected.txt", content="r"
     )
     wait_for_state(flower, held.id, "HELD")
-    Approvals(app, runtime).reject(held.id, "alice", "no")
+    Approvals(app, runtime).reject(held.id, keys["alice"], "no")
     assert types_of(audit_of(runtime, held.id)) == ["held", "rejected"]
 
     # Flower has the task-rejected event once it sets the `rejected` timestamp ...

@@ -77,20 +77,26 @@ def ran_once(runtime: GovernanceRuntime, task_id: str) -> None:
 
 
 def test_approve_runs_it_exactly_once_and_a_second_approval_is_refused(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
 ) -> None:
     held, path = hold_write(app, "t-held", workspace)
     listed = json.loads(govctl(e2e_env, "held", "list", "--tenant", "t-held", "--json").stdout)
     assert [t["task_id"] for t in listed["tasks"]] == [held.id]
 
-    approved = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice", "--reason", "ok")
+    approved = govctl(
+        e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["alice"]), "--reason", "ok"
+    )
     assert approved.returncode == 0, approved.stderr
     assert "released" in approved.stdout
     assert held.get(timeout=30)["bytes"] == len("written")
     assert path.read_text() == "written"
     ran_once(runtime, held.id)
 
-    again = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "bob")
+    again = govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["bob"]))
     assert again.returncode == 1
     assert "not held (status: released)" in again.stderr
     assert "Traceback" not in again.stderr
@@ -103,12 +109,18 @@ def test_approve_runs_it_exactly_once_and_a_second_approval_is_refused(
 
 
 def test_twenty_racing_approvals_release_it_once(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
 ) -> None:
     held, path = hold_write(app, "t-held", workspace)
     reviewers = ("alice", "bob", "carol")
     processes = [
-        govctl_process(e2e_env, "held", "approve", held.id, "--reviewer", reviewers[i % 3])
+        govctl_process(
+            e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys[reviewers[i % 3]])
+        )
         for i in range(20)
     ]
     outcomes = [(p.wait(timeout=120), *p.communicate()) for p in processes]
@@ -127,22 +139,28 @@ def test_twenty_racing_approvals_release_it_once(
 
 
 def test_quorum_of_two_needs_two_distinct_reviewers(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
 ) -> None:
     held, path = hold_write(app, "t-quorum", workspace)
-    first = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    first = govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["alice"]))
     assert first.returncode == 0, first.stderr
     assert "1 of 2" in first.stdout
     assert status_of(runtime, "t-quorum", held.id) is HeldStatus.HELD
 
-    same = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    same = govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["alice"]))
     assert same.returncode == 1
     assert "'alice' already approved" in same.stderr
     time.sleep(0.5)
     assert not path.exists()
     assert status_of(runtime, "t-quorum", held.id) is HeldStatus.HELD
 
-    second = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "bob", "--json")
+    second = govctl(
+        e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["bob"]), "--json"
+    )
     assert second.returncode == 0, second.stderr
     outcome = json.loads(second.stdout)
     assert (outcome["outcome"], outcome["approvals"], outcome["quorum"]) == ("released", 2, 2)
@@ -151,31 +169,71 @@ def test_quorum_of_two_needs_two_distinct_reviewers(
     ran_once(runtime, held.id)
 
 
-def test_self_approval_is_refused_and_the_reviewer_defaults_to_the_os_user(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+def test_self_approval_is_refused_and_the_reviewer_is_whoever_holds_the_key(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
 ) -> None:
     held, path = hold_write(app, "t-held", workspace, user="alice")
-    own = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    own = govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["alice"]))
     assert own.returncode == 1
     assert "'alice' requested task" in own.stderr
     assert "may not approve it" in own.stderr
     assert status_of(runtime, "t-held", held.id) is HeldStatus.HELD
 
-    as_os_user = {"LOGNAME": "carol", "USER": "carol", "LNAME": "carol", "USERNAME": "carol"}
-    released = govctl(e2e_env, "held", "approve", held.id, **as_os_user)
+    # No --key: GOVERNANCE_REVIEWER_KEY; the name recorded is the key's, whatever else says.
+    as_carol = {"GOVERNANCE_REVIEWER_KEY": str(reviewer_keys["carol"]), "USER": "alice"}
+    released = govctl(e2e_env, "held", "approve", held.id, **as_carol)
     assert released.returncode == 0, released.stderr
     held.get(timeout=30)
     assert path.read_text() == "written"
     shown = json.loads(govctl(e2e_env, "held", "show", held.id, "--json").stdout)
-    assert [d["reviewer"] for d in shown["decisions"]] == ["carol"]
+    assert [(d["reviewer"], d["signed"]) for d in shown["decisions"]] == [("carol", True)]
+
+
+def test_a_key_that_is_not_a_reviewers_is_refused(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    made = govctl(e2e_env, "reviewers", "keygen", "mallory", "--out", str(tmp_path / "m.key"))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("mallory: ed25519:")
+    assert (tmp_path / "m.key").stat().st_mode & 0o777 == 0o600
+    held, path = hold_write(app, "t-held", workspace)
+    refused = govctl(e2e_env, "held", "approve", held.id, "--key", str(tmp_path / "m.key"))
+    assert refused.returncode == 1
+    assert "this key is not a reviewer's of tenant 't-held'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    missing = govctl(e2e_env, "held", "approve", held.id)
+    assert missing.returncode == 2
+    assert "--key" in missing.stderr
+    time.sleep(0.5)
+    assert status_of(runtime, "t-held", held.id) is HeldStatus.HELD
+    assert not path.exists()
 
 
 def test_reject_records_the_reason_and_the_body_never_runs(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
 ) -> None:
     held, path = hold_write(app, "t-held", workspace)
     rejected = govctl(
-        e2e_env, "held", "reject", held.id, "--reviewer", "bob", "--reason", "too risky today"
+        e2e_env,
+        "held",
+        "reject",
+        held.id,
+        "--key",
+        str(reviewer_keys["bob"]),
+        "--reason",
+        "too risky today",
     )
     assert rejected.returncode == 0, rejected.stderr
     wait_until(lambda: held.state == "FAILURE", 10, "the result to become FAILURE")
@@ -189,13 +247,17 @@ def test_reject_records_the_reason_and_the_body_never_runs(
     assert "too risky today" in rejection.fields["reason"]
     time.sleep(0.5)
     assert not path.exists()
-    late = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    late = govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["alice"]))
     assert late.returncode == 1
     assert "not held (status: rejected)" in late.stderr
 
 
 def test_expire_rejects_a_hold_past_its_expiry(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
 ) -> None:
     # Every worker sweeps expired holds too (every few seconds), so the worker may win the race
     # for one task; try again with a new task until govctl is the one that expired it.
@@ -218,7 +280,7 @@ def test_expire_rejects_a_hold_past_its_expiry(
             break
     else:
         pytest.fail("the workers' sweep expired every attempt before govctl could")
-    late = govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice")
+    late = govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["alice"]))
     assert late.returncode == 1
     assert "not held (status: expired)" in late.stderr
 
@@ -228,10 +290,14 @@ def test_audit_verify_passes_after_a_run_and_names_a_tampered_entry(
     runtime: GovernanceRuntime,
     workspace: Path,
     e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
     state_server: EmbeddedRedis,
 ) -> None:
     held, _ = hold_write(app, "t-held", workspace)
-    assert govctl(e2e_env, "held", "approve", held.id, "--reviewer", "alice").returncode == 0
+    assert (
+        govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["alice"])).returncode
+        == 0
+    )
     held.get(timeout=30)
     ran_once(runtime, held.id)
     verified = govctl(e2e_env, "audit", "verify")
@@ -258,10 +324,17 @@ def test_audit_verify_passes_after_a_run_and_names_a_tampered_entry(
 
 
 def test_usage_of_a_tenant_as_json(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path, e2e_env: dict[str, str]
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    e2e_env: dict[str, str],
+    reviewer_keys: dict[str, Path],
 ) -> None:
     held, _ = hold_write(app, "t-held", workspace)
-    assert govctl(e2e_env, "held", "approve", held.id, "--reviewer", "bob").returncode == 0
+    assert (
+        govctl(e2e_env, "held", "approve", held.id, "--key", str(reviewer_keys["bob"])).returncode
+        == 0
+    )
     held.get(timeout=30)
     result = govctl(e2e_env, "usage", "--tenant", "t-held", "--run", "run-govctl", "--json")
     assert result.returncode == 0, result.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration import LimitExceeded, governance_context
 from governance.integration.approvals import Approvals
@@ -63,7 +64,10 @@ def test_tasks_start_in_the_order_they_began_to_wait(
 
 
 def test_an_approved_task_meeting_a_busy_slot_waits_runs_once_and_is_never_held_again(
-    app: Celery, runtime: GovernanceRuntime, workspace: Path
+    app: Celery,
+    runtime: GovernanceRuntime,
+    workspace: Path,
+    keys: dict[str, Ed25519PrivateKey],
 ) -> None:
     approvals = Approvals(app, runtime)
     busy = slow_call(app, "t-held-line", 2500)
@@ -74,7 +78,7 @@ def test_an_approved_task_meeting_a_busy_slot_waits_runs_once_and_is_never_held_
     )
     held = submit_tool(app, ctx("t-held-line"), "write_file", path="approved.txt", content="1")
     assert held.state == "HELD"
-    assert approvals.approve(held.id, "alice", "go").outcome == "released"
+    assert approvals.approve(held.id, keys["alice"], "go").outcome == "released"
     assert held.get(timeout=60) == {"path": "approved.txt", "bytes": 1}
     busy.get(timeout=60)  # type: ignore[attr-defined]
     kinds = types_of(audit_of(runtime, held.id))

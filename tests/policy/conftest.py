@@ -13,6 +13,10 @@ from governance.policy import ActionContext, LLMCall, Message, Policy, ToolCall
 
 HERE = Path(__file__).parent
 
+#: Public keys of two reviewers (their private halves are not needed by these tests).
+ALICE_KEY = "ed25519:cltQnXGlBciOuro1ZeJEnJERxa9NxzwqpBKj7ZGAGl0="
+BOB_KEY = "ed25519:gf0EDAKHftlxpVZdX0TRNiBr1auhV9OOFolgljrsizA="
+
 BASE_CONFIG: dict[str, Any] = {
     "version": 1,
     "tools": {
@@ -63,10 +67,10 @@ def make_policy(base_config: dict[str, Any]) -> Callable[..., Policy]:
 
 @pytest.fixture
 def ctx() -> Callable[..., ActionContext]:
-    """An ActionContext of tenant acme, run r1, for the given agent."""
+    """An ActionContext of tenant acme, run r1, for the given agent, requested by carol."""
 
-    def make(agent: str = "bot", tenant: str = "acme") -> ActionContext:
-        return ActionContext(tenant=tenant, agent=agent, run="r1")
+    def make(agent: str = "bot", tenant: str = "acme", user: str | None = "carol") -> ActionContext:
+        return ActionContext(tenant=tenant, agent=agent, run="r1", user=user)
 
     return make
 

@@ -181,3 +181,16 @@ def test_allowed_decision_names_tool_tenant_and_rule(
     assert "'echo'" in decision.reason
     assert "'acme'" in decision.reason
     assert decision.to_dict()["outcome"] == "allow"
+
+
+def test_an_action_to_hold_without_a_requester_is_denied(
+    make_policy: Callable[..., Policy], ctx: Callable[..., ActionContext]
+) -> None:
+    policy = make_policy(acme={"tiers": {"actions": {"shell": "act_with_approval"}}})
+    shell = ToolCall(tool="shell", input={"command": ["ls"]})
+    assert policy.authorize(ctx(), shell).outcome is Outcome.hold
+    anonymous = policy.authorize(ctx(user=None), shell)
+    assert anonymous.outcome is Outcome.deny
+    assert "needs a requester: the context has no user" in anonymous.reason
+    # Nothing else needs one.
+    assert policy.authorize(ctx(user=None), ToolCall(tool="echo")).outcome is Outcome.allow

@@ -23,6 +23,7 @@ from governance.policy import (
     ToolCall,
     Usage,
 )
+from tests.policy.conftest import ALICE_KEY, BOB_KEY
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "governance.yaml"
 
@@ -31,7 +32,7 @@ def test_shipped_example_loads() -> None:
     policy = Policy.from_file(EXAMPLE)
     acme = policy.tenant("acme")
     assert acme is not None
-    assert acme.reviewers == ("alice", "bob")
+    assert list(acme.reviewers) == ["alice", "bob"]
     assert acme.approval.quorum == 2
     assert acme.approval.expiry == timedelta(hours=24)  # merged from defaults
     assert acme.concurrency == 3
@@ -47,7 +48,7 @@ def test_shipped_example_decides_as_its_comments_say() -> None:
     policy = Policy.from_file(EXAMPLE)
 
     def decide(agent: str, tool: str) -> Outcome:
-        ctx = ActionContext(tenant="acme", agent=agent, run="r1")
+        ctx = ActionContext(tenant="acme", agent=agent, run="r1", user="carol")
         return policy.authorize(ctx, ToolCall(tool=tool)).outcome
 
     assert decide("bot", "echo") is Outcome.allow
@@ -145,7 +146,7 @@ def test_approval_and_retry_merge_field_by_field_and_max_wait_is_replaced(
             "max_wait": "10m",
         },
         acme={
-            "reviewers": ["alice", "bob"],
+            "reviewers": {"alice": ALICE_KEY, "bob": BOB_KEY},
             "approval": {"quorum": 2},
             "retry": {"backoff_cap_ms": None},
             "max_wait": "90s",

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from governance.policy import ConfigError, Policy
+from tests.policy.conftest import ALICE_KEY
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -233,9 +234,39 @@ def with_acme(**settings: Any) -> dict[str, Any]:
         ),
         (with_acme(approval={"expiry": "0s"}), "tenants.acme.approval.expiry", "longer than 0"),
         (
-            with_acme(reviewers=["alice"], approval={"quorum": 2}),
+            with_acme(reviewers={"alice": ALICE_KEY}, approval={"quorum": 2}),
             "tenants.acme.approval.quorum",
             "quorum 2 needs more reviewers",
+        ),
+        (
+            with_acme(reviewers=["alice", "bob"]),
+            "tenants.acme.reviewers",
+            "listed with the public halves of their keys",
+        ),
+        (
+            with_acme(reviewers={"alice": "ed25519:not-base64!"}),
+            "tenants.acme.reviewers.alice",
+            "not valid base64",
+        ),
+        (
+            with_acme(reviewers={"alice": "ed25519:AAAA"}),
+            "tenants.acme.reviewers.alice",
+            "32 bytes, this one is 3",
+        ),
+        (
+            with_acme(reviewers={"alice": "rsa:AAAA"}),
+            "tenants.acme.reviewers.alice",
+            "written 'ed25519:<base64>'",
+        ),
+        (
+            with_acme(approval={"max_grant": "0s"}),
+            "tenants.acme.approval.max_grant",
+            "longer than 0",
+        ),
+        (
+            with_acme(notify=[{"kind": "email", "url": "https://x"}]),
+            "tenants.acme.notify[0].kind",
+            "'webhook' or 'slack'",
         ),
         (
             with_acme(retry={"backoff_base_ms": 500, "backoff_cap_ms": 100}),

@@ -1,60 +1,105 @@
--- held_decide.lua: a reviewer's decision on a held task, atomically. An approval counts once
--- per reviewer; when the approvals reach the quorum the status moves held -> released (exactly
--- one caller sees 'released') and the release token's hash is stored for the worker to consume.
--- A rejection moves held -> rejected; an expiry (reviewer '') moves held -> expired when due.
+-- held_decide.lua: a reviewer's decision on a held task, or its expiry, atomically with its
+-- audit entry (lib.lua is prepended). An approval counts once per reviewer; the approval that
+-- brings them to the quorum moves the task held -> released (exactly one caller sees
+-- 'released'), records it in the ledger as queued with the message to publish (which carries
+-- the signed approvals), and stores the grant its approvals asked for, if any. A rejection moves
+-- held -> rejected, an expiry (when due) held -> expired; both end the task in the ledger.
 --
--- KEYS[1] held task         HASH
--- KEYS[2..6] status index   ZSET per status: held, suggested, released, rejected, expired
--- KEYS[7] expiry index      ZSET
--- KEYS[8] unpublished       SET   released tasks not yet published again
+-- Whoever writes Redis could mark a task released here: it would not run, because the worker
+-- verifies the reviewers' signatures in the message, not this state.
 --
--- ARGV[1] task id   ARGV[2] verdict (approve|reject|expire)   ARGV[3] reviewer
--- ARGV[4] reason    ARGV[5] now (ms)   ARGV[6] quorum   ARGV[7] hash of the release token
+-- KEYS[1..7]  the tenant's shared keys (see lib.lua)
+-- KEYS[8]     held task            HASH
+-- KEYS[9..13] status index         ZSET per status: held, suggested, released, rejected, expired
+-- KEYS[14]    expiry index         ZSET
+-- KEYS[15]    the task's ledger record   HASH
+-- KEYS[16]    grants               HASH grant id -> JSON
 --
--- Returns {outcome, status, approvals}: outcome is one of recorded, released, rejected,
--- expired, unknown, not_held, already_approved, not_due.
+-- ARGV[1] JSON {id, verdict (approve|reject|expire), reviewer, reason, now (ms), quorum,
+--         signed (the signed decision, or null), seen (approvals the release was built from),
+--         release (the message to publish if this approval completes the quorum, or null),
+--         grant ({id, json} or null), au (audit template), ttl (task record, seconds)}
+-- ARGV[2] settings (JSON, see admit.lua)   ARGV[3] seals (JSON)   ARGV[4] the writer's id
+--
+-- Returns JSON {outcome, status, approvals, au}: outcome is one of recorded, released, rejected,
+-- expired, unknown, not_held, already_approved, not_due, stale (the approvals changed since the
+-- caller built its release: read again and retry).
 
-local STATUSES = {held = 2, suggested = 3, released = 4, rejected = 5, expired = 6}
-local id, verdict, reviewer, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now, quorum = tonumber(ARGV[5]), tonumber(ARGV[6])
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'unknown', '', '0'} end
-local approvals = tonumber(redis.call('HGET', KEYS[1], 'approvals') or '0')
-if status ~= 'held' then return {'not_held', status, tostring(approvals)} end
+local STATUSES = {held = 9, suggested = 10, released = 11, rejected = 12, expired = 13}
+local D = cjson.decode(ARGV[1])
+local G = cjson.decode(ARGV[2])
+L.seal(ARGV[3], ARGV[4])
+local written = {}
+local function reply(outcome, status, approvals)
+  return cjson.encode({outcome = outcome, status = status or '', approvals = approvals or 0,
+    au = written})
+end
 
-local decisions = cjson.decode(redis.call('HGET', KEYS[1], 'decisions') or '[]')
+local id, verdict, reviewer = D.id, D.verdict, D.reviewer
+local now = D.now
+local status = redis.call('HGET', KEYS[8], 'status')
+if not status then return reply('unknown') end
+local approvals = tonumber(redis.call('HGET', KEYS[8], 'approvals') or '0')
+if status ~= 'held' then return reply('not_held', status, approvals) end
+
+local decisions = cjson.decode(redis.call('HGET', KEYS[8], 'decisions') or '[]')
 if verdict == 'approve' then
   for _, d in ipairs(decisions) do
     if d.verdict == 'approve' and d.reviewer == reviewer then
-      return {'already_approved', status, tostring(approvals)}
+      return reply('already_approved', status, approvals)
     end
   end
+  if approvals + 1 >= D.quorum and approvals + 1 ~= D.seen then
+    return reply('stale', status, approvals)
+  end
 end
-if verdict == 'expire' and tonumber(redis.call('HGET', KEYS[1], 'expires_ms')) > now then
-  return {'not_due', status, tostring(approvals)}
+if verdict == 'expire' and tonumber(redis.call('HGET', KEYS[8], 'expires_ms')) > now then
+  return reply('not_due', status, approvals)
 end
 
 local function move(to)
   redis.call('ZREM', KEYS[STATUSES[status]], id)
-  redis.call('ZADD', KEYS[STATUSES[to]], tonumber(redis.call('HGET', KEYS[1], 'requested_ms')), id)
-  redis.call('ZREM', KEYS[7], id)
-  redis.call('HSET', KEYS[1], 'status', to, 'decided_ms', now)
+  redis.call('ZADD', KEYS[STATUSES[to]], tonumber(redis.call('HGET', KEYS[8], 'requested_ms')), id)
+  redis.call('ZREM', KEYS[14], id)
+  redis.call('HSET', KEYS[8], 'status', to, 'decided_ms', now)
+end
+local function end_in_ledger()
+  redis.call('HSET', KEYS[15], 'id', id, 'where', 'done', 'since', now)
+  redis.call('ZREM', L.T.ledger, KEYS[15])
+  redis.call('EXPIRE', KEYS[15], D.ttl)
 end
 
-decisions[#decisions + 1] = {verdict = verdict, reviewer = reviewer, reason = reason, at_ms = now}
-redis.call('HSET', KEYS[1], 'decisions', cjson.encode(decisions))
+decisions[#decisions + 1] = {verdict = verdict, reviewer = reviewer, reason = D.reason,
+  at_ms = now, signed = D.signed}
+redis.call('HSET', KEYS[8], 'decisions', cjson.encode(decisions))
 if verdict == 'approve' then
   approvals = approvals + 1
-  redis.call('HSET', KEYS[1], 'approvals', approvals)
-  if approvals < quorum then return {'recorded', status, tostring(approvals)} end
+  redis.call('HSET', KEYS[8], 'approvals', approvals)
+  if approvals < D.quorum then
+    L.task_entry(written, now, D.au, 'approved', 'hold', D.reason,
+      {approvals = approvals, quorum = D.quorum, reviewer = reviewer})
+    return reply('recorded', status, approvals)
+  end
   move('released')
-  redis.call('HSET', KEYS[1], 'token_hash', ARGV[7], 'published', 0)
-  redis.call('SADD', KEYS[8], id)
-  return {'released', 'released', tostring(approvals)}
+  redis.call('HSET', KEYS[15], 'id', id, 'where', 'queued', 'since', now, 'msg', D.release)
+  redis.call('PERSIST', KEYS[15])
+  redis.call('ZADD', L.T.ledger, now + G.grace, KEYS[15])
+  L.task_entry(written, now, D.au, 'released', 'allow', D.reason,
+    {approvals = approvals, quorum = D.quorum, reviewer = reviewer})
+  if D.grant and D.grant ~= cjson.null then
+    redis.call('HSET', KEYS[16], D.grant.id, D.grant.json)
+    L.task_entry(written, now, D.au, 'grant_created', 'allow', D.reason,
+      {grant = D.grant.id, until_ms = D.grant.until_ms})
+  end
+  return reply('released', 'released', approvals)
 end
 if verdict == 'reject' then
   move('rejected')
-  return {'rejected', 'rejected', tostring(approvals)}
+  end_in_ledger()
+  L.task_entry(written, now, D.au, 'rejected', 'deny', D.reason, {reviewer = reviewer})
+  return reply('rejected', 'rejected', approvals)
 end
 move('expired')
-return {'expired', 'expired', tostring(approvals)}
+end_in_ledger()
+L.task_entry(written, now, D.au, 'expired', 'deny', D.reason, {})
+return reply('expired', 'expired', approvals)

@@ -1,32 +1,62 @@
--- held_put.lua: record a task that waits for a reviewer (status held) or a non-blocking
--- suggestion (status suggested). Idempotent: a task already waiting is left as it is. A task
--- whose hold already ended (released, rejected, expired) and that shows up again - a copied
--- message, a forged release header - is held again, with a fresh request, never run.
+-- held_put.lua: record a task that waits for reviewers (status held) or a non-blocking
+-- suggestion (status suggested), with its audit entry and its notification, in one atomic call
+-- (lib.lua is prepended). Idempotent: a task already waiting is left as it is. A task whose hold
+-- already ended (released, rejected, expired) and that shows up again (a copied message, a
+-- forged release) is held again, with a fresh request and no decisions, never run.
 --
--- KEYS[1] held task         HASH
--- KEYS[2..6] status index   ZSET per status: held, suggested, released, rejected, expired
--- KEYS[7] expiry index      ZSET task id -> expires at (ms), only while held
+-- KEYS[1..7]  the tenant's shared keys (see lib.lua)
+-- KEYS[8]     held task            HASH
+-- KEYS[9..13] status index         ZSET per status: held, suggested, released, rejected, expired
+-- KEYS[14]    expiry index         ZSET task id -> expires at (ms), only while held
+-- KEYS[15]    the task's ledger record   HASH
+-- KEYS[16]    notification outbox  ZSET notification id -> when to try (ms)
+-- KEYS[17]    notifications        HASH notification id -> JSON
 --
--- ARGV[1] task id   ARGV[2] status (held|suggested)   ARGV[3] requested at (ms)
--- ARGV[4] expires at (ms)   ARGV[5..] field/value pairs of the record
+-- ARGV[1] JSON {id, status, requested_ms, expires_ms, fields: {name: value}, au (audit
+--         template), reason, detail, notify (the notification's JSON, or null)}
+-- ARGV[2] seals (JSON)   ARGV[3] the writer's id
 --
--- Returns {'created' | 'waiting' | 'reheld', status}.
+-- Returns JSON {outcome = created | waiting | reheld, status, au}.
 
-local STATUSES = {held = 2, suggested = 3, released = 4, rejected = 5, expired = 6}
-local id, status, requested, expires = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local current = redis.call('HGET', KEYS[1], 'status')
-if current == 'held' or current == 'suggested' then return {'waiting', current} end
+local STATUSES = {held = 9, suggested = 10, released = 11, rejected = 12, expired = 13}
+local P = cjson.decode(ARGV[1])
+L.seal(ARGV[2], ARGV[3])
+local now = L.now_ms()
+local written = {}
+local id, status = P.id, P.status
+local current = redis.call('HGET', KEYS[8], 'status')
+if current == 'held' or current == 'suggested' then
+  return cjson.encode({outcome = 'waiting', status = current, au = written})
+end
 local outcome = 'created'
 if current then
   outcome = 'reheld'
   redis.call('ZREM', KEYS[STATUSES[current]], id)
-  redis.call('HINCRBY', KEYS[1], 'reheld', 1)
-  redis.call('HDEL', KEYS[1], 'token_hash', 'token_used', 'released_ms', 'published')
+  redis.call('HINCRBY', KEYS[8], 'reheld', 1)
+  redis.call('HDEL', KEYS[8], 'decided_ms')
 end
 local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], 'status', status, 'requested_ms', requested, 'expires_ms', expires,
-  'decisions', '[]', 'approvals', 0, unpack(fields))
-redis.call('ZADD', KEYS[STATUSES[status]], requested, id)
-if status == 'held' then redis.call('ZADD', KEYS[7], expires, id) end
-return {outcome, status}
+for name, value in pairs(P.fields) do
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
+redis.call('HSET', KEYS[8], 'status', status, 'requested_ms', P.requested_ms, 'expires_ms',
+  P.expires_ms, 'decisions', '[]', 'approvals', 0, unpack(fields))
+redis.call('ZADD', KEYS[STATUSES[status]], P.requested_ms, id)
+if status == 'held' then
+  redis.call('ZADD', KEYS[14], P.expires_ms, id)
+  redis.call('HSET', KEYS[15], 'id', id, 'where', 'held', 'since', now)
+  redis.call('PERSIST', KEYS[15])
+  redis.call('ZREM', L.T.ledger, KEYS[15])
+end
+local detail = P.detail or {}
+detail.outcome = outcome
+L.task_entry(written, now, P.au, status == 'held' and 'held' or 'suggested',
+  status == 'held' and 'hold' or 'suggest', P.reason, detail)
+if P.notify and P.notify ~= cjson.null then
+  -- One notification per hold of the task (a task held again is notified again).
+  local nid = id .. ':' .. (redis.call('HGET', KEYS[8], 'reheld') or '0')
+  redis.call('HSET', KEYS[17], nid, P.notify)
+  redis.call('ZADD', KEYS[16], now, nid)
+end
+return cjson.encode({outcome = outcome, status = status, au = written})

@@ -1,0 +1,312 @@
+"""Signed reviewer decisions: what a reviewer signs, and the checks a worker makes before running.
+
+A reviewer holds an Ed25519 private key; its public half is listed in the tenant's `reviewers`.
+A decision (approve or reject) is signed over everything it decides: the task id, the hash of the
+exact call (task name, arguments and context), the verdict, the reason, the grant asked for, the
+policy version, a fresh nonce and the time. The worker, where the action would take effect,
+releases an approval-tier call only with valid signatures of a quorum of distinct listed
+reviewers, none of them the requester, each over this very call. Anyone who can write Redis or
+the broker can copy or edit a decision but not sign one: a forged, replayed or misapplied release
+is refused. Verification is computation, not I/O: this module stays in the pure policy layer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+KEY_PREFIX = "ed25519:"
+SIGNATURE_VERSION = 1
+Verdict = Literal["approve", "reject"]
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def call_hash(
+    task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any], context: Mapping[str, Any]
+) -> str:
+    """The hash a decision is bound to: the exact call, its context included (who, which run,
+    requested by whom). A copy with other arguments or another context has another hash."""
+    canonical = canonical_json(
+        {"task": task_name, "args": list(args), "kwargs": dict(kwargs), "context": dict(context)}
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    """``ed25519:<base64 of the 32 raw bytes>``, as the policy lists a reviewer's key."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return KEY_PREFIX + base64.b64encode(raw).decode()
+
+
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    """A reviewer's public key from its policy text; ValueError saying what is wrong."""
+    if not isinstance(text, str) or not text.startswith(KEY_PREFIX):
+        raise ValueError(
+            f"a reviewer's key is written '{KEY_PREFIX}<base64>' (from `govctl reviewers keygen`)"
+        )
+    try:
+        raw = base64.b64decode(text[len(KEY_PREFIX) :], validate=True)
+    except ValueError:
+        raise ValueError("the key is not valid base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 bytes, this one is {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def new_private_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_private_key(pem: bytes) -> Ed25519PrivateKey:
+    """A reviewer's private key from its PEM file; ValueError when it is not an Ed25519 key."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a PEM private key without a passphrase ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 private key")
+    return key
+
+
+@dataclass(frozen=True)
+class DecisionPayload:
+    """What a reviewer signs."""
+
+    task_id: str
+    tenant: str
+    agent: str
+    action: str
+    call: str
+    verdict: Verdict
+    reviewer: str
+    reason: str
+    grant_s: int | None
+    policy: str
+    nonce: str
+    at_ms: int
+    kind: str = "hold"  # what was held: "hold" (an approval-tier action) or "cost_alert"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "v": SIGNATURE_VERSION,
+            "task_id": self.task_id,
+            "tenant": self.tenant,
+            "agent": self.agent,
+            "action": self.action,
+            "call": self.call,
+            "verdict": self.verdict,
+            "reviewer": self.reviewer,
+            "reason": self.reason,
+            "grant_s": self.grant_s,
+            "policy": self.policy,
+            "nonce": self.nonce,
+            "at_ms": self.at_ms,
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecisionPayload:
+        if data.get("v") != SIGNATURE_VERSION:
+            raise ValueError(f"unknown decision version {data.get('v')!r}")
+        grant = data.get("grant_s")
+        return cls(
+            task_id=str(data["task_id"]),
+            tenant=str(data["tenant"]),
+            agent=str(data["agent"]),
+            action=str(data["action"]),
+            call=str(data["call"]),
+            verdict=_verdict(data["verdict"]),
+            reviewer=str(data["reviewer"]),
+            reason=str(data.get("reason", "")),
+            grant_s=None if grant is None else int(grant),
+            policy=str(data.get("policy", "")),
+            nonce=str(data["nonce"]),
+            at_ms=int(data["at_ms"]),
+            kind=str(data.get("kind", "hold")),
+        )
+
+
+def _verdict(value: Any) -> Verdict:
+    if value == "approve":
+        return "approve"
+    if value == "reject":
+        return "reject"
+    raise ValueError(f"unknown verdict {value!r}")
+
+
+def sign(key: Ed25519PrivateKey, payload: DecisionPayload) -> dict[str, Any]:
+    """A signed decision, as it is stored and carried: ``{"payload": {...}, "sig": base64}``."""
+    body = payload.as_dict()
+    signature = key.sign(canonical_json(body).encode())
+    return {"payload": body, "sig": base64.b64encode(signature).decode()}
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def reviewer_of(key: Ed25519PublicKey, reviewers: Mapping[str, Ed25519PublicKey]) -> str | None:
+    """The name under which ``key`` is listed, if it is."""
+    wanted = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    for name, listed in reviewers.items():
+        raw = listed.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if raw == wanted:
+            return name
+    return None
+
+
+def verified(
+    signed: Mapping[str, Any], reviewers: Mapping[str, Ed25519PublicKey]
+) -> tuple[DecisionPayload | None, str]:
+    """The payload of a signed decision if its signature is valid for the reviewer it names,
+    listed in ``reviewers``; otherwise None and why."""
+    try:
+        body = dict(signed["payload"])
+        payload = DecisionPayload.from_dict(body)
+        signature = base64.b64decode(str(signed["sig"]), validate=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, f"a malformed decision ({exc})"
+    key = reviewers.get(payload.reviewer)
+    if key is None:
+        return None, f"{payload.reviewer!r} is not a listed reviewer of the tenant"
+    try:
+        key.verify(signature, canonical_json(body).encode())
+    except InvalidSignature:
+        return None, f"the signature of {payload.reviewer!r}'s decision does not verify"
+    return payload, ""
+
+
+@dataclass(frozen=True)
+class Release:
+    """The verdict on the decisions a released message carries."""
+
+    ok: bool
+    reason: str
+    reviewers: tuple[str, ...] = ()
+    payloads: tuple[DecisionPayload, ...] = ()
+
+
+def check_release(
+    decisions: Iterable[Mapping[str, Any]],
+    *,
+    reviewers: Mapping[str, Ed25519PublicKey],
+    quorum: int,
+    allow_self_approval: bool,
+    task_id: str,
+    call: str,
+    requester: str | None,
+    now_ms: int,
+    valid_for: timedelta,
+    kind: str = "hold",
+) -> Release:
+    """Whether ``decisions`` release this call: valid signatures of ``quorum`` distinct listed
+    reviewers, none of them the requester (unless allowed), each approving this task id and this
+    exact call, none older than ``valid_for``."""
+    approving: dict[str, DecisionPayload] = {}
+    problems: list[str] = []
+    for signed in decisions:
+        payload, why = verified(signed, reviewers)
+        if payload is None:
+            problems.append(why)
+            continue
+        if payload.task_id != task_id or payload.call != call or payload.kind != kind:
+            problems.append(f"{payload.reviewer!r} signed a decision about another call")
+            continue
+        if payload.verdict != "approve":
+            problems.append(f"{payload.reviewer!r} rejected it")
+            continue
+        if requester and payload.reviewer == requester and not allow_self_approval:
+            problems.append(f"{payload.reviewer!r} requested it and may not approve it")
+            continue
+        if now_ms - payload.at_ms > valid_for.total_seconds() * 1000:
+            problems.append(f"{payload.reviewer!r}'s approval is older than {valid_for}")
+            continue
+        approving.setdefault(payload.reviewer, payload)
+    if len(approving) >= quorum:
+        names = tuple(sorted(approving))
+        return Release(True, f"released by {', '.join(names)}", names, tuple(approving.values()))
+    found = f"{len(approving)} valid approval(s) of {quorum} required"
+    detail = "; ".join(dict.fromkeys(problems))
+    return Release(False, f"{found}" + (f": {detail}" if detail else ""))
+
+
+@dataclass(frozen=True)
+class GrantCheck:
+    """Whether a stored grant is genuine and covers an action now."""
+
+    ok: bool
+    reason: str
+    until_ms: int = 0
+
+
+def grant_until_ms(payloads: Sequence[DecisionPayload], max_grant: timedelta) -> int | None:
+    """When a grant made by these approvals ends: every approval of the quorum asked for one,
+    the shortest request counts, capped at ``max_grant`` from the last approval. None when one
+    of them did not ask (one reviewer cannot give a grant that the others did not endorse)."""
+    if not payloads or any(p.grant_s is None or p.grant_s <= 0 for p in payloads):
+        return None
+    seconds = min(min(int(p.grant_s or 0) for p in payloads), int(max_grant.total_seconds()))
+    return max(p.at_ms for p in payloads) + seconds * 1000
+
+
+def check_grant(
+    grant: Mapping[str, Any],
+    *,
+    reviewers: Mapping[str, Ed25519PublicKey],
+    quorum: int,
+    allow_self_approval: bool,
+    max_grant: timedelta,
+    agent: str,
+    action_names: Iterable[str],
+    now_ms: int,
+) -> GrantCheck:
+    """A grant lets ``agent`` take the action without approval until it ends, if the quorum of
+    reviewers signed it: the approvals of one held call of that agent and action, each asking
+    for a grant. A grant written into Redis by anyone else is not one."""
+    decisions = grant.get("decisions") or []
+    first = (
+        decisions[0].get("payload", {}) if decisions and isinstance(decisions[0], Mapping) else {}
+    )
+    release = check_release(
+        decisions,
+        reviewers=reviewers,
+        quorum=quorum,
+        allow_self_approval=allow_self_approval,
+        task_id=str(first.get("task_id", "")),
+        call=str(first.get("call", "")),
+        requester=str(grant.get("requester") or "") or None,
+        now_ms=now_ms,
+        valid_for=timedelta(days=3650),
+    )
+    if not release.ok:
+        return GrantCheck(False, f"grant not signed by a quorum: {release.reason}")
+    payload = release.payloads[0]
+    if payload.agent != agent or payload.action not in set(action_names):
+        return GrantCheck(False, "the grant is for another agent or action")
+    until = grant_until_ms(release.payloads, max_grant)
+    if until is None:
+        return GrantCheck(False, "not every approval of the quorum asked for a grant")
+    if now_ms >= until:
+        return GrantCheck(False, "the grant has expired", until)
+    return GrantCheck(True, f"granted by {', '.join(release.reviewers)}", until)

@@ -1,0 +1,171 @@
+"""Signed reviewer decisions: what verifies, and every way a release is refused (no I/O)."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from governance.policy.signing import (
+    DecisionPayload,
+    call_hash,
+    check_grant,
+    check_release,
+    grant_until_ms,
+    load_private_key,
+    new_nonce,
+    new_private_key,
+    parse_public_key,
+    private_key_pem,
+    public_key_text,
+    sign,
+    verified,
+)
+
+NOW = 1_800_000_000_000
+CONTEXT = {"tenant": "acme", "agent": "bot", "run": "r1", "user": "dana", "trace_id": "t1"}
+CALL = call_hash("tools.shell", [], {"command": ["ls"]}, CONTEXT)
+KEYS = {name: new_private_key() for name in ("alice", "bob", "dana", "mallory")}
+REVIEWERS = {name: KEYS[name].public_key() for name in ("alice", "bob", "dana")}
+
+
+def decision(
+    reviewer: str,
+    *,
+    signer: str | None = None,
+    verdict: str = "approve",
+    task_id: str = "task-1",
+    call: str = CALL,
+    at_ms: int = NOW,
+    grant_s: int | None = None,
+) -> dict[str, Any]:
+    payload = DecisionPayload(
+        task_id=task_id,
+        tenant="acme",
+        agent="bot",
+        action="shell",
+        call=call,
+        verdict="approve" if verdict == "approve" else "reject",
+        reviewer=reviewer,
+        reason="ok",
+        grant_s=grant_s,
+        policy="v1",
+        nonce=new_nonce(),
+        at_ms=at_ms,
+    )
+    return sign(KEYS[signer or reviewer], payload)
+
+
+def release(decisions: list[dict[str, Any]], quorum: int = 2, **overrides: Any) -> Any:
+    options: dict[str, Any] = {
+        "reviewers": REVIEWERS,
+        "quorum": quorum,
+        "allow_self_approval": False,
+        "task_id": "task-1",
+        "call": CALL,
+        "requester": "dana",
+        "now_ms": NOW + 1000,
+        "valid_for": timedelta(hours=1),
+    }
+    return check_release(decisions, **{**options, **overrides})
+
+
+def test_keys_round_trip_through_their_text_and_pem_forms() -> None:
+    key = new_private_key()
+    again = load_private_key(private_key_pem(key))
+    text = public_key_text(key.public_key())
+    assert text.startswith("ed25519:")
+    assert public_key_text(parse_public_key(text)) == text == public_key_text(again.public_key())
+    with pytest.raises(ValueError, match="32 bytes"):
+        parse_public_key("ed25519:AAAA")
+    with pytest.raises(ValueError, match="not a PEM private key"):
+        load_private_key(b"nonsense")
+
+
+def test_the_call_hash_covers_arguments_and_context() -> None:
+    assert call_hash("tools.shell", [], {"command": ["ls", "-l"]}, CONTEXT) != CALL
+    assert call_hash("tools.shell", [], {"command": ["ls"]}, {**CONTEXT, "user": "x"}) != CALL
+    assert call_hash("tools.echo", [], {"command": ["ls"]}, CONTEXT) != CALL
+    assert (
+        call_hash("tools.shell", [], {"command": ["ls"]}, dict(reversed(CONTEXT.items()))) == CALL
+    )
+
+
+def test_a_quorum_of_distinct_listed_reviewers_releases() -> None:
+    ok = release([decision("alice"), decision("bob")])
+    assert ok.ok
+    assert ok.reviewers == ("alice", "bob")
+
+
+def test_the_same_reviewer_twice_counts_once() -> None:
+    twice = release([decision("alice"), decision("alice")])
+    assert not twice.ok
+    assert "1 valid approval(s) of 2 required" in twice.reason
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (lambda: decision("bob", signer="mallory"), "does not verify"),
+        (lambda: decision("mallory"), "'mallory' is not a listed reviewer"),
+        (lambda: decision("bob", task_id="task-2"), "another call"),
+        (lambda: decision("bob", call="0" * 64), "another call"),
+        (lambda: decision("bob", verdict="reject"), "rejected it"),
+        (lambda: decision("dana"), "requested it and may not approve it"),
+        (lambda: decision("bob", at_ms=NOW - 2 * 3600 * 1000), "older than"),
+    ],
+)
+def test_a_release_is_refused_for_each_bad_decision(bad: Any, why: str) -> None:
+    refused = release([decision("alice"), bad()])
+    assert not refused.ok
+    assert why in refused.reason
+
+
+def test_an_edited_payload_does_not_verify() -> None:
+    signed = decision("bob")
+    edited = copy.deepcopy(signed)
+    edited["payload"]["call"] = "f" * 64
+    assert verified(signed, REVIEWERS)[0] is not None
+    payload, why = verified(edited, REVIEWERS)
+    assert payload is None
+    assert "does not verify" in why
+    assert verified({"payload": {"v": 1}}, REVIEWERS)[1].startswith("a malformed decision")
+
+
+def test_self_approval_when_the_tenant_allows_it() -> None:
+    assert release([decision("dana")], quorum=1, allow_self_approval=True).ok
+    assert not release([decision("dana")], quorum=1).ok
+
+
+def test_a_grant_needs_every_approval_of_the_quorum_and_is_capped() -> None:
+    payloads = [
+        p for p, _ in (verified(d, REVIEWERS) for d in (
+            decision("alice", grant_s=3600), decision("bob", grant_s=48 * 3600)
+        )) if p
+    ]  # fmt: skip
+    assert grant_until_ms(payloads, timedelta(hours=24)) == NOW + 3600 * 1000
+    assert grant_until_ms(payloads, timedelta(minutes=30)) == NOW + 1800 * 1000
+    one_asked = [p for p, _ in (verified(d, REVIEWERS) for d in (
+        decision("alice", grant_s=3600), decision("bob")
+    )) if p]  # fmt: skip
+    assert grant_until_ms(one_asked, timedelta(hours=24)) is None
+
+
+def test_a_stored_grant_is_checked_against_the_signatures() -> None:
+    approvals = [decision("alice", grant_s=3600), decision("bob", grant_s=3600)]
+    grant = {"agent": "bot", "action": "shell", "requester": "dana", "decisions": approvals}
+    common: dict[str, Any] = {
+        "reviewers": REVIEWERS,
+        "quorum": 2,
+        "allow_self_approval": False,
+        "max_grant": timedelta(hours=24),
+        "action_names": ["shell", "process.exec"],
+    }
+    assert check_grant(grant, agent="bot", now_ms=NOW + 1000, **common).ok
+    assert not check_grant(grant, agent="other", now_ms=NOW + 1000, **common).ok
+    expired = check_grant(grant, agent="bot", now_ms=NOW + 3601 * 1000, **common)
+    assert (expired.ok, expired.reason) == (False, "the grant has expired")
+    forged = {**grant, "decisions": approvals[:1]}
+    assert "quorum" in check_grant(forged, agent="bot", now_ms=NOW, **common).reason
