@@ -51,6 +51,7 @@ from governance.policy.signing import (
 from governance.policy.tenant import TenantPolicy
 from governance.policy.tiers import Outcome
 from governance.store.audit import AuditEvent, AuditEventType
+from governance.store.errors import StoreUnavailable
 from governance.store.held import HeldStatus, HeldStore, HeldTask
 
 log = logging.getLogger("governance.approvals")
@@ -180,6 +181,7 @@ class Approvals:
             detail={"expires_ms": task.expires_ms, "kind": kind},
             notification=notifications,
         )
+        self._seal(task.tenant)
         if blocking:
             send_app_event(
                 self.app,
@@ -389,6 +391,7 @@ class Approvals:
             )
             if decided.outcome == "stale":
                 continue
+            self._seal(task.tenant)
             self._refuse_unless(decided.outcome, task, reviewer, ("recorded", "released"))
             if decided.outcome == "released" and release is not None:
                 self._publish_released(task, release)
@@ -441,6 +444,7 @@ class Approvals:
             audit=self._audit_fields(task, reviewer),
             ttl_s=self.runtime.state.ttl.task_s,
         )
+        self._seal(task.tenant)
         self._refuse_unless(decided.outcome, task, reviewer, ("rejected",))
         self._end(task, f"rejected by {reviewer}: {reason}", reviewer)
         return self.store.get(task.tenant, task_id) or task
@@ -462,6 +466,7 @@ class Approvals:
                     ttl_s=self.runtime.state.ttl.task_s,
                     now_ms=now_ms,
                 )
+                self._seal(tenant)
                 if decided.outcome == "expired":
                     self._end(task, "expired: no reviewer decision before the hold expired", "")
                     expired.append(self.store.get(tenant, task_id) or task)
@@ -501,10 +506,19 @@ class Approvals:
     def revoke(self, tenant: str, grant_id: str, by: str) -> None:
         self._tenant(tenant)
         audit = {"tenant": tenant, "reviewer": by, "policy_version": self.runtime.policy.version}
-        if not self.store.revoke_grant(tenant, grant_id, audit):
+        revoked = self.store.revoke_grant(tenant, grant_id, audit)
+        self._seal(tenant)
+        if not revoked:
             raise ApprovalRefused(f"unknown grant {grant_id!r} of tenant {tenant!r}")
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _seal(self, tenant: str) -> None:
+        """Seal at once what the decision wrote: a reviewer's ``govctl`` exits right after."""
+        try:
+            self.runtime.audit_log.flush(tenant)
+        except StoreUnavailable:
+            log.warning("the audit seals of tenant %s are not written yet", tenant)
 
     def _refuse_unless(
         self, outcome: str, task: HeldTask, reviewer: str, accepted: tuple[str, ...]

@@ -441,22 +441,10 @@ class TaskLife:
             "reason": decision.reason,
             "would_run": self.action.model_dump(mode="json"),
         }
-        self.runtime.audit(
-            AuditEvent(
-                type=event_type,
-                tenant=ctx.tenant,
-                agent=ctx.agent,
-                run=ctx.run,
-                task_id=self.task_id,
-                action=self.action.name,
-                decision=decision.outcome.value,
-                reason=decision.reason,
-                tier=decision.tier.value if decision.tier else "",
-                detail={"would_run": result["would_run"]},
-            )
-        )
         if event_type is AuditEventType.SUGGESTED:
-            try:  # listed for reviewers as a non-blocking suggestion
+            # Listed for reviewers as a non-blocking suggestion; the held store's call writes
+            # the audit entry with it.
+            try:
                 Approvals(self.task.app, self.runtime).hold(
                     self.envelope(),
                     context=ctx,
@@ -466,6 +454,21 @@ class TaskLife:
                 )
             except StoreUnavailable:
                 log.warning("suggestion %s could not be listed", self.task_id, exc_info=True)
+        else:
+            self.runtime.audit(
+                AuditEvent(
+                    type=event_type,
+                    tenant=ctx.tenant,
+                    agent=ctx.agent,
+                    run=ctx.run,
+                    task_id=self.task_id,
+                    action=self.action.name,
+                    decision=decision.outcome.value,
+                    reason=decision.reason,
+                    tier=decision.tier.value if decision.tier else "",
+                    detail={"would_run": result["would_run"]},
+                )
+            )
         self.task.backend.mark_as_done(self.task_id, result, request=self.task.request)
         self._send_event(outcome, decision.reason)
         raise Acknowledged()
