@@ -10,8 +10,9 @@ by and take over within a few seconds when it dies). Each round, the leader:
 - every ``held_sweep_s``, rejects held tasks whose hold expired;
 - (in a thread of its own, so a slow webhook delays nothing else) sends the notifications of
   held tasks to the tenants' reviewers;
-- every ``audit_checkpoint_s``, signs where each audit chain ends, and seals (adopts) entries
-  whose writer was killed before sealing them.
+- every ``audit_checkpoint_s``, signs where each audit chain ends, seals (adopts) entries whose
+  writer was killed before sealing them, and trims entries older than the policy's
+  ``audit.retention`` (after a signed record of where the chain now starts).
 
 Every step is atomic in Redis, so two leaders for a moment (a lock that expired under a slow
 leader) never do anything twice.
@@ -144,6 +145,15 @@ class MaintenanceThread:
                     chain,
                 )
             audit_verify.checkpoint(log_, key, chain)
+            retention = runtime.policy.config.audit.retention
+            if retention is not None:
+                trimmed = audit_verify.trim(
+                    log_, key, chain, round(retention.total_seconds() * 1000)
+                )
+                if trimmed:
+                    log.info(
+                        "trimmed %d audit entries of %s (retention %s)", trimmed, chain, retention
+                    )
 
     def _loop(self) -> None:
         while not self._stop.wait(self._runtime.settings.sweep_poll_s):

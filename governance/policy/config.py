@@ -316,10 +316,18 @@ class TenantSettings(_Model):
     max_wait: PositiveDuration | None = None
 
 
+class AuditSettings(_Model):
+    """The audit log's retention: entries older than this are trimmed (after a signed record of
+    where each chain now starts, so a trim beyond it is detected); null keeps everything."""
+
+    retention: PositiveDuration | None = None
+
+
 class GovernanceConfig(_Model):
     """The whole policy file."""
 
     version: Literal[1]
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     tools: dict[Identifier, ToolEntry] = Field(default_factory=dict)
     providers: dict[Identifier, ProviderSpec] = Field(default_factory=dict)
     defaults: TenantSettings = Field(default_factory=TenantSettings)

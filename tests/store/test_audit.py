@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -234,3 +236,52 @@ def test_chains_of_several_tenants_on_a_cluster(redis_cluster_client: object) ->
         report = audit_verify.verify(log, KEY, tenant)
         assert report.ok, report.reason
         assert report.checked == 20
+
+
+def _admit_until_killed(url: str, ready: Any) -> None:
+    from governance.store import AdmissionLimits, Admitter
+    from tests.store.helpers import TOOL_STEP, ctx, tool
+
+    state = StateStore(redis.Redis.from_url(url))
+    admitter = Admitter(state, AuditSealer(KEY))
+    ready.set()
+    i = 0
+    while True:
+        admitter.admit(
+            ctx=ctx(),
+            action=tool(),
+            task_id=f"k{i}",
+            attempt=0,
+            estimate=TOOL_STEP,
+            limits=AdmissionLimits(),
+        )
+        i += 1
+
+
+def test_a_decision_and_its_entry_are_one_even_when_the_writer_is_killed(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    ready = SPAWN.Event()
+    writer = SPAWN.Process(target=_admit_until_killed, args=(redis_url, ready))
+    writer.start()
+    assert ready.wait(20)
+    time.sleep(0.5)
+    assert writer.pid is not None
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join(10)
+    admitted = {
+        key.decode().rsplit(":", 1)[1]
+        for key in redis_client.scan_iter(match="gov:{acme}:task:*")
+        if redis_client.hget(key, "where") == b"running"
+    }
+    recorded = {
+        f[b"task_id"].decode() for _, f in _records(redis_client) if f.get(b"type") == b"admitted"
+    }
+    assert len(admitted) > 10
+    assert admitted == recorded  # every admission has its entry, and no entry lacks one
+    # The killed writer's last seals never went out: the leader adopts them.
+    state = StateStore(redis_client)
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] >= 0
+    report = _verify(state, seal_grace_ms=0)
+    assert report.ok, report.reason
+    assert report.checked == len(recorded)
