@@ -22,7 +22,7 @@ from governance.policy.context import ActionContext
 from governance.policy.limits import LimitWarning, Violation, ViolationType, Warning, check_limit
 from governance.policy.usage import Usage
 from governance.store.audit_seal import AuditSealer
-from governance.store.keys import WINDOW_ORDER, TenantKeys, WindowKeys
+from governance.store.keys import WINDOW_ORDER, TenantKeys
 from governance.store.limits import AdmissionLimits, BudgetCheck
 from governance.store.state import StateStore
 
@@ -60,7 +60,7 @@ class AdmissionTicket:
     task_id: str
     attempt: int
     holder: str
-    windows: tuple[WindowKeys, ...]
+    windows: tuple[str, ...]
     checks: tuple[BudgetCheck, ...]
     warning_threshold_pct: int
     #: The audit fields of the task (tenant, agent, run, action, tier, policy version).
@@ -92,13 +92,27 @@ class Admission:
     first_wait: bool = False
     ahead: int = 0
     lease_expiry_ms: int = 0
-    warnings: tuple[LimitWarning, ...] = ()
     publish: tuple[Publication, ...] = ()
+    check_values: tuple[float, ...] = ()
+    limits: AdmissionLimits | None = None
 
     @property
     def admitted(self) -> bool:
         """True when the task may run now."""
         return self.status is AdmissionStatus.ADMITTED
+
+    @property
+    def warnings(self) -> tuple[LimitWarning, ...]:
+        """Budgets at or above their warning threshold with this task's estimate (admitted
+        tasks only; computed when asked, the hot path does not)."""
+        if self.status is not AdmissionStatus.ADMITTED or self.limits is None:
+            return ()
+        limits = self.limits
+        return tuple(
+            w
+            for check, value in zip(limits.budget_checks, self.check_values, strict=False)
+            if (w := _warning(check, value, limits.warning_threshold_pct)) is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -169,12 +183,19 @@ def _list(raw: Any) -> list[Any]:
     return [] if isinstance(raw, Mapping) else list(raw or [])
 
 
+#: The hot path carries seals in batches of this many (or once they are this old); the
+#: background flush of each process writes what a quiet chain still owes.
+SEAL_BATCH = 32
+SEAL_AGE_S = 0.2
+
+
 class Admitter:
     """Admission, renewal and settlement against one Redis (or Redis Cluster)."""
 
     def __init__(self, state: StateStore, sealer: AuditSealer | None = None) -> None:
         self._state = state
         self._sealer = sealer
+        self._static: dict[int, tuple[AdmissionLimits, str]] = {}
 
     def _call(
         self,
@@ -186,7 +207,11 @@ class Admitter:
         *,
         reclaim: bool = True,
     ) -> dict[str, Any]:
-        seals = self._sealer.take(tenant) if self._sealer else "[]"
+        seals = (
+            self._sealer.take(tenant, batch=SEAL_BATCH, older_than_s=SEAL_AGE_S)
+            if self._sealer
+            else "[]"
+        )
         writer = self._sealer.writer if self._sealer else "unsealed"
         try:
             raw = self._state.call(
@@ -234,10 +259,6 @@ class Admitter:
         windows = tuple(keys.windows(ctx.run, now))
         provider = action.provider if isinstance(action, LLMCall) else None
         record = keys.task(task_id)
-        cooldown = keys.cooldown(provider) if provider else ""
-        provider_rate = keys.provider_rate(provider) if provider and limits.provider_rate else ""
-        window_keys = [k for w in windows for k in w.as_list()]
-        steps = keys.step_repetitions(ctx.run)
         template = dict(template or {"tenant": ctx.tenant, "task_id": task_id})
         lr = limits.long_running
         body = {
@@ -245,15 +266,8 @@ class Admitter:
             "a": attempt,
             "holder": holder,
             "handoff": handoff,
-            "k": {
-                "rec": record,
-                "cd": cooldown,
-                "pr": provider_rate,
-                "w": window_keys,
-                "steps": steps,
-            },
-            "conc": -1 if limits.concurrency is None else limits.concurrency,
-            "tr": limits.tenant_rate.as_args() if limits.tenant_rate else None,
+            "hc": provider is not None,
+            "hp": provider is not None and limits.provider_rate is not None,
             "pr": limits.provider_rate.as_args() if provider and limits.provider_rate else None,
             "est": [
                 estimate.steps,
@@ -270,11 +284,6 @@ class Admitter:
                 _or_minus_one(lr.max_same_step_repetitions),
                 f"{action.name}:{action.input_hash()}",
             ],
-            "ttl": self._ttl(),
-            "checks": [
-                [WINDOW_ORDER.index(c.period) + 1, c.kind, c.limit] for c in limits.budget_checks
-            ],
-            "max_wait": limits.max_wait_ms,
             "au": template,
             "env": envelope,
             "outage": list(outage) if outage else None,
@@ -282,17 +291,17 @@ class Admitter:
         script_keys = [
             *keys.shared(),
             record,
-            cooldown or keys.placeholder,
-            provider_rate or keys.placeholder,
-            *window_keys,
-            steps,
+            keys.cooldown(provider) if provider else keys.placeholder,
+            keys.provider_rate(provider) if provider else keys.placeholder,
+            *windows,
+            keys.step_repetitions(ctx.run),
         ]
         reply = self._call(
             "admission",
             self._state.scripts.admit,
             ctx.tenant,
             script_keys,
-            json.dumps(body, separators=(",", ":")),
+            _with_static(body, self._static_json(limits)),
             reclaim=reclaim,
         )
         ticket = AdmissionTicket(
@@ -307,6 +316,23 @@ class Admitter:
         )
         return _parse_admission(reply, ticket, limits, provider)
 
+    def _static_json(self, limits: AdmissionLimits) -> str:
+        """The parts of an admission request that only depend on the tenant's limits, encoded
+        once per limits object (the hot path encodes only what changes per task)."""
+        cached = self._static.get(id(limits))
+        if cached is None or cached[0] is not limits:
+            static = {
+                "rw": limits.reserved_windows,
+                "conc": -1 if limits.concurrency is None else limits.concurrency,
+                "tr": limits.tenant_rate.as_args() if limits.tenant_rate else None,
+                "ttl": self._ttl(),
+                "checks": limits.check_args,
+                "max_wait": limits.max_wait_ms,
+            }
+            cached = (limits, json.dumps(static, separators=(",", ":")))
+            self._static[id(limits)] = cached
+        return cached[1]
+
     def _ttl(self) -> list[int]:
         ttl = self._state.ttl
         return [ttl.run_s, ttl.day_s, ttl.month_s, ttl.task_s]
@@ -314,19 +340,8 @@ class Admitter:
     def renew(self, ticket: AdmissionTicket) -> int:
         """Extend the task's lease; returns the new expiry (ms), or 0 if the lease was lost."""
         keys = TenantKeys(ticket.tenant)
-        script_keys = [
-            keys.leases,
-            keys.ledger,
-            keys.task(ticket.task_id),
-            ticket.windows[0].usage,
-            *(w.reservation_expiry for w in ticket.windows),
-        ]
-        argv: list[str | int | float] = [
-            ticket.task_id,
-            ticket.attempt,
-            self._state.lease_ms,
-            ticket.holder,
-        ]
+        script_keys = [keys.leases, keys.ledger, keys.task(ticket.task_id), ticket.windows[0]]
+        argv: list[str | int | float] = [ticket.attempt, self._state.lease_ms, ticket.holder]
         return int(self._state.call("lease renewal", self._state.scripts.renew, script_keys, argv))
 
     def settle(
@@ -343,13 +358,11 @@ class Admitter:
         ``next_attempt`` the task is recorded as queued (or parked) for its retry.
         """
         keys = TenantKeys(ticket.tenant)
-        window_keys = [k for w in ticket.windows for k in w.as_list()]
         record = keys.task(ticket.task_id)
         body = {
             "id": ticket.task_id,
             "a": ticket.attempt,
             "holder": ticket.holder,
-            "k": {"rec": record, "w": window_keys},
             "actual": [
                 actual.steps,
                 actual.tool_calls,
@@ -376,7 +389,7 @@ class Admitter:
             "settlement",
             self._state.scripts.settle,
             ticket.tenant,
-            [*keys.shared(), record, *window_keys],
+            [*keys.shared(), record, *ticket.windows],
             json.dumps(body, separators=(",", ":")),
         )
         outcome = reply["s"]
@@ -399,6 +412,11 @@ class Admitter:
             warnings=tuple(warnings),
             publish=publications(reply.get("pub") or []),
         )
+
+
+def _with_static(body: dict[str, Any], static_json: str) -> str:
+    """``body`` as JSON, with the pre-encoded object ``static_json`` merged in."""
+    return json.dumps(body, separators=(",", ":"))[:-1] + "," + static_json[1:]
 
 
 def _or_minus_one(value: int | None) -> int:
@@ -445,13 +463,6 @@ def _parse_admission(
         if status is AdmissionStatus.REJECTED and reply.get("reason"):
             kind = violation.type if violation else ViolationType.concurrency_limit
             violation = Violation(kind, current, limit, message=str(reply["reason"]))
-    warnings: tuple[LimitWarning, ...] = ()
-    if status is AdmissionStatus.ADMITTED:
-        warnings = tuple(
-            w
-            for check, value in zip(limits.budget_checks, check_values, strict=False)
-            if (w := _warning(check, value, limits.warning_threshold_pct)) is not None
-        )
     return Admission(
         status=status,
         ticket=ticket,
@@ -463,6 +474,7 @@ def _parse_admission(
         first_wait=bool(reply.get("first")),
         ahead=int(reply.get("ahead") or 0),
         lease_expiry_ms=int(reply.get("le") or 0),
-        warnings=warnings,
         publish=publications(reply.get("pub") or []),
+        check_values=tuple(check_values),
+        limits=limits,
     )

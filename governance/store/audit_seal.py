@@ -45,17 +45,13 @@ def mark_mac(key: bytes, chain: str, kind: str, body: Mapping[str, Any]) -> str:
     return hmac.new(key, message, hashlib.sha256).hexdigest()[:40]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def parse_written(written: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
     """The ``au`` part of a script's reply: [(stream id, fields), ...]."""
     entries = []
     for item in written or ():
         entry_id, flat = item[0], item[1]
-        fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-        entries.append((_text(entry_id), fields))
+        fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+        entries.append((str(entry_id), fields))
     return entries
 
 
@@ -95,14 +91,19 @@ class AuditSealer:
             self._check_fork()
             return self._writer
 
-    def take(self, chain: str) -> str:
+    def take(self, chain: str, *, batch: int = 1, older_than_s: float = 0.0) -> str:
         """The pending seals of ``chain`` as the scripts' JSON argument; they leave the queue
-        (give them back with :meth:`give_back` if the call fails)."""
+        (give them back with :meth:`give_back` if the call fails). With ``batch``, only once
+        that many are owed, or once they have waited ``older_than_s``: the hot path carries
+        seals in batches (one stream entry for many), the background flush writes the rest."""
         with self._lock:
             self._check_fork()
-            pending = self._pending.pop(chain, None)
-        if pending is None:
-            return "[]"
+            pending = self._pending.get(chain)
+            if pending is None:
+                return "[]"
+            if len(pending.seals) < batch and time.monotonic() - pending.since < older_than_s:
+                return "[]"
+            del self._pending[chain]
         return json.dumps(pending.seals, separators=(",", ":"))
 
     def give_back(self, chain: str, seals_json: str) -> None:

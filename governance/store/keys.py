@@ -8,7 +8,6 @@ cluster. Nothing else in the code base builds a key string.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -35,18 +34,6 @@ def period_label(period: Period, run: str, now: datetime | None = None) -> str:
     return moment.strftime("%Y-%m-%d") if period is Period.DAY else moment.strftime("%Y-%m")
 
 
-@dataclass(frozen=True)
-class WindowKeys:
-    """The three keys of one usage window: counters, per-task reservations, reservation expiry."""
-
-    usage: str
-    reservations: str
-    reservation_expiry: str
-
-    def as_list(self) -> list[str]:
-        return [self.usage, self.reservations, self.reservation_expiry]
-
-
 #: The audit chain of decisions that belong to no configured tenant (an unknown tenant's name is
 #: never used as a key). Tenant names start with a letter or a digit, so it cannot collide.
 DEPLOYMENT_CHAIN = "_deployment"
@@ -61,7 +48,8 @@ class TenantKeys:
 
     @property
     def leases(self) -> str:
-        """Sorted set of running (or handed-on) tasks: member = task id, score = lease expiry."""
+        """Sorted set of running (or handed-on) tasks: member = record key, score = lease
+        expiry (ms). A task's reservation is kept in its record and follows its lease."""
         return f"{self._base}:leases"
 
     @property
@@ -130,11 +118,11 @@ class TenantKeys:
         """A key in the tenant's slot passed where a script needs no real key (never written)."""
         return f"{self._base}:unused"
 
-    def window(self, period: Period, label: str) -> WindowKeys:
-        base = f"{self._base}:usage:{period.value}:{label}"
-        return WindowKeys(usage=base, reservations=f"{base}:resv", reservation_expiry=f"{base}:exp")
+    def window(self, period: Period, label: str) -> str:
+        """Hash of one usage window: what was used, and what tasks in flight reserved (r_*)."""
+        return f"{self._base}:usage:{period.value}:{label}"
 
-    def windows(self, run: str, now: datetime | None = None) -> list[WindowKeys]:
+    def windows(self, run: str, now: datetime | None = None) -> list[str]:
         """The run, day and month windows that a task of ``run`` counts in at ``now``."""
         return [self.window(p, period_label(p, run, now)) for p in WINDOW_ORDER]
 

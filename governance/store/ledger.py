@@ -13,6 +13,7 @@ twice.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,6 +65,15 @@ class Ledger:
     def __init__(self, state: StateStore, sealer: AuditSealer | None = None) -> None:
         self._state = state
         self._sealer = sealer
+        self._local = threading.local()
+
+    def _pipeline(self) -> Any:
+        """A transaction pipeline of this thread, reused (making one is not cheap in redis-py:
+        it copies the client's response callbacks), as publishing records every task."""
+        pipe = getattr(self._local, "pipe", None)
+        if pipe is None:
+            pipe = self._local.pipe = self._state.client.pipeline(transaction=True)
+        return pipe
 
     def record_published(
         self,
@@ -83,7 +93,7 @@ class Ledger:
         score = due if parked else due + self._state.timings.grace_ms
 
         def write() -> None:
-            pipe = self._state.client.pipeline(transaction=True)
+            pipe = self._pipeline()
             pipe.hset(
                 record,
                 mapping={
@@ -104,7 +114,7 @@ class Ledger:
         record = keys.task(task_id)
 
         def write() -> None:
-            pipe = self._state.client.pipeline(transaction=True)
+            pipe = self._pipeline()
             pipe.hset(
                 record, mapping={"id": task_id, "where": "held", "since": int(time.time() * 1000)}
             )

@@ -8,13 +8,14 @@ budget checks per usage window, cost in micro-USD. It is the only place that kno
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from governance.policy.actions import Action, LLMCall
 from governance.policy.config import RateLimit
 from governance.policy.limits import ViolationType
 from governance.policy.long_running import LongRunningLimits
 from governance.policy.tenant import TenantPolicy
-from governance.store.keys import Period
+from governance.store.keys import WINDOW_ORDER, Period
 
 #: Budget kinds the scripts understand, with the violation each one raises.
 BUDGET_KINDS: dict[str, ViolationType] = {
@@ -82,6 +83,17 @@ class AdmissionLimits:
     warning_threshold_pct: int = 80
     #: How long a task may wait (in the wait list or for a booked turn) before it fails.
     max_wait_ms: int = 3_600_000
+
+    @cached_property
+    def check_args(self) -> list[list[int | str]]:
+        """The budget checks as the admission script takes them: [window 1..3, kind, limit]."""
+        return [[WINDOW_ORDER.index(c.period) + 1, c.kind, c.limit] for c in self.budget_checks]
+
+    @cached_property
+    def reserved_windows(self) -> list[int]:
+        """The windows (1 run, 2 day, 3 month) that have a budget: estimates are reserved
+        there, and nowhere else (a window without a budget has nothing to protect)."""
+        return sorted({WINDOW_ORDER.index(c.period) + 1 for c in self.budget_checks})
 
     @classmethod
     def for_action(cls, tenant: TenantPolicy, action: Action) -> AdmissionLimits:

@@ -105,7 +105,7 @@ def read_usage(
 
     def read() -> list[object]:
         pipe = state.client.pipeline(transaction=False)
-        pipe.hgetall(window.usage)
+        pipe.hgetall(window)
         pipe.zcount(keys.leases, now_ms, "+inf")
         if period is Period.RUN:
             pipe.hvals(keys.step_repetitions(run))

@@ -111,10 +111,21 @@ def wait_for_state(
 
 
 def info_of(flower: FlowerProcess, task_id: str) -> dict[str, Any]:
-    info = flower.task_info(task_id)
-    assert info is not None, f"flower lists {task_id} in /api/tasks but has no info for it"
-    assert info["state"] == _state(flower, task_id)
-    return info
+    """`/api/task/info` for ``task_id``, once it agrees with `/api/tasks` on the state.
+
+    The two are separate requests, so an event landing between them may make them differ for
+    a moment; they must agree again once the task's events stop arriving.
+    """
+
+    def agreeing() -> dict[str, Any] | None:
+        info = flower.task_info(task_id)
+        assert info is not None, f"flower lists {task_id} in /api/tasks but has no info for it"
+        return info if info["state"] == _state(flower, task_id) else None
+
+    found: dict[str, Any] = wait_until(
+        agreeing, timeout_s=10, what=f"flower's info and list to agree on {task_id}", poll_s=0.1
+    )
+    return found
 
 
 def assert_governance_fields(info: dict[str, Any], tenant: str, reason: str) -> None:

@@ -115,7 +115,10 @@ def test_a_holder_that_lost_its_lease_settles_late_without_touching_the_new_one(
 ) -> None:
     state = StateStore(redis_client, lease_ms=300)
     admitter = Admitter(state)
-    limits = AdmissionLimits(concurrency=1)
+    # (Reservations are kept in the windows that have a budget.)
+    limits = AdmissionLimits(
+        concurrency=1, budget_checks=(BudgetCheck(Period.DAY, "tokens", 10_000),)
+    )
 
     def admit(holder: str) -> Admission:
         return admitter.admit(

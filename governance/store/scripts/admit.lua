@@ -10,12 +10,13 @@
 -- KEYS[8]     the task's record      HASH
 -- KEYS[9]     provider cooldown      STRING (or a placeholder key of the tenant)
 -- KEYS[10]    provider rate          STRING (or a placeholder key of the tenant)
--- KEYS[11..19] usage, reservations and reservation expiry of the run, day and month windows
--- KEYS[20]    step repetitions of the run  HASH
+-- KEYS[11..13] usage of the run, day and month windows   HASH
+-- KEYS[14]    step repetitions of the run  HASH
 --
 -- ARGV[1] the admission request (JSON):
---   id, a (attempt), holder (this delivery), handoff (token presented, or null), k (the keys
---   above: rec, cd, pr, w[9], steps), conc (-1: none), tr / pr ([interval ms, burst] or null),
+--   id, a (attempt), holder (this delivery), handoff (token presented, or null), hc / hp (a
+--   provider cooldown / rate applies: KEYS[9] / KEYS[10] are real), rw (windows with budgets,
+--   where the estimate is reserved), conc (-1: none), tr / pr ([interval ms, burst] or null),
 --   est ([steps, tool_calls, input_tokens, output_tokens, cost micro-USD]), lr ([depth,
 --   max depth, max discovered, idle ms, max repetitions, step hash], -1: none), ttl ([run, day,
 --   month, task] seconds), checks ([[window 1..3, kind, limit], ...]), max_wait (ms),
@@ -30,8 +31,9 @@
 --   attempt), au (audit entries written: [[stream id, [field, value, ...]], ...]),
 --   pub (tasks to publish: [{id, msg, token}])}
 
-local raw = ARGV[1]
-local req = cjson.decode(raw)
+local req = cjson.decode(ARGV[1])
+req.k = {rec = KEYS[8], cd = req.hc and KEYS[9] or '', pr = req.hp and KEYS[10] or '',
+  w = {KEYS[11], KEYS[12], KEYS[13]}, steps = KEYS[14]}
 local G = cjson.decode(ARGV[2])
 L.seal(ARGV[3], ARGV[4])
 local now = L.now_ms()
@@ -50,7 +52,7 @@ local attempt, where, settled, holder, lease_exp = r[1], r[2], r[3], r[4], r[5]
 local handoff, turn, skip, wait_since, fail = r[6], r[7], r[8], r[9], r[10]
 local A = tostring(req.a)
 local same = attempt == A
-local live = lease_exp and tonumber(lease_exp) > now and redis.call('ZSCORE', L.T.leases, req.id)
+local live = lease_exp and tonumber(lease_exp) > now and redis.call('ZSCORE', L.T.leases, rec)
 
 local function admitted_entry(waited_since)
   local detail = {attempt = req.a}
@@ -63,6 +65,8 @@ local function admitted_entry(waited_since)
 end
 
 local function finish_rejected(verdict, reason)
+  L.release(rec)
+  redis.call('ZREM', L.T.leases, rec)
   redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'where', 'done', 'since', now,
     'settled', 1)
   redis.call('HDEL', rec, 'req', 'holder', 'handoff', 'turn', 'skip')
@@ -86,11 +90,7 @@ if same then
     if req.handoff ~= cjson.null and req.handoff == handoff then
       -- The message handed on from the wait list: this delivery takes the slot kept for it.
       local exp = now + G.lease
-      redis.call('ZADD', L.T.leases, exp, req.id)
-      for w = 1, 3 do
-        local _, _, expiry = L.window(req, w)
-        redis.call('ZADD', expiry, 'XX', exp, req.id)
-      end
+      redis.call('ZADD', L.T.leases, exp, rec)
       redis.call('HSET', rec, 'holder', req.holder, 'where', 'running', 'since', now,
         'lease_exp', exp)
       redis.call('HDEL', rec, 'handoff')
@@ -113,14 +113,12 @@ if same then
 end
 
 -- A fresh arrival.
-if G.reclaim == 1 then L.reclaim(req, now) end
 if redis.call('ZCARD', L.T.waiting) > 0 then
   L.handoff(now, G, {pub = publish, written = written})
 end
-redis.call('HSET', rec, 'id', req.id)
 if req.env and req.env ~= cjson.null then redis.call('HSETNX', rec, 'msg', req.env) end
 
-local verdict = L.evaluate(req, now, same and skip or '', nil)
+local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim == 1)
 local since = (same and wait_since) and tonumber(wait_since) or now
 
 if verdict.kind == 'book' and verdict.turn - since > req.max_wait then
@@ -133,7 +131,8 @@ if verdict.kind == 'reject' then
   return finish_rejected(verdict, L.violation_text(verdict.v, verdict.cur, verdict.lim))
 end
 if verdict.kind == 'wait' then
-  local first, wait_start = L.enqueue(req, raw, now, verdict)
+  req.env = nil
+  local first, wait_start = L.enqueue(req, cjson.encode(req), now, verdict)
   if first then
     L.task_entry(written, now, req.au, 'waiting', 'allow', verdict.v, L.violation_detail(verdict))
   end
@@ -151,6 +150,6 @@ if verdict.kind == 'book' then
 end
 
 local exp = now + G.lease
-L.commit(req, now, verdict, req.holder, 'running', exp, exp, G)
+L.commit(req, now, verdict, req.holder, 'running', exp, exp)
 admitted_entry(same and wait_since or nil)
 return reply({s = 'admitted', le = exp, cv = verdict.cv})

@@ -3,7 +3,7 @@
 -- one atomic call, and the rules below exist once.
 --
 -- Every script that uses this library receives the tenant's shared keys first:
---   KEYS[1] leases      ZSET  task id -> lease expiry (ms): one member per running (or handed) task
+--   KEYS[1] leases      ZSET  record key -> lease expiry (ms): a member per running (or handed) task
 --   KEYS[2] waiting     ZSET  record key -> wait position: the tenant's FIFO wait list
 --   KEYS[3] ledger      ZSET  record key -> when the reconciler must look at the task again (ms)
 --   KEYS[4] meta        HASH  wait_seq, audit_seq (counters of the tenant)
@@ -11,14 +11,16 @@
 --   KEYS[6] tenant rate STRING GCRA theoretical arrival time (ms)
 --   KEYS[7] runs        ZSET  run id -> when the run stops being in flight (ms)
 --
--- A task's own keys (its record, its run's usage window, its provider's cooldown and rate) travel
--- in its admission request (`req.k`) and are passed in KEYS by the script that admits it. A task
--- handed on from the wait list is admitted from the request stored in its record: its keys carry
--- the same hash tag `{tenant}`, so they live in the same Redis Cluster slot as KEYS[1].
+-- A task's own keys (its record, its usage windows, its provider's cooldown and rate) are passed
+-- in KEYS by the script that admits it (and kept in its request, `req.k`, while it waits). A task
+-- handed on from the wait list is admitted from the request stored in its record, and a lease
+-- reclaimed from a dead worker is found by its record key: those keys carry the same hash tag
+-- `{tenant}`, so they live in the same Redis Cluster slot as KEYS[1].
 --
 -- The task record (HASH) is the ledger of one task, from publication to its end:
 --   attempt, where (queued|parked|waiting|handed|running|held|done), since (ms), settled (1 once
---   the attempt settled), holder, lease_exp, handoff (token of a hand-off), turn (booked time),
+--   the attempt settled), holder, lease_exp, resv and resv_w (the reservation it holds, and the
+--   usage windows it is counted in), handoff (token of a hand-off), turn (booked time),
 --   skip (rates already booked: "t", "p", "tp"), wait_since, wait_for, wait_seq, req (the request,
 --   while waiting), msg (the message envelope, to publish it again), counted, republished,
 --   fail (a reason the next delivery ends the task with).
@@ -93,10 +95,9 @@ end
 
 -- -- usage windows --------------------------------------------------------------------------
 
--- The three keys of window w (1 run, 2 day, 3 month) of a request.
+-- The usage hash of window w (1 run, 2 day, 3 month) of a request.
 function L.window(req, w)
-  local base = 3 * (w - 1)
-  return req.k.w[base + 1], req.k.w[base + 2], req.k.w[base + 3]
+  return req.k.w[w]
 end
 
 local WINDOW_FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost',
@@ -116,44 +117,46 @@ function L.window_values(cache, req, w)
   return cache[usage]
 end
 
--- Give back one task's reservation in one window (a no-op when it holds none there).
-function L.release(usage, resv, id)
-  local packed = redis.call('HGET', resv, id)
-  if not packed then return end
-  local i = 1
-  for value in string.gmatch(packed, '[^,]+') do
-    local n = tonumber(value)
-    if n ~= 0 then redis.call('HINCRBY', usage, 'r_' .. L.FIELDS[i], -n) end
-    i = i + 1
-  end
-  redis.call('HDEL', resv, id)
-end
-
--- Free the leases and reservations whose holder stopped renewing them (a crashed worker).
-function L.reclaim(req, now)
-  redis.call('ZREMRANGEBYSCORE', L.T.leases, '-inf', now)
-  L.reclaim_windows(req, now)
-end
-
--- Free the expired reservations in the usage windows of a request (its run, day and month).
-function L.reclaim_windows(req, now)
-  for w = 1, 3 do
-    local usage, resv, expiry = L.window(req, w)
-    local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 256)
-    for _, id in ipairs(expired) do
-      L.release(usage, resv, id)
-      redis.call('ZREM', expiry, id)
+-- Give back the reservation a task's record holds (its amounts, in the windows it names).
+function L.release(rec)
+  local r = redis.call('HMGET', rec, 'resv', 'resv_w')
+  if not r[1] then return false end
+  local amounts = {}
+  for value in string.gmatch(r[1], '[^,]+') do amounts[#amounts + 1] = tonumber(value) end
+  for usage in string.gmatch(r[2] or '', '[^|]+') do
+    for i = 1, 5 do
+      if amounts[i] and amounts[i] ~= 0 then
+        redis.call('HINCRBY', usage, 'r_' .. L.FIELDS[i], -amounts[i])
+      end
     end
   end
+  redis.call('HDEL', rec, 'resv', 'resv_w')
+  return true
+end
+
+-- Free the leases, and the reservations, of tasks whose holder stopped renewing them (a
+-- crashed worker). Leases are members of the leases set by record key; a reclaimed record's
+-- reservation goes back to its windows. Returns how many were reclaimed.
+function L.reclaim(now)
+  local expired = redis.call('ZRANGEBYSCORE', L.T.leases, '-inf', now, 'LIMIT', 0, 256)
+  for _, rec in ipairs(expired) do
+    redis.call('ZREM', L.T.leases, rec)
+    L.release(rec)
+  end
+  return #expired
+end
+
+-- A task that waits again (its earlier holder died) gives back what that holder held.
+function L.drop_lease(rec)
+  if redis.call('ZREM', L.T.leases, rec) == 1 then L.release(rec) end
 end
 
 -- -- rates -----------------------------------------------------------------------------------
 
 -- GCRA: `burst` calls at once, one per `interval` after that. Returns the earliest time (>= t0)
 -- a call conforms, and the theoretical arrival time after taking that call.
-function L.gcra(key, rate, t0)
+function L.gcra(tat, rate, t0)
   local interval, burst = rate[1], rate[2]
-  local tat = tonumber(redis.call('GET', key) or '0')
   local at = math.max(t0, tat + interval - burst * interval)
   return at, math.max(tat, at) + interval
 end
@@ -163,11 +166,12 @@ end
 -- What admitting `req` now would do, without writing anything. `skip` names the rates already
 -- booked for this attempt ("t": tenant, "p": provider). Returns a verdict:
 --   {kind = 'admit' | 'wait' | 'book' | 'reject', v = violation, cur, lim, wait (ms), ci (index of
---    the budget check), turn (ms, for book), tats = {key, tat, ...} (for admit and book), cv}
+--    the budget check), turn (ms, for book), tats = {{key, tat, flag}, ...} (admit, book), cv}
 -- Order: limits that waiting cannot fix reject; otherwise capacity (concurrency, budget held by
 -- tasks in flight, runs in flight) makes the task wait in the wait list; otherwise a rate limit
--- or a provider cooldown books its turn; otherwise it is admitted.
-function L.evaluate(req, now, skip, cache)
+-- or a provider cooldown books its turn; otherwise it is admitted. Leases and reservations of
+-- dead holders are reclaimed only when they stand in the way (`reclaim`).
+function L.evaluate(req, now, skip, cache, reclaim)
   cache = cache or {}
   skip = skip or ''
   local reject, wait
@@ -202,34 +206,50 @@ function L.evaluate(req, now, skip, cache)
 
   -- Budgets: used + reserved by tasks in flight + this task's estimate must fit the limit.
   -- Exhausted without the reservations of others: rejected. Over only because of them: wait.
-  local cv = {}
-  for i, check in ipairs(req.checks or {}) do
-    local values = L.window_values(cache, req, check[1])
-    local kind, limit = check[2], check[3]
-    local used, reserved, add = 0, 0, 0
-    for _, f in ipairs(L.KIND_FIELDS[kind]) do
-      used = used + values[L.FIELDS[f]]
-      reserved = reserved + values['r_' .. L.FIELDS[f]]
-      add = add + est[f]
-    end
-    cv[i] = used + reserved + add
-    if cv[i] > limit then
-      if used + add > limit then
-        if not reject then reject = {L.KIND_VIOLATION[kind], used + add, limit, i} end
-      elseif not wait then
-        wait = {L.KIND_VIOLATION[kind], cv[i], limit, i}
+  local function budgets()
+    local cv, over, pressed = {}, nil, nil
+    for i, check in ipairs(req.checks or {}) do
+      local values = L.window_values(cache, req, check[1])
+      local kind, limit = check[2], check[3]
+      local used, reserved, add = 0, 0, 0
+      for _, f in ipairs(L.KIND_FIELDS[kind]) do
+        used = used + values[L.FIELDS[f]]
+        reserved = reserved + values['r_' .. L.FIELDS[f]]
+        add = add + est[f]
+      end
+      cv[i] = used + reserved + add
+      if cv[i] > limit then
+        if used + add > limit then
+          if not over then over = {L.KIND_VIOLATION[kind], used + add, limit, i} end
+        elseif not pressed then
+          pressed = {L.KIND_VIOLATION[kind], cv[i], limit, i}
+        end
       end
     end
+    return cv, over, pressed
   end
+  local cv, over, pressed = budgets()
+  if pressed and not over and reclaim and L.reclaim(now) > 0 then
+    cache = {}
+    cv, over, pressed = budgets()
+  end
+  reject = reject or over
+  wait = pressed
   if reject then
     return {kind = 'reject', v = reject[1], cur = reject[2], lim = reject[3], ci = reject[4] or 0,
       cv = cv}
   end
 
   -- Concurrency: one lease per running task of the tenant.
-  if req.conc >= 0 and not redis.call('ZSCORE', L.T.leases, req.id) then
+  if req.conc >= 0 and not redis.call('ZSCORE', L.T.leases, req.k.rec) then
     local running = redis.call('ZCARD', L.T.leases)
-    if running >= req.conc then wait = {'concurrency_limit', running + 1, req.conc, 0} end
+    if running >= req.conc and reclaim and L.reclaim(now) > 0 then
+      running = redis.call('ZCARD', L.T.leases)
+      cache = {}  -- reclaimed reservations changed the windows: read them again if needed
+    end
+    if running >= req.conc and not wait then
+      wait = {'concurrency_limit', running + 1, req.conc, 0}
+    end
   end
   if wait then
     return {kind = 'wait', v = wait[1], cur = wait[2], lim = wait[3], ci = wait[4] or 0, cv = cv}
@@ -245,8 +265,9 @@ function L.evaluate(req, now, skip, cache)
   local tats = {}
   local function rate(key, spec, flag, scope)
     if not spec or spec == cjson.null or string.find(skip, flag, 1, true) then return end
-    local at, tat = L.gcra(key, spec, turn)
-    tats[#tats + 1] = {key, spec, flag}
+    local tat = tonumber(redis.call('GET', key) or '0')
+    local at = L.gcra(tat, spec, turn)
+    tats[#tats + 1] = {key, spec, flag, tat}
     if at > turn then turn, why = at, {'rate_limit:' .. scope, spec[2], spec[2]} end
   end
   rate(L.T.trate, req.tr, 't', 'tenant')
@@ -255,15 +276,15 @@ function L.evaluate(req, now, skip, cache)
     return {kind = 'book', v = why[1], cur = why[2], lim = why[3], wait = turn - now, turn = turn,
       tats = tats, cv = cv}
   end
-  return {kind = 'admit', tats = tats, cv = cv, turn = now}
+  return {kind = 'admit', tats = tats, cv = cv, turn = now, cache = cache}
 end
 
 -- Take the rate tokens of a verdict at its turn (booking a future turn or admitting now).
 function L.take_rates(verdict, now)
   for _, entry in ipairs(verdict.tats or {}) do
-    local key, spec = entry[1], entry[2]
-    local _, tat = L.gcra(key, spec, verdict.turn)
-    redis.call('SET', key, L.int(tat), 'PX', math.max(1, math.ceil(tat - now)) + 1000)
+    local key, spec, tat = entry[1], entry[2], entry[4]
+    local _, new_tat = L.gcra(tat, spec, verdict.turn)
+    redis.call('SET', key, L.int(new_tat), 'PX', math.max(1, math.ceil(new_tat - now)) + 1000)
   end
 end
 
@@ -276,49 +297,80 @@ function L.booked_flags(verdict, skip)
   return flags
 end
 
--- Commit an admission: the lease, the reservation in every window, the run's step counters and
--- the record. `state` is 'running' (this delivery runs it) or 'handed' (its message is on its
--- way: the slot is kept for it until `lease_exp`).
-function L.commit(req, now, verdict, holder, state, lease_exp, ledger_at, G)
+-- Commit an admission: the lease, the reservation (recorded in the task's record, counted in
+-- the windows that have budgets), the run's step counters and the record. `state` is
+-- 'running' (this delivery runs it) or 'handed' (its message is on its way: the slot is kept
+-- for it until `lease_exp`).
+function L.commit(req, now, verdict, holder, state, lease_exp, ledger_at)
   L.take_rates(verdict, now)
-  redis.call('ZADD', L.T.leases, lease_exp, req.id)
-  local est = req.est
-  local packed = table.concat({L.int(est[1]), L.int(est[2]), L.int(est[3]), L.int(est[4]),
-    L.int(est[5])}, ',')
-  local reserves = false
-  for i = 1, 5 do if est[i] ~= 0 then reserves = true end end
-  for w = 1, 3 do
-    local usage, resv, expiry = L.window(req, w)
-    L.release(usage, resv, req.id)
-    if reserves then
-      redis.call('HSET', resv, req.id, packed)
-      for i = 1, 5 do
-        if est[i] ~= 0 then redis.call('HINCRBY', usage, 'r_' .. L.FIELDS[i], est[i]) end
-      end
-      redis.call('ZADD', expiry, lease_exp, req.id)
-      redis.call('EXPIRE', resv, req.ttl[w])
-      redis.call('EXPIRE', expiry, req.ttl[w])
-    end
-    redis.call('HSETNX', usage, 'started_ms', now)
-    redis.call('HSET', usage, 'last_ms', now)
-    redis.call('EXPIRE', usage, req.ttl[w])
-  end
   local rec = req.k.rec
+  redis.call('ZADD', L.T.leases, lease_exp, rec)
+  local released = L.release(rec)
+  local est = req.est
+  local reserves = next(req.rw or {}) ~= nil and (est[1] ~= 0 or est[2] ~= 0 or est[3] ~= 0
+    or est[4] ~= 0 or est[5] ~= 0)
+  local in_window = {}
+  if reserves then for _, w in ipairs(req.rw) do in_window[w] = true end end
+  -- The windows as evaluate read them, unless a stale reservation was just given back.
+  local cache = (not released and verdict.cache) or {}
+  local reserved = {}
+  for w = 1, 3 do
+    local usage = L.window(req, w)
+    local known = cache[usage]
+    local writes = {}
+    if in_window[w] then
+      for i = 1, 5 do
+        if est[i] ~= 0 then
+          if known then
+            -- Read by this call moments ago: written once, not incremented field by field.
+            writes[#writes + 1] = 'r_' .. L.FIELDS[i]
+            writes[#writes + 1] = L.int(known['r_' .. L.FIELDS[i]] + est[i])
+          else
+            redis.call('HINCRBY', usage, 'r_' .. L.FIELDS[i], est[i])
+          end
+        end
+      end
+      reserved[#reserved + 1] = usage
+    end
+    if w == 1 then
+      writes[#writes + 1] = 'last_ms'
+      writes[#writes + 1] = L.int(now)
+      if known and not known.has_started then
+        writes[#writes + 1] = 'started_ms'
+        writes[#writes + 1] = L.int(now)
+      elseif not known then
+        redis.call('HSETNX', usage, 'started_ms', now)
+      end
+    end
+    if #writes > 0 then redis.call('HSET', usage, unpack(writes)) end
+  end
+  local run_usage = L.window(req, 1)
+  local fields = {'id', req.id, 'attempt', req.a, 'holder', holder, 'where', state, 'since', now,
+    'lease_exp', lease_exp}
+  if #reserved > 0 then
+    fields[#fields + 1] = 'resv'
+    fields[#fields + 1] = table.concat({L.int(est[1]), L.int(est[2]), L.int(est[3]),
+      L.int(est[4]), L.int(est[5])}, ',')
+    fields[#fields + 1] = 'resv_w'
+    fields[#fields + 1] = table.concat(reserved, '|')
+  end
   if redis.call('HGET', rec, 'counted') == false then
-    local run_usage = L.window(req, 1)
-    local depth = (req.lr or {})[1] or 0
-    if depth > 0 then redis.call('HINCRBY', run_usage, 'discovered', 1) end
-    local deepest = tonumber(redis.call('HGET', run_usage, 'max_depth') or '0')
-    if depth > deepest then redis.call('HSET', run_usage, 'max_depth', depth) end
-    if req.lr and req.lr[6] then
-      redis.call('HINCRBY', req.k.steps, req.lr[6], 1)
+    fields[#fields + 1] = 'counted'
+    fields[#fields + 1] = 1
+    local lr = req.lr or {}
+    local depth = lr[1] or 0
+    if depth > 0 then
+      redis.call('HINCRBY', run_usage, 'discovered', 1)
+      local deepest = tonumber(redis.call('HGET', run_usage, 'max_depth') or '0')
+      if depth > deepest then redis.call('HSET', run_usage, 'max_depth', depth) end
+    end
+    if (lr[5] or -1) >= 0 and lr[6] then
+      redis.call('HINCRBY', req.k.steps, lr[6], 1)
       redis.call('EXPIRE', req.k.steps, req.ttl[1])
     end
   end
-  redis.call('HSET', rec, 'attempt', req.a, 'holder', holder, 'where', state, 'since', now,
-    'lease_exp', lease_exp, 'counted', 1)
+  redis.call('HSET', rec, unpack(fields))
   redis.call('HDEL', rec, 'settled', 'turn', 'skip', 'req', 'fail')
-  redis.call('PERSIST', rec)
   redis.call('ZADD', L.T.ledger, ledger_at, rec)
 end
 
@@ -335,10 +387,10 @@ function L.enqueue(req, raw, now, verdict)
   if first then redis.call('HSET', rec, 'wait_since', now) end
   local since = tonumber(redis.call('HGET', rec, 'wait_since'))
   redis.call('ZADD', L.T.waiting, seq, rec)
-  redis.call('HSET', rec, 'attempt', req.a, 'where', 'waiting', 'since', now, 'wait_seq', seq,
-    'wait_for', verdict.v, 'req', raw)
+  L.drop_lease(rec)
+  redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'where', 'waiting', 'since', now,
+    'wait_seq', seq, 'wait_for', verdict.v, 'req', raw)
   redis.call('HDEL', rec, 'settled', 'holder', 'handoff')
-  redis.call('PERSIST', rec)
   redis.call('ZADD', L.T.ledger, since + req.max_wait, rec)
   return first, since
 end
@@ -355,10 +407,10 @@ function L.book(req, now, verdict, G)
   if first then redis.call('HSET', rec, 'wait_since', now) end
   local parked = verdict.turn - now > G.cdl
   local where = parked and 'parked' or 'queued'
-  redis.call('HSET', rec, 'attempt', req.a, 'where', where, 'since', now, 'turn', verdict.turn,
-    'skip', skip, 'wait_for', verdict.v)
+  L.drop_lease(rec)
+  redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'where', where, 'since', now,
+    'turn', verdict.turn, 'skip', skip, 'wait_for', verdict.v)
   redis.call('HDEL', rec, 'settled', 'holder', 'handoff', 'req')
-  redis.call('PERSIST', rec)
   redis.call('ZADD', L.T.ledger, parked and verdict.turn or verdict.turn + G.grace, rec)
   return first, parked
 end
@@ -395,8 +447,7 @@ function L.handoff(now, G, out)
         reason = 'waiting task without a message in the ledger: it cannot be published'})
     else
       local req = cjson.decode(raw)
-      if G.reclaim == 1 then L.reclaim_windows(req, now) end
-      local verdict = L.evaluate(req, now, redis.call('HGET', rec, 'skip'), cache)
+      local verdict = L.evaluate(req, now, redis.call('HGET', rec, 'skip'), cache, G.reclaim == 1)
       if verdict.kind == 'wait' then
         if verdict.v == 'concurrency_limit' or verdict.v == 'run_concurrency_limit' then break end
         -- It needs budget held by tasks in flight: a later task of another run may still fit.
@@ -410,7 +461,7 @@ function L.handoff(now, G, out)
           local token = req.id .. ':' .. req.a .. ':' .. n
           local since = tonumber(redis.call('HGET', rec, 'wait_since') or now)
           local lease_exp = math.max(since + req.max_wait, now + G.lease)
-          L.commit(req, now, verdict, token, 'handed', lease_exp, now + G.grace, G)
+          L.commit(req, now, verdict, token, 'handed', lease_exp, now + G.grace)
           redis.call('HSET', rec, 'handoff', token, 'msg', msg)
           out.pub[#out.pub + 1] = {id = req.id, msg = msg, token = token}
           cache = {}

@@ -24,7 +24,7 @@ L.seal(ARGV[2], ARGV[3])
 local now = L.now_ms()
 local written, publish = {}, {}
 
-if G.reclaim == 1 then redis.call('ZREMRANGEBYSCORE', L.T.leases, '-inf', now) end
+if G.reclaim == 1 then L.reclaim(now) end
 
 -- The grace before a published task counts as lost grows with each re-publication, so a long
 -- broker backlog costs a few duplicate messages (dropped by admission), not a storm.
@@ -55,7 +55,7 @@ for _, rec in ipairs(due) do
     local since = tonumber(r[6] or now)
     local req = r[8] and cjson.decode(r[8]) or nil
     local max_wait = req and req.max_wait or G.grace_max
-    if now - since > max_wait and not redis.call('ZSCORE', L.T.leases, id) then
+    if now - since > max_wait and not redis.call('ZSCORE', L.T.leases, rec) then
       redis.call('HSET', rec, 'fail', string.format(
         'waited %d s for %s without starting (wait limit %d s)',
         math.floor((now - since) / 1000), r[7] or 'capacity', math.floor(max_wait / 1000)))
