@@ -24,7 +24,9 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin governance \
     && mkdir -p /workspace \
     && chown governance:governance /workspace
 
-ENV GOVERNANCE_CONFIG_PATH=/app/config/governance.yaml \
+# The example deployment (`workers`) is not in the installed package: it runs from /app.
+ENV PYTHONPATH=/app \
+    GOVERNANCE_CONFIG_PATH=/app/config/governance.yaml \
     GOVERNANCE_WORKSPACE_DIR=/workspace
 
 USER governance

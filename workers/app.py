@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
-from governance.integration import GovernanceRuntime, install
+from governance.integration import govern
 from governance.policy.engine import Policy
 from governance.policy.loader import ConfigError
 from governance.settings import GovernanceSettings
@@ -32,20 +32,14 @@ def create_app(settings: GovernanceSettings | None = None) -> Celery:
         raise SystemExit(f"refusing to start: the governance policy is invalid:\n{exc}") from None
     app = Celery("workers", broker=settings.broker_url, backend=settings.backend_url)
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
         result_extended=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=True,
         worker_prefetch_multiplier=1,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
     )
-    install(app, GovernanceRuntime(settings, policy))
+    govern(app, settings, policy)
     register_tool_tasks(app, settings)
     register_llm_task(app, settings)
     return app

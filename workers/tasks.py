@@ -79,6 +79,7 @@ def register_tool_tasks(app: Celery, settings: GovernanceSettings) -> dict[str, 
             bind=True,
             shared=False,
             spec=spec,
+            governance_tool=name,
             settings=settings,
         )
     return tasks

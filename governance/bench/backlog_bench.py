@@ -27,6 +27,7 @@ import yaml
 from celery import Celery
 from celery.result import AsyncResult, ResultSet
 
+from governance.bench.bench_app import LLM_TASK
 from governance.bench.celery_bench import (
     BenchWorker,
     ServerCounters,
@@ -59,7 +60,7 @@ B_TASKS = 10
 
 
 def _publish(app: Celery, tenant: str, run: str, count: int, task_ms: int) -> list[AsyncResult]:
-    task = app.tasks["llm.complete"]
+    task = app.tasks[LLM_TASK]
     messages = [{"role": "user", "content": f"[[sleep {task_ms}]] work"}]
     ctx = ActionContext(tenant=tenant, agent="bench", run=run)
     with governance_context(ctx):

@@ -3,7 +3,7 @@
 One Redis (database 0 the broker and result backend, database 1 the governance state, as in the
 README and docker-compose), one ``celery worker -P prefork -c 2`` running
 :mod:`governance.bench.bench_app`, whose app carries both a plain ungoverned task
-(``bench.noop``) and the governed ``tools.echo``. The benchmark publishes alternating batches,
+(``bench.noop``) and the governed ``bench.echo``. The benchmark publishes alternating batches,
 plain, governed, plain, governed, ..., and times each batch from its first publish until the
 last of its results has arrived.
 
@@ -12,18 +12,18 @@ acks, prefetch 1, task events, results stored with ``task_track_started``), the 
 arguments and the same completion signal: every task is published with ``apply_async`` and the
 batch ends when ``ResultSet.join_native`` (the result backend's pub/sub, no polling) has seen all
 of them succeed. Interleaving the batches spreads the noise of a shared machine over both kinds.
-The difference is the governance itself: context headers, authorization, admission, lease,
-settlement, usage and three audit entries per task, with every check of the policy switched on
-(rate limit, concurrency, budgets of every kind per day, month and run, long-running limits).
+The difference is the governance itself: context headers, authorization at publish and at the
+worker, the ledger record, admission, lease, settlement, usage and two sealed audit entries per
+task, with every check of the policy switched on (rate limit, concurrency, budgets of every kind
+per day, month and run, long-running limits).
 
 Redis work per governed task is counted at the server, from ``INFO commandstats``: script calls
 (``EVALSHA`` + ``EVAL``) during the governed batches, minus the background rate seen during the
-plain batches (the worker's parked-task pump, kombu's binding refresh). A governed task needs four:
-admission, an audit append (admitted, started), settlement, an audit append (finished); more
-means audit appends that lost the compare-and-set on the chain head to the other worker process
-and went again. The audit head is read with a GET once per process, during the warm-up. The
-total of commands the server executed per task (broker, results and state, including commands
-run inside scripts) is reported for both kinds, per command name in the JSON.
+plain batches (the worker's maintenance thread, kombu's binding refresh). A governed task needs
+two: admission and settlement, each writing its audit entry (seals ride along on the next call,
+or in a batch of their own when no call comes soon). The total of commands the server executed
+per task (broker, results and state, including commands run inside scripts) is reported for both
+kinds, per command name in the JSON.
 Admission+settlement latency and the 10 vs 10,000 tenants scale come from
 :mod:`governance.bench.store_bench`, run against the same Redis after the worker has stopped.
 With ``REDIS_URL`` set, that server is used instead of a private one (databases 0 and 1 are
@@ -54,6 +54,7 @@ from celery import Celery
 from celery.result import ResultSet
 
 from governance.bench import store_bench
+from governance.bench.bench_app import GOVERNED_TASK, PLAIN_TASK, create_bench_app
 from governance.embedded import EmbeddedRedis
 from governance.embedded.processes import log_tail, stop_processes
 from governance.integration import GovernanceHeaders
@@ -61,8 +62,6 @@ from governance.policy.context import ActionContext
 from governance.settings import GovernanceSettings
 from governance.store import Period, StateStore, read_usage
 
-PLAIN_TASK = "bench.noop"
-GOVERNED_TASK = "tools.echo"
 TENANT = "bench"
 CONTEXT = ActionContext(tenant=TENANT, agent="bench-agent", run="bench-run")
 KINDS = ("plain", "governed")
@@ -91,15 +90,6 @@ BENCH_POLICY: dict[str, Any] = {
 #: Tasks of each kind run before timing: worker children fork, connect and load the scripts.
 WARM_UP_TASKS = 20
 BATCH_TIMEOUT_S = 300.0
-
-
-def noop(text: str = "") -> None:
-    """The plain task: takes the same argument as ``tools.echo`` and does nothing with it."""
-
-
-def register_plain_task(app: Celery) -> Any:
-    """Register ``bench.noop`` on ``app``: an ordinary task, no governance."""
-    return app.task(name=PLAIN_TASK, shared=False)(noop)
 
 
 # -- environment -------------------------------------------------------------------------------
@@ -149,17 +139,9 @@ def _environment(env: Mapping[str, str]) -> Iterator[None]:
 
 
 def publisher_app(env: Mapping[str, str]) -> Celery:
-    """An app built exactly like the worker's: the same settings, from the same variables.
-
-    ``workers.app`` builds its module-level app from the environment when first imported, so it
-    is imported under the benchmark's variables too (never against a stray policy file).
-    """
+    """An app built exactly like the worker's: the same settings, from the same variables."""
     with _environment(env):
-        from workers.app import create_app
-
-        app = create_app(GovernanceSettings())
-    register_plain_task(app)
-    return app
+        return create_bench_app(GovernanceSettings())
 
 
 class BenchWorker:
@@ -419,7 +401,7 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"{plain['tasks_per_s']} ({plain['tasks']} tasks in {plain['seconds']} s)",
         ),
         (
-            "governed tasks per second (tools.echo)",
+            "governed tasks per second (bench.echo)",
             f"{governed['tasks_per_s']} ({governed['tasks']} tasks in {governed['seconds']} s)",
         ),
         ("governed / plain throughput", str(result["governed_to_plain_ratio"])),

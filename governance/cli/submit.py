@@ -1,8 +1,10 @@
-"""``govctl submit``: enqueue a governed tool or LLM call for a context (scripts and demos).
+"""``govctl submit``: enqueue a governed task of the configured app for a context.
 
-The action is authorized at once: a denial exits 1 and nothing is enqueued; an approval-tier
-action is held (state HELD) for ``govctl held approve``. With ``--wait`` the command waits for
-the result and exits 1 unless the task succeeded.
+``task NAME`` publishes any governed task by its Celery name; ``tool NAME`` the governed task
+that is the policy's tool NAME; ``llm`` the app's governed LLM task. The action is authorized
+at once: a denial exits 1 and nothing is enqueued; an approval-tier action is held (state HELD)
+for ``govctl held approve``. With ``--wait`` the command waits for the result and exits 1
+unless the task succeeded.
 """
 
 from __future__ import annotations
@@ -78,6 +80,58 @@ def _tool_input(raw_json: str | None, items: list[str]) -> dict[str, Any]:
     return values
 
 
+Items = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--item",
+        "-i",
+        help="One keyword argument: key=value (a string) or key:=JSON; repeatable, "
+        "and overrides --input.",
+    ),
+]
+RawInput = Annotated[
+    str | None, typer.Option("--input", help="The keyword arguments as a JSON object.")
+]
+
+
+@app.command("task")
+def task(
+    name: Annotated[str, typer.Argument(help="The task's Celery name, e.g. tools.echo.")],
+    tenant: Tenant,
+    agent: Agent,
+    run: Run,
+    user: User = None,
+    positional: Annotated[
+        list[str] | None,
+        typer.Option("--arg", help="One positional argument as JSON; repeatable, in order."),
+    ] = None,
+    raw_input: RawInput = None,
+    items: Items = None,
+    wait: Wait = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Enqueue any governed task registered in the app, by name.
+
+    Example: govctl submit task reports.summarize -t acme -a bot --run r1 --arg '"q3"'
+    -i pages:=3 --wait 30
+    """
+    from governance.integration.governed import is_governed
+
+    celery_app = context.celery_app()
+    found = celery_app.tasks.get(name)
+    if found is None or not is_governed(found):
+        governed = sorted(t.name for t in celery_app.tasks.values() if is_governed(t))
+        raise CliError(
+            f"no governed task named {name!r} in the app; governed tasks: "
+            + (", ".join(governed) or "none"),
+            ExitCode.REFUSED,
+        )
+    args = [_json_arg(value) for value in positional or []]
+    kwargs = _tool_input(raw_input, items or [])
+    ctx = _context(tenant, agent, run, user)
+    _report(_publish(celery_app, found, ctx, args, kwargs), wait, as_json)
+
+
 @app.command("tool")
 def tool(
     name: Annotated[str, typer.Argument(help="The tool, e.g. echo, write_file, shell.")],
@@ -85,32 +139,34 @@ def tool(
     agent: Agent,
     run: Run,
     user: User = None,
-    raw_input: Annotated[
-        str | None, typer.Option("--input", help="The tool's input as a JSON object.")
-    ] = None,
-    items: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--item",
-            "-i",
-            help="One input field: key=value (a string) or key:=JSON; repeatable, "
-            "and overrides --input.",
-        ),
-    ] = None,
+    raw_input: RawInput = None,
+    items: Items = None,
     wait: Wait = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Enqueue one tool call for a context.
+    """Enqueue one tool call for a context: the governed task that is the policy's tool NAME.
 
     Example: govctl submit tool write_file -t acme -a bot --run r1 -i path=notes.txt
     -i content=hi --wait 10
     """
-    from workers.api import submit_tool
+    from governance.integration.governed import is_governed
+    from governance.integration.task import GovernedLLMTask
 
+    celery_app = context.celery_app()
+    tools = {
+        t.tool_name: t
+        for t in celery_app.tasks.values()
+        if is_governed(t) and not isinstance(t, GovernedLLMTask)
+    }
+    if name not in tools:
+        raise CliError(
+            f"unknown tool {name!r}: no governed task of the app is that tool; tools: "
+            + (", ".join(sorted(tools)) or "none"),
+            ExitCode.REFUSED,
+        )
     ctx = _context(tenant, agent, run, user)
-    tool_input = _tool_input(raw_input, items or [])
-    result = submit_tool(_reachable(context.celery_app()), ctx, name, **tool_input)
-    _report(result, wait, as_json)
+    kwargs = _tool_input(raw_input, items or [])
+    _report(_publish(celery_app, tools[name], ctx, [], kwargs), wait, as_json)
 
 
 @app.command("llm")
@@ -127,25 +183,59 @@ def llm(
         int, typer.Option("--max-tokens", min=1, help="Most output tokens (reserved up front).")
     ],
     system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
+    task_name: Annotated[
+        str | None,
+        typer.Option("--task", help="The LLM task's name, when the app has more than one."),
+    ] = None,
     user: User = None,
     wait: Wait = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Enqueue one LLM call (chat completion) against a provider's model."""
-    from workers.api import submit_llm
-
+    celery_app = context.celery_app()
+    found = _llm_task(celery_app, task_name)
     ctx = _context(tenant, agent, run, user)
     chat = [{"role": "system", "content": system}] if system else []
     chat += [{"role": "user", "content": text} for text in messages]
-    result = submit_llm(
-        _reachable(context.celery_app()),
-        ctx,
-        provider=provider,
-        model=model,
-        messages=chat,
-        max_tokens=max_tokens,
+    kwargs = {"provider": provider, "model": model, "messages": chat, "max_tokens": max_tokens}
+    _report(_publish(celery_app, found, ctx, [], kwargs), wait, as_json)
+
+
+def _llm_task(celery_app: Any, name: str | None) -> Any:
+    from governance.integration.governed import is_governed
+    from governance.integration.task import GovernedLLMTask
+
+    llm_tasks = {
+        t.name: t
+        for t in celery_app.tasks.values()
+        if is_governed(t) and isinstance(t, GovernedLLMTask)
+    }
+    if name is not None and name in llm_tasks:
+        return llm_tasks[name]
+    if name is None and len(llm_tasks) == 1:
+        return next(iter(llm_tasks.values()))
+    known = ", ".join(sorted(llm_tasks)) or "none"
+    if name is None and llm_tasks:
+        raise CliError(f"the app has several LLM tasks ({known}): name one with --task")
+    raise CliError(
+        f"no governed LLM task {'named ' + repr(name) + ' ' if name else ''}in the app; "
+        f"LLM tasks: {known}",
+        ExitCode.REFUSED,
     )
-    _report(result, wait, as_json)
+
+
+def _json_arg(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{raw!r} is not JSON: {exc}", param_hint="--arg") from None
+
+
+def _publish(celery_app: Any, task: Any, ctx: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    from governance.integration import submit
+
+    _reachable(celery_app)
+    return submit(task, ctx, *args, **kwargs)
 
 
 def _reachable(app: Any) -> Any:

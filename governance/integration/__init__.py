@@ -2,7 +2,8 @@
 
 ``GovernedTask`` (and ``GovernedLLMTask``) is the task base class; ``governance_context`` gives
 publishing a context (``task.delay(...)`` inside it is authorized, recorded and published);
-``install`` attaches a ``GovernanceRuntime`` (settings, policy, state) to a Celery app.
+``govern(app)`` sets an app up from the ``GOVERNANCE_*`` settings (``Celery(task_cls=GovernedTask)``
+does it by itself); ``install`` attaches a ready ``GovernanceRuntime`` (settings, policy, state).
 """
 
 from governance.integration.errors import (
@@ -16,6 +17,7 @@ from governance.integration.execution import current_execution, report_usage
 from governance.integration.headers import GovernanceHeaders, HeaderError, read_headers
 from governance.integration.publish import MissingContext, governance_context, submit
 from governance.integration.runtime import GovernanceRuntime, install, runtime_for
+from governance.integration.setup import celery_conf, govern
 from governance.integration.task import GovernedLLMTask, GovernedTask
 
 __all__ = [
@@ -30,7 +32,9 @@ __all__ = [
     "HeaderError",
     "LimitExceeded",
     "MissingContext",
+    "celery_conf",
     "current_execution",
+    "govern",
     "governance_context",
     "install",
     "read_headers",

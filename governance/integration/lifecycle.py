@@ -135,9 +135,11 @@ class TaskLife:
                 exc=outcome.error,
                 when=outcome.retry_delay_ms / 1000,
             )
-        if not isinstance(outcome.error, Exception):
-            raise outcome.error  # SystemExit, KeyboardInterrupt: the worker is going away
-        raise ActionFailed(outcome.failure) from outcome.error
+        if isinstance(outcome.error, ActionError):
+            raise ActionFailed(outcome.failure) from outcome.error
+        # The body's own exception, as Celery reports it (SystemExit or KeyboardInterrupt: the
+        # worker is going away); the audit entry has the governance reason.
+        raise outcome.error
 
     def _read_context(self) -> GovernanceHeaders:
         try:

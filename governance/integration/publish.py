@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from governance.integration.approvals import Approvals
 from governance.integration.errors import ActionDenied, GovernanceError
 from governance.integration.execution import current_execution
+from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, LEDGER, context_json, header_value, read_context
-from governance.integration.messages import envelope_from_options
-from governance.integration.runtime import GovernanceRuntime
+from governance.integration.messages import RawSend, envelope_from_options
+from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
 from governance.policy.tiers import Outcome
@@ -69,7 +70,7 @@ def _finished_parent_context() -> ActionContext | None:
     task = current_task
     request = getattr(task, "request", None) if task is not None else None
     raw = header_value(request, CONTEXT) if request is not None else None
-    if raw is None or not getattr(task, "governed", False):
+    if raw is None or not is_governed(task):
         return None
     try:
         return read_context(raw)
@@ -102,25 +103,24 @@ def _child_of(ctx: ActionContext, parent_depth: int, parent_task_id: str) -> Act
     )
 
 
-def _is_governed(task: Any) -> bool:
-    return bool(getattr(task, "governed", False))
-
-
-def wrap_send_task(app: Any, runtime: GovernanceRuntime) -> None:
-    """Route ``app.send_task`` (and so every publishing call of the app) through governance."""
-    if getattr(app, "_governance_wrapped", False):
-        return
+def wrap_send_task(app: Any) -> RawSend:
+    """Route ``app.send_task`` (and so every publishing call of the app) through governance,
+    once; returns the original ``send_task``, which publishes straight to the broker."""
+    original: RawSend | None = getattr(app, "_governance_raw_send", None)
+    if original is not None:
+        return original
     original = app.send_task
-    runtime.set_raw_send(original)
+    assert original is not None
 
     def send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         task = options.get("task_type") or app.tasks.get(name)
-        if not _is_governed(task):
+        if not is_governed(task):
             return original(name, args, kwargs, **options)
-        return publish_governed(app, runtime, task, name, args, kwargs, options)
+        return publish_governed(app, runtime_for(app), task, name, args, kwargs, options)
 
     app.send_task = send_task
-    app._governance_wrapped = True
+    app._governance_raw_send = original
+    return original
 
 
 def publish_governed(

@@ -253,14 +253,20 @@ def _replace_version(event: AuditEvent, version: str, chain: str) -> AuditEvent:
 
 def install(app: Any, runtime: GovernanceRuntime) -> GovernanceRuntime:
     """Attach ``runtime`` to a Celery app: its governed tasks find it there, its publishing goes
-    through the governance checks, and its workers run the maintenance thread."""
-    _RUNTIMES[app] = runtime
+    through the governance checks, and its workers run the maintenance thread. Installing again
+    replaces the runtime (publishing is wrapped once and always uses the current one)."""
     from governance.integration import publish as publishing
     from governance.integration import signals
 
-    publishing.wrap_send_task(app, runtime)
+    runtime.set_raw_send(publishing.wrap_send_task(app))
+    _RUNTIMES[app] = runtime
     signals.connect(app)
     return runtime
+
+
+def installed_on(app: Any) -> GovernanceRuntime | None:
+    """The runtime installed on ``app``, if any."""
+    return _RUNTIMES.get(app)
 
 
 def runtime_for(app: Any) -> GovernanceRuntime:
@@ -270,6 +276,5 @@ def runtime_for(app: Any) -> GovernanceRuntime:
     except KeyError:
         raise RuntimeError(
             f"Celery app {getattr(app, 'main', app)!r} has no governance runtime: call "
-            "governance.integration.install(app, GovernanceRuntime(settings, policy)) when the "
-            "app is created"
+            "governance.integration.govern(app) when the app is created"
         ) from None

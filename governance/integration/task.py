@@ -4,6 +4,9 @@
 named after the task (or after its ``governance_tool`` option), with the bound arguments as its
 input. LLM tasks use :class:`GovernedLLMTask` (their keyword arguments are an ``LLMCall``).
 ``build_action`` remains for a custom mapping; anything that goes wrong in it is a clear denial.
+``Celery(task_cls=GovernedTask)`` governs every task of an app (Celery's built-in tasks excepted);
+an app is governed from the environment when its first governed task is bound to it, unless
+:func:`~governance.integration.setup.govern` was called first.
 The base class runs the life of the task (:mod:`governance.integration.lifecycle`) around the
 body on every delivery; ``self.retry()``, ``autoretry_for`` and ``max_retries`` work as in Celery,
 within the governance retry policy.
@@ -20,6 +23,7 @@ from celery.exceptions import Ignore
 from pydantic import ValidationError
 
 from governance.integration.errors import GOVERNANCE_ERRORS, ActionDenied, GovernedRetry
+from governance.integration.governed import is_governed
 from governance.integration.lifecycle import Acknowledged, TaskLife
 from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.tenant import TenantPolicy
@@ -47,6 +51,21 @@ class GovernedTask(Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
 
+    @classmethod
+    def bind(cls, app: Any) -> Any:
+        """Celery binds every task class to its app: a governed one governs the app too."""
+        bound = super().bind(app)
+        if cls.name and is_governed(cls):
+            from governance.integration.setup import govern_from_environment
+
+            govern_from_environment(app)
+        return bound
+
+    @property
+    def tool_name(self) -> str:
+        """The name of the tool this task is in the policy."""
+        return self.governance_tool or str(self.name)
+
     def build_action(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
         """The action this call takes. Default: a tool call of ``governance_tool`` (or the
         task's name) whose input is the bound arguments, by parameter name."""
@@ -63,7 +82,7 @@ class GovernedTask(Task):  # type: ignore[misc]
                 tool_input[name] = list(value)
             else:
                 tool_input[name] = value
-        return ToolCall(tool=self.governance_tool or self.name, input=tool_input)
+        return ToolCall(tool=self.tool_name, input=tool_input)
 
     def action_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
         """:meth:`build_action`, with any failure turned into a clear :class:`ActionDenied`."""
@@ -98,7 +117,7 @@ class GovernedTask(Task):  # type: ignore[misc]
         published again (its retry recorded in the ledger, a long wait parked) by the worker.
         ``max_retries`` (the task's, or this call's) is honoured as Celery does."""
         request = self.request
-        if request.called_directly:
+        if request.called_directly or not is_governed(self):
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         limit = self.max_retries if max_retries is None else max_retries
         if limit is not None and request.retries + 1 > limit:
@@ -115,6 +134,8 @@ class GovernedTask(Task):  # type: ignore[misc]
         raise GovernedRetry(exc, delay_s)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not is_governed(self):
+            return super().__call__(*args, **kwargs)
         life = TaskLife(self, args, kwargs)
         try:
             return life.run()

@@ -189,6 +189,32 @@ def test_submit_of_a_denied_action_exits_1(govctl: Govctl) -> None:
     assert bad_context.returncode == 2
 
 
+def test_submit_task_enqueues_any_governed_task_by_name(govctl: Govctl) -> None:
+    submitted = govctl(
+        "submit", "task", "tools.shell", "-t", "acme", "-a", "planner", "--run", "r1",
+        "-u", "carol", "-i", 'command:=["ls"]', "--json",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["state"] == "HELD"
+    shown = json.loads(
+        govctl("held", "show", json.loads(submitted.stdout)["task_id"], "--json").stdout
+    )
+    assert (shown["action"]["tool"], shown["kwargs"]) == ("shell", {"command": ["ls"]})
+
+    unknown = govctl("submit", "task", "tools.nope", "-t", "acme", "-a", "bot", "--run", "r")
+    assert unknown.returncode == 1
+    assert "no governed task named 'tools.nope' in the app; governed tasks: " in unknown.stderr
+    assert "tools.echo" in unknown.stderr
+    assert "llm.complete" in unknown.stderr
+    no_tool = govctl("submit", "tool", "nope", "-t", "acme", "-a", "bot", "--run", "r")
+    assert no_tool.returncode == 1
+    assert "unknown tool 'nope': no governed task of the app is that tool" in no_tool.stderr
+    bad_arg = govctl("submit", "task", "tools.echo", "-t", "acme", "-a", "b", "--run", "r",
+                     "--arg", "{not json")  # fmt: skip
+    assert bad_arg.returncode == 2
+    assert "is not JSON" in bad_arg.stderr
+
+
 def test_listing_all_tenants_follows_cursors_over_every_task_once(
     govctl: Govctl, state: StateStore
 ) -> None:

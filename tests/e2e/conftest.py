@@ -58,15 +58,26 @@ def wait_until(
 
 
 class WorkerProcess:
-    """A real `celery -A workers.app worker` process (prefork), with its log kept for failures."""
+    """A real `celery -A workers.app worker` process (prefork), with its log kept for failures.
+
+    ``app_module`` serves another app; ``queues`` (``-Q``) keeps it to its own queues.
+    """
 
     def __init__(
-        self, env: dict[str, str], log_path: Path, concurrency: int = 4, name: str = "e2e"
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        concurrency: int = 4,
+        name: str = "e2e",
+        app_module: str = "workers.app",
+        queues: str | None = None,
     ) -> None:
         self.env = env
         self.log_path = log_path
         self.concurrency = concurrency
         self.name = name
+        self.app_module = app_module
+        self.queues = queues
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,8 +91,9 @@ class WorkerProcess:
             [
                 CELERY,
                 "-A",
-                "workers.app",
+                self.app_module,
                 "worker",
+                *(["-Q", self.queues] if self.queues else []),
                 "-P",
                 "prefork",
                 "-c",

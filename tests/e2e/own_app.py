@@ -1,0 +1,67 @@
+"""A team's own Celery app, governed by its task class alone (``task_cls=GovernedTask``).
+
+Served by a worker of its own in ``test_e2e_own_tasks.py`` (queue ``own``, so the session's
+example-deployment worker never sees these tasks). Broker and results come from
+``CELERY_BROKER_URL`` / ``CELERY_RESULT_BACKEND``, governance from the ``GOVERNANCE_*`` variables.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery
+
+from governance.integration import GovernedTask
+
+app = Celery("own", task_cls=GovernedTask)
+app.conf.task_default_queue = "own"
+
+
+@app.task(name="own.upper")
+def upper(text: str) -> str:
+    return text.upper()
+
+
+@app.task(name="own.count")
+def count(text: str) -> int:
+    return len(text)
+
+
+@app.task(name="own.secret")
+def secret(text: str) -> str:
+    """Not allowed to the tests' tenant: publishing it is denied."""
+    return text
+
+
+@app.task(name="own.stamp")
+def stamp(label: str, ms: int) -> dict[str, Any]:
+    """Sleeps ``ms``; returns when it ran (wall clock, the same machine for every process)."""
+    start = time.time()
+    time.sleep(ms / 1000)
+    return {"label": label, "start": start, "end": time.time()}
+
+
+@app.task(name="own.flaky", bind=True, max_retries=2)
+def flaky(self: Any, failures: int) -> int:
+    """Fails (a transient ConnectionError) on its first ``failures`` attempts, via self.retry."""
+    if self.request.retries < failures:
+        raise self.retry(
+            exc=ConnectionError(f"attempt {self.request.retries} failed"), countdown=0.2
+        )
+    return int(self.request.retries)
+
+
+@app.task(
+    name="own.auto",
+    bind=True,
+    autoretry_for=(ConnectionError,),
+    retry_backoff=1,
+    retry_jitter=False,
+    max_retries=2,
+)
+def auto(self: Any, failures: int) -> int:
+    """The same with ``autoretry_for`` and ``retry_backoff`` (1 s, then 2 s)."""
+    if self.request.retries < failures:
+        raise ConnectionError(f"attempt {self.request.retries} failed")
+    return int(self.request.retries)

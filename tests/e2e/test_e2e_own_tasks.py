@@ -1,0 +1,273 @@
+"""A team's own tasks, governed: the README's example as written, Celery's publishing calls and
+retry idioms, on real workers serving apps that are not the example deployment.
+
+``own_app`` is governed by its task class alone (``Celery(task_cls=GovernedTask)``); its worker
+consumes its own queue, with its own broker and state databases, next to the session's worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import redis
+from celery import chain, group
+
+from governance.embedded import EmbeddedRedis
+from governance.integration import ActionDenied, MissingContext, governance_context, runtime_for
+from governance.store.audit import AuditEntry
+from tests.e2e.conftest import WorkerProcess, wait_until
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+TENANT = "own-acme"
+
+
+def _db(url: str, db: int) -> str:
+    return f"{url.rsplit('/', 1)[0]}/{db}"
+
+
+def _without_settings(environ: dict[str, str]) -> dict[str, str]:
+    return {
+        k: v
+        for k, v in environ.items()
+        if not k.startswith(("GOVERNANCE_", "CELERY_")) and k != "REDIS_URL"
+    }
+
+
+@pytest.fixture(scope="module")
+def own_env(
+    broker: EmbeddedRedis, state_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    return {
+        "CELERY_BROKER_URL": _db(broker.url, 2),
+        "CELERY_RESULT_BACKEND": _db(broker.url, 2),
+        "GOVERNANCE_STATE_REDIS_URL": _db(state_server.url, 4),
+        "GOVERNANCE_CONFIG_PATH": str(HERE / "own-policy.yaml"),
+        "GOVERNANCE_AUDIT_KEY": "own-audit-key",
+        "GOVERNANCE_WORKSPACE_DIR": str(tmp_path_factory.mktemp("own-workspace")),
+    }
+
+
+@pytest.fixture(scope="module")
+def own(own_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    """``tests.e2e.own_app``, imported here under its settings, and a worker serving it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [k for k in os.environ if k.startswith(("GOVERNANCE_", "CELERY_"))]:
+            patch.delenv(name)
+        for name, value in own_env.items():
+            patch.setenv(name, value)
+        from tests.e2e import own_app
+
+        redis.Redis.from_url(own_env["GOVERNANCE_STATE_REDIS_URL"]).flushdb()
+        worker = WorkerProcess(
+            {**_without_settings(dict(os.environ)), **own_env, "PYTHONPATH": str(ROOT)},
+            tmp_path_factory.mktemp("own-worker") / "worker.log",
+            name="own",
+            app_module="tests.e2e.own_app",
+            queues="own",
+        )
+        worker.start(own_app.app)
+        try:
+            yield own_app
+        except BaseException:
+            print(worker.log_tail())
+            raise
+        finally:
+            worker.stop()
+
+
+def _entries(app: Any, task_id: str) -> list[AuditEntry]:
+    return [
+        e for e in runtime_for(app).audit_log.records(TENANT) if e.fields.get("task_id") == task_id
+    ]
+
+
+def _lpushes(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+
+
+# -- the README's example, as written -------------------------------------------------------------
+
+
+def _readme_blocks() -> dict[str, str]:
+    """The README's example files: the fenced block after each ``<!-- example: NAME -->``."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.findall(r"<!-- example: (\S+) -->\n```\w*\n(.*?)```", text, flags=re.S)
+    return dict(found)
+
+
+def test_the_readme_example_runs_as_written(
+    broker: EmbeddedRedis, state_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    blocks = _readme_blocks()
+    assert set(blocks) == {"reports.py", "policy.yaml", "publish.py", "run.sh"}
+    app_lines = [line for line in blocks["reports.py"].splitlines() if line.strip()]
+    policy_entry = [line for line in blocks["policy.yaml"].splitlines() if "reports." in line]
+    assert len(app_lines) <= 10, "the example stays that small"
+    assert len(policy_entry) == 2
+    for name, content in blocks.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    script = blocks["run.sh"]
+    for db, url in ((0, _db(broker.url, 6)), (1, _db(state_server.url, 7))):
+        script = script.replace(f"redis://127.0.0.1:6379/{db}", url)
+    (tmp_path / "run.sh").write_text(script, encoding="utf-8")
+    env = {
+        **_without_settings(dict(os.environ)),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    output = tmp_path / "output.txt"
+    with output.open("wb") as out:
+        # Its own session: the worker it leaves in the background is stopped with the group.
+        shell = subprocess.Popen(
+            ["bash", "run.sh"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            assert shell.wait(timeout=120) == 0, output.read_text()
+            lines = output.read_text().splitlines()
+            assert "3" in lines, output.read_text()
+            state = redis.Redis.from_url(_db(state_server.url, 7), decode_responses=True)
+            finished = [
+                fields
+                for _, fields in state.xrange("gov:{acme}:audit")
+                if fields.get("action") == "reports.word_count"
+                and fields.get("type") == "task_finished"
+            ]
+            assert [f["decision"] for f in finished] == ["allow"], finished
+        finally:
+            _stop_group(shell.pid)
+
+
+def _stop_group(pgid: int) -> None:
+    def gone() -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if gone():
+            return
+        os.killpg(pgid, sig)
+        try:
+            wait_until(gone, timeout_s=20, what="the example's worker to stop", poll_s=0.1)
+            return
+        except AssertionError:
+            continue
+
+
+# -- publishing with Celery's own calls -----------------------------------------------------------
+
+
+def test_delay_inside_a_context_runs_and_returns_the_result(own: ModuleType) -> None:
+    with governance_context(tenant=TENANT, agent="writer", run="run-delay"):
+        result = own.upper.delay("governed")
+    assert result.get(timeout=30) == "GOVERNED"
+    entries = _entries(own.app, result.id)
+    assert [e.fields["type"] for e in entries] == ["admitted", "task_finished"], entries
+    assert {e.fields["run"] for e in entries} == {"run-delay"}
+
+
+def test_delay_outside_any_context_fails_at_once_and_enqueues_nothing(own: ModuleType) -> None:
+    client = redis.Redis.from_url(own.app.conf.broker_url)
+    before = _lpushes(client)
+    with pytest.raises(MissingContext, match=r"with governance_context\(tenant=\.\.\."):
+        own.upper.delay("no context")
+    assert _lpushes(client) == before
+
+
+def test_a_denied_action_raises_at_publish_and_nothing_reaches_the_broker(
+    own: ModuleType,
+) -> None:
+    client = redis.Redis.from_url(own.app.conf.broker_url)
+    before = _lpushes(client)
+    with (
+        governance_context(tenant=TENANT, agent="writer", run="run-denied"),
+        pytest.raises(ActionDenied, match=r"own\.secret"),
+    ):
+        own.secret.apply_async(("classified",), task_id="denied-at-publish")
+    assert _lpushes(client) == before
+    state = runtime_for(own.app).state.client
+    assert not state.exists(f"gov:{{{TENANT}}}:task:denied-at-publish")
+
+
+def test_a_chain_of_two_runs_with_the_context_on_both(own: ModuleType) -> None:
+    with governance_context(tenant=TENANT, agent="chainer", run="run-chain"):
+        result = chain(own.upper.s("chain"), own.count.s()).apply_async()
+    assert result.get(timeout=30) == 5
+    first, second = result.parent.id, result.id
+    for task_id in (first, second):
+        entries = _entries(own.app, task_id)
+        assert [e.fields["type"] for e in entries] == ["admitted", "task_finished"]
+        assert {(e.fields["agent"], e.fields["run"]) for e in entries} == {("chainer", "run-chain")}
+
+
+def test_a_group_of_five_respects_the_tenant_concurrency(own: ModuleType) -> None:
+    """Concurrency 2, four worker processes, five tasks of 600 ms: at most two at once."""
+    with governance_context(tenant=TENANT, agent="grouper", run="run-group"):
+        result = group(own.stamp.s(f"g{i}", 600) for i in range(5)).apply_async()
+    runs = result.get(timeout=60)
+    assert sorted(r["label"] for r in runs) == [f"g{i}" for i in range(5)]
+    at_once = max(sum(1 for o in runs if o["start"] <= r["start"] < o["end"]) for r in runs)
+    assert at_once == 2, runs
+
+
+# -- Celery's retry idioms ------------------------------------------------------------------------
+
+
+def _attempts(app: Any, task_id: str) -> list[int]:
+    """The attempts of a task that were admitted (each has its audit entry), in order."""
+    return [
+        json.loads(e.fields["detail"])["attempt"]
+        for e in _entries(app, task_id)
+        if e.fields["type"] == "admitted"
+    ]
+
+
+def _retries_scheduled(app: Any, task_id: str) -> list[str]:
+    return [
+        e.fields["reason"] for e in _entries(app, task_id) if e.fields["type"] == "retry_scheduled"
+    ]
+
+
+def test_self_retry_after_a_transient_error_retries_and_succeeds(own: ModuleType) -> None:
+    with governance_context(tenant=TENANT, agent="retrier", run="run-retry"):
+        result = own.flaky.delay(1)
+    assert result.get(timeout=30) == 1
+    assert _attempts(own.app, result.id) == [0, 1]
+    assert _retries_scheduled(own.app, result.id) == [
+        "retry requested by the task: attempt 0 failed; retry in 200 ms"
+    ]
+
+
+def test_self_retry_gives_up_after_max_retries(own: ModuleType) -> None:
+    with governance_context(tenant=TENANT, agent="retrier", run="run-give-up"):
+        result = own.flaky.delay(5)
+    with pytest.raises(ConnectionError, match="attempt 2 failed"):
+        result.get(timeout=30)
+    assert _attempts(own.app, result.id) == [0, 1, 2]
+    assert len(_retries_scheduled(own.app, result.id)) == 2
+
+
+def test_autoretry_for_with_backoff_retries_and_succeeds(own: ModuleType) -> None:
+    with governance_context(tenant=TENANT, agent="retrier", run="run-auto"):
+        result = own.auto.delay(2)
+    assert result.get(timeout=30) == 2
+    assert _attempts(own.app, result.id) == [0, 1, 2]
+    delays = [re.search(r"retry in (\d+) ms", r) for r in _retries_scheduled(own.app, result.id)]
+    assert [int(d.group(1)) for d in delays if d] == [1000, 2000]  # retry_backoff: 1 s, 2 s
