@@ -7,7 +7,9 @@ production. Secrets are :class:`pydantic.SecretStr` so they never appear in logs
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,21 +18,54 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEVELOPMENT_SECRET = "development-only-secret-change-me"
 
 
+class BrokerKind(Enum):
+    """The brokers governance knows the hazards of."""
+
+    REDIS = "redis"
+    RABBITMQ = "rabbitmq"
+
+
+_BROKER_SCHEMES = {
+    "redis": BrokerKind.REDIS,
+    "rediss": BrokerKind.REDIS,
+    "amqp": BrokerKind.RABBITMQ,
+    "amqps": BrokerKind.RABBITMQ,
+    "pyamqp": BrokerKind.RABBITMQ,
+}
+
+
+def broker_kind(url: str) -> BrokerKind:
+    """The broker a Celery broker URL names; a clear error for any other."""
+    scheme = urlsplit(url).scheme.lower()
+    try:
+        return _BROKER_SCHEMES[scheme]
+    except KeyError:
+        known = ", ".join(f"{s}://" for s in _BROKER_SCHEMES)
+        raise ValueError(
+            f"unsupported broker URL scheme {scheme + '://' if scheme else repr(url)}: "
+            f"use one of {known}"
+        ) from None
+
+
 class GovernanceSettings(BaseSettings):
     """Where the broker and the governance state live, the policy file, and timings."""
 
     model_config = SettingsConfigDict(env_prefix="GOVERNANCE_", extra="forbid")
 
     broker_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Celery broker (Redis) that carries the tasks."
+        "redis://127.0.0.1:6379/0",
+        description="Celery broker that carries the tasks: Redis (redis://, rediss://) or "
+        "RabbitMQ (amqp://, amqps://, pyamqp://).",
     )
     result_backend: str | None = Field(
-        None, description="Celery result backend; defaults to the broker URL."
+        None,
+        description="Celery result backend; defaults to the broker URL on Redis, to the state "
+        "Redis on RabbitMQ.",
     )
     state_redis_url: str | None = Field(
         None,
         description="Redis holding governance state (leases, budgets, held tasks, audit); "
-        "defaults to the broker URL.",
+        "defaults to the broker URL on Redis, required on RabbitMQ.",
     )
     state_redis_cluster: bool = Field(False, description="The state Redis is a Redis Cluster.")
     state_timeout_s: float = Field(
@@ -56,11 +91,18 @@ class GovernanceSettings(BaseSettings):
         ge=1,
         description="Redis broker visibility timeout: unacked messages are redelivered after it.",
     )
+    consumer_timeout_s: int = Field(
+        1800,
+        ge=1,
+        description="RabbitMQ broker's consumer_timeout (its default: 30 min): a delivery left "
+        "unacknowledged longer closes its channel (celery #6760).",
+    )
     max_countdown_s: float | None = Field(
         None,
         gt=0,
         description="Longest delay kept as a broker countdown; longer waits are parked in Redis. "
-        "Defaults to a quarter of the visibility timeout.",
+        "Defaults to a quarter of the broker's limit on an unacknowledged delivery (the "
+        "visibility timeout on Redis, the consumer timeout on RabbitMQ).",
     )
     sweep_poll_s: float = Field(
         0.5,
@@ -78,7 +120,8 @@ class GovernanceSettings(BaseSettings):
         300.0,
         gt=0,
         description="How long a worker keeps trying to settle a finished task while the state "
-        "store is down, before it gives up (its lease then expires and the reconciler decides).",
+        "store is down (never longer than half the broker's limit on an unacknowledged "
+        "delivery), before it acknowledges the delivery and settles it in the background.",
     )
     seal_grace_s: float = Field(
         30.0,
@@ -121,6 +164,15 @@ class GovernanceSettings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _state_is_redis(self) -> GovernanceSettings:
+        if self.broker_kind is not BrokerKind.REDIS and self.state_redis_url is None:
+            raise ValueError(
+                f"GOVERNANCE_STATE_REDIS_URL must be set: the broker ({self.broker_kind.value}) "
+                "is not Redis, and the governance state lives in Redis"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _secrets_are_real(self) -> GovernanceSettings:
         if self.require_secrets:
             for name in ("audit_key",):
@@ -132,12 +184,26 @@ class GovernanceSettings(BaseSettings):
         return self
 
     @property
+    def broker_kind(self) -> BrokerKind:
+        """Which broker ``broker_url`` names, from its scheme."""
+        return broker_kind(self.broker_url)
+
+    @property
     def state_url(self) -> str:
         return self.state_redis_url or self.broker_url
 
     @property
     def backend_url(self) -> str:
-        return self.result_backend or self.broker_url
+        if self.result_backend:
+            return self.result_backend
+        return self.broker_url if self.broker_kind is BrokerKind.REDIS else self.state_url
+
+    @property
+    def unacked_limit_s(self) -> float:
+        """How long the broker lets a delivery stay unacknowledged before it takes it back."""
+        if self.broker_kind is BrokerKind.RABBITMQ:
+            return float(self.consumer_timeout_s)
+        return float(self.visibility_timeout_s)
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -146,4 +212,4 @@ class GovernanceSettings(BaseSettings):
     @property
     def countdown_limit_s(self) -> float:
         """Delays up to this are broker countdowns; longer ones are parked (celery #2599)."""
-        return self.max_countdown_s or self.visibility_timeout_s / 4
+        return self.max_countdown_s or self.unacked_limit_s / 4

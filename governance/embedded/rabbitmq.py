@@ -396,6 +396,13 @@ class EmbeddedRabbitMQ:
         """``amqp://guest:guest@127.0.0.1:PORT//`` (the default vhost ``/``)."""
         return f"amqp://{_GUEST}:{_GUEST}@{LOOPBACK}:{self.port}//"
 
+    def vhost(self, name: str) -> str:
+        """Create the virtual host ``name`` (``guest`` may use it) and return its AMQP URL: a
+        broker of its own on the same node (queues and exchanges are per vhost)."""
+        self.rabbitmqctl("add_vhost", name)
+        self.rabbitmqctl("set_permissions", "-p", name, _GUEST, ".*", ".*", ".*")
+        return f"amqp://{_GUEST}:{_GUEST}@{LOOPBACK}:{self.port}/{name}"
+
     @property
     def management_url(self) -> str:
         """``http://guest:guest@127.0.0.1:PORT/api/`` (what Flower's ``--broker-api`` takes)."""

@@ -45,14 +45,21 @@ class LeaseKeeper:
     @contextmanager
     def hold(self, ticket: AdmissionTicket) -> Iterator[None]:
         """Keep ``ticket``'s lease alive while the block runs."""
-        with self._lock:
-            self._tickets.add(ticket)
-            self._start_if_needed()
+        self.keep(ticket)
         try:
             yield
         finally:
-            with self._lock:
-                self._tickets.discard(ticket)
+            self.release(ticket)
+
+    def keep(self, ticket: AdmissionTicket) -> None:
+        """Keep ``ticket``'s lease alive until :meth:`release`."""
+        with self._lock:
+            self._tickets.add(ticket)
+            self._start_if_needed()
+
+    def release(self, ticket: AdmissionTicket) -> None:
+        with self._lock:
+            self._tickets.discard(ticket)
 
     def start(self) -> None:
         """Start the thread now (it also starts with the first lease)."""

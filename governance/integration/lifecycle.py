@@ -102,6 +102,8 @@ class TaskLife:
         self.decision: Decision | None = None
         self._envelope: Envelope | None = None
         self._admit_ms = 0.0
+        #: When this delivery reached the task (its broker's unacked clock started earlier).
+        self._started = time.monotonic()
 
     # -- the steps -------------------------------------------------------------------------
 
@@ -376,39 +378,51 @@ class TaskLife:
             parked = outcome.retry_delay_ms / 1000 > self.runtime.settings.countdown_limit_s
             next_envelope = self.envelope().with_retries(headers.attempt + 1)
             next_attempt = NextAttempt(next_envelope.to_json(), due_ms, parked)
-        patience = time.monotonic() + self.runtime.settings.settle_patience_s
+        settings = self.runtime.settings
+
+        def settle() -> None:
+            with self.runtime.store_call():
+                settlement = self.runtime.admitter.settle(
+                    admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
+                )
+            self._publish(settlement.publish)
+            if next_attempt is not None and not parked and outcome.retry_delay_ms is not None:
+                self._publish_retry(headers, outcome.retry_delay_ms)
+
+        # Never longer than half the broker's limit on an unacknowledged delivery.
+        deadline = min(
+            time.monotonic() + settings.settle_patience_s,
+            self._started + settings.unacked_limit_s / 2,
+        )
         pause = 0.2
         while True:
             try:
-                with self.runtime.store_call():
-                    settlement = self.runtime.admitter.settle(
-                        admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
-                    )
-                break
+                settle()
+                return
             except StoreUnavailable as exc:
-                if time.monotonic() > patience:
+                if time.monotonic() + pause > deadline:
                     log.error(
-                        "task %s ran but could not be settled for %.0f s: %s; its lease expires "
-                        "and the reconciler decides",
+                        "task %s ran but could not be settled: %s; its delivery is acknowledged "
+                        "and this worker process settles it when the state store is back",
                         self.task_id,
-                        self.runtime.settings.settle_patience_s,
                         exc,
                     )
+                    self.runtime.settle_later(admission.ticket, settle)
                     return
                 log.warning("settlement of %s failed, trying again: %s", self.task_id, exc)
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
-        self._publish(settlement.publish)
-        if next_attempt is not None and not parked and outcome.retry_delay_ms is not None:
-            envelope = self.envelope().with_retries(headers.attempt + 1)
-            try:
-                self.runtime.publish(envelope, countdown_s=outcome.retry_delay_ms / 1000)
-            except Exception:
-                log.warning(
-                    "could not publish the retry of %s; the reconciler will",
-                    self.task_id,
-                    exc_info=True,
-                )
+
+    def _publish_retry(self, headers: GovernanceHeaders, delay_ms: int) -> None:
+        envelope = self.envelope().with_retries(headers.attempt + 1)
+        try:
+            self.runtime.publish(envelope, countdown_s=delay_ms / 1000)
+        except Exception:
+            log.warning(
+                "could not publish the retry of %s; the reconciler will",
+                self.task_id,
+                exc_info=True,
+            )
 
     # -- outcomes that end the task without running its body ---------------------------------
 

@@ -13,12 +13,13 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from governance.integration.leases import LeaseKeeper
 from governance.integration.messages import Envelope, RawSend, publish
+from governance.integration.unsettled import UnsettledAttempts
 from governance.policy.actions import Action, LLMCall
 from governance.policy.engine import Policy
 from governance.policy.tenant import TenantPolicy
@@ -90,6 +91,7 @@ class GovernanceRuntime:
             self._renew, settings.heartbeat_interval_s, tick=self._tick, tick_s=SEAL_FLUSH_S
         )
         self.garbage = IgnoredDeliveries()
+        self.unsettled = UnsettledAttempts()
         self._limits: dict[tuple[str, str | None], AdmissionLimits] = {}
         self._raw_send: RawSend | None = None
         #: When the state store last came back after being unreachable (monotonic seconds).
@@ -173,10 +175,26 @@ class GovernanceRuntime:
         return self.admitter.renew(ticket)
 
     def _tick(self) -> None:
-        """The lease thread's periodic work: owed audit seals, and dead ``Ignore`` cycles."""
+        """The lease thread's periodic work: owed settlements and audit seals, and dead
+        ``Ignore`` cycles."""
         if self._state is not None and self._pid == os.getpid():
-            self.audit_log.flush_due(SEAL_FLUSH_S)
+            self.unsettled.retry()
+            try:
+                self.audit_log.flush_due(SEAL_FLUSH_S)
+            except StoreUnavailable as exc:
+                log.debug("owed audit seals wait for the state store: %s", exc)
         self.garbage.maybe_collect()
+
+    def settle_later(self, ticket: AdmissionTicket, settle: Callable[[], None]) -> None:
+        """Owe ``settle`` (see :mod:`governance.integration.unsettled`): tried on every tick of
+        the lease thread, ``ticket``'s lease kept alive until it succeeds."""
+        self.leases.keep(ticket)
+
+        def settle_and_release() -> None:
+            settle()
+            self.leases.release(ticket)
+
+        self.unsettled.add(ticket.holder, settle_and_release)
 
     # -- outages of the state store --------------------------------------------------------------
 

@@ -1,6 +1,13 @@
-"""End-to-end fixtures: a broker Redis, a separate state Redis, real `celery worker` processes.
+"""End-to-end fixtures: a broker, a separate state Redis, real `celery worker` processes.
 
-The worker is started once per session with the test policy (``governance-e2e.yaml``) and short
+Every end-to-end test runs on both brokers: Redis, and RabbitMQ (a private node whose
+``consumer_timeout`` is shortened to 10 s, so a delivery held unacknowledged longer kills the
+worker's channel as it would after 30 minutes in production). The session's fixtures are
+parametrized by ``broker_kind``; pytest runs all tests of one broker, then of the other. Where
+RabbitMQ is not installed its runs skip, saying how to install it (``GOVERNANCE_REQUIRE_RABBITMQ=1``
+in CI makes them fail instead). Results go to a Redis on both.
+
+The worker is started once per broker with the test policy (``governance-e2e.yaml``) and short
 timings (lease 2 s, visibility timeout 6 s, countdowns over 2 s parked), and the test process
 publishes through an app built from the same settings.
 """
@@ -23,8 +30,9 @@ import pytest
 import redis
 from celery import Celery
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kombu import Queue
 
-from governance.embedded import EmbeddedRedis
+from governance.embedded import EmbeddedRabbitMQ, EmbeddedRedis
 from governance.embedded.processes import log_tail, stop_processes
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.signing import (
@@ -37,6 +45,7 @@ from governance.settings import GovernanceSettings
 from governance.store.audit import AuditEntry
 from governance.store.audit_verify import verify_all
 from governance.store.keys import DEPLOYMENT_CHAIN
+from tests.conftest import start_rabbitmq
 from tests.e2e.observer import ObserverServer
 
 HERE = Path(__file__).parent
@@ -109,15 +118,20 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        wait_until(
-            lambda: (
-                self.process is not None
-                and (self.process.poll() is not None or app.control.ping(timeout=0.5))
-            ),
-            timeout_s=60,
-            what="the celery worker to answer a ping",
-        )
+        try:
+            wait_until(
+                lambda: (
+                    self.process is not None
+                    and (self.process.poll() is not None or app.control.ping(timeout=0.5))
+                ),
+                timeout_s=60,
+                what="the celery worker to answer a ping",
+            )
+        except AssertionError:
+            self.kill()
+            raise AssertionError(f"the worker never answered a ping:\n{self.log_tail()}") from None
         if self.process.poll() is not None:
+            self._log.close()
             raise RuntimeError(f"the worker exited at start:\n{self.log_tail()}")
 
     def stop(self) -> None:
@@ -161,10 +175,101 @@ class WorkerProcess:
         return log_tail(self.log_path, lines)
 
 
+BROKERS = ("redis", "rabbitmq")
+#: The e2e RabbitMQ node's consumer_timeout (the workers are told the same).
+E2E_CONSUMER_TIMEOUT_S = 10
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``redis_broker`` or ``rabbitmq_broker`` (about one broker's own mechanics)
+    run on that half of the e2e suite only."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        kind = params.get("broker_kind")
+        only = [b for b in BROKERS if item.get_closest_marker(f"{b}_broker")]
+        if only and kind is not None and kind not in only:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """The broker of this half of the session: ``redis`` or ``rabbitmq``."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[EmbeddedRedis]:
+    """The Redis of the broker (on the Redis half) and of the results (on both)."""
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def e2e_rabbitmq() -> Iterator[EmbeddedRabbitMQ]:
+    node = start_rabbitmq(consumer_timeout_ms=E2E_CONSUMER_TIMEOUT_S * 1000)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_url(broker_kind: str, broker: EmbeddedRedis, request: pytest.FixtureRequest) -> str:
+    """The Celery broker of this half: the broker Redis, or the RabbitMQ node."""
+    if broker_kind == "redis":
+        return broker.url
+    node: EmbeddedRabbitMQ = request.getfixturevalue("e2e_rabbitmq")
+    return node.url
+
+
+@contextlib.contextmanager
+def fresh_broker_url(broker_kind: str, request: pytest.FixtureRequest, name: str) -> Iterator[str]:
+    """A broker of its own for one test: a new Redis, or a new vhost of the RabbitMQ node."""
+    if broker_kind == "redis":
+        with EmbeddedRedis() as server:
+            yield server.url
+        return
+    node: EmbeddedRabbitMQ = request.getfixturevalue("e2e_rabbitmq")
+    vhost = f"{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield node.vhost(vhost)
+    finally:
+        node.rabbitmqctl("delete_vhost", vhost)
+
+
+def queue_depth(app: Celery, queue: str = "celery") -> int:
+    """Messages ready in ``queue`` of ``app``'s broker (either kind)."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        if conn.transport.driver_type == "redis":
+            return int(channel._size(queue))  # an empty queue is no key: "not found" to kombu
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+
+
+def remove_from_queue(app: Celery, task_id: str, queue: str = "celery") -> int:
+    """Take the messages of ``task_id`` out of ``queue`` (the others go back); how many.
+
+    What a broker failure, or a Redis broker's BRPOP gap, does to a message no one took yet.
+    """
+    removed = 0
+    with app.connection_for_write() as conn:
+        bound = Queue(queue).bind(conn.default_channel)
+        others = []
+        while (message := bound.get(no_ack=False)) is not None:
+            if message.headers.get("id") == task_id:
+                message.ack()
+                removed += 1
+            else:
+                others.append(message)
+        for message in others:
+            message.requeue()
+    return removed
 
 
 @pytest.fixture(scope="session")
@@ -175,15 +280,17 @@ def state_server() -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture(scope="session")
-def observer() -> Iterator[ObserverServer]:
+def observer(broker_kind: str) -> Iterator[ObserverServer]:
+    """The test HTTP server; one per broker half, so its counts start from zero on each."""
     server = ObserverServer().start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("workspace")
+def workspace(broker_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The file tools' workspace; one per broker half (the tests look for the files they made)."""
+    return tmp_path_factory.mktemp(f"workspace-{broker_kind}")
 
 
 REVIEWERS = ("alice", "bob", "carol", "dana")
@@ -225,6 +332,7 @@ def e2e_policy(
 
 @pytest.fixture(scope="session")
 def e2e_env(
+    broker_url: str,
     broker: EmbeddedRedis,
     state_server: EmbeddedRedis,
     observer: ObserverServer,
@@ -232,7 +340,9 @@ def e2e_env(
     e2e_policy: Path,
 ) -> dict[str, str]:
     return {
-        "GOVERNANCE_BROKER_URL": broker.url,
+        "GOVERNANCE_BROKER_URL": broker_url,
+        "GOVERNANCE_RESULT_BACKEND": broker.url,
+        "GOVERNANCE_CONSUMER_TIMEOUT_S": str(E2E_CONSUMER_TIMEOUT_S),
         "GOVERNANCE_STATE_REDIS_URL": state_server.url,
         "GOVERNANCE_CONFIG_PATH": str(e2e_policy),
         "GOVERNANCE_WORKSPACE_DIR": str(workspace),

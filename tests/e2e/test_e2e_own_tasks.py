@@ -2,11 +2,14 @@
 retry idioms, on real workers serving apps that are not the example deployment.
 
 ``own_app`` is governed by its task class alone (``Celery(task_cls=GovernedTask)``); its worker
-consumes its own queue, with its own broker and state databases, next to the session's worker.
+consumes its own queue, with its own broker (a Redis database, or a RabbitMQ vhost) and state
+database, next to the session's worker. The README's example runs on Redis, as it is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -25,7 +28,7 @@ from celery import chain, group
 from governance.embedded import EmbeddedRedis
 from governance.integration import ActionDenied, MissingContext, governance_context, runtime_for
 from governance.store.audit import AuditEntry
-from tests.e2e.conftest import WorkerProcess, wait_until
+from tests.e2e.conftest import WorkerProcess, fresh_broker_url, queue_depth, wait_until
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -46,16 +49,21 @@ def _without_settings(environ: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def own_env(
-    broker: EmbeddedRedis, state_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, str]:
-    return {
-        "CELERY_BROKER_URL": _db(broker.url, 2),
-        "CELERY_RESULT_BACKEND": _db(broker.url, 2),
-        "GOVERNANCE_STATE_REDIS_URL": _db(state_server.url, 4),
-        "GOVERNANCE_CONFIG_PATH": str(HERE / "own-policy.yaml"),
-        "GOVERNANCE_AUDIT_KEY": "own-audit-key",
-        "GOVERNANCE_WORKSPACE_DIR": str(tmp_path_factory.mktemp("own-workspace")),
-    }
+    broker_kind: str,
+    broker: EmbeddedRedis,
+    state_server: EmbeddedRedis,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, str]]:
+    with fresh_broker_url(broker_kind, request, "own") as broker_url:
+        yield {
+            "CELERY_BROKER_URL": broker_url if broker_kind != "redis" else _db(broker.url, 2),
+            "CELERY_RESULT_BACKEND": _db(broker.url, 3),
+            "GOVERNANCE_STATE_REDIS_URL": _db(state_server.url, 4),
+            "GOVERNANCE_CONFIG_PATH": str(HERE / "own-policy.yaml"),
+            "GOVERNANCE_AUDIT_KEY": "own-audit-key",
+            "GOVERNANCE_WORKSPACE_DIR": str(tmp_path_factory.mktemp("own-workspace")),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,9 @@ def own(own_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
             patch.delenv(name)
         for name, value in own_env.items():
             patch.setenv(name, value)
-        from tests.e2e import own_app
+        # Imported afresh under this half's settings (the module's app reads them once).
+        sys.modules.pop("tests.e2e.own_app", None)
+        own_app = importlib.import_module("tests.e2e.own_app")
 
         redis.Redis.from_url(own_env["GOVERNANCE_STATE_REDIS_URL"]).flushdb()
         worker = WorkerProcess(
@@ -84,6 +94,7 @@ def own(own_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> It
             raise
         finally:
             worker.stop()
+            own_app.app.close()
 
 
 def _entries(app: Any, task_id: str) -> list[AuditEntry]:
@@ -92,8 +103,24 @@ def _entries(app: Any, task_id: str) -> list[AuditEntry]:
     ]
 
 
-def _lpushes(client: redis.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+@contextlib.contextmanager
+def consuming_paused(app: Any) -> Iterator[None]:
+    """The worker stops taking messages from the ``own`` queue meanwhile, so whatever is
+    published stays there to be counted."""
+    assert app.control.cancel_consumer("own", reply=True, timeout=5)
+    try:
+        yield
+    finally:
+        app.control.add_consumer("own", reply=True, timeout=5)
+
+
+def _enqueued_by(app: Any, publish: Any) -> int:
+    """How many messages ``publish()`` put on the ``own`` queue (it may raise: expected)."""
+    with consuming_paused(app):
+        before = queue_depth(app, "own")
+        with contextlib.suppress(MissingContext, ActionDenied):
+            publish()
+        return queue_depth(app, "own") - before
 
 
 # -- the README's example, as written -------------------------------------------------------------
@@ -184,24 +211,27 @@ def test_delay_inside_a_context_runs_and_returns_the_result(own: ModuleType) -> 
 
 
 def test_delay_outside_any_context_fails_at_once_and_enqueues_nothing(own: ModuleType) -> None:
-    client = redis.Redis.from_url(own.app.conf.broker_url)
-    before = _lpushes(client)
     with pytest.raises(MissingContext, match=r"with governance_context\(tenant=\.\.\."):
         own.upper.delay("no context")
-    assert _lpushes(client) == before
+    assert _enqueued_by(own.app, lambda: own.upper.delay("no context")) == 0
+
+    def allowed() -> Any:
+        with governance_context(tenant=TENANT, agent="writer", run="run-probe"):
+            return own.upper.delay("the probe counts")
+
+    assert _enqueued_by(own.app, allowed) == 1  # the count sees a message that is published
 
 
 def test_a_denied_action_raises_at_publish_and_nothing_reaches_the_broker(
     own: ModuleType,
 ) -> None:
-    client = redis.Redis.from_url(own.app.conf.broker_url)
-    before = _lpushes(client)
-    with (
-        governance_context(tenant=TENANT, agent="writer", run="run-denied"),
-        pytest.raises(ActionDenied, match=r"own\.secret"),
-    ):
-        own.secret.apply_async(("classified",), task_id="denied-at-publish")
-    assert _lpushes(client) == before
+    def denied() -> Any:
+        with governance_context(tenant=TENANT, agent="writer", run="run-denied"):
+            return own.secret.apply_async(("classified",), task_id="denied-at-publish")
+
+    with pytest.raises(ActionDenied, match=r"own\.secret"):
+        denied()
+    assert _enqueued_by(own.app, denied) == 0
     state = runtime_for(own.app).state.client
     assert not state.exists(f"gov:{{{TENANT}}}:task:denied-at-publish")
 

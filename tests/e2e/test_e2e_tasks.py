@@ -242,6 +242,7 @@ def test_concurrent_llm_calls_never_exceed_the_token_budget(
     assert all(reason.startswith("token_limit exceeded:") for reason in over)
 
 
+@pytest.mark.redis_broker
 def test_retry_after_longer_than_visibility_timeout_runs_once_after_the_wait(
     app: Celery, runtime: GovernanceRuntime, broker: EmbeddedRedis
 ) -> None:
