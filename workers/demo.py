@@ -115,10 +115,12 @@ class Demo:
                 "-A",
                 "workers.app",
                 "flower",
+                f"--conf={ROOT / 'config' / 'flowerconfig.py'}",
                 "--address=127.0.0.1",
                 f"--port={self.flower_port}",
-                f"--basic-auth=admin:{self.flower_password}",
             ],
+            # The password in the environment, not on the command line (`ps` shows that).
+            FLOWER_BASIC_AUTH=f"admin:{self.flower_password}",
         )
         deadline = time.monotonic() + 60
         while not self.app.control.ping(timeout=0.5):
@@ -150,9 +152,9 @@ class Demo:
     def key(self, name: str) -> str:
         return str(DEMO_DIR / "keys" / f"{name}.key")
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _spawn(self, name: str, command: list[str], **extra_env: str) -> None:
         log = (DEMO_DIR / f"{name}.log").open("ab")
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, **extra_env}
         self.processes.append(
             subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         )
