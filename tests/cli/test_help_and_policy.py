@@ -20,9 +20,10 @@ def test_help_lists_the_commands_and_the_exit_codes() -> None:
         ("0", "ok"),
         ("1", "refused"),
         ("2", "usage error"),
-        ("3", "unavailable"),
+        ("3", "state Redis"),
         ("4", "audit verification failed"),
-        ("5", "invalid policy file"),
+        ("5", "invalid configuration"),
+        ("6", "broker"),
     ):
         assert any(
             line.strip().lstrip("•- ").startswith(f"{code}:") and meaning in line
