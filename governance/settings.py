@@ -131,6 +131,15 @@ class GovernanceSettings(BaseSettings):
                     )
         return self
 
+    def development_secrets(self) -> list[str]:
+        """The ``GOVERNANCE_*`` secrets left at their development default (empty in production:
+        ``require_secrets`` refuses them)."""
+        return [
+            f"GOVERNANCE_{name.upper()}"
+            for name in ("audit_key",)
+            if getattr(self, name).get_secret_value() == DEVELOPMENT_SECRET
+        ]
+
     @property
     def state_url(self) -> str:
         return self.state_redis_url or self.broker_url

@@ -103,6 +103,13 @@ def error(message: str) -> None:
     sys.stderr.flush()
 
 
+def warn(message: str) -> None:
+    """A warning for people, ``warning: ...`` on stderr (stdout stays the command's output)."""
+    for line in message.splitlines() or [""]:
+        sys.stderr.write(f"warning: {line}\n")
+    sys.stderr.flush()
+
+
 def emit_line(text: str) -> None:
     """One line of plain text on stdout, never wrapped (something to copy or pipe)."""
     sys.stdout.write(text + "\n")
