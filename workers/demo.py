@@ -348,6 +348,27 @@ STEPS = [
 ]
 
 
+def print_explore(flower_port: int, flower_password: str, env: dict[str, str]) -> None:
+    """Where to look next: Flower, and the commands to explore with, after the line of
+    settings they need. That ``export`` line is written as plain text, never through rich, so
+    no terminal width (or 80 columns when piped) can wrap it: it is copied, or ``eval``-ed."""
+    names = ("GOVERNANCE_BROKER_URL", "GOVERNANCE_STATE_REDIS_URL", "GOVERNANCE_AUDIT_KEY")
+    exports = " ".join(f"{k}={env[k]}" for k in names if k in env)
+    console.print(
+        f"\nFlower:  http://127.0.0.1:{flower_port}  (user admin, password {flower_password})"
+    )
+    console.file.flush()
+    sys.stdout.write(f"Explore: export {exports}\n")
+    sys.stdout.flush()
+    console.print(
+        "         .venv/bin/govctl held list --status released\n"
+        "         .venv/bin/govctl usage --tenant acme\n"
+        "         .venv/bin/govctl audit verify\n"
+        f"Logs:    {DEMO_DIR}/worker.log, {DEMO_DIR}/flower.log",
+        soft_wrap=True,
+    )
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -383,25 +404,7 @@ def main() -> int:
             )
         console.print(table)
         failures = sum(step.observed != step.expected for step in STEPS)
-        exports = " ".join(
-            f"{k}={v}"
-            for k, v in demo.env.items()
-            if k
-            in (
-                "GOVERNANCE_BROKER_URL",
-                "GOVERNANCE_STATE_REDIS_URL",
-                "GOVERNANCE_AUDIT_KEY",
-            )
-        )
-        console.print(
-            f"\nFlower:  http://127.0.0.1:{demo.flower_port}  (user admin, password "
-            f"{demo.flower_password})\n"
-            f"Explore: export {exports}\n"
-            "         .venv/bin/govctl held list --status released\n"
-            "         .venv/bin/govctl usage --tenant acme\n"
-            "         .venv/bin/govctl audit verify\n"
-            f"Logs:    {DEMO_DIR}/worker.log, {DEMO_DIR}/flower.log"
-        )
+        print_explore(demo.flower_port, demo.flower_password, demo.env)
         if os.environ.get("DEMO_EXIT") != "1":
             console.print("\nServices keep running; press Ctrl-C to stop them.")
             with contextlib.suppress(KeyboardInterrupt):

@@ -19,6 +19,7 @@ Commands::
     govctl audit verify
     govctl policy check [FILE]
     govctl policy explain --tenant T --agent A --action X
+    govctl dev redis [--dir .govredis] [--port 6379]
 
 Listings take ``--json``. Settings come from the same ``GOVERNANCE_*`` environment variables as
 the workers (``governance.settings.GovernanceSettings``); a reviewer signs with the key given by
@@ -47,7 +48,7 @@ import sys
 
 import typer
 
-from governance.cli import audit, grants, held, policy, reviewers, status, submit, usage
+from governance.cli import audit, dev, grants, held, policy, reviewers, status, submit, usage
 from governance.cli.errors import EXIT_CODES, ExitCode, classify
 from governance.cli.output import error
 
@@ -81,6 +82,7 @@ app.command("usage")(usage.usage)
 app.command("status")(status.status)
 app.add_typer(audit.app, name="audit", no_args_is_help=True)
 app.add_typer(policy.app, name="policy")
+app.add_typer(dev.app, name="dev")
 
 
 class _OneLineFormatter(logging.Formatter):
