@@ -85,7 +85,12 @@ def submit(
 
 
 def ok(env: Env) -> list[subprocess.CompletedProcess[str]]:
-    return [env.govctl("policy", "check", env.e2e_env["GOVERNANCE_CONFIG_PATH"])]
+    # The shipped example (the test policy warns on purpose: warnings print on stderr).
+    example = README.parent / "config" / "governance.yaml"
+    warned = env.govctl("policy", "check", env.e2e_env["GOVERNANCE_CONFIG_PATH"])
+    assert "warning: " in warned.stderr
+    assert warned.returncode == 0, warned.stderr
+    return [env.govctl("policy", "check", str(example))]
 
 
 def accepted(env: Env) -> list[subprocess.CompletedProcess[str]]:
