@@ -569,7 +569,19 @@ class Approvals:
 
     def _publish_released(self, task: HeldTask, envelope: Envelope) -> None:
         """Publish the released task (the ledger already has it, so a failure here is not a
-        loss: the reconciler publishes it)."""
+        loss: the reconciler publishes it). An unreachable broker is found out at once, not
+        after Celery's reconnect loops (a reviewer's ``govctl`` would hang for them)."""
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+        except Exception as exc:
+            log.warning(
+                "the broker is unreachable (%s): released task %s is published by the "
+                "reconciler once it is back",
+                exc,
+                task.task_id,
+            )
+            return
         try:
             self.runtime.publish(envelope)
         except Exception:

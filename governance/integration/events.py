@@ -135,8 +135,15 @@ def send_app_event(app: Any, kind: str, task_id: str, **fields: Any) -> None:
     """Send ``task-<kind>`` for ``task_id`` from anywhere (a publisher, ``govctl``), as
     :data:`PUBLISHER_NODE`, then that node's ``worker-offline`` (see the module doc)."""
     try:
-        with app.events.default_dispatcher(hostname=PUBLISHER_NODE) as dispatcher:
-            dispatcher.send(f"task-{kind}", uuid=task_id, **flower_fields(kind, fields))
-            dispatcher.send("worker-offline")
+        with app.amqp.producer_pool.acquire(block=True) as producer:
+            # Fail fast when the broker is down: an event is not worth Celery's reconnect loop.
+            producer.connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0.2
+            )
+            with app.events.Dispatcher(
+                producer.connection, hostname=PUBLISHER_NODE, channel=producer.channel
+            ) as dispatcher:
+                dispatcher.send(f"task-{kind}", uuid=task_id, **flower_fields(kind, fields))
+                dispatcher.send("worker-offline")
     except Exception:  # events are for live watching only; never fail the decision over one
         log.warning("could not send the task-%s event of %s", kind, task_id, exc_info=True)
