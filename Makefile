@@ -20,6 +20,8 @@ help:
 	@echo "make bench    governed vs plain Celery throughput, a backlog next to another tenant,"
 	@echo "              and the store micro-benchmark"
 	@echo "make stress   the worker-kill scenario 20 times in a row (STRESS_RUNS=N to change)"
+	@echo "make redis    a Redis for development in the foreground (AOF, data in .govredis);"
+	@echo "              it prints the export line to use it (REDIS_ARGS='--port 6380')"
 	@echo "make install  create $(VENV) and install the project with its dev extras"
 	@echo "make clean    remove $(VENV) and caches"
 
@@ -46,6 +48,12 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/python -m workers.demo
+
+REDIS_ARGS ?=
+
+# The bundled Redis (no install), until Ctrl-C: `govctl dev redis --help` for the options.
+redis: $(STAMP)
+	$(BIN)/govctl dev redis $(REDIS_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m governance.bench.celery_bench

@@ -183,6 +183,15 @@ class GovernanceSettings(BaseSettings):
                     )
         return self
 
+    def development_secrets(self) -> list[str]:
+        """The ``GOVERNANCE_*`` secrets left at their development default (empty in production:
+        ``require_secrets`` refuses them)."""
+        return [
+            f"GOVERNANCE_{name.upper()}"
+            for name in ("audit_key",)
+            if getattr(self, name).get_secret_value() == DEVELOPMENT_SECRET
+        ]
+
     @property
     def broker_kind(self) -> BrokerKind:
         """Which broker ``broker_url`` names, from its scheme."""

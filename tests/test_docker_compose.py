@@ -176,13 +176,31 @@ def test_the_worker_scales_and_waits_for_a_healthy_redis(services: dict[str, Any
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-def test_flower_requires_basic_auth(services: dict[str, Any]) -> None:
-    auth = [a for a in command_of(services["flower"]) if a.startswith("--basic-auth=")]
-    assert len(auth) == 1
-    user, _, password = auth[0].removeprefix("--basic-auth=").partition("}:")
+@pytest.mark.parametrize("name", ["flower", "flower-rabbitmq"])
+def test_flower_requires_basic_auth_from_the_environment(
+    services: dict[str, Any], name: str
+) -> None:
+    """The password is required, and given in the environment: a command line is public."""
+    command = command_of(services[name])
+    assert not [a for a in command if a.startswith("--basic-auth")], "never on the command line"
+    user, _, password = environment_of(services[name])["FLOWER_BASIC_AUTH"].partition("}:")
     assert user.startswith("${FLOWER_USER")
     assert password.startswith("${FLOWER_PASSWORD:?"), "the password must be required"
-    assert any("5555" in str(port) for port in services["flower"]["ports"])
+    assert any("5555" in str(port) for port in services[name]["ports"])
+
+
+@pytest.mark.parametrize("name", ["flower", "flower-rabbitmq"])
+def test_flower_loads_the_shipped_settings(services: dict[str, Any], name: str) -> None:
+    """``--conf=config/flowerconfig.py``, a file the image has (the Dockerfile copies config/)
+    and that sets the task list's columns, the governance reason (result) among them."""
+    confs = [a for a in command_of(services[name]) if a.startswith("--conf=")]
+    assert confs == ["--conf=config/flowerconfig.py"]
+    path = ROOT / confs[0].removeprefix("--conf=")
+    settings: dict[str, Any] = {}
+    exec(compile(path.read_text(), str(path), "exec"), settings)
+    assert "result" in settings["tasks_columns"].split(",")
+    assert "basic_auth" not in settings, "basic auth comes from the environment"
+    assert "COPY config ./config" in DOCKERFILE.read_text()
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -372,8 +390,9 @@ def test_rabbitmq_services_use_the_broker_and_keep_state_in_redis(
 
 
 def test_flower_on_rabbitmq_reads_the_management_api(services: dict[str, Any]) -> None:
-    options = [a for a in command_of(services["flower-rabbitmq"]) if a.startswith("--broker-api=")]
-    assert len(options) == 1
-    api = urlsplit(expand(options[0].removeprefix("--broker-api="), RABBITMQ_VARIABLES))
+    command = command_of(services["flower-rabbitmq"])
+    assert not [a for a in command if a.startswith("--broker-api")], "credentials: environment"
+    raw = environment_of(services["flower-rabbitmq"])["FLOWER_BROKER_API"]
+    api = urlsplit(expand(raw, RABBITMQ_VARIABLES))
     assert (api.scheme, api.hostname, api.port, api.path) == ("http", "rabbitmq", 15672, "/api/")
     assert (api.username, api.password) == ("governance", "s3cret")

@@ -115,10 +115,12 @@ class Demo:
                 "-A",
                 "workers.app",
                 "flower",
+                f"--conf={ROOT / 'config' / 'flowerconfig.py'}",
                 "--address=127.0.0.1",
                 f"--port={self.flower_port}",
-                f"--basic-auth=admin:{self.flower_password}",
             ],
+            # The password in the environment, not on the command line (`ps` shows that).
+            FLOWER_BASIC_AUTH=f"admin:{self.flower_password}",
         )
         deadline = time.monotonic() + 60
         while not self.app.control.ping(timeout=0.5):
@@ -150,9 +152,9 @@ class Demo:
     def key(self, name: str) -> str:
         return str(DEMO_DIR / "keys" / f"{name}.key")
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _spawn(self, name: str, command: list[str], **extra_env: str) -> None:
         log = (DEMO_DIR / f"{name}.log").open("ab")
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, **extra_env}
         self.processes.append(
             subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         )
@@ -346,6 +348,27 @@ STEPS = [
 ]
 
 
+def print_explore(flower_port: int, flower_password: str, env: dict[str, str]) -> None:
+    """Where to look next: Flower, and the commands to explore with, after the line of
+    settings they need. That ``export`` line is written as plain text, never through rich, so
+    no terminal width (or 80 columns when piped) can wrap it: it is copied, or ``eval``-ed."""
+    names = ("GOVERNANCE_BROKER_URL", "GOVERNANCE_STATE_REDIS_URL", "GOVERNANCE_AUDIT_KEY")
+    exports = " ".join(f"{k}={env[k]}" for k in names if k in env)
+    console.print(
+        f"\nFlower:  http://127.0.0.1:{flower_port}  (user admin, password {flower_password})"
+    )
+    console.file.flush()
+    sys.stdout.write(f"Explore: export {exports}\n")
+    sys.stdout.flush()
+    console.print(
+        "         .venv/bin/govctl held list --status released\n"
+        "         .venv/bin/govctl usage --tenant acme\n"
+        "         .venv/bin/govctl audit verify\n"
+        f"Logs:    {DEMO_DIR}/worker.log, {DEMO_DIR}/flower.log",
+        soft_wrap=True,
+    )
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -381,25 +404,7 @@ def main() -> int:
             )
         console.print(table)
         failures = sum(step.observed != step.expected for step in STEPS)
-        exports = " ".join(
-            f"{k}={v}"
-            for k, v in demo.env.items()
-            if k
-            in (
-                "GOVERNANCE_BROKER_URL",
-                "GOVERNANCE_STATE_REDIS_URL",
-                "GOVERNANCE_AUDIT_KEY",
-            )
-        )
-        console.print(
-            f"\nFlower:  http://127.0.0.1:{demo.flower_port}  (user admin, password "
-            f"{demo.flower_password})\n"
-            f"Explore: export {exports}\n"
-            "         .venv/bin/govctl held list --status released\n"
-            "         .venv/bin/govctl usage --tenant acme\n"
-            "         .venv/bin/govctl audit verify\n"
-            f"Logs:    {DEMO_DIR}/worker.log, {DEMO_DIR}/flower.log"
-        )
+        print_explore(demo.flower_port, demo.flower_password, demo.env)
         if os.environ.get("DEMO_EXIT") != "1":
             console.print("\nServices keep running; press Ctrl-C to stop them.")
             with contextlib.suppress(KeyboardInterrupt):

@@ -18,7 +18,29 @@ from governance.cli.output import JsonFlag
 
 app = typer.Typer(help="The tamper-evident audit log: tail it, verify its chains.")
 
-COLUMNS = ("ts", "type", "tenant", "agent", "run", "task_id", "action", "decision", "reviewer")
+#: What each entry type means, as ``audit tail`` shows it (the entry's own ``decision`` field is
+#: the policy's verdict at the time, e.g. ``allow`` on a task that later failed: ``--json`` has it).
+OUTCOMES = {
+    "authorization_denied": "denied",
+    "held": "held for approval",
+    "approved": "approved",
+    "released": "released",
+    "rejected": "rejected",
+    "expired": "expired",
+    "forged_release": "forged release refused",
+    "suggested": "suggested, not run",
+    "shadowed": "shadowed, not run",
+    "waiting": "waiting",
+    "admitted": "admitted",
+    "budget_warning": "budget warning",
+    "task_finished": "finished",
+    "task_failed": "failed",
+    "retry_scheduled": "retry scheduled",
+    "task_lost": "lost, published again",
+    "grant_created": "grant created",
+    "grant_revoked": "grant revoked",
+    "notify_failed": "notification failed",
+}
 
 
 def _chains(tenant: str | None) -> list[str]:
@@ -27,9 +49,8 @@ def _chains(tenant: str | None) -> list[str]:
     policy = context.runtime().policy
     if tenant is None:
         return [*policy.tenant_names, DEPLOYMENT_CHAIN]
-    if tenant not in policy.tenant_names and tenant != DEPLOYMENT_CHAIN:
-        known = ", ".join(policy.tenant_names) or "none"
-        raise CliError(f"unknown tenant {tenant!r} (configured: {known})")
+    if tenant != DEPLOYMENT_CHAIN:
+        context.check_tenant(policy, tenant)
     return [tenant]
 
 
@@ -47,19 +68,39 @@ def tail(
     tenant: Tenant = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """The newest audit entries, oldest first."""
+    """The newest audit entries, oldest first: when, what happened (denied, held, failed, ...),
+    tenant/agent, run, action; the task; the reason. ``--json`` has every field."""
     entries = context.runtime().audit_log.tail(_chains(tenant), count)
     if as_json:
         output.emit_json([{"id": e.id, "chain": e.chain, **e.fields} for e in entries])
         return
-    shown = output.table("entry", "when", *COLUMNS[1:], "reason", title="audit log")
-    for e in entries:
-        f = e.fields
-        ts = int(f["ts"]) if f.get("ts", "").isdigit() else None
-        output.add_row(
-            shown, e.id, output.when(ts), *(f.get(c, "") for c in COLUMNS[1:]), f.get("reason", "")
-        )
-    output.show(shown)
+    output.emit_lines(_entry_lines(e.id, e.fields) for e in entries)
+
+
+def _entry_lines(entry_id: str, f: dict[str, str]) -> list[str]:
+    """One entry as a few lines a person reads: when, what happened, to whom; the task; why.
+
+    Each line is wrapped at spaces only (never inside a word: ids, URLs and paths stay whole),
+    continuation lines indented.
+    """
+    ts = int(f["ts"]) if f.get("ts", "").isdigit() else None
+    outcome = OUTCOMES.get(f.get("type", ""), f.get("type", "?"))
+    if f.get("reviewer"):
+        outcome += f" by {f['reviewer']}"
+    who = "/".join(x for x in (f.get("tenant", ""), f.get("agent", "")) if x)
+    head = [output.when(ts), outcome, who]
+    if f.get("run"):
+        head.append(f"run {f['run']}")
+    if f.get("action"):
+        head.append(f.get("action", ""))
+    where = [f"task {f['task_id']}"] if f.get("task_id") else []
+    where.append(f"entry {entry_id}")
+    if f.get("tier"):
+        where.append(f"tier {f['tier']}")
+    lines = ["  ".join(x for x in head if x), "  " + "  ".join(where)]
+    if f.get("reason"):
+        lines.append("  " + f["reason"])
+    return lines
 
 
 @app.command("verify")

@@ -51,6 +51,14 @@ def load_policy(path: Path | None = None) -> Policy:
     return Policy.from_file(path if path is not None else settings().config_path)
 
 
+def check_tenant(policy: Policy, tenant: str | None) -> None:
+    """Refuse (exit 1) a ``--tenant`` the policy does not configure, naming those it does:
+    every command that takes a tenant says the same."""
+    if tenant is not None and policy.tenant(tenant) is None:
+        known = ", ".join(policy.tenant_names) or "none"
+        raise CliError(f"unknown tenant {tenant!r} (configured: {known})", ExitCode.REFUSED)
+
+
 @cache
 def celery_app() -> Any:
     """The deployment's Celery app, imported from ``GOVERNANCE_APP`` (``module:attr``)."""

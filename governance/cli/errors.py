@@ -12,21 +12,31 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """What ``govctl`` exits with (see ``govctl --help``)."""
+    """What ``govctl`` exits with (the table in ``govctl --help`` and the README)."""
 
     OK = 0
-    REFUSED = 1  # refused, denied, not found, or a submitted task did not succeed
+    REFUSED = 1  # refused, denied, not found, unknown tenant, invalid input; --wait: not SUCCESS
     USAGE = 2  # a bad command line (Typer/Click's own code)
-    STORE_UNAVAILABLE = 3  # the state Redis (or the broker) could not be reached
+    STORE_UNAVAILABLE = 3  # the state Redis (GOVERNANCE_STATE_REDIS_URL) could not be reached
     AUDIT_BROKEN = 4  # `audit verify` found a broken link in the hash chain
-    INVALID_CONFIG = 5  # the policy file (or GOVERNANCE_* settings, or GOVERNANCE_APP) is invalid
+    INVALID_CONFIG = 5  # the policy file, GOVERNANCE_* settings or GOVERNANCE_APP is invalid
+    BROKER_UNAVAILABLE = 6  # the Celery broker (GOVERNANCE_BROKER_URL) could not be reached
 
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 ok; 1 refused, denied or not found; 2 usage error; "
-    "3 state store (Redis) or broker unavailable; 4 audit verification failed; "
-    "5 invalid policy file or settings."
-)
+#: ``govctl``'s exit codes, one line each: ``govctl --help``, the module doc and the README's
+#: table say the same (a test checks the README against this).
+EXIT_CODES: dict[ExitCode, str] = {
+    ExitCode.OK: "ok",
+    ExitCode.REFUSED: "refused, denied or not found: an unknown task, tenant, tool or grant, "
+    "invalid input, a decision the rules forbid; with `--wait`, a task that did not succeed "
+    "(denied, failed, rejected, still held, or not done in time)",
+    ExitCode.USAGE: "usage error: a bad command line (unknown option, missing argument)",
+    ExitCode.STORE_UNAVAILABLE: "the state Redis (`GOVERNANCE_STATE_REDIS_URL`) is unreachable",
+    ExitCode.AUDIT_BROKEN: "audit verification failed (the broken entry is named)",
+    ExitCode.INVALID_CONFIG: "invalid configuration: the policy file, `GOVERNANCE_*` settings "
+    "or `GOVERNANCE_APP`",
+    ExitCode.BROKER_UNAVAILABLE: "the Celery broker (`GOVERNANCE_BROKER_URL`) is unreachable",
+}
 
 
 class CliError(Exception):
@@ -46,8 +56,11 @@ _KNOWN: tuple[tuple[str, str, ExitCode, str], ...] = (
     ("governance.integration.errors", "ActionDenied", ExitCode.REFUSED, "denied: "),
     ("governance.integration.errors", "GovernanceError", ExitCode.REFUSED, ""),
     ("redis.exceptions", "RedisError", ExitCode.STORE_UNAVAILABLE, "redis unavailable: "),
-    ("kombu.exceptions", "OperationalError", ExitCode.STORE_UNAVAILABLE, "broker unavailable: "),
+    ("kombu.exceptions", "OperationalError", ExitCode.BROKER_UNAVAILABLE, "broker unavailable: "),
 )
+
+
+_UNREACHABLE = (ExitCode.STORE_UNAVAILABLE, ExitCode.BROKER_UNAVAILABLE)
 
 
 def classify(exc: BaseException) -> tuple[ExitCode, list[str]] | None:
@@ -63,7 +76,7 @@ def classify(exc: BaseException) -> tuple[ExitCode, list[str]] | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         known = _known(current)
-        if known is not None and (current is exc or known[0] is ExitCode.STORE_UNAVAILABLE):
+        if known is not None and (current is exc or known[0] in _UNREACHABLE):
             return known
         current = current.__cause__ or current.__context__
     return None

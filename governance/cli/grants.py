@@ -14,7 +14,6 @@ from typing import Annotated
 import typer
 
 from governance.cli import context, output
-from governance.cli.errors import CliError
 from governance.cli.output import JsonFlag
 
 app = typer.Typer(help="Grants given with approvals: list them, revoke one.", no_args_is_help=True)
@@ -30,8 +29,7 @@ def list_(
     """Every stored grant: agent, action, until when, and whether it verifies now."""
     approvals = context.approvals()
     policy = context.runtime().policy
-    if tenant and policy.tenant(tenant) is None:
-        raise CliError(f"unknown tenant {tenant!r} (configured: {', '.join(policy.tenant_names)})")
+    context.check_tenant(policy, tenant)
     grants = [g for t in ([tenant] if tenant else policy.tenant_names) for g in approvals.grants(t)]
     if as_json:
         output.emit_json(grants)
@@ -61,6 +59,7 @@ def revoke(
         by = getpass.getuser()
     except (OSError, KeyError):
         by = "unknown"
+    context.check_tenant(context.runtime().policy, tenant)
     context.approvals().revoke(tenant, grant_id, by)
     if as_json:
         output.emit_json({"grant": grant_id, "tenant": tenant, "revoked": True})

@@ -112,6 +112,7 @@ def list_(
 
     wanted = _status(status)
     approvals = context.approvals()
+    context.check_tenant(context.runtime().policy, tenant)
     if tenant:
         listing = list_tenant(approvals.store, tenant, wanted, limit, cursor)
     else:

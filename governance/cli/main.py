@@ -19,21 +19,24 @@ Commands::
     govctl audit verify
     govctl policy check [FILE]
     govctl policy explain --tenant T --agent A --action X
+    govctl dev redis [--dir .govredis] [--port 6379]
 
 Listings take ``--json``. Settings come from the same ``GOVERNANCE_*`` environment variables as
 the workers (``governance.settings.GovernanceSettings``); a reviewer signs with the key given by
 ``--key`` or ``GOVERNANCE_REVIEWER_KEY``.
 
-Exit codes:
+Exit codes (``ExitCode``; the same table is in ``govctl --help`` and the README):
 
 - 0: ok
-- 1: refused, denied or not found (a one-line ``error: ...`` on stderr), or a task submitted
-  with ``--wait`` did not succeed
+- 1: refused, denied or not found (a one-line ``error: ...`` on stderr): an unknown task,
+  tenant, tool or grant, invalid input, a decision the rules forbid; with ``--wait``, a task
+  that did not succeed (denied, failed, rejected, still held, or not done in time)
 - 2: usage error (bad options or arguments)
-- 3: the state store (Redis) or the broker is unavailable
+- 3: the state Redis (``GOVERNANCE_STATE_REDIS_URL``) is unreachable
 - 4: audit verification failed (the broken entry is named)
-- 5: invalid policy file (every problem as ``file: field.path: reason``), or invalid
-  ``GOVERNANCE_*`` settings / ``GOVERNANCE_APP``
+- 5: invalid configuration: the policy file (every problem as ``file: field.path: reason``),
+  ``GOVERNANCE_*`` settings or ``GOVERNANCE_APP``
+- 6: the Celery broker (``GOVERNANCE_BROKER_URL``) is unreachable
 
 None of these prints a Python traceback.
 """
@@ -45,25 +48,20 @@ import sys
 
 import typer
 
-from governance.cli import audit, grants, held, policy, reviewers, status, submit, usage
-from governance.cli.errors import ExitCode, classify
+from governance.cli import audit, dev, grants, held, policy, reviewers, status, submit, usage
+from governance.cli.errors import EXIT_CODES, ExitCode, classify
 from governance.cli.output import error
 
-EPILOG = """\
-**Exit codes:**
-
-- 0: ok
-- 1: refused, denied or not found (one line `error: ...` on stderr), or a task submitted
-  with `--wait` did not succeed
-- 2: usage error
-- 3: the state store (Redis) or the broker is unavailable
-- 4: audit verification failed (the broken entry is named)
-- 5: invalid policy file (`file: field.path: reason`), or invalid `GOVERNANCE_*` settings
+EPILOG = (
+    "**Exit codes:**\n\n"
+    + "\n".join(f"- {int(code)}: {meaning}" for code, meaning in EXIT_CODES.items())
+    + """
 
 Settings come from the workers' `GOVERNANCE_*` environment variables: `GOVERNANCE_BROKER_URL`,
 `GOVERNANCE_STATE_REDIS_URL`, `GOVERNANCE_CONFIG_PATH`, `GOVERNANCE_AUDIT_KEY`,
 `GOVERNANCE_APP` (the deployment's Celery app, `module:attr`), ...
 """
+)
 
 app = typer.Typer(
     name="govctl",
@@ -84,6 +82,7 @@ app.command("usage")(usage.usage)
 app.command("status")(status.status)
 app.add_typer(audit.app, name="audit", no_args_is_help=True)
 app.add_typer(policy.app, name="policy")
+app.add_typer(dev.app, name="dev")
 
 
 class _OneLineFormatter(logging.Formatter):

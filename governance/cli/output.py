@@ -7,8 +7,12 @@ Error messages are one plain line each (``error: ...``) on stderr.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import textwrap
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
@@ -29,10 +33,49 @@ ID_WIDTH = 36
 
 @cache
 def console() -> Console:
-    """The stdout console; wide when not a terminal, so piped tables are not folded."""
-    if sys.stdout.isatty():
+    """The stdout console: the terminal's width (or ``COLUMNS``); when not a terminal and
+    ``COLUMNS`` is unset, wide, so piped tables are not folded."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
         return Console(soft_wrap=False)
     return Console(width=160, soft_wrap=False)
+
+
+def width() -> int | None:
+    """The width to wrap plain text at: ``COLUMNS``, else the terminal's; None when piped."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def emit_lines(blocks: Iterable[list[str]]) -> None:
+    """Blocks of plain lines on stdout, a blank line between blocks. A line longer than
+    :func:`width` is wrapped at spaces only (never inside a word), continued indented by its
+    own indentation plus two."""
+    first = True
+    out: list[str] = []
+    limit = width()
+    for block in blocks:
+        if not first:
+            out.append("")
+        first = False
+        for line in block:
+            indent = " " * (len(line) - len(line.lstrip(" ")))
+            if limit is None or len(line) <= limit:
+                out.append(line)
+                continue
+            out += textwrap.wrap(
+                line.lstrip(" "),
+                width=limit,
+                initial_indent=indent,
+                subsequent_indent=indent + "  ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+    sys.stdout.write("".join(line + "\n" for line in out))
+    sys.stdout.flush()
 
 
 def show(*renderables: RenderableType | str) -> None:
@@ -57,6 +100,13 @@ def emit_json(data: Any) -> None:
 def error(message: str) -> None:
     for line in message.splitlines() or [""]:
         sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+
+
+def warn(message: str) -> None:
+    """A warning for people, ``warning: ...`` on stderr (stdout stays the command's output)."""
+    for line in message.splitlines() or [""]:
+        sys.stderr.write(f"warning: {line}\n")
     sys.stderr.flush()
 
 

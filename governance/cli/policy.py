@@ -1,7 +1,8 @@
 """``govctl policy``: validate and summarize a policy file, and explain a decision.
 
 Both read only the file (no Redis, no Celery): ``check`` exits 5 with every problem as
-``file: field.path: reason``; ``explain`` prints the outcome, the tier and the config rule that
+``file: field.path: reason``, and warns (exit 0) about what is valid but cannot work as meant;
+``explain`` prints the outcome, the tier and the config rule that
 decided, as the workers would for that tenant, agent and action.
 """
 
@@ -41,15 +42,27 @@ def check(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Validate a policy file and summarize it: tenants, tools, providers (exit 5 if invalid)."""
+    """Validate a policy file and summarize it: tenants, tools, providers (exit 5 if invalid).
+
+    Also warns, on stderr (``--json``: under ``warnings``), about what is valid but will not
+    work as meant: a quorum some requester can never meet, reviewers missing, grants expired or
+    ending within 30 days. Warnings alone exit 0.
+    """
+    from governance.policy.warnings import policy_warnings
+
     policy = context.load_policy(file)
     summary = _summary(policy)
+    warnings = policy_warnings(policy)
+    summary["warnings"] = [w.as_dict() for w in warnings]
     if as_json:
         output.emit_json(summary)
         return
+    for warning in warnings:
+        output.warn(warning.message)
     output.show(
         f"{policy.source}: valid (version {policy.version}): {len(summary['tenants'])} tenants, "
         f"{len(summary['tools'])} tools, {len(summary['providers'])} providers"
+        + (f"; {len(warnings)} warning(s), on stderr" if warnings else "")
     )
     tenants = output.table(
         "tenant", "tools", "providers", "reviewers", "approval", "concurrency", "budgets",

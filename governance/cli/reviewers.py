@@ -70,14 +70,12 @@ def list_(
     from governance.policy.signing import public_key_text
 
     policy = context.load_policy()
+    context.check_tenant(policy, tenant)
     names = [tenant] if tenant else list(policy.tenant_names)
     rows = []
     for name in names:
         tp = policy.tenant(name)
-        if tp is None:
-            raise CliError(
-                f"unknown tenant {name!r} (configured: {', '.join(policy.tenant_names)})"
-            )
+        assert tp is not None
         for reviewer, key in tp.reviewers.items():
             rows.append(
                 {

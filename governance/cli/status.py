@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import typer
 
 from governance.cli import context, output
-from governance.cli.errors import CliError
 from governance.cli.output import JsonFlag
 
 
@@ -30,9 +29,7 @@ def status(
     """Running and waiting tasks per tenant, the oldest wait, and the ledger's open tasks."""
     rt = context.runtime()
     policy = rt.policy
-    if tenant and policy.tenant(tenant) is None:
-        known = ", ".join(policy.tenant_names) or "none"
-        raise CliError(f"unknown tenant {tenant!r} (configured: {known})")
+    context.check_tenant(policy, tenant)
     names = [tenant] if tenant else list(policy.tenant_names)
     grace_ms = round(rt.settings.reconcile_after_s * 1000)
     rows: list[dict[str, Any]] = []

@@ -4,7 +4,9 @@
 that is the policy's tool NAME; ``llm`` the app's governed LLM task. The action is authorized
 at once: a denial exits 1 and nothing is enqueued; an approval-tier action is held (state HELD)
 for ``govctl held approve``. With ``--wait`` the command waits for the result and exits 1
-unless the task succeeded.
+unless the task succeeded (a held task exits 1 at once, naming the command that decides it).
+A call the task's function cannot take (an unknown input field, a missing argument) exits 1
+before anything is published.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ Wait = Annotated[
         "-w",
         min=0,
         metavar="SECONDS",
-        help="Wait up to SECONDS for the result and print it (exit 1 unless it succeeded).",
+        help="Wait up to SECONDS for the result and print it; exit 1 unless it succeeded "
+        "(a held task exits 1 at once: it waits for a reviewer, see `govctl held approve`).",
     ),
 ]
 
@@ -234,14 +237,50 @@ def _json_arg(raw: str) -> Any:
 def _publish(celery_app: Any, task: Any, ctx: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
     from governance.integration import submit
 
+    _check_call(task, args, kwargs)
     _reachable(celery_app)
     return submit(task, ctx, *args, **kwargs)
 
 
+def _check_call(task: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse (exit 1) a call the task's function cannot take, naming what it takes, instead
+    of the TypeError Celery's own argument check raises while publishing."""
+    import inspect
+
+    try:
+        signature = inspect.signature(task.run)
+    except (TypeError, ValueError):  # no signature to check against: Celery decides
+        return
+    params = signature.parameters.values()
+    takes = ", ".join(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    problem = None
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        unknown = sorted(set(kwargs) - {p.name for p in params if p.kind is not p.POSITIONAL_ONLY})
+        if unknown:
+            problem = f"unknown input field(s) {', '.join(map(repr, unknown))}"
+    if problem is None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            problem = str(exc)
+    if problem is not None:
+        raise CliError(
+            f"invalid input for task {task.name!r}: {problem} (it takes: {takes or 'nothing'})",
+            ExitCode.REFUSED,
+        )
+
+
 def _reachable(app: Any) -> Any:
-    """Fail fast (exit 3) when the broker is down, instead of Celery's long reconnect loop."""
+    """Fail fast (exit 6) when the broker is down, instead of Celery's long reconnect loop."""
+    from kombu.exceptions import OperationalError
+
     with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+        except OperationalError as exc:
+            raise CliError(
+                f"broker unavailable: {conn.as_uri()}: {exc}", ExitCode.BROKER_UNAVAILABLE
+            ) from None
     return app
 
 
@@ -256,12 +295,22 @@ def _plain(value: Any) -> Any:
 
 
 def _report(result: Any, wait: float | None, as_json: bool) -> None:
+    """Print the task's id and state (and with ``--wait`` its result). With ``--wait``, exit 1
+    unless it succeeded: a held task is not done, so it exits 1 at once, saying how to decide
+    it (waiting for a human inside a script's timeout helps nobody)."""
     state = str(result.state)
     payload: dict[str, Any] = {"task_id": result.id, "state": state}
     failed = False
     if state == "HELD":
-        payload["next"] = f"govctl held approve {result.id}"
-    elif wait is not None:
+        payload["next"] = f"govctl held approve {result.id} --key PATH"
+        _say(payload, as_json)
+        if wait is not None:
+            raise CliError(
+                f"task {result.id} is held for approval, not done: a reviewer decides it with "
+                f"`{payload['next']}` (or `govctl held reject {result.id} --key PATH --reason ...`)"
+            )
+        return
+    if wait is not None:
         from celery.exceptions import TimeoutError as ResultTimeout
 
         try:
@@ -285,6 +334,6 @@ def _say(payload: dict[str, Any], as_json: bool) -> None:
         return
     output.show(f"task {payload['task_id']}: {payload['state']}")
     if "next" in payload:
-        output.show(f"held for approval: {payload['next']} --reviewer NAME")
+        output.show(f"held for approval: {payload['next']}")
     if "result" in payload:
         output.show(json.dumps(payload["result"], indent=2, default=str))

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from governance.cli import context, output
-from governance.cli.errors import CliError
 from governance.cli.output import JsonFlag
 
 if TYPE_CHECKING:
@@ -48,9 +47,7 @@ def usage(
         raise typer.BadParameter("a run belongs to a tenant: pass --tenant too", param_hint="--run")
     rt = context.runtime()
     policy = rt.policy
-    if tenant and policy.tenant(tenant) is None:
-        known = ", ".join(policy.tenant_names) or "none"
-        raise CliError(f"unknown tenant {tenant!r} (configured: {known})")
+    context.check_tenant(policy, tenant)
     names = [tenant] if tenant else list(policy.tenant_names)
     snapshots: list[tuple[UsageSnapshot, TenantPolicy]] = []
     for name in names:

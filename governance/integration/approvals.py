@@ -24,7 +24,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration.errors import ApprovalRefused, ApprovalRejected
-from governance.integration.events import event_fields, send_app_event
+from governance.integration.events import (
+    call_fields,
+    event_fields,
+    held_summary,
+    iso,
+    redact,
+    send_app_event,
+)
 from governance.integration.headers import (
     APPROVALS,
     CONTEXT,
@@ -126,9 +133,14 @@ class Approvals:
         decision: Decision,
         blocking: bool = True,
         kind: str = "hold",
+        at_publish: bool = False,
     ) -> HeldTask:
         """Keep the call in the held store (or list it as a suggestion), tell the tenant's
-        notifiers and Flower."""
+        notifiers and Flower.
+
+        ``at_publish``: held by the publisher, so Flower never saw the task on the broker; its
+        event then gives the task its ``received`` time (else it would sort last).
+        """
         tenant = self.runtime.policy.tenant(context.tenant)
         expiry = tenant.approval.expiry if tenant else timedelta(hours=24)
         now_ms = int(time.time() * 1000)
@@ -183,14 +195,36 @@ class Approvals:
         )
         self._seal(task.tenant)
         if blocking:
-            send_app_event(
-                self.app,
-                "held",
-                task.task_id,
-                name=envelope.task,
-                **event_fields(context, action.name, decision.reason),
-            )
+            self._send_held_event(task, tenant, received=now_ms / 1000 if at_publish else None)
         return task
+
+    def _send_held_event(
+        self, task: HeldTask, tenant: TenantPolicy | None, received: float | None = None
+    ) -> None:
+        """``task-held`` for Flower: the call (secrets redacted) in ``args``/``kwargs``, and in
+        ``result`` the reason, the context, the requester, the approvals so far, the expiry and
+        the commands that decide it (Flower shows only Celery's own task fields)."""
+        fields = event_fields(None, task.action_name, task.reason)
+        fields.update(tenant=task.tenant, agent=task.agent, run=task.run)
+        fields.update(call_fields(task.args, task.kwargs))
+        fields["result"] = held_summary(
+            task_id=task.task_id,
+            reason=task.reason,
+            tenant=task.tenant,
+            agent=task.agent,
+            run=task.run,
+            user=task.user,
+            action=task.action_name,
+            approvals=task.approvals,
+            quorum=tenant.approval.quorum if tenant else None,
+            reviewers=sorted(tenant.reviewers) if tenant else [],
+            expires_ms=task.expires_ms,
+        )
+        fields["expires"] = iso(task.expires_ms)
+        fields["context"] = redact(task.context)
+        if received is not None:
+            fields["received"] = received
+        send_app_event(self.app, "held", task.task_id, name=task.task_name, **fields)
 
     def _notifications(self, task: HeldTask, tenant: TenantPolicy | None) -> dict[str, Any] | None:
         if tenant is None or not tenant.notify:
@@ -397,6 +431,8 @@ class Approvals:
                 self._publish_released(task, release)
             updated = self.store.get(task.tenant, task_id) or task
             released = decided.outcome == "released"
+            if not released:  # Flower shows the approvals so far
+                self._send_held_event(updated, tenant)
             return ApprovalOutcome(
                 updated,
                 decided.outcome,
@@ -533,7 +569,19 @@ class Approvals:
 
     def _publish_released(self, task: HeldTask, envelope: Envelope) -> None:
         """Publish the released task (the ledger already has it, so a failure here is not a
-        loss: the reconciler publishes it)."""
+        loss: the reconciler publishes it). An unreachable broker is found out at once, not
+        after Celery's reconnect loops (a reviewer's ``govctl`` would hang for them)."""
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+        except Exception as exc:
+            log.warning(
+                "the broker is unreachable (%s): released task %s is published by the "
+                "reconciler once it is back",
+                exc,
+                task.task_id,
+            )
+            return
         try:
             self.runtime.publish(envelope)
         except Exception:

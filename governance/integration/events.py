@@ -1,17 +1,70 @@
 """Celery task events for governance outcomes, so Flower shows HELD, DENIED, DEFERRED, ...
 
 Flower's state machine (``celery.events.state``) turns an unknown ``task-<name>`` event into the
-task state ``<NAME>``. Each event carries tenant, agent, action and reason.
+task state ``<NAME>``. Each event carries tenant, agent, action and reason, and a readable
+``result`` (the reason first), because Flower's API and its task list show only Celery's own
+task fields (``Task._fields``): ``args``, ``kwargs``, ``result``, ``received``, ``expires``, ...
+
+Events sent outside a worker (by a publisher, or ``govctl``) come from a node that is not a
+worker. Flower's event state (``celery.events.state.State``) files every task event that is not
+``task-sent`` under a worker named after the event's ``hostname``, so each such process used to
+leave an offline ``gen<pid>@host`` on Flower's Workers page. :func:`send_app_event` sends from one
+fixed node name, :data:`PUBLISHER_NODE`, and ends with that node's ``worker-offline``: Flower
+forgets a node that announces it left (``State`` pops it from its workers), as it does when a
+real worker shuts down, so the Workers page lists only real workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
+import socket
+from datetime import UTC, datetime
 from typing import Any
 
 from governance.policy.context import ActionContext
 
 log = logging.getLogger("governance.events")
+
+#: The node name of events sent outside a worker (never a worker's name).
+PUBLISHER_NODE = f"governance-publisher@{socket.gethostname()}"
+
+#: Words of a key that make its value a secret: ``password``, ``DB_PASSWD``, ``access_token``,
+#: ``client_secret``, ``X-Api-Key``, ``apiKey``, ``Authorization``, ... (``max_tokens`` is not).
+SECRET_WORDS = frozenset(
+    {
+        "password", "passwd", "pwd", "passphrase", "token", "secret", "secrets", "apikey",
+        "authorization", "auth", "credential", "credentials", "cookie", "privatekey",
+    }
+)  # fmt: skip
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+REDACTED = "***"
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a mapping key names a secret: one of its words (split at ``_``, ``-``, ``.``,
+    spaces and camelCase), or two adjacent ones (``api key``, ``private key``), is a secret
+    word."""
+    words = [w.lower() for w in _WORD.findall(key)]
+    pairs = [a + b for a, b in itertools.pairwise(words)]
+    return any(w in SECRET_WORDS for w in (*words, *pairs))
+
+
+def redact(value: Any) -> Any:
+    """``value`` with every secret-named mapping key's value replaced by ``"***"``.
+
+    Walks dicts, lists and tuples; keys are judged by :func:`is_secret_key`. Used wherever a
+    call's arguments leave the governance state for a display (Flower).
+    """
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and is_secret_key(k) else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    return value
 
 
 def event_fields(
@@ -28,7 +81,8 @@ def flower_fields(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
 
     Flower ignores a state that ranks below the current one (``celery.states.PRECEDENCE``):
     REJECTED, a built-in state, ranks below HELD. Carrying ``state`` in the event sets it anyway.
-    Flower's API only returns Celery's own task fields, so the reason goes into ``result``.
+    Flower's API only returns Celery's own task fields, so the reason goes into ``result``
+    (unless the caller wrote a fuller one).
     """
     summary = f"{kind}: {fields.get('reason', '')}"
     if fields.get("tenant"):
@@ -36,10 +90,60 @@ def flower_fields(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     return {"state": kind.upper(), "result": summary, **fields}
 
 
+def iso(ms: int) -> str:
+    """Epoch milliseconds as an ISO-8601 UTC time, e.g. ``2026-12-03T05:00:00Z``."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def call_fields(args: Any, kwargs: Any) -> dict[str, str]:
+    """``args`` and ``kwargs`` as Celery's own events carry them (reprs), secrets redacted."""
+    return {"args": repr(redact(list(args or ()))), "kwargs": repr(redact(dict(kwargs or {})))}
+
+
+def held_summary(
+    *,
+    task_id: str,
+    reason: str,
+    tenant: str,
+    agent: str,
+    run: str,
+    user: str,
+    action: str,
+    approvals: int,
+    quorum: int | None,
+    reviewers: list[str],
+    expires_ms: int,
+) -> str:
+    """The ``result`` text of a held task in Flower: why, for whom, how far, until when, how.
+
+    The first line is the reason, so Flower's task list (one line per task) shows it.
+    """
+    needed = f"{approvals} of {quorum}" if quorum is not None else str(approvals)
+    lines = [
+        f"held: {reason}",
+        f"action: {action}; tenant: {tenant}; agent: {agent}; run: {run}",
+        f"requested by: {user or '(unknown)'}",
+        f"approvals: {needed}" + (f" (reviewers: {', '.join(reviewers)})" if reviewers else ""),
+        f"expires: {iso(expires_ms)}",
+        f"approve: govctl held approve {task_id} --key PATH",
+        f"reject:  govctl held reject {task_id} --key PATH --reason '...'",
+    ]
+    return "\n".join(lines)
+
+
 def send_app_event(app: Any, kind: str, task_id: str, **fields: Any) -> None:
-    """Send ``task-<kind>`` for ``task_id`` from anywhere (a publisher, ``govctl``)."""
+    """Send ``task-<kind>`` for ``task_id`` from anywhere (a publisher, ``govctl``), as
+    :data:`PUBLISHER_NODE`, then that node's ``worker-offline`` (see the module doc)."""
     try:
-        with app.events.default_dispatcher() as dispatcher:
-            dispatcher.send(f"task-{kind}", uuid=task_id, **flower_fields(kind, fields))
+        with app.amqp.producer_pool.acquire(block=True) as producer:
+            # Fail fast when the broker is down: an event is not worth Celery's reconnect loop.
+            producer.connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0.2
+            )
+            with app.events.Dispatcher(
+                producer.connection, hostname=PUBLISHER_NODE, channel=producer.channel
+            ) as dispatcher:
+                dispatcher.send(f"task-{kind}", uuid=task_id, **flower_fields(kind, fields))
+                dispatcher.send("worker-offline")
     except Exception:  # events are for live watching only; never fail the decision over one
         log.warning("could not send the task-%s event of %s", kind, task_id, exc_info=True)

@@ -45,6 +45,8 @@ KEPT_OPTIONS = (
     "routing_key",
     "replaced_task_nesting",
     "ignore_result",
+    "argsrepr",
+    "kwargsrepr",
 )
 
 RawSend = Callable[..., Any]

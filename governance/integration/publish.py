@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from governance.integration.approvals import Approvals
 from governance.integration.errors import ActionDenied, GovernanceError
+from governance.integration.events import call_fields, event_fields, redact, send_app_event
 from governance.integration.execution import current_execution
 from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, LEDGER, context_json, header_value, read_context
@@ -150,32 +151,34 @@ def publish_governed(
                 "(from governance.integration), or from a governed task's body"
             )
         ctx = found
+    task_id = str(options.pop("task_id", None) or uuid.uuid4())
+    denied = _Denial(app, runtime, ctx, task_id, name, args, kwargs)
     try:
         action = task.action_for(args, kwargs)
     except ActionDenied as exc:
-        _deny(runtime, ctx, name, exc.reason, "")
+        denied(name, exc.reason, "")
     decision = runtime.policy.authorize(ctx, action)
     approvals = Approvals(app, runtime)
     if decision.outcome is Outcome.hold:
         decision = approvals.lift_with_grant(ctx, action, decision)
     if decision.outcome is Outcome.deny:
-        _deny(runtime, ctx, action.name, decision.reason, _tier(decision))
+        denied(action.name, decision.reason, _tier(decision))
     tenant = runtime.policy.tenant(ctx.tenant)
     assert tenant is not None  # authorization denies unknown tenants
     try:
         task.prepare(action, tenant)
     except ActionDenied as exc:
-        _deny(runtime, ctx, action.name, exc.reason, _tier(decision))
-    task_id = str(options.pop("task_id", None) or uuid.uuid4())
+        denied(action.name, exc.reason, _tier(decision))
     headers[CONTEXT] = context_json(ctx)
     headers[LEDGER] = 1
+    _redacted_reprs(args, kwargs, options)
     result_cls = options.get("result_cls") or app.AsyncResult
     due_ms, countdown = _due(options)
     envelope = envelope_from_options(
         name, args, kwargs, {**options, "task_id": task_id, "headers": headers}
     )
     if decision.outcome is Outcome.hold:
-        approvals.hold(envelope, context=ctx, action=action, decision=decision)
+        approvals.hold(envelope, context=ctx, action=action, decision=decision, at_publish=True)
         return result_cls(task_id)
     parked = countdown is not None and countdown > runtime.settings.countdown_limit_s
     runtime.ledger.record_published(
@@ -184,6 +187,17 @@ def publish_governed(
     if parked:
         return result_cls(task_id)
     return runtime.send_raw(name, args, kwargs, task_id=task_id, headers=headers, **options)
+
+
+def _redacted_reprs(args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]) -> None:
+    """Workers show a message's ``argsrepr``/``kwargsrepr`` in their events (Flower's args and
+    kwargs): when the call has secret-looking keys, those reprs have the values redacted. The
+    envelope keeps them, so every re-publication of the task shows the same."""
+    for option, value in (("argsrepr", list(args)), ("kwargsrepr", kwargs)):
+        if option not in options:
+            shown = redact(value)
+            if shown != value:
+                options[option] = repr(shown)
 
 
 def _tier(decision: Decision) -> str:
@@ -209,23 +223,56 @@ def _due(options: dict[str, Any]) -> tuple[int | None, float | None]:
     return int((now + countdown) * 1000), countdown
 
 
-def _deny(
-    runtime: GovernanceRuntime, ctx: ActionContext, action: str, reason: str, tier: str
-) -> NoReturn:
-    runtime.audit(
-        AuditEvent(
-            type=AuditEventType.AUTHORIZATION_DENIED,
-            tenant=ctx.tenant,
-            agent=ctx.agent,
-            run=ctx.run,
-            action=action,
-            decision="deny",
-            reason=reason,
-            tier=tier,
-            detail={"at": "publish"},
+class _Denial:
+    """Deny a task at publish time: audit it, show it in Flower, raise :class:`ActionDenied`.
+
+    Nothing reaches the broker, so without its own event Flower would never hear of the task:
+    ``task-denied`` lists it as DENIED with the reason (in ``result`` and ``exception``), its
+    name, its call (secrets redacted) and the time. The task id is the one the caller would have
+    got; the audit entry carries it too.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        runtime: GovernanceRuntime,
+        ctx: ActionContext,
+        task_id: str,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.app, self.runtime, self.ctx = app, runtime, ctx
+        self.task_id, self.name, self.args, self.kwargs = task_id, name, args, kwargs
+
+    def __call__(self, action: str, reason: str, tier: str) -> NoReturn:
+        ctx = self.ctx
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.AUTHORIZATION_DENIED,
+                tenant=ctx.tenant,
+                agent=ctx.agent,
+                run=ctx.run,
+                task_id=self.task_id,
+                action=action,
+                decision="deny",
+                reason=reason,
+                tier=tier,
+                detail={"at": "publish"},
+            )
         )
-    )
-    raise ActionDenied(reason)
+        send_app_event(
+            self.app,
+            "denied",
+            self.task_id,
+            name=self.name,
+            received=time.time(),
+            exception=repr(ActionDenied(reason)),
+            at="publish",
+            **call_fields(self.args, self.kwargs),
+            **event_fields(ctx, action, reason),
+        )
+        raise ActionDenied(reason)
 
 
 def submit(task: Any, ctx: ActionContext, *args: Any, **kwargs: Any) -> Any:

@@ -74,6 +74,29 @@ class IgnoredDeliveries:
         gc.collect()
 
 
+_warned_secrets: set[str] = set()
+
+
+def warn_development_secrets(settings: GovernanceSettings) -> None:
+    """Log, once per process and loudly, every secret left at its development default.
+
+    Anyone who has read this project's source knows that default: with it, whoever can write
+    Redis can forge audit entries that verify. ``GOVERNANCE_REQUIRE_SECRETS=1`` turns this
+    warning into a refusal to start.
+    """
+    for name in settings.development_secrets():
+        if name in _warned_secrets:
+            continue
+        _warned_secrets.add(name)
+        log.warning(
+            "%s is the DEVELOPMENT DEFAULT: audit seals are forgeable by anyone who knows it. "
+            "Set %s to a secret of your own (e.g. `openssl rand -hex 32`); "
+            "GOVERNANCE_REQUIRE_SECRETS=1 refuses to start without one.",
+            name,
+            name,
+        )
+
+
 class GovernanceRuntime:
     """The policy, settings and state of one app, in one process."""
 
@@ -97,6 +120,7 @@ class GovernanceRuntime:
         #: When the state store last came back after being unreachable (monotonic seconds).
         self._recovered_at: float | None = None
         self._down_since: float | None = None
+        warn_development_secrets(settings)
 
     # -- policy-derived values ------------------------------------------------------------------
 

@@ -35,9 +35,8 @@ def run_govctl(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """``govctl ARGS`` as a separate process (``python -m governance.cli.main``)."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     full_env.pop("REDIS_URL", None)
-    full_env["COLUMNS"] = "200"
     return subprocess.run(
         [sys.executable, "-m", "governance.cli.main", *args],
         env=full_env,

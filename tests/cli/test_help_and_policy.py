@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import yaml
 
 from tests.cli.conftest import CONFIG, ROOT, run_govctl
 
@@ -20,9 +23,10 @@ def test_help_lists_the_commands_and_the_exit_codes() -> None:
         ("0", "ok"),
         ("1", "refused"),
         ("2", "usage error"),
-        ("3", "unavailable"),
+        ("3", "state Redis"),
         ("4", "audit verification failed"),
-        ("5", "invalid policy file"),
+        ("5", "invalid configuration"),
+        ("6", "broker"),
     ):
         assert any(
             line.strip().lstrip("•- ").startswith(f"{code}:") and meaning in line
@@ -80,8 +84,10 @@ def test_policy_check_summarizes_the_example_config() -> None:
     summary = json.loads(run_govctl("policy", "check", str(CONFIG), "--json").stdout)
     assert set(summary["tenants"]) == {"acme", "beta"}
     assert summary["tools"]["shell"] == "process.exec"
-    assert summary["tenants"]["acme"]["reviewers"] == ["alice", "bob"]
+    assert summary["tenants"]["acme"]["reviewers"] == ["alice", "bob", "carol"]
     assert summary["tenants"]["acme"]["approval"]["quorum"] == 2
+    assert summary["warnings"] == [], "the shipped example must check clean"
+    assert result.stderr == ""
 
 
 def test_policy_check_uses_the_configured_file_by_default() -> None:
@@ -149,12 +155,10 @@ def test_explain_an_unknown_tool_is_denied() -> None:
     assert "unknown tool 'rm_rf'" in str(decision["reason"])
 
 
-def test_explain_other_decisions(tmp_path: Path) -> None:
+def test_explain_other_decisions() -> None:
     intern = _explain("-t", "acme", "-a", "intern-joe", "-x", "write_file")
     assert (intern["outcome"], intern["rule"]) == ("deny", "tenants.acme.deny[0]")
-    later = tmp_path / "later.yaml"  # the example's grant expires; this one does not
-    later.write_text(CONFIG.read_text().replace('until: "2026-12-31', 'until: "2999-12-31'))
-    granted = _explain("-t", "acme", "-a", "ops-bot", "-x", "shell", config=later)
+    granted = _explain("-t", "acme", "-a", "ops-bot", "-x", "shell")
     assert (granted["outcome"], granted["rule"], granted["granted"]) == ("allow", "grant", True)
     llm = _explain("-t", "beta", "-a", "bot", "-x", "llm:openai")
     assert llm["outcome"] == "allow"
@@ -166,3 +170,72 @@ def test_explain_other_decisions(tmp_path: Path) -> None:
     )
     unknown_tenant = _explain("-t", "nobody", "-a", "bot", "-x", "echo")
     assert (unknown_tenant["outcome"], unknown_tenant["rule"]) == ("deny", "tenants")
+
+
+def _warning_policy(tmp_path: Path, **acme: object) -> Path:
+    """The example policy with acme's settings changed by ``acme`` (keys of the tenant)."""
+    data = yaml.safe_load(CONFIG.read_text())
+    data["tenants"]["acme"].update(acme)
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _check(path: Path) -> tuple[subprocess.CompletedProcess[str], list[dict[str, object]]]:
+    result = run_govctl("policy", "check", str(path))
+    assert result.returncode == 0, result.stderr  # warnings alone exit 0
+    as_json = run_govctl("policy", "check", str(path), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    warnings: list[dict[str, object]] = json.loads(as_json.stdout)["warnings"]
+    return result, warnings
+
+
+def test_policy_check_warns_about_a_quorum_a_reviewer_can_never_meet(tmp_path: Path) -> None:
+    """Quorum 2, exactly two reviewers, no self-approval: alice's own requests (and bob's) can
+    collect one approval at most."""
+    reviewers = yaml.safe_load(CONFIG.read_text())["tenants"]["acme"]["reviewers"]
+    two = {name: reviewers[name] for name in ("alice", "bob")}
+    result, warnings = _check(_warning_policy(tmp_path, reviewers=two))
+    assert [(w["kind"], w["tenant"], w["reviewer"]) for w in warnings] == [
+        ("quorum_unreachable", "acme", "alice"),
+        ("quorum_unreachable", "acme", "bob"),
+    ]
+    lines = [x for x in result.stderr.splitlines() if x.startswith("warning: ")]
+    assert len(lines) == 2
+    assert (
+        "tenant 'acme': an action requested by reviewer 'alice' can never be released" in (lines[0])
+    )
+    assert "2 warning(s)" in result.stdout
+    # Allowed to approve their own requests, or a quorum of 1: nothing to warn about.
+    assert _check(_warning_policy(tmp_path, reviewers=two, approval={"quorum": 1}))[1] == []
+    allowed = {"quorum": 2, "allow_self_approval": True}
+    assert _check(_warning_policy(tmp_path, reviewers=two, approval=allowed))[1] == []
+
+
+def test_policy_check_warns_when_held_actions_have_no_reviewers(tmp_path: Path) -> None:
+    """beta may run shell (approval tier for every tenant) but nobody may release it."""
+    data = yaml.safe_load(CONFIG.read_text())
+    data["tenants"]["beta"]["allowed_tools"] = [*data["tenants"]["beta"]["allowed_tools"], "shell"]
+    data["tenants"]["beta"].pop("reviewers", None)
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result, warnings = _check(path)
+    assert [(w["kind"], w["tenant"]) for w in warnings] == [("no_reviewers", "beta")]
+    assert "tenant 'beta' holds actions for approval but has no reviewers" in result.stderr
+
+
+def test_policy_check_warns_about_grants_that_expired_or_expire_soon(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    grants = [
+        {"agent": "ops-bot", "action": "shell", "until": (now - timedelta(days=1)).isoformat()},
+        {"agent": "ci-bot", "action": "shell", "until": (now + timedelta(days=10)).isoformat()},
+        {"agent": "far-bot", "action": "shell", "until": (now + timedelta(days=90)).isoformat()},
+    ]
+    result, warnings = _check(_warning_policy(tmp_path, grants=grants))
+    assert [(w["kind"], w["path"]) for w in warnings] == [
+        ("grant_expired", "tenants.acme.grants[0]"),
+        ("grant_expires_soon", "tenants.acme.grants[1]"),
+    ]
+    assert "grant of 'shell' to agent 'ops-bot' of tenant 'acme' expired at" in result.stderr
+    assert "grant of 'shell' to agent 'ci-bot' of tenant 'acme' expires at" in result.stderr
+    assert "far-bot" not in result.stderr

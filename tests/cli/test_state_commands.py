@@ -286,3 +286,26 @@ def test_first_page_of_many_held_tasks_is_o_page(
     # a range, 20 hashes and a count, the client's hello (and per tenant when listing all)
     assert counts["acme", 10_000] < 40, counts
     assert counts["all", 10_000] < 80, counts
+
+
+def test_approvals_with_the_broker_down_are_recorded_and_left_to_the_reconciler(
+    govctl: Govctl, reviewer_keys: dict[str, Path]
+) -> None:
+    """The state Redis is up, the broker is not: both approvals are recorded and the release is
+    left to the reconciler (the ledger has it), without Celery's reconnect loops."""
+    submitted = govctl(
+        "submit", "tool", "shell", "-t", "acme", "-a", "planner", "--run", "r1", "-u", "carol",
+        "-i", 'command:=["ls"]', "--json",
+    )  # fmt: skip
+    task_id = json.loads(submitted.stdout)["task_id"]
+    down = {"GOVERNANCE_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0"}
+    first = govctl("held", "approve", task_id, "--key", str(reviewer_keys["alice"]), env=down)
+    assert first.returncode == 0, first.stderr
+    assert "could not send the task-held event" in first.stderr
+    second = govctl("held", "approve", task_id, "--key", str(reviewer_keys["bob"]), env=down)
+    assert second.returncode == 0, second.stderr
+    assert f"released task {task_id} is published by the reconciler" in second.stderr
+    for result in (first, second):
+        assert "Retry (" not in result.stderr
+        assert "Traceback" not in result.stderr
+    assert json.loads(govctl("held", "show", task_id, "--json").stdout)["status"] == "released"

@@ -1,4 +1,6 @@
-"""A real `celery -A workers.app flower` process for the end-to-end tests, with basic auth on.
+"""A real `celery -A workers.app flower` process for the end-to-end tests, started as documented:
+the shipped settings (``--conf=config/flowerconfig.py``) and basic auth from the environment
+(``FLOWER_BASIC_AUTH``), never on the command line.
 
 Flower only knows what it sees on the event stream while it runs (it replays no history), so it
 must be started, and be capturing events, before the tasks under test are published.
@@ -16,6 +18,9 @@ import httpx
 
 from governance.embedded.processes import log_tail, stop_processes
 from tests.e2e.conftest import CELERY, wait_until
+
+#: The Flower settings the project ships (docker-compose and the demo load the same file).
+FLOWER_CONFIG = Path(__file__).resolve().parents[2] / "config" / "flowerconfig.py"
 
 
 def free_port() -> int:
@@ -52,11 +57,11 @@ class FlowerProcess:
                 "-A",
                 "workers.app",
                 "flower",
+                f"--conf={FLOWER_CONFIG}",
                 f"--port={self.port}",
                 "--address=127.0.0.1",
-                f"--basic-auth={self.user}:{self.password}",
             ],
-            env=self.env,
+            env={**self.env, "FLOWER_BASIC_AUTH": f"{self.user}:{self.password}"},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -91,6 +96,18 @@ class FlowerProcess:
         """``GET /api/tasks``: every task Flower knows, by id."""
         tasks: dict[str, dict[str, Any]] = self.get_json("/api/tasks")
         return tasks
+
+    def workers(self) -> dict[str, bool]:
+        """``GET /api/workers?status=true``: every worker in Flower's event state, alive or not
+        (the Workers page lists the same)."""
+        workers: dict[str, bool] = self.get_json("/api/workers", status="true")
+        return workers
+
+    def task_page(self, task_id: str) -> str:
+        """The task's HTML page (``/task/<id>``), as an operator sees it."""
+        response = self._http.get(f"/task/{task_id}")
+        response.raise_for_status()
+        return response.text
 
     def task_info(self, task_id: str) -> dict[str, Any] | None:
         """``GET /api/task/info/<id>``, or None while Flower does not know the task."""

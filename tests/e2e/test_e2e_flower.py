@@ -1,5 +1,7 @@
-"""Governed tasks in Flower: a real `celery flower` (basic auth) watches the e2e worker's events
-and its HTTP API (`/api/tasks`, `/api/task/info/<id>`) shows the governance states.
+"""Governed tasks in Flower: a real `celery flower`, started as documented (the shipped
+`config/flowerconfig.py`, basic auth from `FLOWER_BASIC_AUTH`), watches the e2e worker's events
+and its HTTP API (`/api/tasks`, `/api/task/info/<id>`, `/api/workers`) and task pages show the
+governance states, their reasons, a held call and how to decide it, and no phantom workers.
 
 Flower's state machine (`celery.events.state.Task.event`) turns `task-<x>` into state `<X>`, but
 only when the new state does not rank below the current one in `celery.states.PRECEDENCE`.
@@ -8,6 +10,7 @@ Every custom state ranks as "unknown", just below FAILURE and above STARTED and 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +188,12 @@ def test_denied_shadowed_and_suggested_tasks_show_their_state(
         assert info["failed"] is None
 
     denied_info = info_of(flower, denied.id)
+    # The reason is in the result column the shipped settings show, for every outcome.
+    denied_reason = audit_of(runtime, denied.id)[0].fields["reason"]
+    assert denied_reason.endswith("interns may not touch files")
+    assert denied_info["result"] == f"denied: {denied_reason}"
+    for result in (shadowed, suggested):
+        assert str(info_of(flower, result.id)["result"]).startswith(("shadowed: ", "suggested: "))
     assert "ActionDenied" in denied_info["exception"]
     assert "interns may not touch files" in denied_info["exception"]
     assert_governance_fields(denied_info, "t-basic", "interns may not touch files")
@@ -231,8 +240,9 @@ def test_a_task_held_at_publish_time_shows_held(
     )
     assert held.state == "HELD"
     listed = wait_for_state(flower, held.id, "HELD")
-    # Never on the broker: Flower knows it only from the publisher's task-held event.
-    assert listed["received"] is None
+    # Never on the broker: Flower knows it only from the publisher's task-held event, which
+    # gives it the time it was held as its received time (else it would sort last).
+    assert listed["received"] is not None
     assert listed["started"] is None
     reason = audit_of(runtime, held.id)[0].fields["reason"]
     assert_governance_fields(info_of(flower, held.id), "t-held", reason)
@@ -279,12 +289,16 @@ def test_deferred_tasks_show_deferred_until_they_succeed(
     results = [submit_tool(app, ctx("t-conc"), "http_get", url=url) for _ in range(4)]
     seen: dict[str, list[str]] = {r.id: [] for r in results}
 
+    reasons: list[str] = []
+
     def all_succeeded() -> bool:
         listed = flower.tasks()
         for task_id, states in seen.items():
             state = listed.get(task_id, {}).get("state")
             if state and (not states or states[-1] != state):
                 states.append(state)
+            if state == "DEFERRED":
+                reasons.append(str(listed[task_id]["result"]))
         return all(states and states[-1] == "SUCCESS" for states in seen.values())
 
     try:
@@ -297,8 +311,175 @@ def test_deferred_tasks_show_deferred_until_they_succeed(
     deferred = {r.id for r in results if "waiting" in types_of(audit_of(runtime, r.id))}
     shown_deferred = {task_id for task_id, states in seen.items() if "DEFERRED" in states}
     assert deferred, "with concurrency 1, some of the four tasks must have been deferred"
+    assert reasons
+    assert all(r.startswith("deferred: ") and "concurrency" in r for r in reasons), reasons
     assert shown_deferred == deferred, seen
     for task_id in deferred:
         # DEFERRED, then (the re-published message ran) SUCCESS, and nothing after.
         assert seen[task_id][seen[task_id].index("DEFERRED") :] == ["DEFERRED", "SUCCESS"], seen
         assert info_of(flower, task_id)["succeeded"] is not None
+
+
+def test_a_held_call_shows_its_reason_call_context_and_how_to_decide_it(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    flower: FlowerProcess,
+    keys: dict[str, Ed25519PrivateKey],
+) -> None:
+    """What a reviewer needs, on the task's row, its API record and its page."""
+    held = submit_tool(
+        app, ctx("t-quorum", user="dana"), "write_file", path="flower-call.txt", content="c"
+    )
+    listed = wait_for_state(flower, held.id, "HELD")
+    reason = audit_of(runtime, held.id)[0].fields["reason"]
+    # The task list's result column starts with the reason.
+    assert listed["result"].splitlines()[0] == f"held: {reason}"
+    assert listed["received"] is not None
+    info = info_of(flower, held.id)
+    assert info["args"] == "[]"
+    assert info["kwargs"] == "{'path': 'flower-call.txt', 'content': 'c'}"
+    result = info["result"]
+    for line in (
+        "action: write_file; tenant: t-quorum; agent: flower-agent; run: run-flower",
+        "requested by: dana",
+        "approvals: 0 of 2 (reviewers: alice, bob, carol)",
+        f"approve: govctl held approve {held.id} --key PATH",
+        f"reject:  govctl held reject {held.id} --key PATH --reason '...'",
+    ):
+        assert line in result.splitlines(), (line, result)
+    assert info["expires"] is not None
+    assert any(line == f"expires: {info['expires']}" for line in result.splitlines())
+    page = flower.task_page(held.id)
+    for text in ("flower-call.txt", "requested by: dana", f"govctl held approve {held.id}"):
+        assert text in page, text
+
+    # One approval of two: the page shows it, the task is still held.
+    Approvals(app, runtime).approve(held.id, keys["alice"], "ok")
+    wait_until(
+        lambda: "approvals: 1 of 2" in str((info_of(flower, held.id) or {}).get("result")),
+        timeout_s=30,
+        what="flower to show the first approval",
+        poll_s=0.1,
+    )
+    assert info_of(flower, held.id)["state"] == "HELD"
+
+
+def test_secrets_in_a_held_call_are_redacted(
+    e2e_env: dict[str, str], runtime: GovernanceRuntime, flower: FlowerProcess
+) -> None:
+    """A team's own governed task whose call carries a credential, held at publish: Flower shows
+    its arguments with the credential's value as ``***``, on the API and on the page."""
+    from governance.integration import GovernedTask, govern, governance_context
+    from governance.policy.engine import Policy
+    from governance.settings import GovernanceSettings
+
+    settings = GovernanceSettings(
+        **{k.removeprefix("GOVERNANCE_").lower(): v for k, v in e2e_env.items()}
+    )
+    policy = Policy.from_dict(
+        {
+            "version": 1,
+            "tools": {"ops.deploy": "process.exec"},
+            "tenants": {
+                "t-held": {
+                    "allowed_tools": ["ops.deploy"],
+                    "tiers": {"actions": {"ops.deploy": "act_with_approval"}},
+                }
+            },
+        }
+    )
+    own = Celery("flower-secrets", broker=settings.broker_url, backend=settings.backend_url)
+    govern(own, settings, policy)
+
+    @own.task(name="ops.deploy", base=GovernedTask)
+    def deploy(service: str, api_key: str, options: dict[str, str]) -> str:
+        return service
+
+    secret = "sk-live-do-not-show"
+    with governance_context(tenant="t-held", agent="deployer", run="run-flower", user="dana"):
+        held = deploy.delay("billing", api_key=secret, options={"password": secret, "x": "1"})
+    try:
+        assert held.state == "HELD"
+        wait_for_state(flower, held.id, "HELD")
+        info = info_of(flower, held.id)
+        assert info["args"] == "['billing']"
+        assert info["kwargs"] == "{'api_key': '***', 'options': {'password': '***', 'x': '1'}}"
+        assert secret not in str(info)
+        page = flower.task_page(held.id)
+        assert "billing" in page
+        assert secret not in page
+    finally:
+        own.close()
+
+
+def test_a_denial_at_publish_time_shows_denied_with_its_reason(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess
+) -> None:
+    """Nothing reaches the broker, yet Flower lists the task (the id the audit entry has)."""
+    with pytest.raises(ActionDenied, match="interns may not touch files"):
+        submit_tool(app, ctx("t-basic", agent="intern-7"), "write_file", path="x", content="x")
+    (entry,) = [
+        e
+        for e in runtime.audit_log.records("t-basic")
+        if e.fields.get("type") == "authorization_denied" and e.fields.get("agent") == "intern-7"
+    ]
+    task_id = entry.fields["task_id"]
+    listed = wait_for_state(flower, task_id, "DENIED")
+    assert listed["name"] == "tools.write_file"
+    assert listed["received"] is not None
+    reason = entry.fields["reason"]
+    assert reason.endswith("interns may not touch files")
+    assert listed["result"] == f"denied: {reason} (tenant t-basic, action write_file)"
+    info = info_of(flower, task_id)
+    assert info["kwargs"] == "{'path': 'x', 'content': 'x'}"
+    assert "interns may not touch files" in info["exception"]
+
+
+def test_govctl_calls_leave_no_phantom_workers(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    flower: FlowerProcess,
+    worker: WorkerProcess,
+    e2e_env: dict[str, str],
+) -> None:
+    """Ten `govctl submit` calls, each sending Flower an event from a process of its own (five
+    held, five denied at publish): Flower's workers stay the real ones."""
+    from tests.e2e.test_e2e_govctl import govctl
+
+    before = flower.workers()
+    assert worker.node_name in before
+    submitted = []
+    for n in range(10):
+        agent = "cli-agent" if n % 2 == 0 else f"intern-{n}"
+        tenant = "t-held" if n % 2 == 0 else "t-basic"
+        done = govctl(
+            e2e_env, "submit", "tool", "write_file", "-t", tenant, "-a", agent,
+            "--run", "run-phantom", "-u", "dana", "-i", f"path=phantom-{n}.txt",
+            "-i", "content=x", "--json",
+        )  # fmt: skip
+        if n % 2 == 0:
+            assert done.returncode == 0, done.stderr
+            submitted.append((json.loads(done.stdout)["task_id"], "HELD"))
+        else:
+            assert done.returncode == 1, done.stderr
+    denied = [
+        e.fields["task_id"]
+        for e in runtime.audit_log.records("t-basic")
+        if e.fields.get("run") == "run-phantom"
+    ]
+    submitted += [(task_id, "DENIED") for task_id in denied]
+    assert len(submitted) == 10
+    for task_id, state in submitted:
+        wait_for_state(flower, task_id, state)
+    # Each sender left (worker-offline) right after its event: once Flower has the events,
+    # it lists exactly the workers it listed before.
+    try:
+        wait_until(
+            lambda: set(flower.workers()) == set(before),
+            timeout_s=10,
+            what="flower's workers to be the real ones",
+            poll_s=0.1,
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {flower.workers()} (before: {before})") from None
+    assert flower.workers()[worker.node_name] is True

@@ -32,7 +32,7 @@ def test_shipped_example_loads() -> None:
     policy = Policy.from_file(EXAMPLE)
     acme = policy.tenant("acme")
     assert acme is not None
-    assert list(acme.reviewers) == ["alice", "bob"]
+    assert list(acme.reviewers) == ["alice", "bob", "carol"]
     assert acme.approval.quorum == 2
     assert acme.approval.expiry == timedelta(hours=24)  # merged from defaults
     assert acme.concurrency == 3
