@@ -91,6 +91,12 @@ class GovernanceSettings(BaseSettings):
         ge=1,
         description="Redis broker visibility timeout: unacked messages are redelivered after it.",
     )
+    policy_check_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often each process checks the policy file for a change; a changed, "
+        "valid file is enforced without a restart (an invalid one changes nothing).",
+    )
     consumer_timeout_s: int = Field(
         1800,
         ge=1,

@@ -40,6 +40,8 @@ OUTCOMES = {
     "grant_created": "grant created",
     "grant_revoked": "grant revoked",
     "notify_failed": "notification failed",
+    "policy_reloaded": "policy reloaded",
+    "policy_invalid": "invalid policy file, kept the old one",
 }
 
 

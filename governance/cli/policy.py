@@ -21,7 +21,10 @@ if TYPE_CHECKING:
     from governance.policy.engine import Policy
     from governance.policy.tenant import TenantPolicy
 
-app = typer.Typer(help="The policy file: check it, explain its decisions.", no_args_is_help=True)
+app = typer.Typer(
+    help="The policy file: check it, explain its decisions, see what the workers enforce.",
+    no_args_is_help=True,
+)
 
 ConfigFile = Annotated[
     Path | None,
@@ -214,3 +217,91 @@ def _action(policy: Policy, name: str, model: str | None) -> Action:
         messages=[Message(role="user", content="explain")],
         max_tokens=1,
     )
+
+
+#: A worker that has not reported for this long is listed as gone (it reports every 5 s).
+REPORT_STALE_S = 60.0
+
+
+@app.command("status")
+def status(
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also workers that stopped reporting (gone).")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Which policy version each running worker enforces, against the file's.
+
+    Workers pick up a changed, valid policy file within seconds, without a restart; an invalid
+    file changes nothing (they keep the version they have) and its error is shown here. Needs
+    only the state Redis, so it works while the file is invalid. Exits 1 when the file is
+    invalid, or a running worker enforces another version than the file's.
+    """
+    import json
+    import time
+
+    from governance.cli.errors import CliError
+    from governance.policy.loader import ConfigError
+    from governance.store.connection import connect
+    from governance.store.keys import DeploymentKeys
+    from governance.store.state import StateStore
+
+    settings = context.settings()
+    try:
+        file_version: str | None = context.load_policy().version
+        file_error = None
+    except ConfigError as exc:
+        file_version, file_error = None, str(exc)
+    client = connect(
+        settings.state_url, cluster=settings.state_redis_cluster, timeout_s=settings.state_timeout_s
+    )
+    state = StateStore(client)
+    raw = state.run("policy reports", lambda: client.hgetall(DeploymentKeys.policy_reports))
+    now = time.time()
+    workers = []
+    for node, report in sorted(raw.items()):
+        data = json.loads(report)
+        age = now - float(data.get("seen_at", 0))
+        data["node"] = node.decode() if isinstance(node, bytes) else str(node)
+        data["seen_s_ago"] = round(age, 1)
+        data["gone"] = age > REPORT_STALE_S
+        data["current"] = data.get("version") == file_version and not data.get("error")
+        if show_all or not data["gone"]:
+            workers.append(data)
+    behind = [w for w in workers if not w["gone"] and not w["current"]]
+    if as_json:
+        output.emit_json(
+            {
+                "file": str(settings.config_path),
+                "version": file_version,
+                "error": file_error,
+                "workers": workers,
+            }
+        )
+    else:
+        where = f"policy file {settings.config_path}"
+        output.show(f"{where}: version {file_version}" if file_version else f"{where}: INVALID")
+        if not workers:
+            output.show("no running worker has reported yet (they report every 5 s)")
+        else:
+            rows = output.table("worker", "version", "loaded", "last report", "state")
+            for w in workers:
+                state_text = "gone" if w["gone"] else "current" if w["current"] else "behind"
+                if w.get("error"):
+                    state_text = "file invalid: keeps its version"
+                output.add_row(
+                    rows,
+                    w["node"],
+                    w.get("version", "?"),
+                    output.when(round(float(w.get("loaded_at", 0)) * 1000)),
+                    f"{w['seen_s_ago']:g} s ago",
+                    state_text,
+                )
+            output.show(rows)
+    if file_error is not None:
+        raise CliError(f"the policy file is invalid; the workers keep their version:\n{file_error}")
+    if behind:
+        raise CliError(
+            f"{len(behind)} running worker(s) do not enforce version {file_version}: "
+            + ", ".join(w["node"] for w in behind)
+        )

@@ -14,13 +14,20 @@ by and take over within a few seconds when it dies). Each round, the leader:
   writer was killed before sealing them, and trims entries older than the policy's
   ``audit.retention`` (after a signed record of where the chain now starts).
 
+Every worker, leader or not, also checks the policy file each round (a changed one is enforced at
+once, an invalid one changes nothing and is audited) and reports every ``POLICY_REPORT_S`` the
+version it enforces, for ``govctl policy status``.
+
 Every step is atomic in Redis, so two leaders for a moment (a lock that expired under a slow
 leader) never do anything twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -33,6 +40,7 @@ from governance.integration.notify import NotifierThread
 from governance.integration.runtime import GovernanceRuntime
 from governance.store import audit_verify
 from governance.store.admission import Publication
+from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.errors import StoreUnavailable
 from governance.store.keys import DEPLOYMENT_CHAIN, DeploymentKeys
 
@@ -42,10 +50,17 @@ log = logging.getLogger("governance.maintenance")
 WAITING_SWEEP_S = 5.0
 
 
+#: How often each worker reports the policy version it enforces.
+POLICY_REPORT_S = 5.0
+
+
 class MaintenanceThread:
-    def __init__(self, app: Any, runtime: GovernanceRuntime) -> None:
+    def __init__(self, app: Any, runtime: GovernanceRuntime, node: str | None = None) -> None:
         self._app = app
         self._runtime = runtime
+        #: The worker's node name (as Celery and Flower show it).
+        self.node = node or f"{socket.gethostname()}:{os.getpid()}"
+        self._next_report = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name="governance-maintenance", daemon=True
@@ -90,6 +105,7 @@ class MaintenanceThread:
         """One round (tests call it directly)."""
         runtime = self._runtime
         with runtime.store_call():
+            self._watch_policy()
             self.leading = self._lead()
             if not self.leading:
                 return
@@ -106,6 +122,48 @@ class MaintenanceThread:
             if now >= self._next_audit:
                 self._next_audit = now + runtime.settings.audit_checkpoint_s
                 self._audit_round((*tenants, DEPLOYMENT_CHAIN))
+
+    def _watch_policy(self) -> None:
+        """Pick up a changed policy file now, audit what happened, report what is enforced."""
+        runtime = self._runtime
+        watched = runtime.watched_policy
+        change = watched.check()
+        if change is not None:
+            detail = {"node": self.node, "file": str(watched.path), "from": change.old_version}
+            if change.new_version is not None:
+                event = AuditEvent(
+                    type=AuditEventType.POLICY_RELOADED,
+                    decision="allow",
+                    reason=f"policy version {change.new_version} replaces {change.old_version}",
+                    policy_version=change.new_version,
+                    detail=detail,
+                )
+            else:
+                event = AuditEvent(
+                    type=AuditEventType.POLICY_INVALID,
+                    decision="deny",
+                    reason=(change.error or "")[:2000],
+                    policy_version=change.old_version,
+                    detail=detail,
+                )
+            runtime.audit(event)
+        now = time.monotonic()
+        if change is None and now < self._next_report:
+            return
+        self._next_report = now + POLICY_REPORT_S
+        report = {
+            "version": runtime.policy.version,
+            "loaded_at": round(watched.loaded_at, 3),
+            "error": watched.error,
+            "file": str(watched.path) if watched.path else None,
+            "seen_at": round(time.time(), 3),
+        }
+        runtime.state.run(
+            "policy report",
+            lambda: runtime.state.client.hset(
+                DeploymentKeys.policy_reports, self.node, json.dumps(report)
+            ),
+        )
 
     def _sweep(self, tenant: str) -> None:
         runtime = self._runtime

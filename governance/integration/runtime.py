@@ -19,6 +19,7 @@ from typing import Any
 
 from governance.integration.leases import LeaseKeeper
 from governance.integration.messages import Envelope, RawSend, publish
+from governance.integration.policy_watch import WatchedPolicy
 from governance.integration.unsettled import UnsettledAttempts
 from governance.policy.actions import Action, LLMCall
 from governance.policy.engine import Policy
@@ -102,7 +103,7 @@ class GovernanceRuntime:
 
     def __init__(self, settings: GovernanceSettings, policy: Policy) -> None:
         self.settings = settings
-        self.policy = policy
+        self.watched_policy = WatchedPolicy(policy, settings.config_path, settings.policy_check_s)
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._state: StateStore | None = None
@@ -115,7 +116,7 @@ class GovernanceRuntime:
         )
         self.garbage = IgnoredDeliveries()
         self.unsettled = UnsettledAttempts()
-        self._limits: dict[tuple[str, str | None], AdmissionLimits] = {}
+        self._limits: dict[tuple[str, str | None], tuple[TenantPolicy, AdmissionLimits]] = {}
         self._raw_send: RawSend | None = None
         #: When the state store last came back after being unreachable (monotonic seconds).
         self._recovered_at: float | None = None
@@ -124,13 +125,19 @@ class GovernanceRuntime:
 
     # -- policy-derived values ------------------------------------------------------------------
 
+    @property
+    def policy(self) -> Policy:
+        """The policy in force (reloaded when its file changes, see ``policy_watch``)."""
+        return self.watched_policy.current
+
     def limits_for(self, tenant: TenantPolicy, action: Action) -> AdmissionLimits:
-        """The admission limits of ``tenant`` for ``action`` (cached: the policy is immutable)."""
+        """The admission limits of ``tenant`` for ``action`` (cached per policy object: a
+        reloaded policy brings new tenant objects, and so new limits)."""
         key = (tenant.name, action.provider if isinstance(action, LLMCall) else None)
-        limits = self._limits.get(key)
-        if limits is None:
-            limits = self._limits[key] = AdmissionLimits.for_action(tenant, action)
-        return limits
+        cached = self._limits.get(key)
+        if cached is None or cached[0] is not tenant:
+            cached = self._limits[key] = (tenant, AdmissionLimits.for_action(tenant, action))
+        return cached[1]
 
     def chain(self, tenant: str | None) -> str:
         """The audit chain of an event about ``tenant`` (unknown tenants share one)."""

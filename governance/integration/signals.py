@@ -24,7 +24,8 @@ def connect(app: Any) -> None:
         from governance.integration.maintenance import MaintenanceThread
         from governance.integration.runtime import runtime_for
 
-        pump = MaintenanceThread(app, runtime_for(app))
+        node = getattr(sender, "hostname", None)
+        pump = MaintenanceThread(app, runtime_for(app), node=node)
         pump.start()
         _pumps[id(app)] = pump
 

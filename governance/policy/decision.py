@@ -23,6 +23,8 @@ class Decision:
     action_class: str | None
     granted: bool = False
     tier_level: TierLevel | None = None
+    #: The version of the policy that decided (its content hash).
+    policy_version: str = ""
 
     @property
     def allowed(self) -> bool:

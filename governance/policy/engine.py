@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -69,6 +70,7 @@ class Policy:
     ) -> None:
         self._config = config
         self._source = source
+        self._hook_loader = hook_loader
         problems: list[Problem] = check_references(config)
         problems += check_defaults(config, hook_loader)
         tenants: dict[str, TenantPolicy] = {}
@@ -99,6 +101,11 @@ class Policy:
     @property
     def config(self) -> GovernanceConfig:
         return self._config
+
+    @property
+    def hook_loader(self) -> HookLoader:
+        """How the policy's hooks are loaded (a reload of the file uses the same)."""
+        return self._hook_loader
 
     @property
     def source(self) -> str:
@@ -175,8 +182,21 @@ class Policy:
         """Decide what happens to `action` taken by `ctx.agent` of `ctx.tenant` (see module doc).
 
         `grants` are extra grants of the tenant (e.g. from the store); `now` defaults to the
-        current UTC time and decides which grants have expired.
+        current UTC time and decides which grants have expired. The decision carries this
+        policy's version.
         """
+        return replace(
+            self._decide(ctx, action, grants=grants, now=now), policy_version=self._version
+        )
+
+    def _decide(
+        self,
+        ctx: ActionContext,
+        action: Action,
+        *,
+        grants: Sequence[Grant],
+        now: datetime | None,
+    ) -> Decision:
         if now is None:
             now = datetime.now(UTC)
         elif now.tzinfo is None:

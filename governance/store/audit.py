@@ -60,6 +60,8 @@ class AuditEventType(StrEnum):
     GRANT_CREATED = "grant_created"
     GRANT_REVOKED = "grant_revoked"
     NOTIFY_FAILED = "notify_failed"
+    POLICY_RELOADED = "policy_reloaded"  # a worker enforces a changed policy file
+    POLICY_INVALID = "policy_invalid"  # a worker found the changed file invalid: nothing changed
 
 
 @dataclass(frozen=True)

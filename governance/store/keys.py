@@ -167,3 +167,5 @@ class DeploymentKeys:
     held_tenants = f"{PREFIX}:{{held}}:tenants"
     #: Which worker runs the reconciler, the audit checkpoints and the held-task sweep right now.
     maintenance_leader = f"{PREFIX}:{{maintenance}}:leader"
+    #: What each worker enforces: node name -> JSON (policy version, loaded at, error, seen at).
+    policy_reports = f"{PREFIX}:{{policy}}:workers"

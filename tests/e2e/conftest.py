@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,79 @@ def fresh_broker_url(broker_kind: str, request: pytest.FixtureRequest, name: str
         yield node.vhost(vhost)
     finally:
         node.rabbitmqctl("delete_vhost", vhost)
+
+
+@dataclass
+class Deployment:
+    """A broker, a state Redis and workers of their own, with a publisher app: for tests that
+    kill workers, stop Redis or edit the policy file without disturbing the others."""
+
+    broker_url: str
+    state: EmbeddedRedis
+    env: dict[str, str]
+    app: Celery
+    tmp: Path
+    workers: list[WorkerProcess]
+
+    def start_worker(self, name: str) -> WorkerProcess:
+        worker = WorkerProcess(self.env, self.tmp / f"{name}.log", concurrency=4, name=name)
+        worker.start(self.app)
+        self.workers.append(worker)
+        return worker
+
+    @property
+    def runtime(self) -> GovernanceRuntime:
+        return runtime_for(self.app)
+
+
+def _db(url: str, db: int) -> str:
+    return f"{url.rsplit('/', 1)[0]}/{db}"
+
+
+@pytest.fixture
+def make_deployment(
+    e2e_env: dict[str, str],
+    broker_kind: str,
+    broker: EmbeddedRedis,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> Iterator[Callable[..., Deployment]]:
+    """``make_deployment(**GOVERNANCE_overrides)``: a :class:`Deployment` on this half's broker
+    kind (a new Redis, or a new RabbitMQ vhost), stopped after the test."""
+    from workers.app import create_app
+
+    with contextlib.ExitStack() as stack:
+        made: list[Deployment] = []
+
+        def make(**overrides: str) -> Deployment:
+            broker_url = stack.enter_context(fresh_broker_url(broker_kind, request, "own"))
+            state = stack.enter_context(EmbeddedRedis(appendonly=True))
+            settings_env = {
+                **e2e_env,
+                "GOVERNANCE_BROKER_URL": broker_url,
+                "GOVERNANCE_STATE_REDIS_URL": state.url,
+                # Results outside the state Redis, which the outage tests stop.
+                "GOVERNANCE_RESULT_BACKEND": _db(broker.url, 5),
+                **overrides,
+            }
+            env = {**os.environ, **settings_env}
+            env.pop("REDIS_URL", None)
+            app = create_app(
+                GovernanceSettings(
+                    **{k.removeprefix("GOVERNANCE_").lower(): v for k, v in settings_env.items()}
+                )
+            )
+            deployment = Deployment(broker_url, state, env, app, tmp_path, [])
+            made.append(deployment)
+            return deployment
+
+        try:
+            yield make
+        finally:
+            for deployment in made:
+                for worker in deployment.workers:
+                    worker.kill()
+                deployment.app.close()
 
 
 def queue_depth(app: Celery, queue: str = "celery") -> int:

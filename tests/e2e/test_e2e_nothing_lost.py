@@ -14,23 +14,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from celery import Celery
 
-from governance.embedded import EmbeddedRedis
 from governance.integration import governance_context
-from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
-from governance.settings import GovernanceSettings
 from tests.e2e.conftest import (
+    Deployment,
     WorkerProcess,
     audit_of,
-    fresh_broker_url,
     remove_from_queue,
     types_of,
     verify_audit,
@@ -49,67 +45,9 @@ def ctx(tenant: str = "t-load", run: str = "run-lost") -> ActionContext:
     return ActionContext(tenant=tenant, agent="agent-1", run=run)
 
 
-@dataclass
-class Deployment:
-    """A broker, a state Redis and workers of their own, with a publisher app."""
-
-    broker_url: str
-    state: EmbeddedRedis
-    env: dict[str, str]
-    app: Celery
-    tmp: Path
-    workers: list[WorkerProcess]
-
-    def start_worker(self, name: str) -> WorkerProcess:
-        worker = WorkerProcess(self.env, self.tmp / f"{name}.log", concurrency=4, name=name)
-        worker.start(self.app)
-        self.workers.append(worker)
-        return worker
-
-    @property
-    def runtime(self) -> GovernanceRuntime:
-        return runtime_for(self.app)
-
-
 @pytest.fixture
-def deployment(
-    e2e_env: dict[str, str],
-    broker_kind: str,
-    broker: EmbeddedRedis,
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-) -> Iterator[Deployment]:
-    from workers.app import create_app
-
-    with (
-        fresh_broker_url(broker_kind, request, "lost") as broker_url,
-        EmbeddedRedis(appendonly=True) as state,
-    ):
-        overrides = {
-            "GOVERNANCE_BROKER_URL": broker_url,
-            "GOVERNANCE_STATE_REDIS_URL": state.url,
-            # Results outside the state Redis, which the outage tests stop.
-            "GOVERNANCE_RESULT_BACKEND": _db(broker.url, 5),
-        }
-        settings_env = {**e2e_env, **overrides}
-        env = {**os.environ, **settings_env}
-        env.pop("REDIS_URL", None)
-        app = create_app(
-            GovernanceSettings(
-                **{k.removeprefix("GOVERNANCE_").lower(): v for k, v in settings_env.items()}
-            )
-        )
-        made = Deployment(broker_url, state, env, app, tmp_path, [])
-        try:
-            yield made
-        finally:
-            for worker in made.workers:
-                worker.kill()
-            app.close()
-
-
-def _db(url: str, db: int) -> str:
-    return f"{url.rsplit('/', 1)[0]}/{db}"
+def deployment(make_deployment: Callable[..., Deployment]) -> Deployment:
+    return make_deployment()
 
 
 def _publish_slow(
