@@ -357,9 +357,14 @@ class TaskLife:
     ) -> None:
         if not isinstance(action, LLMCall) or not error.retry_after_ms:
             return
+        spec = self.runtime.policy.config.providers.get(action.provider)
         try:
             set_cooldown(
-                self.runtime.state, headers.context.tenant, action.provider, error.retry_after_ms
+                self.runtime.state,
+                headers.context.tenant,
+                action.provider,
+                error.retry_after_ms,
+                shared=spec is not None and spec.scope == "deployment",
             )
         except StoreUnavailable as exc:
             log.warning("could not record the cooldown of %s: %s", action.provider, exc)

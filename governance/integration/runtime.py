@@ -136,7 +136,15 @@ class GovernanceRuntime:
         key = (tenant.name, action.provider if isinstance(action, LLMCall) else None)
         cached = self._limits.get(key)
         if cached is None or cached[0] is not tenant:
-            cached = self._limits[key] = (tenant, AdmissionLimits.for_action(tenant, action))
+            provider = (
+                self.policy.config.providers.get(action.provider)
+                if isinstance(action, LLMCall)
+                else None
+            )
+            cached = self._limits[key] = (
+                tenant,
+                AdmissionLimits.for_action(tenant, action, provider),
+            )
         return cached[1]
 
     def chain(self, tenant: str | None) -> str:

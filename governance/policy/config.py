@@ -86,11 +86,28 @@ class ModelPrice(_Model):
 
 
 class ProviderSpec(_Model):
-    """An LLM provider: the models it prices, and optionally a price for any other model."""
+    """An LLM provider: the models it prices, and optionally a price for any other model.
+
+    ``scope`` says who shares the provider's cooldown (a 429's Retry-After) and ``rate_limit``:
+    ``tenant`` (each tenant its own, as with a key per tenant) or ``deployment`` (every tenant
+    together, as with one API key for the deployment: one tenant's 429 pauses everyone's calls).
+    A tenant's own ``rate_limits.providers`` applies in both cases, on top.
+    """
 
     models: dict[Annotated[str, Field(min_length=1)], ModelPrice] = Field(default_factory=dict)
     default_price: ModelPrice | None = None
     description: str | None = None
+    scope: Literal["tenant", "deployment"] = "tenant"
+    rate_limit: RateLimit | None = None
+
+    @model_validator(mode="after")
+    def _rate_limit_needs_deployment_scope(self) -> ProviderSpec:
+        if self.rate_limit is not None and self.scope != "deployment":
+            raise ValueError(
+                "a provider-wide rate_limit needs `scope: deployment` (per-tenant provider "
+                "rates go under a tenant's rate_limits.providers)"
+            )
+        return self
 
 
 class TierSettings(_Model):

@@ -22,7 +22,7 @@ from governance.policy.context import ActionContext
 from governance.policy.limits import LimitWarning, Violation, ViolationType, Warning, check_limit
 from governance.policy.usage import Usage
 from governance.store.audit_seal import AuditSealer
-from governance.store.keys import WINDOW_ORDER, TenantKeys
+from governance.store.keys import WINDOW_ORDER, ProviderKeys, TenantKeys
 from governance.store.limits import AdmissionLimits, BudgetCheck
 from governance.store.state import StateStore
 
@@ -288,6 +288,10 @@ class Admitter:
             "env": envelope,
             "outage": list(outage) if outage else None,
         }
+        if provider is not None and limits.shared_provider:
+            # The deployment's provider: its own slot, so its own call, first.
+            body["hc"] = False
+            body["ext"] = self._provider_gate(provider, limits)
         script_keys = [
             *keys.shared(),
             record,
@@ -315,6 +319,21 @@ class Admitter:
             template=template,
         )
         return _parse_admission(reply, ticket, limits, provider)
+
+    def _provider_gate(self, provider: str, limits: AdmissionLimits) -> dict[str, Any] | None:
+        """The deployment-wide cooldown and rate of ``provider``: None when the call may go
+        now (its rate token taken), else when it may ({turn, v, wait}) for the admission to
+        book (see ``provider_gate.lua``)."""
+        keys = ProviderKeys(provider)
+        rate = limits.shared_provider_rate
+        raw = self._state.call(
+            "provider gate",
+            self._state.scripts.provider_gate,
+            [keys.cooldown, keys.rate],
+            [json.dumps(rate.as_args()) if rate else ""],
+        )
+        gate: dict[str, Any] = json.loads(raw)
+        return gate if gate["turn"] else None
 
     def _static_json(self, limits: AdmissionLimits) -> str:
         """The parts of an admission request that only depend on the tenant's limits, encoded

@@ -160,6 +160,26 @@ class TenantKeys:
         return f"{self._base}:steps:{run}"
 
 
+class ProviderKeys:
+    """Keys of an LLM provider shared by the whole deployment (``scope: deployment``): its
+    cooldown and its rate, in a cluster slot of their own (``gov:{provider:NAME}:...``), so
+    they are touched by a script of their own, before the tenant's admission."""
+
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self._base = f"{PREFIX}:{{provider:{provider}}}"
+
+    @property
+    def cooldown(self) -> str:
+        """STRING: until when (ms) every tenant's calls wait (a shared Retry-After)."""
+        return f"{self._base}:cooldown"
+
+    @property
+    def rate(self) -> str:
+        """STRING: the provider-wide GCRA theoretical arrival time (ms)."""
+        return f"{self._base}:rate"
+
+
 class DeploymentKeys:
     """Keys shared by the whole deployment, each with its own hash tag; none is on the path of a
     governed task."""

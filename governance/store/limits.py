@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from governance.policy.actions import Action, LLMCall
-from governance.policy.config import RateLimit
+from governance.policy.config import ProviderSpec, RateLimit
 from governance.policy.limits import ViolationType
 from governance.policy.long_running import LongRunningLimits
 from governance.policy.tenant import TenantPolicy
@@ -83,6 +83,11 @@ class AdmissionLimits:
     warning_threshold_pct: int = 80
     #: How long a task may wait (in the wait list or for a booked turn) before it fails.
     max_wait_ms: int = 3_600_000
+    #: The LLM provider's cooldown and rate are the deployment's, shared by every tenant
+    #: (``providers.NAME.scope: deployment``): checked by a call of their own before admission.
+    shared_provider: bool = False
+    #: The provider-wide rate (``providers.NAME.rate_limit``), when the provider is shared.
+    shared_provider_rate: Rate | None = None
 
     @cached_property
     def check_args(self) -> list[list[int | str]]:
@@ -96,12 +101,21 @@ class AdmissionLimits:
         return sorted({WINDOW_ORDER.index(c.period) + 1 for c in self.budget_checks})
 
     @classmethod
-    def for_action(cls, tenant: TenantPolicy, action: Action) -> AdmissionLimits:
-        """The limits of ``tenant`` that apply to ``action`` (provider rate for LLM calls)."""
+    def for_action(
+        cls, tenant: TenantPolicy, action: Action, provider: ProviderSpec | None = None
+    ) -> AdmissionLimits:
+        """The limits of ``tenant`` that apply to ``action`` (provider rates for LLM calls;
+        ``provider`` is the policy's entry of the call's provider)."""
         provider_rate = None
+        shared = False
+        shared_rate = None
         if isinstance(action, LLMCall):
             provider_rate = Rate.of(tenant.rate_limits.providers.get(action.provider))
+            if provider is not None and provider.scope == "deployment":
+                shared, shared_rate = True, Rate.of(provider.rate_limit)
         return cls(
+            shared_provider=shared,
+            shared_provider_rate=shared_rate,
             concurrency=tenant.concurrency,
             tenant_rate=Rate.of(tenant.rate_limits.tenant),
             provider_rate=provider_rate,

@@ -26,7 +26,7 @@ WITH_LIBRARY = (
     "held_decide",
     "grant_revoke",
 )
-STANDALONE = ("renew", "cooldown")
+STANDALONE = ("renew", "cooldown", "provider_gate")
 SCRIPT_NAMES = WITH_LIBRARY + STANDALONE
 
 
@@ -54,6 +54,7 @@ class Scripts:
         self.audit_append: Script = client.register_script(script_source("audit_append"))
         self.renew: Script = client.register_script(script_source("renew"))
         self.cooldown: Script = client.register_script(script_source("cooldown"))
+        self.provider_gate: Script = client.register_script(script_source("provider_gate"))
         self.held_put: Script = client.register_script(script_source("held_put"))
         self.held_decide: Script = client.register_script(script_source("held_decide"))
         self.grant_revoke: Script = client.register_script(script_source("grant_revoke"))

@@ -3,7 +3,9 @@
 ``/slow?key=K&ms=N`` holds the request N ms and records how many requests of key K were in flight
 at once; ``/flaky?key=K&fail=N`` answers 500 to the first N requests of K, then 200;
 ``/v1/chat/completions`` is a tiny OpenAI-compatible endpoint (``/v1/<key>/chat/completions`` to
-script failures: ``fail500once``); ``POST /hook`` records a webhook's body. Every request is
+script failures: ``fail500once``; the model ``retry-after-2s`` answers its first call 429 with
+Retry-After 2; requests are also counted per model, ``model:<name>``); ``POST /hook`` records a
+webhook's body. Every request is
 timestamped.
 """
 
@@ -94,6 +96,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if key == "rate429once" and count == 1:
             self._reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+            return
+        model = str(body.get("model"))
+        with obs.lock:
+            obs.counts[f"model:{model}"] += 1
+            model_count = obs.counts[f"model:{model}"]
+            obs.requests[f"model:{model}"].append((time.time(), time.time()))
+        if model == "retry-after-2s" and model_count == 1:
+            self._reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})
             return
         prompt = " ".join(m["content"] for m in body.get("messages", []))
         self._reply(

@@ -391,7 +391,7 @@ def test_secrets_in_a_held_call_are_redacted(
     own = Celery("flower-secrets", broker=settings.broker_url, backend=settings.backend_url)
     govern(own, settings, policy)
 
-    @own.task(name="ops.deploy", base=GovernedTask)
+    @own.task(name="ops.deploy", base=GovernedTask, shared=False)
     def deploy(service: str, api_key: str, options: dict[str, str]) -> str:
         return service
 

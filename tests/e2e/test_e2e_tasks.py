@@ -333,6 +333,36 @@ def test_openai_compatible_provider_through_the_worker(
     assert (usage.used.input_tokens, usage.used.output_tokens) == (11, 7)
 
 
+def test_a_429_of_one_tenant_pauses_every_tenant_of_a_deployment_scoped_provider(
+    app: Celery, runtime: GovernanceRuntime, observer: ObserverServer
+) -> None:
+    """``shared`` has ``scope: deployment`` (one API key): tenant A's call gets a 429 with
+    Retry-After 2 s; tenant B's call, published right after, waits for the same cooldown."""
+    a = submit_llm(
+        app,
+        ctx("t-share-a"),
+        provider="shared",
+        model="retry-after-2s",
+        messages=user("first"),
+        max_tokens=20,
+    )
+    wait_until(
+        lambda: observer.observations.counts["model:retry-after-2s"] >= 1,
+        timeout_s=30,
+        what="tenant A's call to get its 429",
+    )
+    (refused_at, _) = observer.observations.requests["model:retry-after-2s"][0]
+    b = submit_llm(
+        app, ctx("t-share-b"), provider="shared", model="plain", messages=user("b"), max_tokens=20
+    )
+    assert b.get(timeout=60)["text"].startswith("ok:")
+    assert a.get(timeout=60)["text"].startswith("ok:")
+    (b_sent_at, _) = observer.observations.requests["model:plain"][0]
+    assert b_sent_at >= refused_at + 2.0, "tenant B called during tenant A's cooldown"
+    waited = [e for e in audit_of(runtime, b.id) if e.fields["type"] == "waiting"]
+    assert [e.fields["reason"] for e in waited] == ["cooldown"]
+
+
 def test_sigkilled_worker_process_loses_nothing(
     app: Celery, runtime: GovernanceRuntime, observer: ObserverServer, worker: WorkerProcess
 ) -> None:

@@ -310,6 +310,16 @@ def with_acme(**settings: Any) -> dict[str, Any]:
             "less than or equal to 100",
         ),
         ({**BASE, "tenants": {"bad tenant": {}}}, "tenants.bad tenant", "invalid name"),
+        (
+            {**BASE, "providers": {"fake": {"rate_limit": {"rate": 5, "per": "1s"}}}},
+            "providers.fake",
+            "a provider-wide rate_limit needs `scope: deployment`",
+        ),
+        (
+            {**BASE, "providers": {"fake": {"scope": "everyone"}}},
+            "providers.fake.scope",
+            "'tenant' or 'deployment'",
+        ),
         ({**BASE, "tools": {"echo": "llm.call"}}, "tools.echo.class", "reserved for LLM calls"),
         (
             {**BASE, "tools": {"echo": "compute", "fake": "compute"}},

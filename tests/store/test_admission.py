@@ -13,6 +13,7 @@ from governance.store import (
     AdmissionStatus,
     Admitter,
     BudgetCheck,
+    NextAttempt,
     Period,
     StateStore,
     read_usage,
@@ -161,13 +162,41 @@ def test_a_retry_is_a_new_attempt_with_its_own_lease(any_state: StateStore) -> N
     first = admitter.admit(
         ctx=ctx(), action=tool(), task_id="t1", attempt=0, estimate=TOOL_STEP, limits=limits
     )
-    admitter.settle(first.ticket, TOOL_STEP)
+    retry_at = NextAttempt(envelope("t1"), int(time.time() * 1000), parked=False)
+    admitter.settle(first.ticket, TOOL_STEP, next_attempt=retry_at)
     retry = admitter.admit(
         ctx=ctx(), action=tool(), task_id="t1", attempt=1, estimate=TOOL_STEP, limits=limits
     )
     assert retry.status is AdmissionStatus.ADMITTED
     admitter.settle(retry.ticket, TOOL_STEP)
     assert read_usage(any_state, "acme", Period.RUN, run="run-1").used.steps == 2
+
+
+def test_an_attempt_nobody_scheduled_never_runs(any_state: StateStore) -> None:
+    """A copy of a task's message with its attempt number raised (a replayed release, say): after
+    a final settlement, and past the one retry that was scheduled, it is dropped as settled."""
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits()
+
+    def admit(task: str, attempt: int) -> AdmissionStatus:
+        admission = admitter.admit(
+            ctx=ctx(), action=tool(), task_id=task, attempt=attempt, estimate=TOOL_STEP,
+            limits=limits,
+        )  # fmt: skip
+        if admission.admitted:
+            admitter.settle(admission.ticket, TOOL_STEP)
+        return admission.status
+
+    assert admit("done", 0) is AdmissionStatus.ADMITTED
+    assert admit("done", 1) is AdmissionStatus.SETTLED
+    first = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="retried", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    retry_at = NextAttempt(envelope("retried"), int(time.time() * 1000), parked=False)
+    admitter.settle(first.ticket, TOOL_STEP, next_attempt=retry_at)
+    assert admit("retried", 2) is AdmissionStatus.SETTLED  # one retry was scheduled, not two
+    assert admit("retried", 1) is AdmissionStatus.ADMITTED
+    assert read_usage(any_state, "acme", Period.RUN, run="run-1").used.steps == 3
 
 
 def test_settling_an_unknown_task_is_a_no_op(any_state: StateStore) -> None:

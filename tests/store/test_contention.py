@@ -12,12 +12,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import redis
 
 from governance.embedded import EmbeddedRedis
+from governance.policy.config import RateLimit
 from governance.policy.limits import ViolationType
 from governance.policy.usage import Usage
 from governance.store import (
@@ -434,3 +436,77 @@ def test_fail_closed_without_hanging_when_redis_stops_answering(
         what="an orphaned lease to expire",
     )
     state.close()
+
+
+# -- providers shared by the deployment (scope: deployment) ------------------------------------
+
+
+SHARED = AdmissionLimits(shared_provider=True)
+
+
+def _admit_shared(admitter: Admitter, tenant: str, task: str, limits: AdmissionLimits) -> Admission:
+    return admitter.admit(
+        ctx=ctx(tenant=tenant),
+        action=llm(provider="openai"),
+        task_id=task,
+        attempt=0,
+        estimate=tokens(1),
+        limits=limits,
+        envelope=envelope(task),
+    )
+
+
+def test_one_tenants_429_pauses_every_tenant_of_a_shared_provider(any_state: StateStore) -> None:
+    """Tenant A's Retry-After on a deployment-scoped provider books tenant B's next call for
+    when it passes; a provider scoped per tenant (the default) keeps its own cooldown. On a
+    single Redis and on a cluster (the provider's keys are in a slot of their own)."""
+    admitter = Admitter(any_state)
+    deadline = set_cooldown(any_state, "tenant-a", "openai", 2_000, shared=True)
+    b = _admit_shared(admitter, "tenant-b", "b1", SHARED)
+    assert b.status is AdmissionStatus.BOOKED
+    assert b.violation is not None
+    assert b.violation.type is ViolationType.cooldown
+    assert 0 < b.wait_ms <= 2_000
+    assert b.turn_ms == deadline
+    # The same provider, scoped per tenant: tenant B has no cooldown of its own.
+    assert _admit_shared(admitter, "tenant-b", "b2", AdmissionLimits()).admitted
+    wait_until(
+        lambda: _admit_shared(admitter, "tenant-b", "b1", SHARED).admitted,
+        timeout_s=5,
+        what="the shared cooldown to pass",
+    )
+
+
+def _admit_shared_in_process(url: str, worker: int, calls: int, out: Any) -> None:
+    state = StateStore(redis.Redis.from_url(url))
+    admitter = Admitter(state)
+    limits = AdmissionLimits(
+        shared_provider=True,
+        shared_provider_rate=Rate.of(RateLimit(rate=5, per=timedelta(seconds=60))),
+    )
+    admitted = 0
+    for i in range(calls):
+        tenant = f"tenant-{(worker + i) % 4}"
+        if _admit_shared(admitter, tenant, f"w{worker}-{i}", limits).admitted:
+            admitted += 1
+    out.put(admitted)
+
+
+@pytest.mark.timeout(120)
+def test_a_shared_provider_rate_is_exact_across_tenants_and_processes(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """8 processes, 4 tenants, 80 calls at once against a provider-wide 5 per minute (burst 5):
+    exactly 5 are admitted, all the others booked for later."""
+    out = SPAWN.Queue()
+    workers = [
+        SPAWN.Process(target=_admit_shared_in_process, args=(redis_url, w, 10, out))
+        for w in range(8)
+    ]
+    for p in workers:
+        p.start()
+    admitted = sum(out.get(timeout=100) for _ in workers)
+    for p in workers:
+        p.join(timeout=20)
+        assert p.exitcode == 0
+    assert admitted == 5

@@ -80,6 +80,12 @@ local function finish_rejected(verdict, reason)
 end
 
 if attempt and tonumber(attempt) > req.a then return reply({s = 'stale'}) end
+-- A later attempt exists only when the attempt before it settled and scheduled it (a retry):
+-- a copy of a message with its attempt number raised (a replayed release, say) ends here.
+if attempt and not same and (tonumber(attempt) + 1 ~= req.a or settled ~= '1'
+    or where == 'done') then
+  return reply({s = 'settled'})
+end
 if same then
   if settled == '1' or where == 'done' then return reply({s = 'settled'}) end
   if where == 'running' and live then

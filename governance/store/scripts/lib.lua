@@ -272,6 +272,11 @@ function L.evaluate(req, now, skip, cache, reclaim)
   end
   rate(L.T.trate, req.tr, 't', 'tenant')
   if req.k.pr ~= '' then rate(req.k.pr, req.pr, 'p', 'provider') end
+  -- The deployment's provider, checked before this call (provider_gate.lua): not before `turn`.
+  local ext = req.ext
+  if ext and ext ~= cjson.null and ext.turn > turn then
+    turn, why = ext.turn, {ext.v, ext.wait, 0}
+  end
   if turn > now then
     return {kind = 'book', v = why[1], cur = why[2], lim = why[3], wait = turn - now, turn = turn,
       tats = tats, cv = cv}
