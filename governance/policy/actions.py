@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -110,12 +109,42 @@ def parse_action(data: Any) -> Action:
     return _ACTION_ADAPTER.validate_python(data)
 
 
-def estimate_input_tokens(messages: Sequence[Message]) -> int:
-    """A deterministic estimate of the prompt tokens of `messages`, before any provider runs.
+#: Tokens counted for each message on top of its content: the chat template's framing and the
+#: role (OpenAI's template adds 3 plus the role's 1, Llama 3's 5 plus the role's 1).
+MESSAGE_OVERHEAD_TOKENS = 8
 
-    Each message counts ceil(len(content) / 4) tokens (about four characters per token for English
-    text under common BPE tokenizers) plus 4 for its role and framing. It needs no tokenizer, gives
-    the same number on every worker, and errs on the high side for typical prose; the reservation
-    it feeds is reconciled with the provider's reported usage afterwards anyway.
+#: Tokens counted once per call: a begin-of-text token and the primer of the reply (OpenAI's
+#: ``<|start|>assistant<|message|>`` is 3, Llama 3's assistant header 4).
+CALL_OVERHEAD_TOKENS = 8
+
+
+def estimate_input_tokens(messages: Sequence[Message]) -> int:
+    """An upper bound of the prompt tokens of `messages`, before any provider runs.
+
+    Each message counts the UTF-8 bytes of its content plus `MESSAGE_OVERHEAD_TOKENS`, and the
+    call `CALL_OVERHEAD_TOKENS` once. Why bytes: the tokenizers of the models we govern are
+    byte-level BPE (OpenAI's cl100k and o200k, GPT-2, Llama 3, Qwen) or SentencePiece with byte
+    fallback (Llama 2, Mistral, Gemma), and none of them has a token for less than one byte of
+    input, so a text of n bytes is at most n tokens (SentencePiece may add one word-boundary
+    token, which the overhead covers). No tighter bound holds without the model's vocabulary:
+    ``"a\n" * n`` is one token per byte under cl100k and o200k, and a rare CJK character (4
+    bytes) is 3-4 tokens. The budget must hold whatever an agent sends, so the bound is the
+    worst case, not the typical one (ceil(chars / 4), the estimate before, was below the real
+    count for Korean, for code and for text with addresses or numbers).
+
+    The price is a generous reservation: typical English prose and source code are about 4-5
+    bytes per token, CJK text about 3; settlement gives back whatever the provider reports it
+    did not use. It needs no tokenizer, is cheap, and gives the same number on every worker.
+    `tests/policy/test_policy_estimate.py` checks the bound against cl100k and o200k for
+    prose, code, CJK and arbitrary text.
     """
-    return sum(math.ceil(len(m.content) / 4) + 4 for m in messages)
+    return CALL_OVERHEAD_TOKENS + sum(
+        _utf8_length(m.content) + MESSAGE_OVERHEAD_TOKENS for m in messages
+    )
+
+
+def _utf8_length(text: str) -> int:
+    """Bytes of `text` in UTF-8; a lone surrogate (which JSON can carry) counts its 3 bytes."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))

@@ -100,10 +100,10 @@ def test_empty_tool_name_is_rejected() -> None:
 @pytest.mark.parametrize(
     ("contents", "expected"),
     [
-        ([""], 4),  # ceil(0/4) + 4
-        (["abcd"], 5),  # ceil(4/4) + 4
-        (["abcde"], 6),  # ceil(5/4) + 4
-        (["a" * 400, "b"], 100 + 4 + 1 + 4),
+        ([""], 8 + 8),  # the call's overhead, the message's overhead, 0 bytes
+        (["abcd"], 8 + 8 + 4),
+        (["abcdé"], 8 + 8 + 6),  # é is two bytes in UTF-8
+        (["a" * 400, "b"], 8 + 8 + 400 + 8 + 1),
     ],
 )
 def test_estimate_input_tokens(contents: list[str], expected: int) -> None:

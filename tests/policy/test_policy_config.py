@@ -218,20 +218,21 @@ def test_estimate_usage_of_an_llm_call_rounds_cost_up(make_policy: Callable[...,
     call = LLMCall(
         provider="fake",
         model="fake-small",
-        messages=[Message(role="user", content="0123456789")],
+        messages=[Message(role="user", content="012345678")],
         max_tokens=100,
     )
     usage = make_policy().estimate_usage(call)
-    # input: ceil(10/4) + 4 = 7 tokens; cost 7 x 0.5 + 100 x 1.5 = 153.5 micro-USD -> 154
+    # input: 9 bytes + 8 (message) + 8 (call) = 25 tokens; cost 25 x 0.5 + 100 x 1.5 = 162.5
+    # micro-USD -> 163
     assert (usage.steps, usage.tool_calls, usage.input_tokens, usage.output_tokens) == (
         1,
         0,
-        7,
+        25,
         100,
     )
-    assert usage.tokens == 107
-    assert usage.cost_micro_usd == 154
-    assert usage.cost_usd == pytest.approx(0.000154)
+    assert usage.tokens == 125
+    assert usage.cost_micro_usd == 163
+    assert usage.cost_usd == pytest.approx(0.000163)
 
 
 def test_cost_is_exact_for_decimal_prices(make_policy: Callable[..., Policy]) -> None:
