@@ -168,6 +168,13 @@ class GovernanceSettings(BaseSettings):
     llm_api_key: SecretStr | None = Field(
         None, description="API key of the OpenAI-compatible provider."
     )
+    llm_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Timeout of the OpenAI-compatible provider's requests (connecting, sending, "
+        "each wait for the answer). A call that times out after it was sent counts its whole "
+        "reservation as spent (the provider may have billed it).",
+    )
 
     @model_validator(mode="after")
     def _state_is_redis(self) -> GovernanceSettings:

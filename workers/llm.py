@@ -1,8 +1,11 @@
 """The LLM call as a governed Celery task: ``llm.complete(provider, model, messages, max_tokens)``.
 
-Admission reserves the call's estimate (its input estimate plus ``max_tokens``, priced from the
-policy's table); the task reports the tokens the provider actually used and their cost, and
-settlement replaces the reservation with them.
+Admission reserves the call's estimate (an upper bound of its input plus ``max_tokens``, priced
+from the policy's table); the task reports the tokens the provider actually used and their cost,
+and settlement replaces the reservation with them. When they cannot be known, the reservation
+is spent: the provider answered without usage (the task says so with ``report_usage_unknown``),
+or the request was sent and its outcome is unknown (the provider raises an ``ActionError`` with
+``outcome_unknown``, which the settlement reads).
 """
 
 from __future__ import annotations
@@ -11,7 +14,13 @@ from typing import Any
 
 from celery import Celery
 
-from governance.integration import GovernedLLMTask, current_execution, report_usage, runtime_for
+from governance.integration import (
+    GovernedLLMTask,
+    current_execution,
+    report_usage,
+    report_usage_unknown,
+    runtime_for,
+)
 from governance.policy.actions import LLMCall
 from governance.policy.usage import Usage
 from governance.settings import GovernanceSettings
@@ -34,6 +43,7 @@ class LLMTask(GovernedLLMTask):
                 name,
                 base_url=self.settings.llm_base_url,
                 api_key=key.get_secret_value() if key else None,
+                timeout_s=self.settings.llm_timeout_s,
             )
         return providers[name]
 
@@ -41,17 +51,15 @@ class LLMTask(GovernedLLMTask):
         execution = current_execution()
         assert execution is not None, "the LLM body runs inside a governed execution"
         completion = self.provider(call.provider).complete(call, attempt=execution.attempt)
-        policy = runtime_for(self.app).policy
-        cost = policy.cost_micro_usd(
-            call.provider, call.model, completion.input_tokens, completion.output_tokens
-        )
-        report_usage(
-            Usage(
-                input_tokens=completion.input_tokens,
-                output_tokens=completion.output_tokens,
-                cost_micro_usd=cost,
+        cost: int | None = None
+        if completion.input_tokens is not None and completion.output_tokens is not None:
+            cost = runtime_for(self.app).policy.cost_micro_usd(
+                call.provider, call.model, completion.input_tokens, completion.output_tokens
             )
-        )
+            report_usage(completion.token_usage() + Usage(cost_micro_usd=cost))
+        else:
+            report_usage(completion.token_usage())
+            report_usage_unknown(f"{call.provider} answered without token usage")
         return {
             "text": completion.text,
             "model": completion.model,
@@ -60,7 +68,9 @@ class LLMTask(GovernedLLMTask):
                 "input_tokens": completion.input_tokens,
                 "output_tokens": completion.output_tokens,
             },
-            "cost_usd": cost / 1_000_000,
+            # Unknown without usage: the settlement counts the call's whole reservation.
+            "cost_usd": None if cost is None else cost / 1_000_000,
+            "spend": "reported" if cost is not None else "assumed",
         }
 
 

@@ -13,7 +13,11 @@ from governance.integration.errors import (
     GovernanceError,
     LimitExceeded,
 )
-from governance.integration.execution import current_execution, report_usage
+from governance.integration.execution import (
+    current_execution,
+    report_usage,
+    report_usage_unknown,
+)
 from governance.integration.headers import GovernanceHeaders, HeaderError, read_headers
 from governance.integration.publish import MissingContext, governance_context, submit
 from governance.integration.runtime import GovernanceRuntime, install, runtime_for
@@ -39,6 +43,7 @@ __all__ = [
     "install",
     "read_headers",
     "report_usage",
+    "report_usage_unknown",
     "runtime_for",
     "submit",
 ]

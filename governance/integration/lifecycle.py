@@ -7,7 +7,9 @@
    of a message that already ran, runs or waits is dropped;
 4. run the body, its lease renewed meanwhile;
 5. settle in one Lua call, also when the body raised: the outcome (finished, failed, or a retry
-   and when) is decided first, so the settlement records it with its audit entry;
+   and when) is decided first, so the settlement records it with its audit entry; it counts
+   what the body reported, or the whole reservation when that cannot be known (a call whose
+   outcome is unknown, see ``TaskLife._counted``);
 6. publish what must travel: hand-offs the calls returned, the retry.
 
 Every decision comes from the policy layer and every state change from the store; this module
@@ -101,6 +103,8 @@ class TaskLife:
         self.action: Action | None = None
         self.decision: Decision | None = None
         self._envelope: Envelope | None = None
+        #: What admission reserved for this attempt (the policy's estimate of the action).
+        self._estimate = Usage()
         self._admit_ms = 0.0
         #: When this delivery reached the task (its broker's unacked clock started earlier).
         self._started = time.monotonic()
@@ -127,8 +131,9 @@ class TaskLife:
             except BaseException as exc:  # settle first, whatever happened
                 error = exc
         run_ms = round((time.perf_counter() - started) * 1000, 3)
-        outcome = self._outcome(error, headers, action, tenant, run_ms)
-        self._settle(admission, base_usage(action) + execution.usage, outcome, headers)
+        counted, spend = self._counted(base_usage(action) + execution.usage, execution, error)
+        outcome = self._outcome(error, headers, action, tenant, run_ms, spend)
+        self._settle(admission, counted, outcome, headers)
         if outcome.error is None:
             return result
         if outcome.retry_delay_ms is not None:
@@ -220,6 +225,7 @@ class TaskLife:
 
     def _admit(self, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy) -> Admission:
         runtime = self.runtime
+        self._estimate = runtime.policy.estimate_usage(action)
         try:
             with runtime.store_call():
                 admission = runtime.admitter.admit(
@@ -227,7 +233,7 @@ class TaskLife:
                     action=action,
                     task_id=self.task_id,
                     attempt=headers.attempt,
-                    estimate=runtime.policy.estimate_usage(action),
+                    estimate=self._estimate,
                     limits=runtime.limits_for(tenant, action),
                     holder=uuid.uuid4().hex,
                     handoff=headers.handoff,
@@ -284,6 +290,25 @@ class TaskLife:
                     exc_info=True,
                 )
 
+    def _counted(
+        self, reported: Usage, execution: Execution, error: BaseException | None
+    ) -> tuple[Usage, dict[str, Any]]:
+        """What the attempt counts at settlement, and what its audit entry says about it.
+
+        What the body reported, normally. When what the call used cannot be known (the body
+        said so with ``report_usage_unknown``, or raised an ``ActionError`` with
+        ``outcome_unknown``: a timeout after the request was sent, a lost connection), at least
+        the attempt's whole reservation: the provider may have billed it, and counting it keeps
+        a budget from being exceeded by calls that fail that way, on every attempt
+        (``"spend": "assumed"``). Usage reported above the reservation counts as reported, and
+        the entry records the excess (the next admission sees it in the window's usage).
+        """
+        reason = execution.usage_unknown or _unknown_outcome(error)
+        if reason is not None:
+            return reported.at_least(self._estimate), {"spend": "assumed", "spend_reason": reason}
+        excess = reported.excess_over(self._estimate)
+        return reported, ({"excess": excess} if excess else {})
+
     def _outcome(
         self,
         error: BaseException | None,
@@ -291,12 +316,14 @@ class TaskLife:
         action: Action,
         tenant: TenantPolicy,
         run_ms: float,
+        spend: dict[str, Any],
     ) -> AttemptOutcome:
         attempts = headers.attempt + 1
         detail: dict[str, Any] = {
             "attempt": headers.attempt,
             "run_ms": run_ms,
             "admit_ms": self._admit_ms,
+            **spend,
         }
         if error is None:
             return AttemptOutcome({"type": "task_finished", "decision": "allow", "detail": detail})
@@ -533,6 +560,16 @@ class TaskLife:
             self.task.send_event(f"task-{kind}", retry=False, **fields)
         except Exception:
             log.warning("could not send task-%s for %s", kind, self.task_id, exc_info=True)
+
+
+def _unknown_outcome(error: BaseException | None) -> str | None:
+    """Why the attempt's spend is unknown, when the body ended with an ``ActionError`` (raised,
+    or given to a retry) whose request was sent and whose outcome is unknown; else None."""
+    if isinstance(error, GovernedRetry | Retry):
+        error = error.exc if isinstance(error.exc, BaseException) else None
+    if isinstance(error, ActionError) and error.outcome_unknown:
+        return f"outcome unknown: {error.message}"
+    return None
 
 
 def _when_s(retry: Retry) -> float:

@@ -24,7 +24,13 @@ class ErrorKind(StrEnum):
 
 
 class ActionError(Exception):
-    """A classified failure of a tool or LLM call."""
+    """A classified failure of a tool or LLM call.
+
+    ``outcome_unknown`` says the request reached the callee and no answer tells what it did: a
+    read timeout, a connection lost after sending, a gateway that timed out. The callee may have
+    done the work (and an LLM provider billed it), so the attempt's whole reservation is counted
+    as spent when it settles, never given back.
+    """
 
     def __init__(
         self,
@@ -32,16 +38,18 @@ class ActionError(Exception):
         kind: ErrorKind | str,
         retry_after_ms: int | None = None,
         status: int | None = None,
+        outcome_unknown: bool = False,
     ) -> None:
         kind = ErrorKind(kind)
         if retry_after_ms is not None and retry_after_ms < 0:
             raise ValueError(f"retry_after_ms must be >= 0 (got {retry_after_ms})")
         # args hold plain values only, so JSON result backends can carry them and call cls(*args).
-        super().__init__(message, kind.value, retry_after_ms, status)
+        super().__init__(message, kind.value, retry_after_ms, status, outcome_unknown)
         self.message = message
         self.kind = kind
         self.retry_after_ms = retry_after_ms
         self.status = status
+        self.outcome_unknown = bool(outcome_unknown)
 
     @classmethod
     def permanent(cls, message: str, *, status: int | None = None) -> ActionError:
@@ -49,9 +57,12 @@ class ActionError(Exception):
         return cls(message, ErrorKind.permanent, status=status)
 
     @classmethod
-    def transient(cls, message: str, *, status: int | None = None) -> ActionError:
-        """A failure that may go away (timeout, connection reset, 5xx)."""
-        return cls(message, ErrorKind.transient, status=status)
+    def transient(
+        cls, message: str, *, status: int | None = None, outcome_unknown: bool = False
+    ) -> ActionError:
+        """A failure that may go away (timeout, connection reset, 5xx); ``outcome_unknown``
+        when the request was sent and may have been carried out (see the class)."""
+        return cls(message, ErrorKind.transient, status=status, outcome_unknown=outcome_unknown)
 
     @classmethod
     def rate_limited(
@@ -66,7 +77,10 @@ class ActionError(Exception):
         return self.kind is not ErrorKind.permanent
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (self.__class__, (self.message, self.kind.value, self.retry_after_ms, self.status))
+        return (
+            self.__class__,
+            (self.message, self.kind.value, self.retry_after_ms, self.status, self.outcome_unknown),
+        )
 
     def __str__(self) -> str:
         return self.message
@@ -77,6 +91,8 @@ class ActionError(Exception):
             extra += f", retry_after_ms={self.retry_after_ms}"
         if self.status is not None:
             extra += f", status={self.status}"
+        if self.outcome_unknown:
+            extra += ", outcome_unknown=True"
         return f"ActionError({self.message!r}, {self.kind.value!r}{extra})"
 
 
@@ -109,6 +125,10 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> int | N
     return max(0, math.ceil(delta_ms))
 
 
+#: Statuses of a proxy that forwarded the request and got no valid answer in time.
+GATEWAY_FAILURES = frozenset({502, 504, 524})
+
+
 def _status_text(status: int) -> str:
     try:
         return f"HTTP {status} {HTTPStatus(status).phrase}"
@@ -123,6 +143,8 @@ def classify_http_status(
 
     429 is rate_limited; 503 with a usable Retry-After too, since the server said when to come
     back; other 5xx and 408 are transient; other 4xx are permanent; 1xx-3xx are not errors.
+    A gateway's failure (502, 504, Cloudflare's 524) is transient with ``outcome_unknown``: a
+    proxy got no valid answer from the server behind it, which may have done the work.
     """
     if not 100 <= status <= 599:
         raise ValueError(f"not an HTTP status code: {status}")
@@ -133,6 +155,8 @@ def classify_http_status(
     if status == 429 or (status == 503 and wait_ms is not None):
         suffix = f" (retry after {wait_ms} ms)" if wait_ms is not None else ""
         return ActionError.rate_limited(text + suffix, wait_ms, status=status)
+    if status in GATEWAY_FAILURES:
+        return ActionError.transient(text, status=status, outcome_unknown=True)
     if status >= 500 or status == 408:
         return ActionError.transient(text, status=status)
     return ActionError.permanent(text, status=status)

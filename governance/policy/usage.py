@@ -12,6 +12,9 @@ from decimal import Decimal
 
 MICRO = 1_000_000
 
+#: The fields of a Usage, in the order the store keeps them.
+FIELDS = ("steps", "tool_calls", "input_tokens", "output_tokens", "cost_micro_usd")
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -24,7 +27,7 @@ class Usage:
     cost_micro_usd: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "tool_calls", "input_tokens", "output_tokens", "cost_micro_usd"):
+        for name in FIELDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
 
@@ -37,6 +40,30 @@ class Usage:
     def cost_usd(self) -> float:
         """The cost in USD."""
         return self.cost_micro_usd / MICRO
+
+    def at_least(self, floor: Usage) -> Usage:
+        """Each field the larger of this usage's and ``floor``'s: what an attempt whose spend
+        is unknown counts (``floor`` is its reservation, whatever it reported on top)."""
+        return Usage(*(max(a, b) for a, b in zip(self.as_tuple(), floor.as_tuple(), strict=True)))
+
+    def excess_over(self, reserved: Usage) -> dict[str, int]:
+        """The fields where this usage is above ``reserved``, and by how much (a provider that
+        reported more than the call reserved)."""
+        return {
+            name: mine - theirs
+            for name, mine, theirs in zip(FIELDS, self.as_tuple(), reserved.as_tuple(), strict=True)
+            if mine > theirs
+        }
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        """The fields in the order of ``FIELDS`` (and of the store's usage lists)."""
+        return (
+            self.steps,
+            self.tool_calls,
+            self.input_tokens,
+            self.output_tokens,
+            self.cost_micro_usd,
+        )
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(

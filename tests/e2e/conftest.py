@@ -432,6 +432,9 @@ def e2e_env(
         "GOVERNANCE_HELD_SWEEP_S": "3600",
         "GOVERNANCE_STATE_TIMEOUT_S": "1",
         "GOVERNANCE_LLM_BASE_URL": observer.base_url + "/v1",
+        # The test server holds some calls (model local-hold) longer than this: a timeout after
+        # the request was sent.
+        "GOVERNANCE_LLM_TIMEOUT_S": "2",
         "GOVERNANCE_AUDIT_KEY": "e2e-audit-key",
     }
 

@@ -4,9 +4,10 @@
 at once; ``/flaky?key=K&fail=N`` answers 500 to the first N requests of K, then 200;
 ``/v1/chat/completions`` is a tiny OpenAI-compatible endpoint (``/v1/<key>/chat/completions`` to
 script failures: ``fail500once``; the model ``retry-after-2s`` answers its first call 429 with
-Retry-After 2; requests are also counted per model, ``model:<name>``); ``POST /hook`` records a
-webhook's body. Every request is
-timestamped.
+Retry-After 2; the model ``local-hold`` is never answered: the request is counted under
+``hold:<last message>`` and held until the server stops, longer than any client waits; the model
+``local-no-usage`` is answered without ``usage``; requests are also counted per model,
+``model:<name>``); ``POST /hook`` records a webhook's body. Every request is timestamped.
 """
 
 from __future__ import annotations
@@ -86,18 +87,26 @@ class _Handler(BaseHTTPRequestHandler):
             return
         parts = url.path.strip("/").split("/")
         key = parts[1] if len(parts) == 4 else "chat"
+        model = str(body.get("model"))
+        messages = body.get("messages") or [{}]
+        if model == "local-hold":
+            key = f"hold:{messages[-1].get('content')}"
         obs = self.server.observations
         with obs.lock:
             obs.counts[key] += 1
             count = obs.counts[key]
             obs.requests[key].append((time.time(), time.time()))
+        if model == "local-hold":
+            # Received, never answered: the client times out after it sent the request.
+            self.server.closing.wait(60)
+            self.close_connection = True
+            return
         if key == "fail500once" and count == 1:
             self._reply(500, {"error": {"message": "upstream hiccup"}})
             return
         if key == "rate429once" and count == 1:
             self._reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
             return
-        model = str(body.get("model"))
         with obs.lock:
             obs.counts[f"model:{model}"] += 1
             model_count = obs.counts[f"model:{model}"]
@@ -106,19 +115,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})
             return
         prompt = " ".join(m["content"] for m in body.get("messages", []))
-        self._reply(
-            200,
-            {
-                "choices": [
-                    {
-                        "message": {"role": "assistant", "content": f"ok: {prompt}"},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "model": body.get("model"),
-                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-            },
-        )
+        answer: dict[str, Any] = {
+            "choices": [
+                {
+                    "message": {"role": "assistant", "content": f"ok: {prompt}"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "model": model,
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        }
+        if model == "local-no-usage":
+            del answer["usage"]
+        self._reply(200, answer)
 
 
 class ObserverServer(ThreadingHTTPServer):
@@ -127,6 +136,8 @@ class ObserverServer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.observations = Observations()
+        #: Set when the server stops: held requests end (without an answer).
+        self.closing = threading.Event()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
@@ -138,6 +149,7 @@ class ObserverServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
+        self.closing.set()
         self.shutdown()
         self.server_close()
         self._thread.join(5)

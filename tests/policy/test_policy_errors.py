@@ -20,16 +20,18 @@ NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
         ActionError.transient("timeout", status=504),
         ActionError.rate_limited("slow down", 2500, status=429),
         ActionError.rate_limited("slow down"),
+        ActionError.transient("read timed out", outcome_unknown=True),
     ],
 )
 def test_action_error_survives_pickle(error: ActionError) -> None:
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is ActionError
-    assert (back.message, back.kind, back.retry_after_ms, back.status) == (
+    assert (back.message, back.kind, back.retry_after_ms, back.status, back.outcome_unknown) == (
         error.message,
         error.kind,
         error.retry_after_ms,
         error.status,
+        error.outcome_unknown,
     )
     assert str(back) == error.message
 
@@ -38,6 +40,16 @@ def test_action_error_rebuilds_from_its_args_like_celery_json_does() -> None:
     error = ActionError.rate_limited("429", 1200, status=429)
     back = ActionError(*error.args)
     assert (back.kind, back.retry_after_ms, back.status) == (ErrorKind.rate_limited, 1200, 429)
+    assert not back.outcome_unknown
+    unknown = ActionError(*ActionError.transient("timed out", outcome_unknown=True).args)
+    assert unknown.outcome_unknown
+    assert "outcome_unknown=True" in repr(unknown)
+
+
+def test_outcome_unknown_only_when_said() -> None:
+    assert not ActionError.transient("refused").outcome_unknown
+    assert not ActionError.permanent("bad").outcome_unknown
+    assert ActionError.transient("read timeout", outcome_unknown=True).outcome_unknown
 
 
 def test_classmethods_set_the_kind() -> None:
@@ -95,6 +107,7 @@ def test_success_and_redirect_statuses_are_not_errors(status: int) -> None:
         (500, ErrorKind.transient),
         (502, ErrorKind.transient),
         (503, ErrorKind.transient),
+        (504, ErrorKind.transient),
     ],
 )
 def test_error_statuses_are_classified(status: int, kind: ErrorKind) -> None:
@@ -103,6 +116,21 @@ def test_error_statuses_are_classified(status: int, kind: ErrorKind) -> None:
     assert error.kind is kind
     assert error.status == status
     assert str(status) in error.message
+
+
+@pytest.mark.parametrize("status", [502, 504, 524])
+def test_a_gateway_failure_leaves_the_outcome_unknown(status: int) -> None:
+    # The proxy forwarded the request; the server behind it may have done the work.
+    error = classify_http_status(status)
+    assert error is not None
+    assert error.outcome_unknown
+
+
+@pytest.mark.parametrize("status", [400, 408, 429, 500, 503])
+def test_an_answer_of_the_server_itself_is_a_known_outcome(status: int) -> None:
+    error = classify_http_status(status)
+    assert error is not None
+    assert not error.outcome_unknown
 
 
 def test_429_is_rate_limited_with_retry_after() -> None:

@@ -261,6 +261,37 @@ def test_exhausted_budget_rejects_and_reservations_in_flight_wait(any_state: Sta
     assert exhausted.violation.message == "token_limit exceeded: 400 / 300 (133%)"
 
 
+def test_usage_above_the_reservation_counts_and_the_next_admission_sees_it(
+    any_state: StateStore,
+) -> None:
+    """A provider that reports more than the call reserved: the excess is counted in the
+    window (never clamped to the reservation), so the budget's next admission sees it."""
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(budget_checks=(BudgetCheck(Period.DAY, "tokens", 1_000),))
+    reserved = Usage(steps=1, input_tokens=40, output_tokens=10)
+    first = admitter.admit(
+        ctx=ctx(), action=llm(), task_id="t1", attempt=0, estimate=reserved, limits=limits
+    )
+    assert first.admitted
+    assert admitter.settle(first.ticket, Usage(steps=1, input_tokens=900, output_tokens=2)).settled
+    snapshot = read_usage(any_state, "acme", Period.DAY)
+    assert (snapshot.used.input_tokens, snapshot.used.output_tokens) == (900, 2)
+    assert snapshot.reserved == Usage()
+
+    # 902 used: 902 + 117 is over the limit, though the reservation was only 50.
+    refused = admitter.admit(
+        ctx=ctx(), action=llm(), task_id="t2", attempt=0, estimate=tokens(117), limits=limits
+    )
+    assert refused.status is AdmissionStatus.REJECTED
+    assert refused.violation is not None
+    assert refused.violation.message == "token_limit exceeded: 1019 / 1000 (101%)"
+    # 902 + 98 fits exactly.
+    allowed = admitter.admit(
+        ctx=ctx(), action=llm(), task_id="t3", attempt=0, estimate=tokens(98), limits=limits
+    )
+    assert allowed.admitted
+
+
 def test_warning_at_admission_and_once_when_settlement_crosses_threshold(
     any_state: StateStore,
 ) -> None:

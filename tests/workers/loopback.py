@@ -3,7 +3,8 @@
 Each route (method, path) has a queue of replies: a request takes the first one, and the last one
 keeps answering, so `[500, 200]` means "fail once, then succeed". Every request is recorded.
 A reply with `drip_s` sends its whole response (status line, headers, body) one byte at a time,
-`drip_s` apart, like a slow-drip attacker.
+`drip_s` apart, like a slow-drip attacker; one with `hang_up` reads the request and closes the
+connection without answering.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     drip_s: float = 0.0
+    hang_up: bool = False
 
     def encoded(self) -> tuple[bytes, dict[str, str]]:
         headers = dict(self.headers)
@@ -79,6 +81,9 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if reply.delay_s:
             owner.stopping.wait(reply.delay_s)
+        if reply.hang_up:
+            self.close_connection = True
+            return
         data, headers = reply.encoded()
         if reply.drip_s:
             self._drip(reply, data, headers)

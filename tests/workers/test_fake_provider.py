@@ -87,6 +87,33 @@ def test_429_repeated_n_times() -> None:
     assert provider.complete(call, attempt=3).text == "echo: hi"
 
 
+def test_timeout_n_times_leaves_the_outcome_unknown_then_success() -> None:
+    provider = FakeProvider()
+    call = llm_call("[[fail timeout 2]] hi")
+    for attempt in (0, 1):
+        with pytest.raises(ActionError, match="timed out after the request was sent") as info:
+            provider.complete(call, attempt=attempt)
+        assert info.value.kind is ErrorKind.transient
+        assert info.value.outcome_unknown
+    assert provider.complete(call, attempt=2).text == "echo: hi"
+
+
+def test_input_reports_the_given_count_instead_of_the_estimate() -> None:
+    call = llm_call("[[input 900]] hi")
+    completion = FakeProvider().complete(call, attempt=0)
+    assert completion.text == "echo: hi"
+    assert (completion.input_tokens, completion.output_tokens) == (900, 2)
+    assert 900 > estimate_input_tokens(call.messages)
+
+
+def test_no_usage_answers_without_token_counts() -> None:
+    completion = FakeProvider().complete(llm_call("[[no usage]] hi"), attempt=0)
+    assert completion.text == "echo: hi"
+    assert (completion.input_tokens, completion.output_tokens) == (None, None)
+    assert not completion.usage_known
+    assert completion.token_usage().tokens == 0
+
+
 def test_permanent_always_fails() -> None:
     provider = FakeProvider()
     for attempt in range(3):

@@ -117,37 +117,42 @@ def test_400_is_permanent_with_the_body_cut(
 
 
 @pytest.mark.parametrize(
-    ("usage", "missing"),
+    ("usage", "expected"),
     [
-        (None, "usage.prompt_tokens"),
-        ({"completion_tokens": 3}, "usage.prompt_tokens"),
-        ({"prompt_tokens": 12}, "usage.completion_tokens"),
+        (None, (None, None)),
+        ({"completion_tokens": 3}, (None, 3)),
+        ({"prompt_tokens": 12}, (12, None)),
+        ({"prompt_tokens": "12", "completion_tokens": -1}, (None, None)),
     ],
 )
-def test_missing_usage_is_permanent(
+def test_an_answer_without_usage_is_returned_with_unknown_counts(
     http_server: LoopbackServer,
     provider: OpenAICompatibleProvider,
-    usage: dict[str, int] | None,
-    missing: str,
+    usage: dict[str, Any] | None,
+    expected: tuple[int | None, int | None],
 ) -> None:
+    # The answer is there (and was billed): it is returned, and the task counts the call's
+    # whole reservation, since what it used is unknown.
     body = completion_body()
     if usage is None:
         del body["usage"]
     else:
         body["usage"] = usage
     http_server.route("POST", PATH, Reply(200, body))
-    with pytest.raises(ActionError, match=f"response has no {missing}") as info:
-        provider.complete(CALL, attempt=0)
-    assert info.value.kind is ErrorKind.permanent
+    completion = provider.complete(CALL, attempt=0)
+    assert completion.text == "Hi!"
+    assert (completion.input_tokens, completion.output_tokens) == expected
+    assert not completion.usage_known
 
 
-def test_invalid_json_is_transient(
+def test_invalid_json_is_transient_with_an_unknown_outcome(
     http_server: LoopbackServer, provider: OpenAICompatibleProvider
 ) -> None:
     http_server.route("POST", PATH, Reply(200, "<html>proxy error</html>"))
     with pytest.raises(ActionError, match="not JSON") as info:
         provider.complete(CALL, attempt=0)
     assert info.value.kind is ErrorKind.transient
+    assert info.value.outcome_unknown
 
 
 def test_no_choices_is_permanent(
@@ -161,26 +166,54 @@ def test_no_choices_is_permanent(
     assert info.value.kind is ErrorKind.permanent
 
 
-def test_timeout_is_transient(http_server: LoopbackServer) -> None:
+def test_a_timeout_after_sending_is_transient_with_an_unknown_outcome(
+    http_server: LoopbackServer,
+) -> None:
     http_server.route("POST", PATH, Reply(200, completion_body(), delay_s=5))
     with (
         OpenAICompatibleProvider("openai", http_server.url + "/v1", None, timeout_s=0.2) as p,
-        pytest.raises(ActionError, match="timed out") as info,
+        pytest.raises(ActionError, match="timed out after the request was sent") as info,
     ):
         p.complete(CALL, attempt=0)
     assert info.value.kind is ErrorKind.transient
+    assert info.value.outcome_unknown
+    # The server did receive it: the provider may bill it.
+    assert [r.json()["max_tokens"] for r in http_server.requests] == [64]
 
 
-def test_connection_refused_is_transient() -> None:
+def test_a_connection_closed_after_sending_leaves_the_outcome_unknown(
+    http_server: LoopbackServer, provider: OpenAICompatibleProvider
+) -> None:
+    http_server.route("POST", PATH, Reply(hang_up=True))
+    with pytest.raises(ActionError, match="after the request was sent") as info:
+        provider.complete(CALL, attempt=0)
+    assert info.value.kind is ErrorKind.transient
+    assert info.value.outcome_unknown
+    assert len(http_server.requests) == 1
+
+
+@pytest.mark.parametrize(("status", "unknown"), [(504, True), (502, True), (500, False)])
+def test_a_gateway_failure_leaves_the_outcome_unknown(
+    http_server: LoopbackServer, provider: OpenAICompatibleProvider, status: int, unknown: bool
+) -> None:
+    http_server.route("POST", PATH, Reply(status, "upstream"))
+    with pytest.raises(ActionError) as info:
+        provider.complete(CALL, attempt=0)
+    assert info.value.kind is ErrorKind.transient
+    assert info.value.outcome_unknown is unknown
+
+
+def test_connection_refused_is_transient_and_nothing_was_sent() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with (
         OpenAICompatibleProvider("local", f"http://127.0.0.1:{port}/v1", None) as provider,
-        pytest.raises(ActionError, match="ConnectError") as info,
+        pytest.raises(ActionError, match=r"ConnectError: .*\(the request was not sent\)") as info,
     ):
         provider.complete(CALL, attempt=0)
     assert info.value.kind is ErrorKind.transient
+    assert not info.value.outcome_unknown
 
 
 def test_client_ownership(http_server: LoopbackServer) -> None:
@@ -195,9 +228,12 @@ def test_client_ownership(http_server: LoopbackServer) -> None:
 
 def test_build_provider_gives_an_openai_compatible_provider(http_server: LoopbackServer) -> None:
     http_server.route("POST", PATH, Reply(200, completion_body()))
-    provider = build_provider("local-vllm", base_url=http_server.url + "/v1", api_key=None)
+    provider = build_provider(
+        "local-vllm", base_url=http_server.url + "/v1", api_key=None, timeout_s=7
+    )
     try:
         assert isinstance(provider, OpenAICompatibleProvider)
+        assert provider._timeout.read == 7
         assert provider.name == "local-vllm"
         assert provider.complete(CALL, attempt=0).output_tokens == 3
     finally:

@@ -12,10 +12,15 @@ Directives, written anywhere in the last user message (`attempt` is 0 on the fir
 - `[[fail 429 MS]]`, `[[fail 429 MS N]]`: raise a rate-limited `ActionError` with
   `retry_after_ms=MS` while `attempt < N` (N defaults to 1), then succeed.
 - `[[fail permanent]]`: raise a permanent `ActionError` on every attempt.
+- `[[fail timeout N]]`: raise a transient `ActionError` with `outcome_unknown` (what a read
+  timeout after the request was sent raises) while `attempt < N`, then succeed.
 - `[[sleep MS]]`: sleep MS milliseconds (at most 60 000) before answering or failing.
+- `[[input N]]`: report N input tokens instead of the estimate (a provider that counts more
+  than was reserved, or less).
+- `[[no usage]]`: answer without token counts (what was used is then unknown).
 
 Directives combine, e.g. `[[sleep 200]] [[fail transient 2]] [[fill]] hello`; failures are checked
-in the order permanent, transient, 429, each against the absolute attempt number.
+in the order permanent, transient, timeout, 429, each against the absolute attempt number.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ _DIRECTIVE = re.compile(
     r"|fail\s+transient\s+(?P<transient>\d+)"
     r"|fail\s+429\s+(?P<retry_ms>\d+)(?:\s+(?P<times_429>\d+))?"
     r"|(?P<permanent>fail\s+permanent)"
+    r"|fail\s+timeout\s+(?P<timeouts>\d+)"
     r"|sleep\s+(?P<sleep_ms>\d+)"
+    r"|input\s+(?P<input_tokens>\d+)"
+    r"|(?P<no_usage>no\s+usage)"
     r")\s*\]\]",
     re.IGNORECASE,
 )
@@ -54,18 +62,28 @@ class Script:
     rate_limit_failures: int = 0
     retry_after_ms: int = 0
     permanent: bool = False
+    timeouts: int = 0
     sleep_ms: int = 0
+    input_tokens: int | None = None
+    no_usage: bool = False
 
 
 def parse_script(content: str) -> Script:
     """Read the directives of `content`; when one is given twice, the last one wins."""
-    fill = permanent = False
-    transient = rate_limited = retry_after_ms = sleep_ms = 0
+    fill = permanent = no_usage = False
+    transient = rate_limited = retry_after_ms = sleep_ms = timeouts = 0
+    input_tokens: int | None = None
     for match in _DIRECTIVE.finditer(content):
         if match["fill"]:
             fill = True
         elif match["transient"] is not None:
             transient = int(match["transient"])
+        elif match["timeouts"] is not None:
+            timeouts = int(match["timeouts"])
+        elif match["input_tokens"] is not None:
+            input_tokens = int(match["input_tokens"])
+        elif match["no_usage"]:
+            no_usage = True
         elif match["retry_ms"] is not None:
             retry_after_ms = int(match["retry_ms"])
             rate_limited = int(match["times_429"]) if match["times_429"] is not None else 1
@@ -80,7 +98,10 @@ def parse_script(content: str) -> Script:
         rate_limit_failures=rate_limited,
         retry_after_ms=retry_after_ms,
         permanent=permanent,
+        timeouts=timeouts,
         sleep_ms=sleep_ms,
+        input_tokens=input_tokens,
+        no_usage=no_usage,
     )
 
 
@@ -104,6 +125,12 @@ class FakeProvider:
                 f"fake provider: transient failure (attempt {attempt + 1} of "
                 f"{script.transient_failures})"
             )
+        if attempt < script.timeouts:
+            raise ActionError.transient(
+                f"fake provider: timed out after the request was sent (attempt {attempt + 1} "
+                f"of {script.timeouts})",
+                outcome_unknown=True,
+            )
         if attempt < script.rate_limit_failures:
             raise ActionError.rate_limited(
                 "fake provider: 429 Too Many Requests",
@@ -114,10 +141,15 @@ class FakeProvider:
         reply = " ".join(["echo:", *words[: call.max_tokens]])
         cut = len(words) > call.max_tokens
         output_tokens = call.max_tokens if script.fill else min(call.max_tokens, len(reply.split()))
+        input_tokens = (
+            estimate_input_tokens(call.messages)
+            if script.input_tokens is None
+            else script.input_tokens
+        )
         return Completion(
             text=reply,
-            input_tokens=estimate_input_tokens(call.messages),
-            output_tokens=output_tokens,
+            input_tokens=None if script.no_usage else input_tokens,
+            output_tokens=None if script.no_usage else output_tokens,
             model=call.model,
             finish_reason="length" if cut or script.fill else "stop",
         )

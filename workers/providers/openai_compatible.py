@@ -2,8 +2,15 @@
 
 Every failure is classified for the retry policy: HTTP statuses by `classify_http_status` (429 and
 Retry-After become rate-limited), timeouts, connection errors and unparseable bodies (usually a
-proxy in between) are transient, and a response without token usage is permanent, because the
-call's cost could not be settled against the budget.
+proxy in between) are transient. And for the budget, by what the provider may have billed:
+
+- never sent (the connection was refused or never established, or no pooled connection was
+  free in time): nothing was spent;
+- sent, and the outcome unknown (a read or write timeout, the connection lost after sending, a
+  gateway's 502/504/524, a body that is not JSON): `outcome_unknown`, so the attempt's whole
+  reservation is counted as spent;
+- answered: the answer's `usage`; an answer without it (or with something else than token
+  counts) is returned with its counts None, and the task counts the whole reservation.
 """
 
 from __future__ import annotations
@@ -21,6 +28,19 @@ from workers.providers.base import Completion
 ERROR_BODY_CHARS = 500
 """How much of an error response's body goes into the error message."""
 
+DEFAULT_TIMEOUT_S = 30.0
+"""The deadline of one request (each of connect, write, read and pool), unless told otherwise."""
+
+NOT_SENT: tuple[type[httpx.RequestError], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+"""Failures before any of the request left: no connection, or a request httpx refused to send.
+Every other failure of a request happened after it was sent, at least in part."""
+
 
 class OpenAICompatibleProvider:
     """Chat completions over HTTP against `{base_url}/chat/completions`.
@@ -34,7 +54,7 @@ class OpenAICompatibleProvider:
         name: str,
         base_url: str,
         api_key: str | None,
-        timeout_s: float = 30.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         client: httpx.Client | None = None,
     ) -> None:
         try:
@@ -68,10 +88,20 @@ class OpenAICompatibleProvider:
             response = self._client.post(
                 self.url, json=payload, headers=headers, timeout=self._timeout
             )
+        except NOT_SENT as exc:
+            raise ActionError.transient(
+                f"{self.name}: {type(exc).__name__}: {exc} (the request was not sent)"
+            ) from exc
         except httpx.TimeoutException as exc:
-            raise ActionError.transient(f"{self.name}: timed out: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise ActionError.transient(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            raise ActionError.transient(
+                f"{self.name}: timed out after the request was sent: {type(exc).__name__}",
+                outcome_unknown=True,
+            ) from exc
+        except httpx.RequestError as exc:
+            raise ActionError.transient(
+                f"{self.name}: {type(exc).__name__} after the request was sent: {exc}",
+                outcome_unknown=True,
+            ) from exc
         status = response.status_code
         if not 200 <= status < 300:
             error = classify_http_status(status, response.headers.get("retry-after"))
@@ -83,6 +113,7 @@ class OpenAICompatibleProvider:
                 error.kind,
                 error.retry_after_ms,
                 status,
+                error.outcome_unknown,
             )
         try:
             body = response.json()
@@ -90,6 +121,7 @@ class OpenAICompatibleProvider:
             raise ActionError.transient(
                 f"{self.name}: response is not JSON ({exc}): {response.text[:ERROR_BODY_CHARS]}",
                 status=status,
+                outcome_unknown=True,
             ) from exc
         return _parse_completion(self.name, call, body)
 
@@ -129,15 +161,14 @@ def _malformed(what: str) -> ActionError:
     return ActionError.permanent(f"malformed chat completion: {what}")
 
 
-def _tokens(body: Any, path: str, provider: str) -> int:
+def _tokens(body: Any, path: str) -> int | None:
+    """The token count at `path`, or None when the answer has none (or not a count)."""
     try:
         value = _field(body, path)
     except ActionError:
-        raise ActionError.permanent(
-            f"{provider}: response has no {path}; the call's cost cannot be known"
-        ) from None
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ActionError.permanent(f"{provider}: {path} is not a token count: {value!r}")
+        return None
     return value
 
 
@@ -147,8 +178,8 @@ def _parse_completion(provider: str, call: LLMCall, body: Any) -> Completion:
         finish_reason = _field(body, "choices.0.finish_reason")
     except ActionError as exc:
         raise ActionError.permanent(f"{provider}: {exc.message}") from None
-    input_tokens = _tokens(body, "usage.prompt_tokens", provider)
-    output_tokens = _tokens(body, "usage.completion_tokens", provider)
+    input_tokens = _tokens(body, "usage.prompt_tokens")
+    output_tokens = _tokens(body, "usage.completion_tokens")
     model = body.get("model") if isinstance(body, dict) else None
     return Completion(
         text=content if isinstance(content, str) else "",
