@@ -103,7 +103,7 @@ def test_input_reports_the_given_count_instead_of_the_estimate() -> None:
     completion = FakeProvider().complete(call, attempt=0)
     assert completion.text == "echo: hi"
     assert (completion.input_tokens, completion.output_tokens) == (900, 2)
-    assert 900 > estimate_input_tokens(call.messages)
+    assert estimate_input_tokens(call.messages) < 900
 
 
 def test_no_usage_answers_without_token_counts() -> None:
