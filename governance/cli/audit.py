@@ -33,6 +33,8 @@ OUTCOMES = {
     "waiting": "waiting",
     "admitted": "admitted",
     "budget_warning": "budget warning",
+    "limit_warning": "limit warning",
+    "run_closed": "run closed",
     "task_finished": "finished",
     "task_failed": "failed",
     "retry_scheduled": "retry scheduled",

@@ -216,6 +216,16 @@ def approve(
             metavar="DURATION",
         ),
     ] = None,
+    alert_to: Annotated[
+        float | None,
+        typer.Option(
+            "--alert-to",
+            help="For a call held at its run's cost alert: the run's next alert threshold in "
+            "USD (signed). Default: the policy's next step (the next multiple of the alert).",
+            metavar="USD",
+            min=0,
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Approve a held task (signed with your key); with the quorum it is released, runs once.
@@ -223,10 +233,16 @@ def approve(
     Until the tenant's quorum of distinct reviewers has approved, the approval is recorded and
     the task stays held. A reviewer may not approve their own request (unless the tenant allows
     it), nor approve twice. The worker runs the task only with the reviewers' valid signatures.
+
+    A call held at its run's cost alert (kind cost_alert) is the run's decision: the run's other
+    calls held at the alert are approved with it, and the run goes on up to its next threshold.
+    Rejecting one rejects them all and ends the run's later calls.
     """
     grant_for = _duration(grant) if grant is not None else None
     private = _key(key)
-    outcome = context.approvals().approve(task_id, private, reason, grant_for=grant_for)
+    outcome = context.approvals().approve(
+        task_id, private, reason, grant_for=grant_for, alert_to_usd=alert_to
+    )
     who = outcome.reviewer
     if as_json:
         output.emit_json(

@@ -48,7 +48,18 @@ import sys
 
 import typer
 
-from governance.cli import audit, dev, grants, held, policy, reviewers, status, submit, usage
+from governance.cli import (
+    audit,
+    dev,
+    grants,
+    held,
+    policy,
+    reviewers,
+    runs,
+    status,
+    submit,
+    usage,
+)
 from governance.cli.errors import EXIT_CODES, ExitCode, classify
 from governance.cli.output import error
 
@@ -77,6 +88,7 @@ app = typer.Typer(
 app.add_typer(held.app, name="held")
 app.add_typer(reviewers.app, name="reviewers")
 app.add_typer(grants.app, name="grants")
+app.add_typer(runs.app, name="run", no_args_is_help=True)
 app.add_typer(submit.app, name="submit")
 app.command("usage")(usage.usage)
 app.command("status")(status.status)

@@ -60,8 +60,17 @@ from governance.policy.tiers import Outcome
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.errors import StoreUnavailable
 from governance.store.held import HeldStatus, HeldStore, HeldTask
+from governance.store.usage import stop_run_at_cost_alert
 
 log = logging.getLogger("governance.approvals")
+
+#: The kind of a hold at a run's cost alert (an approval-tier hold is "hold").
+COST_ALERT = "cost_alert"
+
+
+def _kind_of(signed: Mapping[str, Any]) -> str:
+    payload = signed.get("payload")
+    return str(payload.get("kind", "hold")) if isinstance(payload, Mapping) else ""
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,11 @@ class Approvals:
         expiry = tenant.approval.expiry if tenant else timedelta(hours=24)
         now_ms = int(time.time() * 1000)
         # The context exactly as parsed here (a default such as trace_id filled in), so every
-        # later delivery parses the same context and hashes the same call.
-        headers = {k: v for k, v in envelope.headers.items() if k != APPROVALS}
+        # later delivery parses the same context and hashes the same call. A call held at its
+        # run's cost alert keeps the approvals that released it from its tier's hold.
+        headers = {
+            k: v for k, v in envelope.headers.items() if k != APPROVALS or kind == COST_ALERT
+        }
         headers[CONTEXT] = context_json(context)
         kept = Envelope(
             envelope.task, envelope.args, envelope.kwargs, {**envelope.options, "headers": headers}
@@ -184,6 +196,7 @@ class Approvals:
                 "call": task.action.get("input", task.kwargs),
                 "expires_ms": task.expires_ms,
                 "govctl": f"govctl held approve {task.task_id} --key PATH",
+                "kind": kind,
             }
             self.app.backend.store_result(task.task_id, meta, "HELD")
         notifications = self._notifications(task, tenant)
@@ -265,6 +278,53 @@ class Approvals:
                     decision.tier_level,
                 )
         return decision
+
+    def cost_alert_release(
+        self,
+        headers: GovernanceHeaders,
+        task_name: str,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        action: Action,
+    ) -> int | None:
+        """Whether the message carries the reviewers' approval to go past its run's cost alert:
+        the new threshold they set (micro-USD; the lowest any of them signed, 0 when none set
+        one: the policy's next step), or None. Approvals that do not verify are audited as a
+        forged release (the admission then holds the call again)."""
+        approvals = [a for a in headers.approvals if _kind_of(a) == COST_ALERT]
+        if not approvals:
+            return None
+        ctx = headers.context
+        tenant = self._tenant(ctx.tenant)
+        release = check_release(
+            approvals,
+            reviewers=tenant.reviewers,
+            quorum=tenant.approval.quorum,
+            allow_self_approval=tenant.approval.allow_self_approval,
+            task_id=task_id,
+            call=message_call(task_name, args, kwargs, ctx),
+            requester=ctx.user,
+            now_ms=int(time.time() * 1000),
+            valid_for=tenant.approval.valid_for,
+            kind=COST_ALERT,
+        )
+        if release.ok:
+            chosen = [p.alert_to_micro for p in release.payloads if p.alert_to_micro is not None]
+            return min(chosen) if chosen else 0
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.FORGED_RELEASE,
+                tenant=ctx.tenant,
+                agent=ctx.agent,
+                run=ctx.run,
+                task_id=task_id,
+                action=action.name,
+                decision="hold",
+                reason=f"a cost-alert release that does not verify: {release.reason}",
+            )
+        )
+        return None
 
     def check(
         self,
@@ -359,6 +419,7 @@ class Approvals:
         verdict: str,
         reason: str,
         grant_s: int | None,
+        alert_to_micro: int | None = None,
     ) -> dict[str, Any]:
         payload = DecisionPayload(
             task_id=task.task_id,
@@ -374,6 +435,7 @@ class Approvals:
             nonce=new_nonce(),
             at_ms=int(time.time() * 1000),
             kind=task.kind,
+            alert_to_micro=alert_to_micro,
         )
         return sign(key, payload)
 
@@ -383,8 +445,45 @@ class Approvals:
         key: Ed25519PrivateKey,
         reason: str = "",
         grant_for: timedelta | None = None,
+        alert_to_usd: float | None = None,
     ) -> ApprovalOutcome:
-        """Sign and record an approval; the one that completes the quorum releases the task."""
+        """Sign and record an approval; the one that completes the quorum releases the task.
+
+        At a run's cost alert the decision is the run's: the run's other calls held at the
+        alert are approved with it, and ``alert_to_usd`` (signed) is the run's next threshold
+        (else the policy's next step)."""
+        outcome = self._approve_one(task_id, key, reason, grant_for, alert_to_usd)
+        if outcome.task.kind == COST_ALERT:
+            for sibling in self._run_alert_holds(outcome.task):
+                try:
+                    self._approve_one(sibling.task_id, key, reason, None, alert_to_usd)
+                except ApprovalRefused as exc:
+                    log.info("cost alert of run %s: %s", sibling.run, exc)
+        return outcome
+
+    def _run_alert_holds(self, task: HeldTask) -> list[HeldTask]:
+        """The other calls of ``task``'s run held at its cost alert."""
+        held = []
+        cursor = None
+        while True:
+            page = self.store.page(task.tenant, HeldStatus.HELD, limit=200, cursor=cursor)
+            held += [
+                t
+                for t in page.tasks
+                if t.kind == COST_ALERT and t.run == task.run and t.task_id != task.task_id
+            ]
+            if page.next_cursor is None:
+                return held
+            cursor = page.next_cursor
+
+    def _approve_one(
+        self,
+        task_id: str,
+        key: Ed25519PrivateKey,
+        reason: str,
+        grant_for: timedelta | None,
+        alert_to_usd: float | None,
+    ) -> ApprovalOutcome:
         for _ in range(10):  # another reviewer approving at the same time: read again
             task = self.find(task_id)
             reviewer = self.reviewer_for(task, key)
@@ -400,14 +499,25 @@ class Approvals:
                     f"{reviewer!r} already approved task {task_id} ({task.approvals} of "
                     f"{tenant.approval.quorum} approvals); another reviewer must approve it"
                 )
+            if alert_to_usd is not None and task.kind != COST_ALERT:
+                raise ApprovalRefused(
+                    f"task {task_id} is not held at a cost alert: --alert-to does not apply"
+                )
             grant_s = int(grant_for.total_seconds()) if grant_for else None
-            signed = self._signed(task, key, reviewer, "approve", reason, grant_s)
+            alert_to = None if alert_to_usd is None else round(alert_to_usd * 1_000_000)
+            signed = self._signed(task, key, reviewer, "approve", reason, grant_s, alert_to)
             approvals: list[Mapping[str, Any]] = [*task.signed_approvals(), signed]
             quorum = tenant.approval.quorum
             release = grant = None
             if len(approvals) >= quorum:
-                release = held_message(task).with_headers(
-                    **{APPROVALS: json.dumps(approvals, separators=(",", ":")), LEDGER: 1}
+                message = held_message(task)
+                # A call held at its cost alert still carries its tier's release, if it had one.
+                carried = json.loads(str(message.headers.get(APPROVALS) or "[]"))
+                release = message.with_headers(
+                    **{
+                        APPROVALS: json.dumps([*carried, *approvals], separators=(",", ":")),
+                        LEDGER: 1,
+                    }
                 )
                 grant = self._grant(task, tenant, approvals)
             decided = self.store.decide(
@@ -464,7 +574,21 @@ class Approvals:
         return {"id": grant_id, "json": json.dumps(record), "until_ms": until}
 
     def reject(self, task_id: str, key: Ed25519PrivateKey, reason: str) -> HeldTask:
-        """Sign and record a rejection: the task never runs; its result becomes FAILURE."""
+        """Sign and record a rejection: the task never runs; its result becomes FAILURE.
+
+        At a run's cost alert the decision is the run's: its other calls held at the alert are
+        rejected with it, and its later calls end rejected at admission."""
+        task = self._reject_one(task_id, key, reason)
+        if task.kind == COST_ALERT:
+            stop_run_at_cost_alert(self.runtime.state, task.tenant, task.run)
+            for sibling in self._run_alert_holds(task):
+                try:
+                    self._reject_one(sibling.task_id, key, reason)
+                except ApprovalRefused as exc:
+                    log.info("cost alert of run %s: %s", sibling.run, exc)
+        return task
+
+    def _reject_one(self, task_id: str, key: Ed25519PrivateKey, reason: str) -> HeldTask:
         if not reason.strip():
             raise ApprovalRefused("a rejection needs a reason")
         task = self.find(task_id)

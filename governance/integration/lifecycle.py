@@ -27,9 +27,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from celery.exceptions import Retry
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 
-from governance.integration.approvals import Approvals
+from governance.integration.approvals import COST_ALERT, Approvals
 from governance.integration.errors import (
     ActionDenied,
     ActionFailed,
@@ -39,7 +39,6 @@ from governance.integration.errors import (
 from governance.integration.events import event_fields, flower_fields
 from governance.integration.execution import Execution, running
 from governance.integration.headers import (
-    HANDOFF,
     OUTAGE,
     GovernanceHeaders,
     HeaderError,
@@ -131,6 +130,8 @@ class TaskLife:
             except BaseException as exc:  # settle first, whatever happened
                 error = exc
         run_ms = round((time.perf_counter() - started) * 1000, 3)
+        if isinstance(error, SoftTimeLimitExceeded):
+            error = self._step_timed_out(tenant, action, run_ms)
         counted, spend = self._counted(base_usage(action) + execution.usage, execution, error)
         outcome = self._outcome(error, headers, action, tenant, run_ms, spend)
         self._settle(admission, counted, outcome, headers)
@@ -223,10 +224,63 @@ class TaskLife:
             template["tier"] = d.tier.value
         return template
 
+    def _step_timed_out(self, tenant: TenantPolicy, action: Action, run_ms: float) -> ActionError:
+        """The body ran out of its step timeout (Celery's soft time limit, set from the policy
+        by ``GovernedRequest``): a failure of the kind the tenant's ``step_timeout_error`` says,
+        whose outcome is unknown (the step may have done part of its work, an LLM provider may
+        have billed the call), so its reservation counts as spent."""
+        limit = self.runtime.policy.step_timeout(tenant, action)
+        limit_text = f"{limit.total_seconds():g} s" if limit else "its time limit"
+        return ActionError(
+            f"step_timeout: the step ran {run_ms / 1000:.1f} s, over its step timeout of "
+            f"{limit_text}",
+            ErrorKind(tenant.step_timeout_error),
+            outcome_unknown=True,
+        )
+
+    def _cost_alert_approval(self, headers: GovernanceHeaders, action: Action) -> int | None:
+        """The reviewers' verified approval to go past the run's cost alert, if the message
+        carries one (see ``Approvals.cost_alert_release``)."""
+        if not headers.approvals:
+            return None
+        with self.runtime.store_call():
+            return Approvals(self.task.app, self.runtime).cost_alert_release(
+                headers, self.task.name, self.task_id, self.args, self.kwargs, action
+            )
+
+    def _hold_at_cost_alert(
+        self, headers: GovernanceHeaders, action: Action, admission: Admission
+    ) -> NoReturn:
+        """The run's cost reached its alert: this call waits in the held store for the
+        tenant's reviewers, like an approval-tier action (kind ``cost_alert``)."""
+        assert self.decision is not None
+        decision = Decision(
+            Outcome.hold,
+            admission.reason,
+            self.decision.tier,
+            "long_running.cost_alert_usd",
+            self.decision.action_class,
+            False,
+            self.decision.tier_level,
+        )
+        try:
+            with self.runtime.store_call():
+                Approvals(self.task.app, self.runtime).hold(
+                    self.envelope(),
+                    context=headers.context,
+                    action=action,
+                    decision=decision,
+                    kind=COST_ALERT,
+                )
+        except StoreUnavailable as exc:
+            self._defer_for_outage(exc)
+        raise Acknowledged()
+
     def _admit(self, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy) -> Admission:
         runtime = self.runtime
         self._estimate = runtime.policy.estimate_usage(action)
         try:
+            alert_approved = self._cost_alert_approval(headers, action)
             with runtime.store_call():
                 admission = runtime.admitter.admit(
                     ctx=headers.context,
@@ -241,6 +295,7 @@ class TaskLife:
                     template=self._template(),
                     outage=headers.outage,
                     reclaim=runtime.may_reclaim,
+                    cost_alert_approved=alert_approved,
                 )
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
@@ -248,6 +303,8 @@ class TaskLife:
         status = admission.status
         if status is AdmissionStatus.ADMITTED:
             return admission
+        if status is AdmissionStatus.COST_ALERT:
+            self._hold_at_cost_alert(headers, action, admission)
         if status.dropped:
             log.info(
                 "task %s attempt %s: %s, this copy is dropped",
@@ -277,18 +334,7 @@ class TaskLife:
         raise Acknowledged()
 
     def _publish(self, publications: tuple[Publication, ...]) -> None:
-        """Publish what a call handed on; a failure is left to the reconciler (the ledger has
-        every one of them)."""
-        for publication in publications:
-            try:
-                headers = {HANDOFF: publication.handoff} if publication.handoff else None
-                self.runtime.publish(Envelope.from_dict(publication.envelope), headers=headers)
-            except Exception:
-                log.warning(
-                    "could not publish task %s; the reconciler will",
-                    publication.task_id,
-                    exc_info=True,
-                )
+        self.runtime.publish_each(publications)
 
     def _counted(
         self, reported: Usage, execution: Execution, error: BaseException | None

@@ -34,8 +34,6 @@ import uuid
 from typing import Any
 
 from governance.integration.approvals import Approvals
-from governance.integration.headers import HANDOFF
-from governance.integration.messages import Envelope
 from governance.integration.notify import NotifierThread
 from governance.integration.runtime import GovernanceRuntime
 from governance.store import audit_verify
@@ -174,15 +172,7 @@ class MaintenanceThread:
                 return
 
     def _publish(self, publications: tuple[Publication, ...]) -> None:
-        for publication in publications:
-            headers = {HANDOFF: publication.handoff} if publication.handoff else None
-            try:
-                self._runtime.publish(Envelope.from_dict(publication.envelope), headers=headers)
-            except Exception:
-                log.warning(
-                    "could not publish task %s; next round", publication.task_id, exc_info=True
-                )
-                continue
+        for publication in self._runtime.publish_each(publications):
             if publication.again:
                 self.republished += 1
                 log.info("reconciler published task %s again", publication.task_id)

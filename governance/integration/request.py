@@ -1,18 +1,43 @@
-"""The worker-side request class of governed tasks: names governance failures for Flower.
+"""The worker-side request class of governed tasks: step timeouts, and governance failures
+named for Flower.
 
-Celery reports every exception as ``task-failed``; a denial is not a crash, so this request
-reports a task that ended with :class:`ActionDenied` as ``task-denied`` (state DENIED in Flower),
-and one that ended with :class:`ApprovalRejected` as ``task-rejected``, each with the reason in
-``result`` too (the column Flower's task list shows for every governance state). The result
-backend still says FAILURE with the reason, as callers expect.
+**Step timeouts.** The policy's ``step_timeout`` of the action (its tool's or provider's, else
+its tenant's) becomes Celery's soft time limit of the task, and the soft limit plus
+``HARD_LIMIT_GRACE_S`` its hard limit, set here in the worker's main process when the message
+is received (a limit the publisher sent can only be lower). The body gets Celery's
+``SoftTimeLimitExceeded``, and the task settles as a step timeout (see
+``TaskLife._step_timed_out``). A body that ignores it is killed at the hard limit; the pool's
+timeout handler (here, in the main process) then settles the attempt for it: lease and
+reservation released, the reservation counted as spent, a ``task_failed`` audit entry.
+
+**Flower.** Celery reports every exception as ``task-failed``; a denial is not a crash, so this
+request reports a task that ended with :class:`ActionDenied` as ``task-denied`` (state DENIED in
+Flower), and one that ended with :class:`ApprovalRejected` as ``task-rejected``, each with the
+reason in ``result`` too (the column Flower's task list shows for every governance state). The
+result backend still says FAILURE with the reason, as callers expect.
 """
 
 from __future__ import annotations
 
 import ast
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 from celery.worker.request import Request
+
+from governance.integration.governed import is_governed
+from governance.integration.headers import CONTEXT, header_value, read_context
+from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.policy.actions import Action
+from governance.policy.context import ActionContext
+from governance.policy.tenant import TenantPolicy
+from governance.store.admission import AdmissionTicket
+
+log = logging.getLogger("governance.request")
+
+#: How long after its soft time limit (the step timeout) a step is killed.
+HARD_LIMIT_GRACE_S = 2.0
 
 #: Exception class name (as it appears in the event's repr) -> governance event name.
 _FAILURE_EVENTS = {"ActionDenied": "task-denied", "ApprovalRejected": "task-rejected"}
@@ -29,7 +54,89 @@ def reason_of(exception_repr: str) -> str:
     return value if isinstance(value, str) else exception_repr
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What the main process knows of a governed request's step."""
+
+    runtime: GovernanceRuntime
+    context: ActionContext
+    action: Action
+    tenant: TenantPolicy
+    timeout_s: float | None
+
+
 class GovernedRequest(Request):  # type: ignore[misc]
+    def _step(self) -> _Step | None:
+        """The policy's view of this request, or None when it is not governed or its
+        context, action or tenant is not valid (the task itself then denies it)."""
+        task = self.task
+        if not is_governed(task):
+            return None
+        runtime = runtime_for(task.app)
+        try:
+            context = read_context(header_value(self._request_dict, CONTEXT))
+            action = task.action_for(self.args, self.kwargs)
+        except Exception:
+            return None
+        tenant = runtime.policy.tenant(context.tenant)
+        if tenant is None:
+            return None
+        limit = runtime.policy.step_timeout(tenant, action)
+        return _Step(runtime, context, action, tenant, limit.total_seconds() if limit else None)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The pool applies ``time_limits`` (Celery's request class for each task reads them
+        # when it hands the task to the pool).
+        step = self._step() if runtime_for(self.task.app).policy.has_step_timeouts else None
+        if step is not None and step.timeout_s is not None:
+            hard, soft = getattr(self, "time_limits", None) or (None, None)
+            soft = min(x for x in (soft, self.task.soft_time_limit, step.timeout_s) if x)
+            killed_at = soft + HARD_LIMIT_GRACE_S
+            self.time_limits = (min(hard, killed_at) if hard else killed_at, soft)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if not soft:
+            try:
+                self._settle_killed_step(timeout)
+            except Exception:
+                log.warning(
+                    "could not settle task %s after its hard time limit; its lease expires",
+                    self.id,
+                    exc_info=True,
+                )
+
+    def _settle_killed_step(self, timeout: float) -> None:
+        """The pool killed the step at its hard time limit: settle the attempt for it."""
+        step = self._step()
+        if step is None:
+            return
+        runtime, ctx, action = step.runtime, step.context, step.action
+        attempt = int(self._request_dict.get("retries") or 0)
+        limits = runtime.limits_for(step.tenant, action)
+        template = {
+            "tenant": ctx.tenant,
+            "agent": ctx.agent,
+            "run": ctx.run,
+            "task_id": self.id,
+            "action": action.name,
+            "policy_version": runtime.policy.version,
+        }
+        ticket = AdmissionTicket.of(ctx, self.id, attempt, "", limits, template)
+        reason = f"step_timeout: killed at its hard time limit of {timeout:g} s"
+        entry = {
+            "type": "task_failed",
+            "decision": "allow",
+            "reason": reason,
+            "detail": {"attempt": attempt, "spend": "assumed", "spend_reason": reason},
+        }
+        with runtime.store_call():
+            settlement = runtime.admitter.settle_killed(
+                ticket, runtime.policy.estimate_usage(action), entry=entry
+            )
+        runtime.publish_each(settlement.publish)
+
     def send_event(self, type: str, **fields: Any) -> None:
         if type == "task-failed":
             exception = str(fields.get("exception", ""))

@@ -13,10 +13,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from governance.integration.headers import HANDOFF
 from governance.integration.leases import LeaseKeeper
 from governance.integration.messages import Envelope, RawSend, publish
 from governance.integration.policy_watch import WatchedPolicy
@@ -25,7 +26,7 @@ from governance.policy.actions import Action, LLMCall
 from governance.policy.engine import Policy
 from governance.policy.tenant import TenantPolicy
 from governance.settings import GovernanceSettings
-from governance.store.admission import AdmissionTicket, Admitter
+from governance.store.admission import AdmissionTicket, Admitter, Publication
 from governance.store.audit import AuditEvent, AuditLog, chain_for
 from governance.store.audit_seal import AuditSealer
 from governance.store.connection import connect
@@ -296,6 +297,25 @@ class GovernanceRuntime:
         if self._raw_send is None:
             raise RuntimeError("the governance runtime is not installed on a Celery app")
         publish(self._raw_send, envelope, headers=headers, countdown_s=countdown_s)
+
+    def publish_each(self, publications: Iterable[Publication]) -> list[Publication]:
+        """Publish what a store call handed on (hand-offs with their token, tasks published
+        again); returns those that went out. A failure is logged and left to the reconciler:
+        the ledger has every one of them."""
+        sent = []
+        for publication in publications:
+            headers = {HANDOFF: publication.handoff} if publication.handoff else None
+            try:
+                self.publish(Envelope.from_dict(publication.envelope), headers=headers)
+            except Exception:
+                log.warning(
+                    "could not publish task %s; the reconciler will",
+                    publication.task_id,
+                    exc_info=True,
+                )
+                continue
+            sent.append(publication)
+        return sent
 
 
 def _replace_version(event: AuditEvent, version: str, chain: str) -> AuditEvent:

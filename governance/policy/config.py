@@ -68,6 +68,9 @@ class ToolSpec(_Model):
 
     class_: SideEffectClass = Field(alias="class")
     description: str | None = None
+    #: How long one call of the tool may run (Celery's soft time limit of the task); None: the
+    #: tenant's ``step_timeout``.
+    step_timeout: PositiveDuration | None = None
 
 
 def _tool_shorthand(value: Any) -> Any:
@@ -99,6 +102,8 @@ class ProviderSpec(_Model):
     description: str | None = None
     scope: Literal["tenant", "deployment"] = "tenant"
     rate_limit: RateLimit | None = None
+    #: How long one call to the provider may run; None: the tenant's ``step_timeout``.
+    step_timeout: PositiveDuration | None = None
 
     @model_validator(mode="after")
     def _rate_limit_needs_deployment_scope(self) -> ProviderSpec:
@@ -255,6 +260,8 @@ class LongRunningSpec(_Model):
     cost_alert_usd: NonNegFloat | None = None
     idle_timeout_s: NonNegInt | None = None
     max_same_step_repetitions: NonNegInt | None = None
+    max_wall_time_s: NonNegFloat | None = None
+    wall_time_grace_s: NonNegFloat = 1.0
 
     @field_validator("preset")
     @classmethod
@@ -325,12 +332,15 @@ class TenantSettings(_Model):
     hooks: list[HookSpec] | None = None
     grants: list[Grant] | None = None
     concurrency: NonNegInt | None = None
+    run_concurrency: NonNegInt | None = None
     rate_limits: RateLimits | None = None
     budgets: list[Budget] | None = None
     long_running: LongRunningEntry | None = None
     warning_threshold_pct: Annotated[int, Field(ge=0, le=100)] | None = None
     retry: RetrySettings | None = None
     max_wait: PositiveDuration | None = None
+    step_timeout: PositiveDuration | None = None
+    step_timeout_error: Literal["transient", "permanent"] | None = None
 
 
 class AuditSettings(_Model):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 
@@ -85,6 +85,13 @@ class Policy:
         self._tenants: Mapping[str, TenantPolicy] = MappingProxyType(tenants)
         dumped = config.model_dump(mode="json", by_alias=True, exclude_unset=True)
         self._version = hashlib.sha256(canonical_json(dumped).encode("utf-8")).hexdigest()[:16]
+        #: Whether any step has a timeout (the worker's main process skips reading each
+        #: request's policy when none has).
+        self.has_step_timeouts = (
+            any(t.step_timeout for t in config.tools.values())
+            or any(p.step_timeout for p in config.providers.values())
+            or any(t.step_timeout for t in tenants.values())
+        )
 
     @classmethod
     def from_file(cls, path: str | Path, *, hook_loader: HookLoader = load_hook) -> Policy:
@@ -153,6 +160,17 @@ class Policy:
     def cost_usd(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> float:
         """Cost in USD (of the rounded-up micro-dollar amount that usage records)."""
         return self.cost_micro_usd(provider, model, input_tokens, output_tokens) / MICRO
+
+    def step_timeout(self, tenant: TenantPolicy, action: Action) -> timedelta | None:
+        """How long one step of ``action`` may run: its tool's (or provider's) ``step_timeout``,
+        else the tenant's; None when neither says."""
+        if isinstance(action, LLMCall):
+            provider = self._config.providers.get(action.provider)
+            own = provider.step_timeout if provider else None
+        else:
+            tool = self._config.tools.get(action.tool)
+            own = tool.step_timeout if tool else None
+        return own or tenant.step_timeout
 
     def estimate_usage(self, action: Action) -> Usage:
         """What the action may use at most, reserved before it runs.

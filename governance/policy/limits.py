@@ -31,6 +31,9 @@ class ViolationType(StrEnum):
     idle_timeout = "idle_timeout"
     same_step_loop = "same_step_loop"
     cooldown = "cooldown"
+    run_concurrency_limit = "run_concurrency_limit"
+    cost_alert = "cost_alert"
+    step_timeout = "step_timeout"
 
 
 def percent_of(current: Number, limit: Number) -> int:
@@ -44,7 +47,7 @@ def percent_of(current: Number, limit: Number) -> int:
 
 def format_amount(kind: ViolationType, value: Number) -> str:
     """A figure as messages print it: dollars for cost, else the plain number."""
-    if kind is ViolationType.cost_limit:
+    if kind in (ViolationType.cost_limit, ViolationType.cost_alert):
         return f"${value:.2f}"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))

@@ -106,9 +106,14 @@ class DecisionPayload:
     nonce: str
     at_ms: int
     kind: str = "hold"  # what was held: "hold" (an approval-tier action) or "cost_alert"
+    #: At a cost alert: the run's new alert threshold the reviewer approves (micro-USD); None
+    #: lets the policy's next step decide.
+    alert_to_micro: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        extra = {} if self.alert_to_micro is None else {"alert_to_micro": self.alert_to_micro}
         return {
+            **extra,
             "v": SIGNATURE_VERSION,
             "task_id": self.task_id,
             "tenant": self.tenant,
@@ -144,6 +149,9 @@ class DecisionPayload:
             nonce=str(data["nonce"]),
             at_ms=int(data["at_ms"]),
             kind=str(data.get("kind", "hold")),
+            alert_to_micro=(
+                None if data.get("alert_to_micro") is None else int(data["alert_to_micro"])
+            ),
         )
 
 

@@ -91,6 +91,9 @@ class TenantPolicy:
     hooks: tuple[BoundHook, ...]
     grants: tuple[Grant, ...]
     concurrency: int | None
+    #: Runs in flight at once (a run is in flight from its first admitted step until it has
+    #: been idle for its idle timeout, or is closed); None: no limit.
+    run_concurrency: int | None
     rate_limits: RateLimits
     budgets: tuple[Budget, ...]
     long_running: LongRunningLimits
@@ -98,6 +101,10 @@ class TenantPolicy:
     max_wait: timedelta
     warning_threshold_pct: int
     sources: Mapping[str, str]
+    #: How long one step may run unless its tool or provider says (None: no limit), and whether
+    #: a step that ran out of time may be retried ("transient") or fails ("permanent").
+    step_timeout: timedelta | None = None
+    step_timeout_error: str = "transient"
 
     def budget(self, period: str) -> Budget | None:
         """The budget of `period` ("run", "day" or "month"), if one is configured."""
@@ -243,6 +250,7 @@ def _build(
         hooks=tuple(hooks),
         grants=tuple(grant for _path, grant in b.concatenated("grants")),
         concurrency=b.replaced("concurrency"),
+        run_concurrency=b.replaced("run_concurrency"),
         rate_limits=b.replaced("rate_limits") or RateLimits(),
         budgets=tuple(b.replaced("budgets") or ()),
         long_running=(
@@ -251,6 +259,8 @@ def _build(
         retry=retry,
         max_wait=b.replaced("max_wait") or DEFAULT_MAX_WAIT,
         warning_threshold_pct=DEFAULT_WARNING_THRESHOLD_PCT if threshold is None else threshold,
+        step_timeout=b.replaced("step_timeout"),
+        step_timeout_error=b.replaced("step_timeout_error") or "transient",
         sources=MappingProxyType(dict(b.sources)),
     )
     return policy, []

@@ -45,6 +45,8 @@ class AdmissionStatus(StrEnum):
     STALE = "stale"
     #: A booked task arriving before its turn (a copy): dropped, its turn's message will come.
     EARLY = "early"
+    #: Its run's cost reached the cost alert: the caller holds it for the reviewers.
+    COST_ALERT = "alert"
 
     @property
     def dropped(self) -> bool:
@@ -65,6 +67,35 @@ class AdmissionTicket:
     warning_threshold_pct: int
     #: The audit fields of the task (tenant, agent, run, action, tier, policy version).
     template: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    #: The run and how long it stays in flight after this step, when the tenant limits runs in
+    #: flight (the settlement counts from its end).
+    run_in_flight: tuple[str, int] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        ctx: ActionContext,
+        task_id: str,
+        attempt: int,
+        holder: str,
+        limits: AdmissionLimits,
+        template: Mapping[str, str],
+        windows: Sequence[str] | None = None,
+    ) -> AdmissionTicket:
+        """The ticket of one attempt of a task of ``ctx`` under ``limits``."""
+        return cls(
+            tenant=ctx.tenant,
+            task_id=task_id,
+            attempt=attempt,
+            holder=holder,
+            windows=tuple(windows or TenantKeys(ctx.tenant).windows(ctx.run)),
+            checks=limits.budget_checks,
+            warning_threshold_pct=limits.warning_threshold_pct,
+            template=template,
+            run_in_flight=(
+                (ctx.run, limits.run_idle_ms) if limits.run_concurrency is not None else None
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -244,6 +275,7 @@ class Admitter:
         template: Mapping[str, str] | None = None,
         outage: tuple[int, int] | None = None,
         reclaim: bool = True,
+        cost_alert_approved: int | None = None,
         now: datetime | None = None,
     ) -> Admission:
         """Admit one delivery of one attempt of a task, or say what it waits for.
@@ -253,6 +285,8 @@ class Admitter:
         ledger may not have it yet; ``outage`` (count, since ms) the deferrals it went through
         while the state store was down; ``reclaim`` false right after an outage of the store,
         so live workers get to renew their leases before anyone takes them.
+        ``cost_alert_approved``: reviewers' verified signatures let this call go past its run's
+        cost alert, up to this new threshold (micro-USD; 0: the policy's next step).
         """
         holder = holder or f"{task_id}:{attempt}"
         keys = TenantKeys(ctx.tenant)
@@ -287,7 +321,10 @@ class Admitter:
             "au": template,
             "env": envelope,
             "outage": list(outage) if outage else None,
+            "run": ctx.run,
         }
+        if cost_alert_approved is not None:
+            body["ack"] = cost_alert_approved
         if provider is not None and limits.shared_provider:
             # The deployment's provider: its own slot, so its own call, first.
             body["hc"] = False
@@ -308,16 +345,7 @@ class Admitter:
             _with_static(body, self._static_json(limits)),
             reclaim=reclaim,
         )
-        ticket = AdmissionTicket(
-            tenant=ctx.tenant,
-            task_id=task_id,
-            attempt=attempt,
-            holder=holder,
-            windows=windows,
-            checks=limits.budget_checks,
-            warning_threshold_pct=limits.warning_threshold_pct,
-            template=template,
-        )
+        ticket = AdmissionTicket.of(ctx, task_id, attempt, holder, limits, template, windows)
         return _parse_admission(reply, ticket, limits, provider)
 
     def _provider_gate(self, provider: str, limits: AdmissionLimits) -> dict[str, Any] | None:
@@ -347,6 +375,15 @@ class Admitter:
                 "ttl": self._ttl(),
                 "checks": limits.check_args,
                 "max_wait": limits.max_wait_ms,
+                "rc": -1 if limits.run_concurrency is None else limits.run_concurrency,
+                "ri": limits.run_idle_ms,
+                "wall": (
+                    None
+                    if limits.wall_time_ms is None
+                    else [limits.wall_time_ms, limits.wall_time_grace_ms]
+                ),
+                "ca": -1 if limits.cost_alert_micro is None else limits.cost_alert_micro,
+                "warn": limits.warning_threshold_pct,
             }
             cached = (limits, json.dumps(static, separators=(",", ":")))
             self._static[id(limits)] = cached
@@ -363,6 +400,18 @@ class Admitter:
         argv: list[str | int | float] = [ticket.attempt, self._state.lease_ms, ticket.holder]
         return int(self._state.call("lease renewal", self._state.scripts.renew, script_keys, argv))
 
+    def settle_killed(
+        self,
+        ticket: AdmissionTicket,
+        actual: Usage,
+        *,
+        entry: Mapping[str, Any],
+    ) -> Settlement:
+        """Settle an attempt whose process was killed while it ran (a hard time limit), from
+        outside it: whatever delivery holds the attempt's lease (``ticket.holder`` is ignored).
+        A no-op if the attempt is not running any more."""
+        return self.settle(ticket, actual, entry=entry, force=True)
+
     def settle(
         self,
         ticket: AdmissionTicket,
@@ -370,6 +419,7 @@ class Admitter:
         *,
         entry: Mapping[str, Any] | None = None,
         next_attempt: NextAttempt | None = None,
+        force: bool = False,
     ) -> Settlement:
         """Release the lease and count ``actual`` instead of the reservation (at most once).
 
@@ -394,6 +444,8 @@ class Admitter:
             "warn": ticket.warning_threshold_pct,
             "au": dict(ticket.template),
             "entry": dict(entry or {"type": "task_finished", "decision": "allow"}),
+            "run": list(ticket.run_in_flight) if ticket.run_in_flight else None,
+            "force": force,
             "next": (
                 {
                     "msg": next_attempt.envelope_json,
@@ -454,9 +506,23 @@ def _parse_admission(
     check_index = int(reply.get("ci") or 0)
     check_values = _list(reply.get("cv"))
     violation: Violation | None = None
-    if status in (AdmissionStatus.WAITING, AdmissionStatus.BOOKED, AdmissionStatus.REJECTED):
+    if status in (
+        AdmissionStatus.WAITING,
+        AdmissionStatus.BOOKED,
+        AdmissionStatus.REJECTED,
+        AdmissionStatus.COST_ALERT,
+    ):
         current, limit = reply.get("cur") or 0, reply.get("lim") or 0
-        if check_index > 0:
+        if status is AdmissionStatus.COST_ALERT:
+            violation = Violation(
+                ViolationType.cost_alert,
+                _micro_to_usd(current),
+                _micro_to_usd(limit),
+                message=f"cost alert: run {ticket.template.get('run', '?')!r} has cost "
+                f"${_micro_to_usd(current):.4f}, at or over its alert threshold of "
+                f"${_micro_to_usd(limit):.4f}; a reviewer must approve before it goes on",
+            )
+        elif check_index > 0:
             violation = _violation(limits.budget_checks[check_index - 1], current, limit)
         elif name == "cooldown":
             violation = Violation(

@@ -53,6 +53,8 @@ class AuditEventType(StrEnum):
     WAITING = "waiting"  # the first time an attempt waits (capacity, a rate turn, a cooldown)
     ADMITTED = "admitted"
     BUDGET_WARNING = "budget_warning"
+    LIMIT_WARNING = "limit_warning"  # a run's wall time at the warning threshold (once per run)
+    RUN_CLOSED = "run_closed"  # closed explicitly (govctl run close): its run slot is free
     TASK_FINISHED = "task_finished"
     TASK_FAILED = "task_failed"
     RETRY_SCHEDULED = "retry_scheduled"

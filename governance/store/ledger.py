@@ -34,6 +34,8 @@ class SweepResult:
 
     publish: tuple[Publication, ...]
     more: bool
+    #: A run closed by this round was in flight (see ``sweep(close_run=...)``).
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,17 @@ class Ledger:
 
         self._state.run("ledger record", write)
 
-    def sweep(self, tenant: str, *, reclaim: bool = True) -> SweepResult:
-        """One reconciler round for ``tenant`` (see ``scripts/sweep.lua``)."""
+    def sweep(
+        self, tenant: str, *, reclaim: bool = True, close_run: tuple[str, str] | None = None
+    ) -> SweepResult:
+        """One reconciler round for ``tenant`` (see ``scripts/sweep.lua``); ``close_run``
+        (run, by whom) closes that run first, so its run slot goes to the waiting tasks now."""
         keys = TenantKeys(tenant)
+        closing = (
+            json.dumps({"tenant": tenant, "run": close_run[0], "by": close_run[1]})
+            if close_run
+            else ""
+        )
         seals = self._sealer.take(tenant) if self._sealer else "[]"
         writer = self._sealer.writer if self._sealer else "unsealed"
         try:
@@ -133,7 +143,7 @@ class Ledger:
                 "ledger sweep",
                 self._state.scripts.sweep,
                 keys.shared(),
-                [self._state.script_settings(reclaim=reclaim), seals, writer],
+                [self._state.script_settings(reclaim=reclaim), seals, writer, closing],
             )
         except Exception:
             if self._sealer:
@@ -143,7 +153,11 @@ class Ledger:
         if self._sealer:
             written = reply.get("au")
             self._sealer.wrote(tenant, [] if isinstance(written, dict) else written or [])
-        return SweepResult(publications(reply.get("pub") or []), bool(reply.get("more")))
+        return SweepResult(
+            publications(reply.get("pub") or []),
+            bool(reply.get("more")),
+            closed=bool(reply.get("closed")),
+        )
 
     def tenants_due(self, tenants: Iterable[str], *, waiting_too: bool) -> list[str]:
         """Tenants with ledger entries due now (and, with ``waiting_too``, with waiting tasks):

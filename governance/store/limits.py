@@ -17,6 +17,10 @@ from governance.policy.long_running import LongRunningLimits
 from governance.policy.tenant import TenantPolicy
 from governance.store.keys import WINDOW_ORDER, Period
 
+#: How long a run stays in flight after its last step, for a tenant's ``run_concurrency``, when
+#: its long-running limits have no idle timeout.
+DEFAULT_RUN_IDLE_S = 1800
+
 #: Budget kinds the scripts understand, with the violation each one raises.
 BUDGET_KINDS: dict[str, ViolationType] = {
     "steps": ViolationType.step_limit,
@@ -88,6 +92,15 @@ class AdmissionLimits:
     shared_provider: bool = False
     #: The provider-wide rate (``providers.NAME.rate_limit``), when the provider is shared.
     shared_provider_rate: Rate | None = None
+    #: Runs of the tenant in flight at once, and how long a run stays in flight after its last
+    #: step (its idle timeout, or ``DEFAULT_RUN_IDLE_S``).
+    run_concurrency: int | None = None
+    run_idle_ms: int = 0
+    #: The run's wall-time limit and its grace (ms), measured from its first admitted step.
+    wall_time_ms: int | None = None
+    wall_time_grace_ms: int = 1000
+    #: The run's cost at which its next actions are held for the reviewers (micro-USD).
+    cost_alert_micro: int | None = None
 
     @cached_property
     def check_args(self) -> list[list[int | str]]:
@@ -113,7 +126,14 @@ class AdmissionLimits:
             provider_rate = Rate.of(tenant.rate_limits.providers.get(action.provider))
             if provider is not None and provider.scope == "deployment":
                 shared, shared_rate = True, Rate.of(provider.rate_limit)
+        lr = tenant.long_running
+        idle_s = lr.idle_timeout_s if lr.idle_timeout_s is not None else DEFAULT_RUN_IDLE_S
         return cls(
+            run_concurrency=tenant.run_concurrency,
+            run_idle_ms=round(idle_s * 1000),
+            wall_time_ms=None if lr.max_wall_time_s is None else round(lr.max_wall_time_s * 1000),
+            wall_time_grace_ms=round(lr.wall_time_grace_s * 1000),
+            cost_alert_micro=None if lr.cost_alert_usd is None else usd_to_micro(lr.cost_alert_usd),
             shared_provider=shared,
             shared_provider_rate=shared_rate,
             concurrency=tenant.concurrency,
@@ -132,7 +152,8 @@ def usd_to_micro(usd: float) -> int:
 
 
 def budget_checks(tenant: TenantPolicy) -> tuple[BudgetCheck, ...]:
-    """Every configured budget limit, plus the run's cost alert from the long-running limits."""
+    """Every configured budget limit (the run's cost alert is not one: it holds, see
+    ``AdmissionLimits.cost_alert_micro``)."""
     checks: list[BudgetCheck] = []
     for budget in tenant.budgets:
         period = Period(str(budget.period))
@@ -142,7 +163,4 @@ def budget_checks(tenant: TenantPolicy) -> tuple[BudgetCheck, ...]:
                 checks.append(BudgetCheck(period, kind, int(value)))
         if budget.cost_usd is not None:
             checks.append(BudgetCheck(period, "cost", usd_to_micro(budget.cost_usd)))
-    alert = tenant.long_running.cost_alert_usd
-    if alert is not None:
-        checks.append(BudgetCheck(Period.RUN, "cost", usd_to_micro(alert)))
     return tuple(checks)

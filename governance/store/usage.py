@@ -33,6 +33,10 @@ class UsageSnapshot:
     most_repeated_step: int
     started_at_ms: int | None
     last_activity_ms: int | None
+    #: The run's cost alert threshold reviewers moved it to (micro-USD), and whether they
+    #: rejected the run at its alert.
+    alert_at_micro: int | None = None
+    stopped_at_cost_alert: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -126,7 +130,16 @@ def read_usage(
         most_repeated_step=max((int(v) for v in repeated), default=0),  # type: ignore[attr-defined]
         started_at_ms=_opt_int(fields, "started_ms"),
         last_activity_ms=_opt_int(fields, "last_ms"),
+        alert_at_micro=_opt_int(fields, "alert_at"),
+        stopped_at_cost_alert=_int(fields, "alert_stop") > 0,
     )
+
+
+def stop_run_at_cost_alert(state: StateStore, tenant: str, run: str) -> None:
+    """Reviewers rejected ``run`` at its cost alert: its later steps end rejected at admission
+    (the run window's ``alert_stop``, read by the admission script)."""
+    window = TenantKeys(tenant).windows(run)[0]
+    state.run("run stop", lambda: state.client.hset(window, "alert_stop", 1))
 
 
 def long_running_checks(
@@ -155,15 +168,23 @@ def long_running_checks(
             limits.max_discovery_depth,
             warning_threshold_pct=threshold,
         )
+    current_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if limits.max_wall_time_s is not None and snapshot.started_at_ms is not None:
+        results[ViolationType.wall_time_limit] = check_limit(
+            ViolationType.wall_time_limit,
+            max(0, current_ms - snapshot.started_at_ms),
+            round(limits.max_wall_time_s * 1000),
+            warning_threshold_pct=threshold,
+        )
     if limits.cost_alert_usd is not None:
-        results[ViolationType.cost_limit] = check_limit(
-            ViolationType.cost_limit,
+        alert_usd = max(limits.cost_alert_usd, (snapshot.alert_at_micro or 0) / 1_000_000)
+        results[ViolationType.cost_alert] = check_limit(
+            ViolationType.cost_alert,
             snapshot.used.cost_usd,
-            limits.cost_alert_usd,
+            alert_usd,
             warning_threshold_pct=threshold,
         )
     if limits.idle_timeout_s is not None and snapshot.last_activity_ms is not None:
-        current_ms = int(time.time() * 1000) if now_ms is None else now_ms
         idle_s = max(0, current_ms - snapshot.last_activity_ms) // 1000
         results[ViolationType.idle_timeout] = check_limit(
             ViolationType.idle_timeout,

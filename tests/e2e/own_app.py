@@ -7,10 +7,12 @@ example-deployment worker never sees these tasks). Broker and results come from
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from governance.integration import GovernedTask
 
@@ -65,3 +67,14 @@ def auto(self: Any, failures: int) -> int:
     if self.request.retries < failures:
         raise ConnectionError(f"attempt {self.request.retries} failed")
     return int(self.request.retries)
+
+
+@app.task(name="own.stubborn")
+def stubborn(ms: int) -> str:
+    """Ignores its soft time limit (the policy's step timeout) and sleeps on: only the hard
+    limit stops it."""
+    deadline = time.monotonic() + ms / 1000
+    while time.monotonic() < deadline:
+        with contextlib.suppress(SoftTimeLimitExceeded):
+            time.sleep(0.05)
+    return "finished anyway"

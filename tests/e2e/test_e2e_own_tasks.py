@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 import redis
 from celery import chain, group
+from celery.exceptions import TimeLimitExceeded
 
 from governance.embedded import EmbeddedRedis
 from governance.integration import ActionDenied, MissingContext, governance_context, runtime_for
+from governance.store import Period, read_usage
 from governance.store.audit import AuditEntry
 from tests.e2e.conftest import WorkerProcess, fresh_broker_url, queue_depth, wait_until
 
@@ -255,6 +257,30 @@ def test_a_group_of_five_respects_the_tenant_concurrency(own: ModuleType) -> Non
     assert sorted(r["label"] for r in runs) == [f"g{i}" for i in range(5)]
     at_once = max(sum(1 for o in runs if o["start"] <= r["start"] < o["end"]) for r in runs)
     assert at_once == 2, runs
+
+
+def test_a_step_that_ignores_its_timeout_is_killed_and_settled_by_the_worker(
+    own: ModuleType,
+) -> None:
+    """``own.stubborn`` has a 1 s step timeout and swallows Celery's soft time limit: the pool
+    kills it at the hard limit (1 s + 2 s), and the worker's main process settles it (slot and
+    reservation released, a ``task_failed`` entry): the tenant's next tasks run."""
+    with governance_context(tenant=TENANT, agent="stubborn", run="run-killed"):
+        killed = own.stubborn.delay(30_000)
+    with pytest.raises(TimeLimitExceeded):
+        killed.get(timeout=60)
+    wait_until(
+        lambda: "task_failed" in [e.fields["type"] for e in _entries(own.app, killed.id)],
+        timeout_s=30,
+        what="the killed step's settlement",
+    )
+    (failed,) = [e for e in _entries(own.app, killed.id) if e.fields["type"] == "task_failed"]
+    assert "step_timeout: killed at its hard time limit of 3 s" in failed.fields["reason"]
+    state = runtime_for(own.app).state
+    assert read_usage(state, TENANT, Period.DAY).active_leases == 0
+    with governance_context(tenant=TENANT, agent="stubborn", run="run-killed"):
+        after = group(own.upper.s(f"after {i}") for i in range(2)).apply_async()
+    assert after.get(timeout=30) == ["AFTER 0", "AFTER 1"]
 
 
 # -- Celery's retry idioms ------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_long_running_preset_with_overrides(make_policy: Callable[..., Policy]) 
         }
     ).tenant("acme")
     assert acme is not None
-    assert acme.long_running == LongRunningLimits(300, 3, 50.0, None, 5)
+    assert acme.long_running == LongRunningLimits(300, 3, 50.0, None, 5, max_wall_time_s=86400)
 
 
 def test_budget_lookup_by_period(make_policy: Callable[..., Policy]) -> None:

@@ -95,15 +95,18 @@ def test_violation_and_warning_can_be_built_directly() -> None:
 def test_violation_type_values_are_their_names() -> None:
     assert {v.value for v in ViolationType} == {v.name for v in ViolationType}
     assert str(ViolationType.same_step_loop) == "same_step_loop"
-    assert len(ViolationType) == 14
+    assert len(ViolationType) == 17
 
 
 def test_presets_match_the_seed() -> None:
-    assert PRESETS["standard"] == LongRunningLimits(50, 5, 5.0, 1800, 3)
-    assert PRESETS["extended"] == LongRunningLimits(300, 10, 50.0, 14400, 5)
+    """The seed's values; the wall-time limits are this project's (the seed keeps them in
+    its per-run ResourceLimits, with the same 1 s grace)."""
+    assert PRESETS["standard"] == LongRunningLimits(50, 5, 5.0, 1800, 3, max_wall_time_s=7200)
+    assert PRESETS["extended"] == LongRunningLimits(300, 10, 50.0, 14400, 5, max_wall_time_s=86400)
     assert PRESETS["unlimited"] == LongRunningLimits(None, None, 100.0, 86400, None)
     assert PRESETS["disabled"] == LongRunningLimits(None, None, None, None, None)
     assert set(PRESETS) == {"standard", "extended", "unlimited", "disabled"}
+    assert {p.wall_time_grace_s for p in PRESETS.values()} == {1.0}
 
 
 def test_preset_fields_by_name() -> None:

@@ -21,12 +21,17 @@
 --   max depth, max discovered, idle ms, max repetitions, step hash], -1: none), ttl ([run, day,
 --   month, task] seconds), checks ([[window 1..3, kind, limit], ...]), max_wait (ms),
 --   au (audit template: tenant, agent, run, task_id, action, tier, policy_version),
---   env (the message envelope, when the ledger may not have it), outage ([count, since ms])
+--   env (the message envelope, when the ledger may not have it), outage ([count, since ms]),
+--   run (the run id), rc (runs in flight allowed, -1: no limit), ri (how long a run stays in
+--   flight after a step, ms), wall ([wall-time limit ms, grace ms] or null), ca (the run's cost
+--   alert, micro-USD, -1: none), ack (reviewers approved this call past its cost alert: the new
+--   threshold, 0 for the policy's next step; absent otherwise), warn (warning threshold %)
 -- ARGV[2] settings (JSON): lease, grace, grace_max, cdl (countdown limit), scan, reclaim, slack
 -- ARGV[3] seals of this writer's earlier entries (JSON [[seq, mac], ...])
 -- ARGV[4] the writer's id
 --
--- Returns JSON {s = admitted | waiting | booked | rejected | settled | duplicate | stale | early,
+-- Returns JSON {s = admitted | waiting | booked | rejected | alert | settled | duplicate | stale |
+--   early,
 --   v, cur, lim, ci, cv, le (lease expiry), turn, wait, parked, first (first wait of the
 --   attempt), au (audit entries written: [[stream id, [field, value, ...]], ...]),
 --   pub (tasks to publish: [{id, msg, token}])}
@@ -62,6 +67,19 @@ local function admitted_entry(waited_since)
     detail.outage_since_ms = req.outage[2]
   end
   L.task_entry(written, now, req.au, 'admitted', 'allow', '', detail)
+  -- The run's wall time at or over the warning threshold: audited once per run.
+  local wall = req.wall
+  if wall and wall ~= cjson.null and wall[1] > 0 then
+    local run = req.k.w[1]
+    local w = redis.call('HMGET', run, 'started_ms', 'wall_warned')
+    local elapsed = w[1] and (now - tonumber(w[1])) or 0
+    if not w[2] and elapsed * 100 >= (req.warn or 80) * wall[1] then
+      redis.call('HSET', run, 'wall_warned', 1)
+      L.task_entry(written, now, req.au, 'limit_warning', 'allow', '', {
+        violation = 'wall_time_limit', current = elapsed, limit = wall[1],
+        percent = math.floor(elapsed * 100 / wall[1])})
+    end
+  end
 end
 
 local function finish_rejected(verdict, reason)
@@ -134,7 +152,12 @@ if verdict.kind == 'book' and verdict.turn - since > req.max_wait then
     verdict.v, verdict.turn - now, req.max_wait))
 end
 if verdict.kind == 'reject' then
-  return finish_rejected(verdict, L.violation_text(verdict.v, verdict.cur, verdict.lim))
+  return finish_rejected(verdict,
+    verdict.reason or L.violation_text(verdict.v, verdict.cur, verdict.lim))
+end
+if verdict.kind == 'alert' then
+  -- The caller holds it for the reviewers (the held store records it, with its audit entry).
+  return reply({s = 'alert', v = verdict.v, cur = verdict.cur, lim = verdict.lim})
 end
 if verdict.kind == 'wait' then
   req.env = nil

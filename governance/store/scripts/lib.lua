@@ -100,9 +100,12 @@ function L.window(req, w)
   return req.k.w[w]
 end
 
+-- The run window (w = 1) also keeps: started_ms (its first admitted step), alert_at (the cost
+-- alert threshold reviewers moved it to, micro-USD), alert_stop (1: reviewers rejected the run at
+-- its cost alert), wall_warned (1: its wall-time warning is audited).
 local WINDOW_FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost',
   'r_steps', 'r_tool_calls', 'r_input_tokens', 'r_output_tokens', 'r_cost', 'last_ms',
-  'discovered', 'started_ms'}
+  'discovered', 'started_ms', 'alert_at', 'alert_stop', 'wall_warned'}
 
 function L.window_values(cache, req, w)
   local usage = L.window(req, w)
@@ -167,9 +170,11 @@ end
 -- booked for this attempt ("t": tenant, "p": provider). Returns a verdict:
 --   {kind = 'admit' | 'wait' | 'book' | 'reject', v = violation, cur, lim, wait (ms), ci (index of
 --    the budget check), turn (ms, for book), tats = {{key, tat, flag}, ...} (admit, book), cv}
--- Order: limits that waiting cannot fix reject; otherwise capacity (concurrency, budget held by
--- tasks in flight, runs in flight) makes the task wait in the wait list; otherwise a rate limit
--- or a provider cooldown books its turn; otherwise it is admitted. Leases and reservations of
+-- Order: limits that waiting cannot fix reject (the run's wall time first, as the seed checks
+-- it); a run at its cost alert is held for the reviewers ('alert', unless `req.ack` carries their
+-- verified approval); otherwise capacity (concurrency, budget held by tasks in flight, runs in
+-- flight) makes the task wait in the wait list; otherwise a rate limit or a provider cooldown
+-- books its turn; otherwise it is admitted. Leases and reservations of
 -- dead holders are reclaimed only when they stand in the way (`reclaim`).
 function L.evaluate(req, now, skip, cache, reclaim)
   cache = cache or {}
@@ -179,9 +184,18 @@ function L.evaluate(req, now, skip, cache, reclaim)
   local lr = req.lr or {}
   local first_time = redis.call('HGET', req.k.rec, 'counted') == false
 
+  -- The run's wall time, from its first admitted step, with the policy's grace.
+  local wall = req.wall
+  if wall and wall ~= cjson.null then
+    local run = L.window_values(cache, req, 1)
+    if run.has_started and now - run.started_ms > wall[1] + wall[2] then
+      reject = {'wall_time_limit', now - run.started_ms, wall[1]}
+    end
+  end
+
   -- Long-running limits of the run: these never get better by waiting.
   local depth, max_depth = lr[1] or 0, lr[2] or -1
-  if max_depth >= 0 and depth > max_depth then
+  if not reject and max_depth >= 0 and depth > max_depth then
     reject = {'discovery_depth_limit', depth, max_depth}
   end
   local max_discovered = lr[3] or -1
@@ -240,6 +254,20 @@ function L.evaluate(req, now, skip, cache, reclaim)
       cv = cv}
   end
 
+  -- The run's cost alert: at or over it, the task is held for the reviewers, unless it carries
+  -- their approval (`req.ack`, verified by the worker); rejected at the alert, the run ends.
+  if (req.ca or -1) >= 0 then
+    local run = L.window_values(cache, req, 1)
+    local threshold = math.max(run.alert_at, req.ca)
+    if run.alert_stop > 0 then
+      return {kind = 'reject', v = 'cost_alert', cur = run.cost, lim = threshold, ci = 0, cv = cv,
+        reason = 'cost alert: reviewers rejected this run at its cost alert; its actions end'}
+    end
+    if run.cost >= threshold and (req.ack == nil or req.ack == cjson.null) then
+      return {kind = 'alert', v = 'cost_alert', cur = run.cost, lim = threshold, cv = cv}
+    end
+  end
+
   -- Concurrency: one lease per running task of the tenant.
   if req.conc >= 0 and not redis.call('ZSCORE', L.T.leases, req.k.rec) then
     local running = redis.call('ZCARD', L.T.leases)
@@ -249,6 +277,16 @@ function L.evaluate(req, now, skip, cache, reclaim)
     end
     if running >= req.conc and not wait then
       wait = {'concurrency_limit', running + 1, req.conc, 0}
+    end
+  end
+
+  -- Runs in flight: a step of a run that is not in flight needs a free run slot. A run is in
+  -- flight until its score (its last step + its idle time) passes, or it is closed.
+  if not wait and (req.rc or -1) >= 0 then
+    local until_ms = tonumber(redis.call('ZSCORE', L.T.runs, req.run) or '0')
+    if until_ms <= now then
+      local in_flight = redis.call('ZCOUNT', L.T.runs, '(' .. L.int(now), '+inf')
+      if in_flight >= req.rc then wait = {'run_concurrency_limit', in_flight + 1, req.rc, 0} end
     end
   end
   if wait then
@@ -350,6 +388,22 @@ function L.commit(req, now, verdict, holder, state, lease_exp, ledger_at)
     if #writes > 0 then redis.call('HSET', usage, unpack(writes)) end
   end
   local run_usage = L.window(req, 1)
+  if (req.rc or -1) >= 0 then
+    redis.call('ZREMRANGEBYSCORE', L.T.runs, '-inf', now)
+    redis.call('ZADD', L.T.runs, now + req.ri, req.run)
+  end
+  if req.ack and req.ack ~= cjson.null and (req.ca or -1) >= 0 then
+    -- The reviewers' approval at the cost alert: the run goes on up to the threshold they set,
+    -- or the policy's next step (the next multiple of the alert above the cost so far).
+    local to = req.ack
+    if to <= 0 then
+      local cost = tonumber(redis.call('HGET', run_usage, 'cost') or '0')
+      if req.ca > 0 then to = (math.floor(cost / req.ca) + 1) * req.ca else to = cost + 1 end
+    end
+    if to > tonumber(redis.call('HGET', run_usage, 'alert_at') or '0') then
+      redis.call('HSET', run_usage, 'alert_at', L.int(to))
+    end
+  end
   local fields = {'id', req.id, 'attempt', req.a, 'holder', holder, 'where', state, 'since', now,
     'lease_exp', lease_exp}
   if #reserved > 0 then
@@ -454,8 +508,9 @@ function L.handoff(now, G, out)
       local req = cjson.decode(raw)
       local verdict = L.evaluate(req, now, redis.call('HGET', rec, 'skip'), cache, G.reclaim == 1)
       if verdict.kind == 'wait' then
-        if verdict.v == 'concurrency_limit' or verdict.v == 'run_concurrency_limit' then break end
-        -- It needs budget held by tasks in flight: a later task of another run may still fit.
+        if verdict.v == 'concurrency_limit' then break end
+        -- It needs budget held by tasks in flight, or a run slot: a later task (of another
+        -- run, or of a run in flight) may still fit.
         skipped = skipped + 1
         start = start + 1
       else

@@ -11,10 +11,12 @@
 -- KEYS[8]     the task's record   HASH
 -- KEYS[9..11] usage of the run, day and month windows   HASH
 --
--- ARGV[1] the settlement (JSON): id, a (attempt), holder, actual ([steps, tool_calls,
+-- ARGV[1] the settlement (JSON): id, a (attempt), holder (or force = true: the current one),
+--   actual ([steps, tool_calls,
 --   input_tokens, output_tokens, cost micro-USD]), ttl ([run, day, month, task]), checks
 --   ([[window, kind, limit], ...]), warn (warning threshold %), au (audit template), entry
---   ({type, decision, reason, detail}), next (null, or the next attempt: {msg, due, park})
+--   ({type, decision, reason, detail}), next (null, or the next attempt: {msg, due, park}),
+--   run (null, or [run id, idle ms]: the run stays in flight that long after this step)
 -- ARGV[2] settings (JSON, see admit.lua)   ARGV[3] seals (JSON)   ARGV[4] the writer's id
 --
 -- Returns JSON {s = settled | late | noop, before, after (check values), au, pub}.
@@ -34,6 +36,12 @@ end
 
 local r = redis.call('HMGET', rec, 'attempt', 'holder', 'where', 'settled', 'resv', 'resv_w')
 if r[1] ~= tostring(S.a) then return reply({s = 'noop'}) end
+-- Forced: the worker's main process settles for a step its pool killed (a hard time limit),
+-- whoever held it: the holder's id died with the process.
+if S.force then
+  if r[3] ~= 'running' or r[4] or not r[2] then return reply({s = 'noop'}) end
+  S.holder = r[2]
+end
 local late = r[2] ~= S.holder
 if late then
   if redis.call('HSETNX', rec, 'late:' .. S.holder, 1) == 0 then return reply({s = 'noop'}) end
@@ -76,6 +84,10 @@ for w = 1, 3 do
   end
   if #writes > 0 then redis.call('HSET', usage, unpack(writes)) end
   redis.call('EXPIRE', usage, S.ttl[w])
+end
+if S.run and S.run ~= cjson.null then
+  -- The run stays in flight for its idle time after this step ends (unless it was closed).
+  redis.call('ZADD', L.T.runs, 'XX', now + S.run[2], S.run[1])
 end
 if not late then
   redis.call('ZREM', L.T.leases, rec)

@@ -16,13 +16,26 @@
 -- ARGV[1] settings (JSON, see admit.lua) plus: limit (most entries per call), reclaim (1: leases
 --         of dead workers may be reclaimed; 0 just after an outage of the state store)
 -- ARGV[2] seals (JSON)    ARGV[3] the writer's id
+-- ARGV[4] a run to close first (JSON {tenant, run, by}), or empty: its run slot is freed now
 --
--- Returns JSON {pub = [{id, msg, token, again}], au = [...], more = 1 when due entries remain}.
+-- Returns JSON {pub = [{id, msg, token, again}], au = [...], more = 1 when due entries remain,
+--   closed = 1 when the run to close was in flight}.
 
 local G = cjson.decode(ARGV[1])
 L.seal(ARGV[2], ARGV[3])
 local now = L.now_ms()
 local written, publish = {}, {}
+local closed = 0
+
+if ARGV[4] and ARGV[4] ~= '' then
+  local close = cjson.decode(ARGV[4])
+  local until_ms = tonumber(redis.call('ZSCORE', L.T.runs, close.run) or '0')
+  redis.call('ZREM', L.T.runs, close.run)
+  if until_ms > now then closed = 1 end
+  L.audit(written, now, {type = 'run_closed', tenant = close.tenant, run = close.run,
+    decision = 'allow', reviewer = close.by,
+    reason = closed == 1 and 'closed: its run slot is free' or 'closed (it was not in flight)'})
+end
 
 if G.reclaim == 1 then L.reclaim(now) end
 
@@ -93,4 +106,4 @@ if redis.call('ZCARD', L.T.waiting) > 0 then
   L.handoff(now, G, {pub = publish, written = written})
 end
 local more = #due >= G.limit and 1 or 0
-return cjson.encode({pub = publish, au = written, more = more})
+return cjson.encode({pub = publish, au = written, more = more, closed = closed})
