@@ -74,6 +74,7 @@ def test_every_table_command_prints_json(govctl: Govctl, reviewer_keys: dict[str
         "policy check": ("policy", "check"),
         "policy explain": ("policy", "explain", "-t", "acme", "-a", "bot", "-x", "echo"),
         "policy status": ("policy", "status"),
+        "run close": ("run", "close", "r1", "-t", "acme"),
         "submit task": ("submit", "task", "tools.echo", "-t", "acme", "-a", "a", "--run", "r",
                         "-i", "text=hi"),
         "submit llm": ("submit", "llm", "-t", "acme", "-a", "a", "--run", "r", "-p", "fake",

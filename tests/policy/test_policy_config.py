@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from ipaddress import ip_network
 from pathlib import Path
@@ -36,7 +37,13 @@ def test_shipped_example_loads() -> None:
     assert acme.approval.quorum == 2
     assert acme.approval.expiry == timedelta(hours=24)  # merged from defaults
     assert acme.concurrency == 3
-    assert acme.long_running == PRESETS["extended"]
+    assert acme.long_running == replace(
+        PRESETS["extended"], max_wall_time_s=14400, cost_alert_usd=20
+    )
+    assert acme.run_concurrency == 2
+    assert acme.step_timeout == timedelta(minutes=5)  # from defaults
+    http_get = ToolCall(tool="http_get", input={"url": "https://example.com"})
+    assert policy.step_timeout(acme, http_get) == timedelta(seconds=30)  # the tool's own
     assert acme.rate_limits.tenant is not None
     assert acme.rate_limits.tenant.burst == 10
     assert acme.rate_limits.providers["fake"].burst == 5  # defaults to rate
