@@ -25,7 +25,9 @@ GRANT_SOON = timedelta(days=30)
 class PolicyWarning:
     """One warning: what kind, about which tenant (and field), and a sentence saying why."""
 
-    kind: str  # "quorum_unreachable", "no_reviewers", "grant_expired", "grant_expires_soon"
+    # "quorum_unreachable", "no_reviewers", "cost_alert_without_reviewers", "grant_expired",
+    # "grant_expires_soon"
+    kind: str
     tenant: str
     path: str
     message: str
@@ -45,6 +47,7 @@ def policy_warnings(
         tenant = policy.tenant(name)
         assert tenant is not None
         found += _approval_warnings(policy, tenant)
+        found += _cost_alert_warnings(tenant)
         found += _grant_warnings(tenant, now, soon)
     return found
 
@@ -100,6 +103,24 @@ def _approval_warnings(policy: Policy, tenant: TenantPolicy) -> list[PolicyWarni
             reviewer,
         )
         for reviewer in reviewers
+    ]
+
+
+def _cost_alert_warnings(tenant: TenantPolicy) -> list[PolicyWarning]:
+    """A cost alert holds a run's calls for the reviewers: without any, they only expire."""
+    alert = tenant.long_running.cost_alert_usd
+    if alert is None or tenant.reviewers:
+        return []
+    return [
+        PolicyWarning(
+            "cost_alert_without_reviewers",
+            tenant.name,
+            f"tenants.{tenant.name}.long_running.cost_alert_usd",
+            f"tenant {tenant.name!r} has a cost alert of ${alert:g} per run (from "
+            f"{tenant.source('long_running')}) but no reviewers: a run that reaches it has its "
+            "calls held until they expire; add reviewers, or set cost_alert_usd: null and use a "
+            "run budget (budgets: [{period: run, cost_usd: ...}])",
+        )
     ]
 
 

@@ -224,6 +224,20 @@ def test_policy_check_warns_when_held_actions_have_no_reviewers(tmp_path: Path) 
     assert "tenant 'beta' holds actions for approval but has no reviewers" in result.stderr
 
 
+def test_policy_check_warns_about_a_cost_alert_nobody_can_approve(tmp_path: Path) -> None:
+    """beta has no reviewers; with the standard preset's $5 cost alert back, a run that
+    reaches it would be held for nobody."""
+    data = yaml.safe_load(CONFIG.read_text())
+    data["tenants"]["beta"]["long_running"] = "standard"
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result, warnings = _check(path)
+    assert [(w["kind"], w["tenant"], w["path"]) for w in warnings] == [
+        ("cost_alert_without_reviewers", "beta", "tenants.beta.long_running.cost_alert_usd")
+    ]
+    assert "tenant 'beta' has a cost alert of $5 per run" in result.stderr
+
+
 def test_policy_check_warns_about_grants_that_expired_or_expire_soon(tmp_path: Path) -> None:
     now = datetime.now(UTC)
     grants = [
