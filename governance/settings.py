@@ -139,7 +139,10 @@ class GovernanceSettings(BaseSettings):
         60.0, gt=0, description="How often the maintenance leader signs where each chain ends."
     )
     held_sweep_s: float = Field(
-        5.0, gt=0, description="How often a worker rejects held tasks whose hold expired."
+        5.0,
+        gt=0,
+        description="How often the maintenance leader (one worker at a time) rejects held "
+        "tasks whose hold expired.",
     )
     app: str = Field(
         "workers.app:app", description="The deployment's Celery app, for govctl (module:attr)."

@@ -47,6 +47,14 @@ log = logging.getLogger("governance.maintenance")
 #: Tenants with waiting tasks are swept this often even when nothing in their ledger is due.
 WAITING_SWEEP_S = 5.0
 
+#: Extend a lock's expiry if it still holds this process's id.
+RENEW_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 
 #: How often each worker reports the policy version it enforces.
 POLICY_REPORT_S = 5.0
@@ -91,11 +99,9 @@ class MaintenanceThread:
         def lead() -> bool:
             if state.client.set(key, self._me, nx=True, px=ttl_ms):
                 return True
-            holder = state.client.get(key)
-            if holder is not None and holder.decode() == self._me:
-                state.client.pexpire(key, ttl_ms)
-                return True
-            return False
+            # Renewed only if still ours, in one step (a lock that lapsed and was taken by
+            # another worker between a read and a renewal would be extended for it).
+            return bool(state.client.eval(RENEW_IF_MINE, 1, key, self._me, ttl_ms))
 
         return bool(state.run("maintenance lock", lead))
 

@@ -184,7 +184,6 @@ class DeploymentKeys:
     """Keys shared by the whole deployment, each with its own hash tag; none is on the path of a
     governed task."""
 
-    held_tenants = f"{PREFIX}:{{held}}:tenants"
     #: Which worker runs the reconciler, the audit checkpoints and the held-task sweep right now.
     maintenance_leader = f"{PREFIX}:{{maintenance}}:leader"
     #: What each worker enforces: node name -> JSON (policy version, loaded at, error, seen at).

@@ -95,6 +95,26 @@ def test_a_run_crossing_its_cost_alert_is_held_until_a_reviewer_approves(
     assert types_of(audit_of(runtime, second.id))[:2] == ["held", "released"]
 
 
+def test_a_reviewer_sets_the_runs_next_cost_alert_with_govctl(
+    app: Celery, runtime: GovernanceRuntime, e2e_env: dict[str, str], reviewer_keys: dict[str, Any]
+) -> None:
+    """``govctl held approve --alert-to 0.10``: signed with the approval, verified by the
+    worker, the run's next alert is $0.10: its next calls run without asking."""
+    run = ctx("t-alert", "run-alert-to", user="dana")
+    assert _pricey(app, run, "first").get(timeout=30)["text"].startswith("echo:")
+    second = _pricey(app, run, "second")
+    wait_for_state(second, "HELD")
+    approved = govctl(
+        e2e_env, "held", "approve", second.id, "--key", str(reviewer_keys["bob"]),
+        "--alert-to", "0.10",
+    )  # fmt: skip
+    assert approved.returncode == 0, approved.stderr
+    assert second.get(timeout=30)["text"].startswith("echo:")
+    usage = read_usage(runtime.state, "t-alert", Period.RUN, run="run-alert-to")
+    assert usage.alert_at_micro == 100_000
+    assert _pricey(app, run, "third").get(timeout=30)["text"].startswith("echo:")  # ~$0.06
+
+
 def test_a_rejection_at_the_cost_alert_ends_the_runs_pending_and_later_calls(
     app: Celery, runtime: GovernanceRuntime, keys: Keys
 ) -> None:

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from governance.policy.limits import ViolationType
+from governance.policy.long_running import LongRunningLimits
 from governance.policy.usage import Usage
 from governance.store import (
     AdmissionLimits,
@@ -271,3 +272,44 @@ def test_a_killed_step_is_settled_from_outside_with_its_reservation_spent(
         ticket, TOOL_STEP, entry={"type": "task_failed", "decision": "allow", "reason": "killed"}
     )
     assert not again.settled  # at most once
+
+
+def test_a_step_waiting_in_line_longer_than_the_idle_timeout_is_not_idle(
+    any_state: StateStore,
+) -> None:
+    """Idle time runs from the run's last activity to when its step came: run A's step that
+    waited behind run B's long task for longer than A's idle timeout still runs."""
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(concurrency=1, long_running=LongRunningLimits(idle_timeout_s=1))
+
+    def admit(run: str, task: str) -> Any:
+        return admitter.admit(
+            ctx=ctx(run=run), action=tool(), task_id=task, attempt=0, estimate=TOOL_STEP,
+            limits=limits, envelope=envelope(task),
+        )  # fmt: skip
+
+    a1 = admit("A", "a1")
+    admitter.settle(a1.ticket, TOOL_STEP)
+    b1 = admit("B", "b1")
+    assert b1.admitted
+    a2 = admit("A", "a2")
+    assert a2.status is AdmissionStatus.WAITING
+    came = time.monotonic()
+    while time.monotonic() - came < 1.5:  # B's task runs on, past A's idle timeout
+        time.sleep(0.05)
+    (handed,) = admitter.settle(b1.ticket, TOOL_STEP).publish
+    assert handed.task_id == "a2"
+    ran = admitter.admit(
+        ctx=ctx(run="A"), action=tool(), task_id="a2", attempt=0, estimate=TOOL_STEP,
+        limits=limits, handoff=handed.handoff,
+    )  # fmt: skip
+    assert ran.admitted
+    # A step that comes after the run was idle that long is refused, as before.
+    admitter.settle(ran.ticket, TOOL_STEP)
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < 1.1:
+        time.sleep(0.05)
+    late = admit("A", "a3")
+    assert late.status is AdmissionStatus.REJECTED
+    assert late.violation is not None
+    assert late.violation.type is ViolationType.idle_timeout

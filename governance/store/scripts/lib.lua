@@ -205,11 +205,14 @@ function L.evaluate(req, now, skip, cache, reclaim)
       reject = {'discovered_step_limit', discovered, max_discovered}
     end
   end
+  -- Idle: from the run's last activity to when this step came (a step that then waited in
+  -- line for capacity was not idle time of the run).
   local idle_ms = lr[4] or -1
   if not reject and idle_ms >= 0 and L.window_values(cache, req, 1).has_last then
     local last = L.window_values(cache, req, 1).last_ms
-    if now - last >= idle_ms then
-      reject = {'idle_timeout', math.floor((now - last) / 1000), idle_ms / 1000}
+    local came = tonumber(redis.call('HGET', req.k.rec, 'wait_since') or now)
+    if came - last >= idle_ms then
+      reject = {'idle_timeout', math.floor((came - last) / 1000), idle_ms / 1000}
     end
   end
   local max_rep = lr[5] or -1

@@ -1,8 +1,9 @@
 -- sweep.lua: the reconciler's round for one tenant, in one atomic call (lib.lua is prepended).
 -- Every governed task that is not done has a ledger entry scored by the time someone must look
 -- at it again; this script takes the due ones:
---   queued / parked  published but never received in time (lost between broker and worker), or
---                    a parked wait that is due: published (again), with a growing grace;
+--   queued           published but never received in time (lost between broker and worker):
+--                    published again, with a growing grace (counted as republished);
+--   parked           a parked wait that is due: published, queued from now on;
 --   handed           a hand-off whose message did not arrive: published again, same token;
 --   running          its lease expired (its worker died): published again for a new delivery;
 --   waiting          it waited longer than its wait limit: published with the reason, so its
@@ -60,7 +61,11 @@ for _, rec in ipairs(due) do
       L.audit(written, now, {type = 'task_lost', task_id = id,
         reason = 'the ledger holds no message to publish this task again'})
     end
-  elseif where == 'queued' or where == 'parked' then
+  elseif where == 'parked' then
+    -- A parked wait that is due: published now, not a re-publication of something lost.
+    L.requeue(rec, now, G)
+    publish[#publish + 1] = {id = id, msg = msg}
+  elseif where == 'queued' then
     redis.call('HSET', rec, 'where', 'queued', 'since', now)
     again(rec)
     publish[#publish + 1] = {id = id, msg = msg, again = 1}
