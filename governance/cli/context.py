@@ -105,3 +105,13 @@ def approvals() -> Approvals:
     from governance.integration.approvals import Approvals
 
     return Approvals(celery_app(), runtime())
+
+
+def operator() -> str:
+    """Who runs this command, for the audit of operator actions (the OS user name)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"

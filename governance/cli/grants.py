@@ -8,7 +8,6 @@ tenant's ``approval.max_grant``, and is checked by the worker against the review
 
 from __future__ import annotations
 
-import getpass
 from typing import Annotated
 
 import typer
@@ -55,10 +54,7 @@ def revoke(
     as_json: JsonFlag = False,
 ) -> None:
     """Remove a grant at once (audited): the agent needs approval again."""
-    try:
-        by = getpass.getuser()
-    except (OSError, KeyError):
-        by = "unknown"
+    by = context.operator()
     context.check_tenant(context.runtime().policy, tenant)
     context.approvals().revoke(tenant, grant_id, by)
     if as_json:

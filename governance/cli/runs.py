@@ -8,7 +8,6 @@ published by this command. A step of a closed run that arrives later opens it ag
 
 from __future__ import annotations
 
-import getpass
 from typing import Annotated
 
 import typer
@@ -27,10 +26,7 @@ def close(
 ) -> None:
     """Close a run: it stops counting against the tenant's run_concurrency (audited), and the
     steps of waiting runs that now fit are published, oldest first."""
-    try:
-        by = getpass.getuser()
-    except (OSError, KeyError):
-        by = "unknown"
+    by = context.operator()
     runtime = context.runtime()
     context.check_tenant(runtime.policy, tenant)
     with runtime.store_call():

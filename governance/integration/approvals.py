@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -46,6 +46,7 @@ from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
 from governance.policy.signing import (
     DecisionPayload,
+    Release,
     call_hash,
     check_grant,
     check_release,
@@ -295,9 +296,31 @@ class Approvals:
         approvals = [a for a in headers.approvals if _kind_of(a) == COST_ALERT]
         if not approvals:
             return None
-        ctx = headers.context
+        release = self._release(headers.context, approvals, task_name, task_id, args, kwargs)
+        if release.ok:
+            chosen = [p.alert_to_micro for p in release.payloads if p.alert_to_micro is not None]
+            return min(chosen) if chosen else 0
+        self._forged(
+            headers.context,
+            task_id,
+            action,
+            f"a cost-alert release that does not verify: {release.reason}; held again",
+        )
+        return None
+
+    def _release(
+        self,
+        ctx: ActionContext,
+        approvals: Sequence[Mapping[str, Any]],
+        task_name: str,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        kind: str = COST_ALERT,
+    ) -> Release:
+        """Whether ``approvals`` release this exact call under the tenant's approval rules."""
         tenant = self._tenant(ctx.tenant)
-        release = check_release(
+        return check_release(
             approvals,
             reviewers=tenant.reviewers,
             quorum=tenant.approval.quorum,
@@ -307,11 +330,13 @@ class Approvals:
             requester=ctx.user,
             now_ms=int(time.time() * 1000),
             valid_for=tenant.approval.valid_for,
-            kind=COST_ALERT,
+            kind=kind,
         )
-        if release.ok:
-            chosen = [p.alert_to_micro for p in release.payloads if p.alert_to_micro is not None]
-            return min(chosen) if chosen else 0
+
+    def _forged(
+        self, ctx: ActionContext, task_id: str, action: Action, reason: str, tier: str = ""
+    ) -> None:
+        """Audit a release that does not verify (the call is held again)."""
         self.runtime.audit(
             AuditEvent(
                 type=AuditEventType.FORGED_RELEASE,
@@ -321,10 +346,11 @@ class Approvals:
                 task_id=task_id,
                 action=action.name,
                 decision="hold",
-                reason=f"a cost-alert release that does not verify: {release.reason}",
+                reason=reason,
+                tier=tier,
             )
         )
-        return None
+        log.warning("task %s: %s", task_id, reason)
 
     def check(
         self,
@@ -345,17 +371,8 @@ class Approvals:
         if not headers.approvals:
             return None
         ctx = headers.context
-        tenant = self._tenant(ctx.tenant)
-        release = check_release(
-            headers.approvals,
-            reviewers=tenant.reviewers,
-            quorum=tenant.approval.quorum,
-            allow_self_approval=tenant.approval.allow_self_approval,
-            task_id=task_id,
-            call=message_call(task_name, args, kwargs, ctx),
-            requester=ctx.user,
-            now_ms=int(time.time() * 1000),
-            valid_for=tenant.approval.valid_for,
+        release = self._release(
+            ctx, headers.approvals, task_name, task_id, args, kwargs, kind="hold"
         )
         if release.ok:
             return Decision(
@@ -367,20 +384,9 @@ class Approvals:
                 False,
                 decision.tier_level,
             )
-        self.runtime.audit(
-            AuditEvent(
-                type=AuditEventType.FORGED_RELEASE,
-                tenant=ctx.tenant,
-                agent=ctx.agent,
-                run=ctx.run,
-                task_id=task_id,
-                action=action.name,
-                decision="hold",
-                reason=f"a release that does not verify: {release.reason}; held again",
-                tier=decision.tier.value if decision.tier else "",
-            )
-        )
-        log.warning("task %s carried a release that does not verify: %s", task_id, release.reason)
+        tier = decision.tier.value if decision.tier else ""
+        reason = f"a release that does not verify: {release.reason}; held again"
+        self._forged(ctx, task_id, action, reason, tier)
         return None
 
     # -- reviewer decisions -------------------------------------------------------------------

@@ -47,6 +47,7 @@ from governance.integration.headers import (
 from governance.integration.messages import Envelope, envelope_from_request
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.actions import Action, LLMCall, ToolCall
+from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
 from governance.policy.errors import ActionError, ErrorKind
 from governance.policy.tenant import TenantPolicy
@@ -66,6 +67,23 @@ _rng = random.Random()
 
 #: Backoff of a task sent back while the state store is down: 0.5 s doubling up to this.
 OUTAGE_MAX_DELAY_S = 5.0
+
+
+def audit_template(
+    ctx: ActionContext, task_id: str, action: Action, policy_version: str, tier: str | None = None
+) -> dict[str, str]:
+    """The fields every audit entry about one task carries (the store scripts add the rest)."""
+    template = {
+        "tenant": ctx.tenant,
+        "agent": ctx.agent,
+        "run": ctx.run,
+        "task_id": task_id,
+        "action": action.name,
+        "policy_version": policy_version,
+    }
+    if tier is not None:
+        template["tier"] = tier
+    return template
 
 
 def base_usage(action: Action) -> Usage:
@@ -211,18 +229,14 @@ class TaskLife:
     def _template(self) -> dict[str, str]:
         assert self.headers is not None
         assert self.action is not None
-        ctx, d = self.headers.context, self.decision
-        template = {
-            "tenant": ctx.tenant,
-            "agent": ctx.agent,
-            "run": ctx.run,
-            "task_id": self.task_id,
-            "action": self.action.name,
-            "policy_version": self.runtime.policy.version,
-        }
-        if d is not None and d.tier is not None:
-            template["tier"] = d.tier.value
-        return template
+        d = self.decision
+        return audit_template(
+            self.headers.context,
+            self.task_id,
+            self.action,
+            self.runtime.policy.version,
+            d.tier.value if d is not None and d.tier is not None else None,
+        )
 
     def _step_timed_out(self, tenant: TenantPolicy, action: Action, run_ms: float) -> ActionError:
         """The body ran out of its step timeout (Celery's soft time limit, set from the policy

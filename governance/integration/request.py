@@ -28,6 +28,7 @@ from celery.worker.request import Request
 
 from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, header_value, read_context
+from governance.integration.lifecycle import audit_template
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
@@ -115,14 +116,7 @@ class GovernedRequest(Request):  # type: ignore[misc]
         runtime, ctx, action = step.runtime, step.context, step.action
         attempt = int(self._request_dict.get("retries") or 0)
         limits = runtime.limits_for(step.tenant, action)
-        template = {
-            "tenant": ctx.tenant,
-            "agent": ctx.agent,
-            "run": ctx.run,
-            "task_id": self.id,
-            "action": action.name,
-            "policy_version": runtime.policy.version,
-        }
+        template = audit_template(ctx, self.id, action, runtime.policy.version)
         ticket = AdmissionTicket.of(ctx, self.id, attempt, "", limits, template)
         reason = f"step_timeout: killed at its hard time limit of {timeout:g} s"
         entry = {

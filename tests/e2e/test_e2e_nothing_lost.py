@@ -71,9 +71,18 @@ def test_sigkilled_pool_children_then_the_whole_worker_lose_nothing(
     first = deployment.start_worker("doomed")
     results = _publish_slow(deployment.app, observer, "kill", 120, 300)
     wait_until(lambda: _states(results).get("SUCCESS", 0) >= 10, 60, "some tasks to succeed")
-    for _ in range(3):  # three pool children, each while it runs a task
-        busy = wait_until(first.busy_children, 30, "a pool child running a task")
-        os.kill(busy[0], signal.SIGKILL)
+    killed: set[int] = set()
+    while len(killed) < 3:  # three pool children, each while it runs a task
+        busy = wait_until(
+            lambda: [pid for pid in first.busy_children() if pid not in killed],
+            30,
+            "a pool child running a task",
+        )
+        try:
+            os.kill(busy[0], signal.SIGKILL)
+        except ProcessLookupError:
+            continue  # it exited after the worker listed it busy: take another
+        killed.add(busy[0])
         time.sleep(0.3)
     first.kill()  # then the whole worker: parent and every child, at once
     killed_at = time.monotonic()
