@@ -134,6 +134,29 @@ def test_a_rejection_at_the_cost_alert_ends_the_runs_pending_and_later_calls(
     assert _pricey(app, other_run, "unaffected").get(timeout=30)["text"].startswith("echo:")
 
 
+def test_an_approval_tier_call_past_the_cost_alert_needs_both_approvals_and_runs_once(
+    app: Celery, runtime: GovernanceRuntime, keys: Keys
+) -> None:
+    """Where the two holds meet: ``echo`` is approval-tier in ``t-alert``. After a costly call,
+    the run's echo is held for its tier, approved, then held again at the cost alert (the tier's
+    approval kept with it), approved again: it runs once, with both approvals."""
+    run = ctx("t-alert", "run-alert-tier", user="dana")
+    assert _pricey(app, run, "first").get(timeout=30)["text"].startswith("echo:")
+    echo = submit_tool(app, run, "echo", text="twice approved")
+    assert echo.state == "HELD"  # held at publish, for its tier
+    approvals = Approvals(app, runtime)
+    assert approvals.find(echo.id).kind == "hold"
+    approvals.approve(echo.id, keys["alice"], "tier ok")
+    wait_until(
+        lambda: approvals.find(echo.id).kind == "cost_alert",
+        timeout_s=30,
+        what="the released call to be held at the cost alert",
+    )
+    approvals.approve(echo.id, keys["bob"], "cost ok")
+    assert echo.get(timeout=30) == {"text": "twice approved"}
+    assert types_of(audit_of(runtime, echo.id)).count("task_finished") == 1
+
+
 def test_a_step_over_its_timeout_ends_with_the_reason_and_frees_its_slot(
     app: Celery, runtime: GovernanceRuntime, observer: ObserverServer
 ) -> None:
@@ -178,6 +201,30 @@ def test_a_third_run_waits_until_one_of_two_runs_is_closed_then_runs_in_order(
     wait_for_state(fourth, "DEFERRED")  # runs 2 and 3 are in flight now
     assert govctl(e2e_env, "run", "close", "runs-3", "-t", "t-runs").returncode == 0
     assert fourth.get(timeout=30) == {"text": "4"}
+    for run in ("runs-2", "runs-4"):  # the tenant's next test starts with no run in flight
+        assert govctl(e2e_env, "run", "close", run, "-t", "t-runs").returncode == 0
+
+
+def test_an_approved_step_of_a_run_without_a_slot_waits_and_is_never_held_again(
+    app: Celery, runtime: GovernanceRuntime, keys: Keys, e2e_env: dict[str, str]
+) -> None:
+    """Approval meets runs in flight: runs A and B are in flight (limit 2); run C's
+    approval-tier write is approved, waits for a run slot, and runs once when A is closed."""
+    for run in ("appr-a", "appr-b"):
+        assert submit_tool(app, ctx("t-runs", run), "echo", text=run).get(timeout=30)
+    held = submit_tool(
+        app, ctx("t-runs", "appr-c", user="dana"), "write_file", path="appr-c.txt", content="c"
+    )
+    assert held.state == "HELD"
+    Approvals(app, runtime).approve(held.id, keys["alice"], "ok")
+    wait_for_state(held, "DEFERRED")
+    assert govctl(e2e_env, "run", "close", "appr-a", "-t", "t-runs").returncode == 0
+    assert held.get(timeout=30) == {"path": "appr-c.txt", "bytes": 1}
+    kinds = types_of(audit_of(runtime, held.id))
+    assert kinds.count("held") == 1
+    assert kinds.count("task_finished") == 1
+    for run in ("appr-b", "appr-c"):
+        assert govctl(e2e_env, "run", "close", run, "-t", "t-runs").returncode == 0
 
 
 def test_a_run_idle_for_its_idle_timeout_leaves_its_slot_to_the_next_run(
