@@ -67,13 +67,31 @@ class _Step:
 
 
 class GovernedRequest(Request):  # type: ignore[misc]
-    def _step(self) -> _Step | None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The pool applies ``time_limits`` (Celery's request class for each task reads them
+        # when it hands the task to the pool).
+        step = self._step(only_with_timeouts=True)
+        if step is not None and step.timeout_s is not None:
+            hard, soft = getattr(self, "time_limits", None) or (None, None)
+            soft = min(x for x in (soft, self.task.soft_time_limit, step.timeout_s) if x)
+            killed_at = soft + HARD_LIMIT_GRACE_S
+            self.time_limits = (min(hard, killed_at) if hard else killed_at, soft)
+
+    def _step(self, only_with_timeouts: bool = False) -> _Step | None:
         """The policy's view of this request, or None when it is not governed or its
-        context, action or tenant is not valid (the task itself then denies it)."""
+        context, action or tenant is not valid (the task itself then denies it). With
+        ``only_with_timeouts``, None at once when the policy has no step timeout at all (the
+        cost of a message in the main process stays what it was)."""
         task = self.task
         if not is_governed(task):
             return None
-        runtime = runtime_for(task.app)
+        try:
+            runtime = runtime_for(task.app)
+        except RuntimeError:  # no governance installed: the task itself says so
+            return None
+        if only_with_timeouts and not runtime.policy.has_step_timeouts:
+            return None
         try:
             context = read_context(header_value(self._request_dict, CONTEXT))
             action = task.action_for(self.args, self.kwargs)
@@ -84,17 +102,6 @@ class GovernedRequest(Request):  # type: ignore[misc]
             return None
         limit = runtime.policy.step_timeout(tenant, action)
         return _Step(runtime, context, action, tenant, limit.total_seconds() if limit else None)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The pool applies ``time_limits`` (Celery's request class for each task reads them
-        # when it hands the task to the pool).
-        step = self._step() if runtime_for(self.task.app).policy.has_step_timeouts else None
-        if step is not None and step.timeout_s is not None:
-            hard, soft = getattr(self, "time_limits", None) or (None, None)
-            soft = min(x for x in (soft, self.task.soft_time_limit, step.timeout_s) if x)
-            killed_at = soft + HARD_LIMIT_GRACE_S
-            self.time_limits = (min(hard, killed_at) if hard else killed_at, soft)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)

@@ -59,7 +59,8 @@ local A = tostring(req.a)
 local same = attempt == A
 local live = lease_exp and tonumber(lease_exp) > now and redis.call('ZSCORE', L.T.leases, rec)
 
-local function admitted_entry(waited_since)
+-- `run` is the run window as the evaluation read it, when it did (else it is read here).
+local function admitted_entry(waited_since, run)
   local detail = {attempt = req.a}
   if waited_since then detail.waited_ms = now - tonumber(waited_since) end
   if req.outage and req.outage ~= cjson.null then
@@ -70,11 +71,16 @@ local function admitted_entry(waited_since)
   -- The run's wall time at or over the warning threshold: audited once per run.
   local wall = req.wall
   if wall and wall ~= cjson.null and wall[1] > 0 then
-    local run = req.k.w[1]
-    local w = redis.call('HMGET', run, 'started_ms', 'wall_warned')
-    local elapsed = w[1] and (now - tonumber(w[1])) or 0
-    if not w[2] and elapsed * 100 >= (req.warn or 80) * wall[1] then
-      redis.call('HSET', run, 'wall_warned', 1)
+    local started, warned
+    if run then
+      started, warned = run.has_started and run.started_ms, run.wall_warned > 0
+    else
+      local w = redis.call('HMGET', req.k.w[1], 'started_ms', 'wall_warned')
+      started, warned = w[1] and tonumber(w[1]), w[2] ~= false
+    end
+    local elapsed = started and (now - started) or 0
+    if not warned and elapsed * 100 >= (req.warn or 80) * wall[1] then
+      redis.call('HSET', req.k.w[1], 'wall_warned', 1)
       L.task_entry(written, now, req.au, 'limit_warning', 'allow', '', {
         violation = 'wall_time_limit', current = elapsed, limit = wall[1],
         percent = math.floor(elapsed * 100 / wall[1])})
@@ -180,5 +186,5 @@ end
 
 local exp = now + G.lease
 L.commit(req, now, verdict, req.holder, 'running', exp, exp)
-admitted_entry(same and wait_since or nil)
+admitted_entry(same and wait_since or nil, verdict.cache and verdict.cache[req.k.w[1]])
 return reply({s = 'admitted', le = exp, cv = verdict.cv})
