@@ -29,21 +29,18 @@ def close(
     by = context.operator()
     runtime = context.runtime()
     context.check_tenant(runtime.policy, tenant)
-    with runtime.store_call():
-        result = runtime.ledger.sweep(tenant, close_run=(run, by))
-        runtime.audit_log.flush(tenant)
-    published = runtime.publish_each(result.publish)
+    was_in_flight, published = runtime.close_run(tenant, run, by)
     if as_json:
         output.emit_json(
             {
                 "tenant": tenant,
                 "run": run,
-                "was_in_flight": result.closed,
+                "was_in_flight": was_in_flight,
                 "published": [p.task_id for p in published],
             }
         )
         return
-    state = "closed" if result.closed else "was not in flight; closed anyway"
+    state = "closed" if was_in_flight else "was not in flight; closed anyway"
     output.show(f"run {run} of tenant {tenant}: {state}")
     if published:
         output.show(

@@ -298,6 +298,16 @@ class GovernanceRuntime:
             raise RuntimeError("the governance runtime is not installed on a Celery app")
         publish(self._raw_send, envelope, headers=headers, countdown_s=countdown_s)
 
+    def close_run(self, tenant: str, run: str, by: str) -> tuple[bool, list[Publication]]:
+        """Close ``run`` of ``tenant`` (audited as closed by ``by``): it stops counting against
+        the tenant's ``run_concurrency``, and the waiting steps of other runs that now fit are
+        handed on and published, oldest first. Returns whether it was in flight, and what was
+        published."""
+        with self.store_call():
+            result = self.ledger.sweep(tenant, close_run=(run, by))
+            self.audit_log.flush(tenant)
+        return result.closed, self.publish_each(result.publish)
+
     def publish_each(self, publications: Iterable[Publication]) -> list[Publication]:
         """Publish what a store call handed on (hand-offs with their token, tasks published
         again); returns those that went out. A failure is logged and left to the reconciler:

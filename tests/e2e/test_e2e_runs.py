@@ -194,8 +194,18 @@ def test_a_third_run_waits_until_one_of_two_runs_is_closed_then_runs_in_order(
     assert closed.returncode == 0, closed.stderr
     report = json.loads(closed.stdout)
     assert report["was_in_flight"] is True
-    # Handed on oldest first (each then runs on whichever worker process takes it).
-    assert report["published"] == [c.id for c in third]
+
+    # Handed on in the order they began to wait (their "waiting" entries; two worker
+    # processes may receive them in another order than they were published), each then runs on
+    # whichever worker process takes it.
+    def began_waiting(task_id: str) -> int:
+        return next(
+            int(e.fields["seq"])
+            for e in audit_of(runtime, task_id)
+            if e.fields["type"] == "waiting"
+        )
+
+    assert report["published"] == sorted((c.id for c in third), key=began_waiting)
     assert [c.get(timeout=30) for c in third] == [{"text": f"s{i}"} for i in range(3)]
     fourth = submit_tool(app, ctx("t-runs", "runs-4"), "echo", text="4")
     wait_for_state(fourth, "DEFERRED")  # runs 2 and 3 are in flight now
