@@ -13,16 +13,14 @@ from typing import Annotated
 import typer
 
 from governance.cli import context, output
-from governance.cli.output import JsonFlag
+from governance.cli.output import JsonFlag, TenantFilter
 
 app = typer.Typer(help="Grants given with approvals: list them, revoke one.", no_args_is_help=True)
 
 
 @app.command("list")
 def list_(
-    tenant: Annotated[
-        str | None, typer.Option("--tenant", "-t", help="One tenant (default: every tenant).")
-    ] = None,
+    tenant: TenantFilter = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Every stored grant: agent, action, until when, and whether it verifies now."""

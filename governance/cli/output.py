@@ -27,6 +27,11 @@ JsonFlag = Annotated[
     bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")
 ]
 
+#: ``--tenant`` of a listing: one tenant, or (absent) every tenant.
+TenantFilter = Annotated[
+    str | None, typer.Option("--tenant", "-t", help="One tenant (default: every tenant).")
+]
+
 #: Task ids are 36 characters: never fold them, so they can be copied from a table.
 ID_WIDTH = 36
 

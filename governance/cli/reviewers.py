@@ -16,7 +16,7 @@ import typer
 
 from governance.cli import context, output
 from governance.cli.errors import CliError
-from governance.cli.output import JsonFlag
+from governance.cli.output import JsonFlag, TenantFilter
 
 app = typer.Typer(
     help="Reviewers' signing keys: make one, list who may decide.", no_args_is_help=True
@@ -61,9 +61,7 @@ def keygen(
 
 @app.command("list")
 def list_(
-    tenant: Annotated[
-        str | None, typer.Option("--tenant", "-t", help="One tenant (default: every tenant).")
-    ] = None,
+    tenant: TenantFilter = None,
     as_json: JsonFlag = False,
 ) -> None:
     """The reviewers of each tenant, with their public keys and the approval rules."""

@@ -14,13 +14,11 @@ from typing import Annotated, Any
 import typer
 
 from governance.cli import context, output
-from governance.cli.output import JsonFlag
+from governance.cli.output import JsonFlag, TenantFilter
 
 
 def status(
-    tenant: Annotated[
-        str | None, typer.Option("--tenant", "-t", help="One tenant (default: every tenant).")
-    ] = None,
+    tenant: TenantFilter = None,
     overdue: Annotated[
         bool, typer.Option("--overdue", help="Also list the overdue tasks, one per line.")
     ] = False,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from governance.cli import context, output
-from governance.cli.output import JsonFlag
+from governance.cli.output import JsonFlag, TenantFilter
 
 if TYPE_CHECKING:
     from governance.policy.limits import LimitResult
@@ -31,9 +31,7 @@ COLUMNS = (
 
 
 def usage(
-    tenant: Annotated[
-        str | None, typer.Option("--tenant", "-t", help="One tenant (default: every tenant).")
-    ] = None,
+    tenant: TenantFilter = None,
     run: Annotated[
         str | None, typer.Option("--run", help="Also this run's usage and long-running checks.")
     ] = None,

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -46,6 +46,7 @@ from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
 from governance.policy.signing import (
     DecisionPayload,
+    GrantCheck,
     Release,
     call_hash,
     check_grant,
@@ -257,16 +258,7 @@ class Approvals:
         now_ms = int(time.time() * 1000)
         names = {action.name, decision.action_class or action.name}
         for grant_id, grant in self.store.grants(ctx.tenant).items():
-            verdict = check_grant(
-                grant,
-                reviewers=tenant.reviewers,
-                quorum=tenant.approval.quorum,
-                allow_self_approval=tenant.approval.allow_self_approval,
-                max_grant=tenant.approval.max_grant,
-                agent=ctx.agent,
-                action_names=names,
-                now_ms=now_ms,
-            )
+            verdict = _grant_verdict(grant, tenant, ctx.agent, names, now_ms)
             if verdict.ok:
                 reason = f"{decision.reason}; allowed by grant {grant_id} ({verdict.reason})"
                 return Decision(
@@ -296,7 +288,9 @@ class Approvals:
         approvals = [a for a in headers.approvals if _kind_of(a) == COST_ALERT]
         if not approvals:
             return None
-        release = self._release(headers.context, approvals, task_name, task_id, args, kwargs)
+        release = self._release(
+            headers.context, approvals, task_name, task_id, args, kwargs, kind=COST_ALERT
+        )
         if release.ok:
             chosen = [p.alert_to_micro for p in release.payloads if p.alert_to_micro is not None]
             return min(chosen) if chosen else 0
@@ -316,7 +310,7 @@ class Approvals:
         task_id: str,
         args: Any,
         kwargs: Any,
-        kind: str = COST_ALERT,
+        kind: str,
     ) -> Release:
         """Whether ``approvals`` release this exact call under the tenant's approval rules."""
         tenant = self._tenant(ctx.tenant)
@@ -459,13 +453,21 @@ class Approvals:
         alert are approved with it, and ``alert_to_usd`` (signed) is the run's next threshold
         (else the policy's next step)."""
         outcome = self._approve_one(task_id, key, reason, grant_for, alert_to_usd)
-        if outcome.task.kind == COST_ALERT:
-            for sibling in self._run_alert_holds(outcome.task):
-                try:
-                    self._approve_one(sibling.task_id, key, reason, None, alert_to_usd)
-                except ApprovalRefused as exc:
-                    log.info("cost alert of run %s: %s", sibling.run, exc)
+        self._same_for_the_run(
+            outcome.task, lambda other: self._approve_one(other, key, reason, None, alert_to_usd)
+        )
         return outcome
+
+    def _same_for_the_run(self, task: HeldTask, decide: Callable[[str], object]) -> None:
+        """A decision at a run's cost alert is the run's: ``decide`` the run's other calls held
+        at the alert too (one already decided, or that another reviewer is deciding, is left)."""
+        if task.kind != COST_ALERT:
+            return
+        for other in self._run_alert_holds(task):
+            try:
+                decide(other.task_id)
+            except ApprovalRefused as exc:
+                log.info("cost alert of run %s: %s", other.run, exc)
 
     def _run_alert_holds(self, task: HeldTask) -> list[HeldTask]:
         """The other calls of ``task``'s run held at its cost alert."""
@@ -587,11 +589,7 @@ class Approvals:
         task = self._reject_one(task_id, key, reason)
         if task.kind == COST_ALERT:
             stop_run_at_cost_alert(self.runtime.state, task.tenant, task.run)
-            for sibling in self._run_alert_holds(task):
-                try:
-                    self._reject_one(sibling.task_id, key, reason)
-                except ApprovalRefused as exc:
-                    log.info("cost alert of run %s: %s", sibling.run, exc)
+        self._same_for_the_run(task, lambda other: self._reject_one(other, key, reason))
         return task
 
     def _reject_one(self, task_id: str, key: Ed25519PrivateKey, reason: str) -> HeldTask:
@@ -646,15 +644,8 @@ class Approvals:
         now_ms = int(time.time() * 1000)
         listed = []
         for grant_id, grant in sorted(self.store.grants(tenant).items()):
-            verdict = check_grant(
-                grant,
-                reviewers=policy.reviewers,
-                quorum=policy.approval.quorum,
-                allow_self_approval=policy.approval.allow_self_approval,
-                max_grant=policy.approval.max_grant,
-                agent=str(grant.get("agent", "")),
-                action_names=[str(grant.get("action", ""))],
-                now_ms=now_ms,
+            verdict = _grant_verdict(
+                grant, policy, str(grant.get("agent", "")), [str(grant.get("action", ""))], now_ms
             )
             listed.append(
                 {
@@ -730,3 +721,24 @@ class Approvals:
             reason=reason,
             reviewer=reviewer,
         )
+
+
+def _grant_verdict(
+    grant: Mapping[str, Any],
+    tenant: TenantPolicy,
+    agent: str,
+    action_names: Iterable[str],
+    now_ms: int,
+) -> GrantCheck:
+    """Whether a stored grant verifies under ``tenant``'s reviewers and approval rules, and
+    covers ``agent`` taking one of ``action_names`` now."""
+    return check_grant(
+        grant,
+        reviewers=tenant.reviewers,
+        quorum=tenant.approval.quorum,
+        allow_self_approval=tenant.approval.allow_self_approval,
+        max_grant=tenant.approval.max_grant,
+        agent=agent,
+        action_names=action_names,
+        now_ms=now_ms,
+    )

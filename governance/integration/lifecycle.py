@@ -24,7 +24,7 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Retry, SoftTimeLimitExceeded
@@ -53,7 +53,7 @@ from governance.policy.errors import ActionError, ErrorKind
 from governance.policy.tenant import TenantPolicy
 from governance.policy.tiers import Outcome
 from governance.policy.usage import Usage
-from governance.store.admission import Admission, AdmissionStatus, NextAttempt, Publication
+from governance.store.admission import Admission, AdmissionStatus, NextAttempt
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.cooldown import set_cooldown
 from governance.store.errors import StoreUnavailable
@@ -268,14 +268,12 @@ class TaskLife:
         """The run's cost reached its alert: this call waits in the held store for the
         tenant's reviewers, like an approval-tier action (kind ``cost_alert``)."""
         assert self.decision is not None
-        decision = Decision(
-            Outcome.hold,
-            admission.reason,
-            self.decision.tier,
-            "long_running.cost_alert_usd",
-            self.decision.action_class,
-            False,
-            self.decision.tier_level,
+        decision = replace(
+            self.decision,
+            outcome=Outcome.hold,
+            reason=admission.reason,
+            rule="long_running.cost_alert_usd",
+            granted=False,
         )
         try:
             with self.runtime.store_call():
@@ -313,7 +311,7 @@ class TaskLife:
                 )
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
-        self._publish(admission.publish)
+        self.runtime.publish_each(admission.publish)
         status = admission.status
         if status is AdmissionStatus.ADMITTED:
             return admission
@@ -346,9 +344,6 @@ class TaskLife:
         self.task.update_state(state="DEFERRED", meta=meta)
         self._send_event("deferred", admission.reason, violation=violation)
         raise Acknowledged()
-
-    def _publish(self, publications: tuple[Publication, ...]) -> None:
-        self.runtime.publish_each(publications)
 
     def _counted(
         self, reported: Usage, execution: Execution, error: BaseException | None
@@ -477,7 +472,7 @@ class TaskLife:
                 settlement = self.runtime.admitter.settle(
                     admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
                 )
-            self._publish(settlement.publish)
+            self.runtime.publish_each(settlement.publish)
             if next_attempt is not None and not parked and outcome.retry_delay_ms is not None:
                 self._publish_retry(headers, outcome.retry_delay_ms)
 

@@ -148,8 +148,8 @@ if redis.call('ZCARD', L.T.waiting) > 0 then
 end
 if req.env and req.env ~= cjson.null then redis.call('HSETNX', rec, 'msg', req.env) end
 
-local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim == 1)
 local since = (same and wait_since) and tonumber(wait_since) or now
+local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim == 1, since)
 
 if verdict.kind == 'book' and verdict.turn - since > req.max_wait then
   verdict.kind = 'reject'

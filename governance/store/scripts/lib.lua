@@ -167,8 +167,9 @@ end
 -- -- admission -------------------------------------------------------------------------------
 
 -- What admitting `req` now would do, without writing anything. `skip` names the rates already
--- booked for this attempt ("t": tenant, "p": provider). Returns a verdict:
---   {kind = 'admit' | 'wait' | 'book' | 'reject', v = violation, cur, lim, wait (ms), ci (index of
+-- booked for this attempt ("t": tenant, "p": provider); `came` is when this attempt began to
+-- wait (default: now), the end of the run's idle time. Returns a verdict:
+--   {kind = 'admit' | 'wait' | 'book' | 'reject' | 'alert', v = violation, cur, lim, wait (ms), ci (index of
 --    the budget check), turn (ms, for book), tats = {{key, tat, flag}, ...} (admit, book), cv}
 -- Order: limits that waiting cannot fix reject (the run's wall time first, as the seed checks
 -- it); a run at its cost alert is held for the reviewers ('alert', unless `req.ack` carries their
@@ -176,7 +177,7 @@ end
 -- flight) makes the task wait in the wait list; otherwise a rate limit or a provider cooldown
 -- books its turn; otherwise it is admitted. Leases and reservations of
 -- dead holders are reclaimed only when they stand in the way (`reclaim`).
-function L.evaluate(req, now, skip, cache, reclaim)
+function L.evaluate(req, now, skip, cache, reclaim, came)
   cache = cache or {}
   skip = skip or ''
   local reject, wait
@@ -210,7 +211,7 @@ function L.evaluate(req, now, skip, cache, reclaim)
   local idle_ms = lr[4] or -1
   if not reject and idle_ms >= 0 and L.window_values(cache, req, 1).has_last then
     local last = L.window_values(cache, req, 1).last_ms
-    local came = tonumber(redis.call('HGET', req.k.rec, 'wait_since') or now)
+    came = came or now
     if came - last >= idle_ms then
       reject = {'idle_timeout', math.floor((came - last) / 1000), idle_ms / 1000}
     end
@@ -509,7 +510,9 @@ function L.handoff(now, G, out)
         reason = 'waiting task without a message in the ledger: it cannot be published'})
     else
       local req = cjson.decode(raw)
-      local verdict = L.evaluate(req, now, redis.call('HGET', rec, 'skip'), cache, G.reclaim == 1)
+      local r = redis.call('HMGET', rec, 'skip', 'wait_since')
+      local came = tonumber(r[2] or now)
+      local verdict = L.evaluate(req, now, r[1], cache, G.reclaim == 1, came)
       if verdict.kind == 'wait' then
         if verdict.v == 'concurrency_limit' then break end
         -- It needs budget held by tasks in flight, or a run slot: a later task (of another
