@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
@@ -93,11 +94,18 @@ def _approvals(raw: Any) -> tuple[dict[str, Any], ...]:
     return tuple(value)
 
 
+@lru_cache(maxsize=4096)
+def _context_from_json(raw: str | bytes) -> ActionContext:
+    # Contexts are immutable: one header text is validated once per process, not per message
+    # (a run's steps all carry the same text); an invalid one raises, and is not cached.
+    return ActionContext.model_validate_json(raw)
+
+
 def read_context(raw: Any) -> ActionContext:
     """Validate a context header; :class:`HeaderError` says what is wrong."""
     try:
         if isinstance(raw, str | bytes):
-            return ActionContext.model_validate_json(raw)
+            return _context_from_json(raw)
         return ActionContext.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(

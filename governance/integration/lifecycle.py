@@ -24,6 +24,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -45,6 +46,7 @@ from governance.integration.headers import (
     read_headers,
 )
 from governance.integration.messages import Envelope, envelope_from_request
+from governance.integration.overlap import defer_settlement, settling_after_result
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.context import ActionContext
@@ -53,7 +55,7 @@ from governance.policy.errors import ActionError, ErrorKind
 from governance.policy.tenant import TenantPolicy
 from governance.policy.tiers import Outcome
 from governance.policy.usage import Usage
-from governance.store.admission import Admission, AdmissionStatus, NextAttempt
+from governance.store.admission import Admission, AdmissionStatus, NextAttempt, Settlement
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.cooldown import set_cooldown
 from governance.store.errors import StoreUnavailable
@@ -123,21 +125,55 @@ class TaskLife:
         #: What admission reserved for this attempt (the policy's estimate of the action).
         self._estimate = Usage()
         self._admit_ms = 0.0
+        #: Who holds the attempt's lease while this delivery runs it (one id per delivery).
+        self.holder = uuid.uuid4().hex
+        #: The admission written ahead of the body (see ``start_admission``), and when.
+        self._early: tuple[GovernanceHeaders, Action, TenantPolicy, Callable[[], Admission]] | None
+        self._early = None
+        self._admit_started = 0.0
         #: When this delivery reached the task (its broker's unacked clock started earlier).
         self._started = time.monotonic()
 
     # -- the steps -------------------------------------------------------------------------
 
+    def start_admission(self) -> None:
+        """Write the admission before the body is called (from ``task_prerun``, see
+        :mod:`governance.integration.overlap`) when nothing but the policy decides up to there:
+        valid headers without approvals to verify, an action the policy lets run at once.
+        Otherwise, or if anything fails, :meth:`run` does every step itself."""
+        try:
+            headers = read_headers(self.task.request)
+            if headers.approvals:
+                return
+            action = self.task.action_for(self.args, self.kwargs)
+            decision = self.runtime.policy.authorize(headers.context, action)
+            tenant = self.runtime.policy.tenant(headers.context.tenant)
+            if decision.outcome is not Outcome.allow or tenant is None:
+                return
+            self.task.prepare(action, tenant)
+            self.headers, self.action, self.decision = headers, action, decision
+            started = time.perf_counter()
+            written = self._begin_admit(headers, action, tenant)
+        except Exception:
+            self.headers, self.action, self.decision = None, None, None
+            return
+        self._early = (headers, action, tenant, written)
+        self._admit_started = started
+
     def run(self) -> Any:
-        headers = self._read_context()
-        action = self._build_action()
-        self._authorize(headers, action)
-        tenant = self.runtime.policy.tenant(headers.context.tenant)
-        assert tenant is not None  # authorization denies unknown tenants
-        self._prepare(tenant)
-        admit_started = time.perf_counter()
-        admission = self._admit(headers, action, tenant)
-        self._admit_ms = round((time.perf_counter() - admit_started) * 1000, 3)
+        if self._early is None:
+            headers = self._read_context()
+            action = self._build_action()
+            self._authorize(headers, action)
+            tenant = self.runtime.policy.tenant(headers.context.tenant)
+            assert tenant is not None  # authorization denies unknown tenants
+            self._prepare(tenant)
+            self._admit_started = time.perf_counter()
+            admission = self._admit(headers, action, tenant)
+        else:
+            headers, action, tenant, written = self._early
+            admission = self._admit(headers, action, tenant, written)
+        self._admit_ms = round((time.perf_counter() - self._admit_started) * 1000, 3)
         execution = Execution(self.task_id, headers.context, headers.attempt, action)
         started = time.perf_counter()
         error: BaseException | None = None
@@ -288,27 +324,42 @@ class TaskLife:
             self._defer_for_outage(exc)
         raise Acknowledged()
 
-    def _admit(self, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy) -> Admission:
+    def _begin_admit(
+        self, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy
+    ) -> Callable[[], Admission]:
+        """Write this delivery's admission; the function returned reads the decision."""
         runtime = self.runtime
         self._estimate = runtime.policy.estimate_usage(action)
+        alert_approved = self._cost_alert_approval(headers, action)
+        with runtime.store_call():
+            return runtime.admitter.begin_admit(
+                ctx=headers.context,
+                action=action,
+                task_id=self.task_id,
+                attempt=headers.attempt,
+                estimate=self._estimate,
+                limits=runtime.limits_for(tenant, action),
+                holder=self.holder,
+                handoff=headers.handoff,
+                envelope=None if headers.ledgered else self.envelope().to_json(),
+                template=self._template(),
+                outage=headers.outage,
+                reclaim=runtime.may_reclaim,
+                cost_alert_approved=alert_approved,
+            )
+
+    def _admit(
+        self,
+        headers: GovernanceHeaders,
+        action: Action,
+        tenant: TenantPolicy,
+        written: Callable[[], Admission] | None = None,
+    ) -> Admission:
         try:
-            alert_approved = self._cost_alert_approval(headers, action)
-            with runtime.store_call():
-                admission = runtime.admitter.admit(
-                    ctx=headers.context,
-                    action=action,
-                    task_id=self.task_id,
-                    attempt=headers.attempt,
-                    estimate=self._estimate,
-                    limits=runtime.limits_for(tenant, action),
-                    holder=uuid.uuid4().hex,
-                    handoff=headers.handoff,
-                    envelope=None if headers.ledgered else self.envelope().to_json(),
-                    template=self._template(),
-                    outage=headers.outage,
-                    reclaim=runtime.may_reclaim,
-                    cost_alert_approved=alert_approved,
-                )
+            if written is None:
+                written = self._begin_admit(headers, action, tenant)
+            with self.runtime.store_call():
+                admission = written()
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
         self.runtime.publish_each(admission.publish)
@@ -466,12 +517,16 @@ class TaskLife:
             next_envelope = self.envelope().with_retries(headers.attempt + 1)
             next_attempt = NextAttempt(next_envelope.to_json(), due_ms, parked)
         settings = self.runtime.settings
+        admitter = self.runtime.admitter
 
-        def settle() -> None:
+        def settle(written: Callable[[], Settlement] | None = None) -> None:
             with self.runtime.store_call():
-                settlement = self.runtime.admitter.settle(
-                    admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
-                )
+                settlement = (
+                    written
+                    or admitter.begin_settle(
+                        admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
+                    )
+                )()
             self.runtime.publish_each(settlement.publish)
             if next_attempt is not None and not parked and outcome.retry_delay_ms is not None:
                 self._publish_retry(headers, outcome.retry_delay_ms)
@@ -481,24 +536,43 @@ class TaskLife:
             time.monotonic() + settings.settle_patience_s,
             self._started + settings.unacked_limit_s / 2,
         )
-        pause = 0.2
-        while True:
-            try:
-                settle()
-                return
-            except StoreUnavailable as exc:
-                if time.monotonic() + pause > deadline:
-                    log.error(
-                        "task %s ran but could not be settled: %s; its delivery is acknowledged "
-                        "and this worker process settles it when the state store is back",
-                        self.task_id,
-                        exc,
-                    )
-                    self.runtime.settle_later(admission.ticket, settle)
+
+        def settle_patiently(written: Callable[[], Settlement] | None = None) -> None:
+            pause = 0.2
+            while True:
+                try:
+                    settle(written)
                     return
-                log.warning("settlement of %s failed, trying again: %s", self.task_id, exc)
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                except StoreUnavailable as exc:
+                    written = None
+                    if time.monotonic() + pause > deadline:
+                        log.error(
+                            "task %s ran but could not be settled: %s; its delivery is "
+                            "acknowledged and this worker process settles it when the state "
+                            "store is back",
+                            self.task_id,
+                            exc,
+                        )
+                        self.runtime.settle_later(admission.ticket, settle)
+                        return
+                    log.warning("settlement of %s failed, trying again: %s", self.task_id, exc)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+
+        if settling_after_result(self.task):
+            # Written now, read once Celery has stored the result (its round trip overlaps
+            # this one), before the delivery is acknowledged (``finish_settlement``).
+            try:
+                with self.runtime.store_call():
+                    written = admitter.begin_settle(
+                        admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
+                    )
+            except StoreUnavailable:
+                pass
+            else:
+                defer_settlement(self.task, lambda: settle_patiently(written))
+                return
+        settle_patiently()
 
     def _publish_retry(self, headers: GovernanceHeaders, delay_ms: int) -> None:
         envelope = self.envelope().with_retries(headers.attempt + 1)

@@ -10,6 +10,8 @@ from typing import Any
 
 from celery import signals
 
+from governance.integration import overlap
+
 _connected: set[int] = set()
 _pumps: dict[int, Any] = {}
 
@@ -19,6 +21,7 @@ def connect(app: Any) -> None:
     if id(app) in _connected:
         return
     _connected.add(id(app))
+    overlap.connect()
 
     def start_pump(sender: Any = None, **_: Any) -> None:
         from governance.integration.maintenance import MaintenanceThread

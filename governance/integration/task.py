@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from governance.integration.errors import GOVERNANCE_ERRORS, ActionDenied, GovernedRetry
 from governance.integration.governed import is_governed
 from governance.integration.lifecycle import Acknowledged, TaskLife
+from governance.integration.overlap import started_delivery
 from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.tenant import TenantPolicy
 
@@ -70,7 +71,7 @@ class GovernedTask(Task):  # type: ignore[misc]
         """The action this call takes. Default: a tool call of ``governance_tool`` (or the
         task's name) whose input is the bound arguments, by parameter name."""
         try:
-            bound = inspect.signature(self.run).bind(*args, **kwargs)
+            bound = self._run_signature().bind(*args, **kwargs)
         except TypeError as exc:
             raise ActionDenied(f"invalid arguments for task {self.name!r}: {exc}") from None
         tool_input: dict[str, Any] = {}
@@ -83,6 +84,15 @@ class GovernedTask(Task):  # type: ignore[misc]
             else:
                 tool_input[name] = value
         return ToolCall(tool=self.tool_name, input=tool_input)
+
+    def _run_signature(self) -> inspect.Signature:
+        """The body's signature, read once per body (every delivery binds its arguments)."""
+        run = self.run
+        cached: tuple[Any, inspect.Signature] | None = self.__dict__.get("_governance_signature")
+        if cached is None or cached[0] != run:
+            cached = (run, inspect.signature(run))
+            self.__dict__["_governance_signature"] = cached
+        return cached[1]
 
     def action_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
         """:meth:`build_action`, with any failure turned into a clear :class:`ActionDenied`."""
@@ -133,10 +143,18 @@ class GovernedTask(Task):  # type: ignore[misc]
             delay_s = float(self.default_retry_delay or 0)
         raise GovernedRetry(exc, delay_s)
 
+    def start_delivery(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskLife:
+        """Begin this delivery before Celery calls the body (``task_prerun``): its admission
+        is written when the policy alone allows it, so that round trip overlaps Celery's own
+        (see :mod:`governance.integration.overlap`)."""
+        life = TaskLife(self, args, kwargs)
+        life.start_admission()
+        return life
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not is_governed(self):
             return super().__call__(*args, **kwargs)
-        life = TaskLife(self, args, kwargs)
+        life = started_delivery(self) or TaskLife(self, args, kwargs)
         try:
             return life.run()
         except Acknowledged:

@@ -11,11 +11,13 @@ audit entries in the same call and return the messages the caller must publish (
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+from pydantic_core import from_json, to_json
 
 from governance.policy.actions import Action, LLMCall
 from governance.policy.context import ActionContext
@@ -228,7 +230,7 @@ class Admitter:
         self._sealer = sealer
         self._static: dict[int, tuple[AdmissionLimits, str]] = {}
 
-    def _call(
+    def _begin(
         self,
         operation: str,
         script: Any,
@@ -237,27 +239,32 @@ class Admitter:
         body: str,
         *,
         reclaim: bool = True,
-    ) -> dict[str, Any]:
-        seals = (
-            self._sealer.take(tenant, batch=SEAL_BATCH, older_than_s=SEAL_AGE_S)
-            if self._sealer
-            else "[]"
-        )
-        writer = self._sealer.writer if self._sealer else "unsealed"
+    ) -> Callable[[], dict[str, Any]]:
+        """Write one call of ``script`` now (with the seals this process owes ``tenant``'s
+        chain); the function returned reads its reply and seals the entries it wrote."""
+        sealer = self._sealer
+        seals = sealer.take(tenant, batch=SEAL_BATCH, older_than_s=SEAL_AGE_S) if sealer else "[]"
+        writer = sealer.writer if sealer else "unsealed"
+        args = [body, self._state.script_settings(reclaim=reclaim), seals, writer]
         try:
-            raw = self._state.call(
-                operation,
-                script,
-                keys,
-                [body, self._state.script_settings(reclaim=reclaim), seals, writer],
-            )
+            raw_reply = self._state.begin(operation, script, keys, args)
         except Exception:
-            if self._sealer:
-                self._sealer.give_back(tenant, seals)
+            if sealer:
+                sealer.give_back(tenant, seals)
             raise
-        reply: dict[str, Any] = json.loads(raw)
-        if self._sealer:
-            self._sealer.wrote(tenant, _list(reply.get("au")))
+
+        def reply() -> dict[str, Any]:
+            try:
+                raw = raw_reply()
+            except Exception:
+                if sealer:
+                    sealer.give_back(tenant, seals)
+                raise
+            parsed: dict[str, Any] = from_json(raw)
+            if sealer:
+                sealer.wrote(tenant, _list(parsed.get("au")))
+            return parsed
+
         return reply
 
     def admit(
@@ -288,6 +295,43 @@ class Admitter:
         ``cost_alert_approved``: reviewers' verified signatures let this call go past its run's
         cost alert, up to this new threshold (micro-USD; 0: the policy's next step).
         """
+        return self.begin_admit(
+            ctx=ctx,
+            action=action,
+            task_id=task_id,
+            attempt=attempt,
+            estimate=estimate,
+            limits=limits,
+            holder=holder,
+            handoff=handoff,
+            envelope=envelope,
+            template=template,
+            outage=outage,
+            reclaim=reclaim,
+            cost_alert_approved=cost_alert_approved,
+            now=now,
+        )()
+
+    def begin_admit(
+        self,
+        *,
+        ctx: ActionContext,
+        action: Action,
+        task_id: str,
+        attempt: int,
+        estimate: Usage,
+        limits: AdmissionLimits,
+        holder: str = "",
+        handoff: str | None = None,
+        envelope: str | None = None,
+        template: Mapping[str, str] | None = None,
+        outage: tuple[int, int] | None = None,
+        reclaim: bool = True,
+        cost_alert_approved: int | None = None,
+        now: datetime | None = None,
+    ) -> Callable[[], Admission]:
+        """:meth:`admit`, written now; the function returned (called on this thread) reads the
+        decision."""
         holder = holder or f"{task_id}:{attempt}"
         keys = TenantKeys(ctx.tenant)
         windows = tuple(keys.windows(ctx.run, now))
@@ -337,7 +381,7 @@ class Admitter:
             *windows,
             keys.step_repetitions(ctx.run),
         ]
-        reply = self._call(
+        reply_of = self._begin(
             "admission",
             self._state.scripts.admit,
             ctx.tenant,
@@ -346,7 +390,7 @@ class Admitter:
             reclaim=reclaim,
         )
         ticket = AdmissionTicket.of(ctx, task_id, attempt, holder, limits, template, windows)
-        return _parse_admission(reply, ticket, limits, provider)
+        return lambda: _parse_admission(reply_of(), ticket, limits, provider)
 
     def _provider_gate(self, provider: str, limits: AdmissionLimits) -> dict[str, Any] | None:
         """The deployment-wide cooldown and rate of ``provider``: None when the call may go
@@ -426,6 +470,21 @@ class Admitter:
         ``entry`` is the attempt's audit entry ({type, decision, reason, detail}); with
         ``next_attempt`` the task is recorded as queued (or parked) for its retry.
         """
+        return self.begin_settle(
+            ticket, actual, entry=entry, next_attempt=next_attempt, force=force
+        )()
+
+    def begin_settle(
+        self,
+        ticket: AdmissionTicket,
+        actual: Usage,
+        *,
+        entry: Mapping[str, Any] | None = None,
+        next_attempt: NextAttempt | None = None,
+        force: bool = False,
+    ) -> Callable[[], Settlement]:
+        """:meth:`settle`, written now; the function returned (called on this thread) reads
+        what it did. Nothing is settled twice if it is called again after a failure."""
         keys = TenantKeys(ticket.tenant)
         record = keys.task(ticket.task_id)
         body = {
@@ -456,38 +515,42 @@ class Admitter:
                 else None
             ),
         }
-        reply = self._call(
+        reply_of = self._begin(
             "settlement",
             self._state.scripts.settle,
             ticket.tenant,
             [*keys.shared(), record, *ticket.windows],
-            json.dumps(body, separators=(",", ":")),
+            to_json(body).decode(),
         )
-        outcome = reply["s"]
-        if outcome == "noop":
-            return Settlement(settled=False)
-        warnings = []
-        before, after = _list(reply.get("before")), _list(reply.get("after"))
-        for i, check in enumerate(ticket.checks):
-            crossed = (
-                _percent(before[i], check.limit)
-                < ticket.warning_threshold_pct
-                <= _percent(after[i], check.limit)
-            )
-            warning = _warning(check, after[i], ticket.warning_threshold_pct) if crossed else None
-            if warning is not None:
-                warnings.append(warning)
-        return Settlement(
-            settled=True,
-            late=outcome == "late",
-            warnings=tuple(warnings),
-            publish=publications(reply.get("pub") or []),
+        return lambda: _parse_settlement(reply_of(), ticket)
+
+
+def _parse_settlement(reply: Mapping[str, Any], ticket: AdmissionTicket) -> Settlement:
+    outcome = reply["s"]
+    if outcome == "noop":
+        return Settlement(settled=False)
+    warnings = []
+    before, after = _list(reply.get("before")), _list(reply.get("after"))
+    for i, check in enumerate(ticket.checks):
+        crossed = (
+            _percent(before[i], check.limit)
+            < ticket.warning_threshold_pct
+            <= _percent(after[i], check.limit)
         )
+        warning = _warning(check, after[i], ticket.warning_threshold_pct) if crossed else None
+        if warning is not None:
+            warnings.append(warning)
+    return Settlement(
+        settled=True,
+        late=outcome == "late",
+        warnings=tuple(warnings),
+        publish=publications(reply.get("pub") or []),
+    )
 
 
 def _with_static(body: dict[str, Any], static_json: str) -> str:
     """``body`` as JSON, with the pre-encoded object ``static_json`` merged in."""
-    return json.dumps(body, separators=(",", ":"))[:-1] + "," + static_json[1:]
+    return to_json(body).decode()[:-1] + "," + static_json[1:]
 
 
 def _or_minus_one(value: int | None) -> int:

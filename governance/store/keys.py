@@ -8,6 +8,7 @@ cluster. Nothing else in the code base builds a key string.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -30,8 +31,28 @@ def period_label(period: Period, run: str, now: datetime | None = None) -> str:
     """The label of the window that ``now`` falls in: the run id, ``2026-11-21`` or ``2026-11``."""
     if period is Period.RUN:
         return run
-    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    if now is None:
+        day, month = _today()
+        return day if period is Period.DAY else month
+    moment = now.astimezone(UTC)
     return moment.strftime("%Y-%m-%d") if period is Period.DAY else moment.strftime("%Y-%m")
+
+
+_DAY_S = 86_400
+#: The UTC day number and its day and month labels, as last computed (every admission asks).
+_today_labels: tuple[int, str, str] = (-1, "", "")
+
+
+def _today() -> tuple[str, str]:
+    """Today's day and month labels (UTC), formatted once per day, not once per task."""
+    global _today_labels
+    day_number = int(time.time() // _DAY_S)
+    cached = _today_labels
+    if cached[0] != day_number:
+        moment = datetime.fromtimestamp(day_number * _DAY_S, UTC)
+        cached = (day_number, moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m"))
+        _today_labels = cached
+    return cached[1], cached[2]
 
 
 #: The audit chain of decisions that belong to no configured tenant (an unknown tenant's name is

@@ -13,7 +13,6 @@ twice.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,15 +66,6 @@ class Ledger:
     def __init__(self, state: StateStore, sealer: AuditSealer | None = None) -> None:
         self._state = state
         self._sealer = sealer
-        self._local = threading.local()
-
-    def _pipeline(self) -> Any:
-        """A transaction pipeline of this thread, reused (making one is not cheap in redis-py:
-        it copies the client's response callbacks), as publishing records every task."""
-        pipe = getattr(self._local, "pipe", None)
-        if pipe is None:
-            pipe = self._local.pipe = self._state.client.pipeline(transaction=True)
-        return pipe
 
     def record_published(
         self,
@@ -94,36 +84,37 @@ class Ledger:
         due = due_ms or now
         score = due if parked else due + self._state.timings.grace_ms
 
-        def write() -> None:
-            pipe = self._pipeline()
-            pipe.hset(
-                record,
-                mapping={
-                    "id": task_id,
-                    "where": "parked" if parked else "queued",
-                    "since": now,
-                    "msg": envelope_json,
-                },
-            )
-            pipe.zadd(keys.ledger, {record: score})
-            pipe.execute()
-
-        self._state.run("ledger record", write)
+        self._state.transaction(
+            "ledger record",
+            [
+                (
+                    "HSET",
+                    record,
+                    "id",
+                    task_id,
+                    "where",
+                    "parked" if parked else "queued",
+                    "since",
+                    now,
+                    "msg",
+                    envelope_json,
+                ),
+                ("ZADD", keys.ledger, score, record),
+            ],
+        )
 
     def mark_held(self, tenant: str, task_id: str) -> None:
         """The task waits for reviewers in the held store: not the reconciler's business."""
         keys = TenantKeys(tenant)
         record = keys.task(task_id)
 
-        def write() -> None:
-            pipe = self._pipeline()
-            pipe.hset(
-                record, mapping={"id": task_id, "where": "held", "since": int(time.time() * 1000)}
-            )
-            pipe.zrem(keys.ledger, record)
-            pipe.execute()
-
-        self._state.run("ledger record", write)
+        self._state.transaction(
+            "ledger record",
+            [
+                ("HSET", record, "id", task_id, "where", "held", "since", int(time.time() * 1000)),
+                ("ZREM", keys.ledger, record),
+            ],
+        )
 
     def sweep(
         self, tenant: str, *, reclaim: bool = True, close_run: tuple[str, str] | None = None

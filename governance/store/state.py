@@ -7,12 +7,16 @@ into :class:`StoreUnavailable`, so callers fail closed in one place.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import redis
+from redis.commands.core import Script
 from redis.exceptions import RedisError
 
+from governance.store.direct import DirectCalls
 from governance.store.errors import StoreUnavailable
 from governance.store.lua import Scripts
 
@@ -65,6 +69,10 @@ class StateStore:
             raise ValueError(f"lease_ms must be positive, got {lease_ms}")
         self.client = client
         self.scripts = Scripts(client)
+        #: A single server's scripts and transactions run on per-thread connections (see
+        #: ``direct``); a cluster client routes them itself.
+        self._direct = DirectCalls(client) if isinstance(client, redis.Redis) else None
+        self._local = threading.local()
         self.lease_ms = lease_ms
         self.ttl = ttl or KeyTTL()
         self.timings = timings or LedgerTimings()
@@ -98,7 +106,61 @@ class StateStore:
         args: Sequence[str | int | float],
     ) -> Any:
         """Run one registered script; any Redis failure becomes :class:`StoreUnavailable`."""
+        direct = self._direct
+        if direct is not None and isinstance(script, Script):
+            try:
+                return direct.call(script, keys, args)
+            except RedisError as exc:
+                raise StoreUnavailable(operation, exc) from exc
         return self.run(operation, lambda: script(keys=list(keys), args=list(args)))
+
+    def begin(
+        self,
+        operation: str,
+        script: Callable[..., Any],
+        keys: Sequence[str],
+        args: Sequence[str | int | float],
+    ) -> Callable[[], Any]:
+        """Start one script call: written now, its reply read by the function returned (on this
+        thread), so the caller can do other work meanwhile. Against a cluster the call is made
+        at once. Any Redis failure, now or when the reply is read, is :class:`StoreUnavailable`."""
+        direct = self._direct
+        if direct is None or not isinstance(script, Script):
+            value = self.call(operation, script, keys, args)
+            return lambda: value
+        try:
+            pending = direct.send(script, keys, args)
+        except RedisError as exc:
+            raise StoreUnavailable(operation, exc) from exc
+
+        def reply() -> Any:
+            try:
+                return pending.result()
+            except RedisError as exc:
+                raise StoreUnavailable(operation, exc) from exc
+
+        return reply
+
+    def transaction(self, operation: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run ``commands`` (``("HSET", key, ...)``, ...) in one ``MULTI``/``EXEC``, all keys in
+        one slot; returns their replies. Any Redis failure becomes :class:`StoreUnavailable`."""
+        direct = self._direct
+        if direct is not None:
+            try:
+                return direct.transaction(commands)
+            except RedisError as exc:
+                raise StoreUnavailable(operation, exc) from exc
+        return self.run(operation, lambda: self._pipelined(commands))
+
+    def _pipelined(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        # A transaction pipeline of this thread, reused (making one copies the client's
+        # response callbacks).
+        pipe = getattr(self._local, "pipe", None)
+        if pipe is None:
+            pipe = self._local.pipe = self.client.pipeline(transaction=True)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute())
 
     def run(self, operation: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` (some Redis calls); any Redis failure becomes :class:`StoreUnavailable`."""
@@ -108,4 +170,6 @@ class StateStore:
             raise StoreUnavailable(operation, exc) from exc
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self.client.close()
