@@ -1,4 +1,5 @@
-"""Celery signal handlers: the maintenance thread of every worker, started and stopped with it.
+"""Celery signal handlers: the maintenance thread of every worker, started and stopped with it,
+and the ``task_prerun``/``task_postrun`` hooks of :mod:`governance.integration.overlap`.
 
 Publishing needs no signal: the app's ``send_task`` is wrapped by ``install`` (see
 :mod:`governance.integration.publish`), because a signal cannot refuse a message.
