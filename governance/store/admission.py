@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 from pydantic_core import from_json, to_json
 
@@ -216,6 +216,34 @@ def _list(raw: Any) -> list[Any]:
     return [] if isinstance(raw, Mapping) else list(raw or [])
 
 
+class AdmissionRequest(TypedDict, total=False):
+    """What :meth:`Admitter.admit` is asked: one delivery of one attempt of a task.
+
+    ``holder`` identifies this delivery (a fresh id per execution); ``handoff`` is the token of
+    a message handed on from the wait list; ``envelope`` the message (JSON) when the ledger may
+    not have it yet; ``outage`` (count, since ms) the deferrals it went through while the state
+    store was down; ``reclaim`` false right after an outage of the store, so live workers get to
+    renew their leases before anyone takes them. ``cost_alert_approved``: reviewers' verified
+    signatures let this call go past its run's cost alert, up to this new threshold (micro-USD;
+    0: the policy's next step). ``now`` picks the day and month windows (default: now).
+    """
+
+    ctx: Required[ActionContext]
+    action: Required[Action]
+    task_id: Required[str]
+    attempt: Required[int]
+    estimate: Required[Usage]
+    limits: Required[AdmissionLimits]
+    holder: str
+    handoff: str | None
+    envelope: str | None
+    template: Mapping[str, str] | None
+    outage: tuple[int, int] | None
+    reclaim: bool
+    cost_alert_approved: int | None
+    now: datetime | None
+
+
 #: The hot path carries seals in batches of this many (or once they are this old); the
 #: background flush of each process writes what a quiet chain still owes.
 SEAL_BATCH = 32
@@ -267,71 +295,24 @@ class Admitter:
 
         return reply
 
-    def admit(
-        self,
-        *,
-        ctx: ActionContext,
-        action: Action,
-        task_id: str,
-        attempt: int,
-        estimate: Usage,
-        limits: AdmissionLimits,
-        holder: str = "",
-        handoff: str | None = None,
-        envelope: str | None = None,
-        template: Mapping[str, str] | None = None,
-        outage: tuple[int, int] | None = None,
-        reclaim: bool = True,
-        cost_alert_approved: int | None = None,
-        now: datetime | None = None,
-    ) -> Admission:
-        """Admit one delivery of one attempt of a task, or say what it waits for.
+    def admit(self, **request: Unpack[AdmissionRequest]) -> Admission:
+        """Admit one delivery of one attempt of a task, or say what it waits for (the request's
+        fields: see :class:`AdmissionRequest`)."""
+        return self.begin_admit(**request)()
 
-        ``holder`` identifies this delivery (a fresh id per execution); ``handoff`` is the token
-        of a message handed on from the wait list; ``envelope`` the message (JSON) when the
-        ledger may not have it yet; ``outage`` (count, since ms) the deferrals it went through
-        while the state store was down; ``reclaim`` false right after an outage of the store,
-        so live workers get to renew their leases before anyone takes them.
-        ``cost_alert_approved``: reviewers' verified signatures let this call go past its run's
-        cost alert, up to this new threshold (micro-USD; 0: the policy's next step).
-        """
-        return self.begin_admit(
-            ctx=ctx,
-            action=action,
-            task_id=task_id,
-            attempt=attempt,
-            estimate=estimate,
-            limits=limits,
-            holder=holder,
-            handoff=handoff,
-            envelope=envelope,
-            template=template,
-            outage=outage,
-            reclaim=reclaim,
-            cost_alert_approved=cost_alert_approved,
-            now=now,
-        )()
-
-    def begin_admit(
-        self,
-        *,
-        ctx: ActionContext,
-        action: Action,
-        task_id: str,
-        attempt: int,
-        estimate: Usage,
-        limits: AdmissionLimits,
-        holder: str = "",
-        handoff: str | None = None,
-        envelope: str | None = None,
-        template: Mapping[str, str] | None = None,
-        outage: tuple[int, int] | None = None,
-        reclaim: bool = True,
-        cost_alert_approved: int | None = None,
-        now: datetime | None = None,
-    ) -> Callable[[], Admission]:
+    def begin_admit(self, **request: Unpack[AdmissionRequest]) -> Callable[[], Admission]:
         """:meth:`admit`, written now; the function returned (called on this thread) reads the
         decision."""
+        ctx, action, task_id = request["ctx"], request["action"], request["task_id"]
+        attempt, estimate, limits = request["attempt"], request["estimate"], request["limits"]
+        holder = request.get("holder", "")
+        handoff = request.get("handoff")
+        envelope = request.get("envelope")
+        template = request.get("template")
+        outage = request.get("outage")
+        reclaim = request.get("reclaim", True)
+        cost_alert_approved = request.get("cost_alert_approved")
+        now = request.get("now")
         holder = holder or f"{task_id}:{attempt}"
         keys = TenantKeys(ctx.tenant)
         windows = tuple(keys.windows(ctx.run, now))
