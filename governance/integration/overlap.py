@@ -69,7 +69,8 @@ def _start_delivery(
     try:
         setattr(request, _STARTED, start(tuple(args or ()), dict(kwargs or {})))
     except Exception:
-        log.exception("could not start the admission of task %s early", request.id)
+        # The body goes every step itself and meets the same problem, where it is handled.
+        log.debug("could not start the admission of task %s early", request.id, exc_info=True)
 
 
 def _finish_settlement(sender: Any = None, task: Any = None, **_: Any) -> None:
