@@ -4,15 +4,17 @@ would do on a restart, a lost script or a stopped server (real Redis servers).""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import redis
 
 from governance.embedded import EmbeddedRedis
-from governance.store import StateStore
+from governance.store import AdmissionLimits, Admitter, Period, StateStore, read_usage
 from governance.store.connection import connect
 from governance.store.direct import DirectCalls
 from governance.store.errors import StoreUnavailable
+from tests.store.helpers import TOOL_STEP, ctx, tool
 
 ECHO = "return {KEYS[1], ARGV[1]}"
 
@@ -91,3 +93,33 @@ def test_a_transaction_error_leaves_the_connection_usable(redis_client: redis.Re
     with pytest.raises(redis.ResponseError):
         calls.transaction([("INCR", "s"), ("SET", "y", "1")])
     assert calls.transaction([("SET", "z", "1"), ("GET", "z")]) == [b"OK", b"1"]
+
+
+def test_a_settlement_whose_reply_is_lost_counts_once_when_sent_again(
+    redis_server_factory: Callable[..., EmbeddedRedis],
+) -> None:
+    """The worker writes a settlement, then the server goes down before the reply is read
+    (what the overlap with Celery's result write allows): the worker settles again once the
+    server is back, and the attempt counts exactly once whether or not the first one ran."""
+    server = redis_server_factory(appendonly=True)
+    state = StateStore(connect(server.url, timeout_s=0.5))
+    admitter = Admitter(state)
+    limits = AdmissionLimits(concurrency=1)
+    admission = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t1", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert admission.admitted
+    written = admitter.begin_settle(admission.ticket, TOOL_STEP)
+    server.halt()
+    with pytest.raises(StoreUnavailable):
+        written()
+    server.restart()
+    admitter.settle(admission.ticket, TOOL_STEP)
+    usage = read_usage(state, "acme", Period.RUN, run="run-1").used
+    assert (usage.steps, usage.tool_calls) == (1, 1)
+    # The slot is free: the tenant's one slot admits the next task.
+    nxt = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="t2", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert nxt.admitted
+    state.close()
