@@ -519,14 +519,17 @@ class TaskLife:
         settings = self.runtime.settings
         admitter = self.runtime.admitter
 
-        def settle(written: Callable[[], Settlement] | None = None) -> None:
+        def write() -> Callable[[], Settlement]:
+            """Write the settlement; the function returned reads what it did."""
             with self.runtime.store_call():
-                settlement = (
-                    written
-                    or admitter.begin_settle(
-                        admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
-                    )
-                )()
+                return admitter.begin_settle(
+                    admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
+                )
+
+        def settle(written: Callable[[], Settlement] | None = None) -> None:
+            read = written or write()
+            with self.runtime.store_call():
+                settlement = read()
             self.runtime.publish_each(settlement.publish)
             if next_attempt is not None and not parked and outcome.retry_delay_ms is not None:
                 self._publish_retry(headers, outcome.retry_delay_ms)
@@ -561,12 +564,9 @@ class TaskLife:
 
         if settling_after_result(self.task):
             # Written now, read once Celery has stored the result (its round trip overlaps
-            # this one), before the delivery is acknowledged (``finish_settlement``).
+            # this one), in ``task_postrun``: before the delivery is acknowledged.
             try:
-                with self.runtime.store_call():
-                    written = admitter.begin_settle(
-                        admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
-                    )
+                written = write()
             except StoreUnavailable:
                 pass
             else:

@@ -19,24 +19,27 @@ from governance.integration import GovernedTask
 app = Celery("own", task_cls=GovernedTask)
 app.conf.task_default_queue = "own"
 
+# The tests import this module afresh for each broker: ``shared=False`` keeps each import's tasks
+# on its own app, not on every app finalized later (a duplicate name there is an error).
 
-@app.task(name="own.upper")
+
+@app.task(name="own.upper", shared=False)
 def upper(text: str) -> str:
     return text.upper()
 
 
-@app.task(name="own.count")
+@app.task(name="own.count", shared=False)
 def count(text: str) -> int:
     return len(text)
 
 
-@app.task(name="own.secret")
+@app.task(name="own.secret", shared=False)
 def secret(text: str) -> str:
     """Not allowed to the tests' tenant: publishing it is denied."""
     return text
 
 
-@app.task(name="own.stamp")
+@app.task(name="own.stamp", shared=False)
 def stamp(label: str, ms: int) -> dict[str, Any]:
     """Sleeps ``ms``; returns when it ran (wall clock, the same machine for every process)."""
     start = time.time()
@@ -44,7 +47,7 @@ def stamp(label: str, ms: int) -> dict[str, Any]:
     return {"label": label, "start": start, "end": time.time()}
 
 
-@app.task(name="own.flaky", bind=True, max_retries=2)
+@app.task(name="own.flaky", bind=True, max_retries=2, shared=False)
 def flaky(self: Any, failures: int) -> int:
     """Fails (a transient ConnectionError) on its first ``failures`` attempts, via self.retry."""
     if self.request.retries < failures:
@@ -61,6 +64,7 @@ def flaky(self: Any, failures: int) -> int:
     retry_backoff=1,
     retry_jitter=False,
     max_retries=2,
+    shared=False,
 )
 def auto(self: Any, failures: int) -> int:
     """The same with ``autoretry_for`` and ``retry_backoff`` (1 s, then 2 s)."""
@@ -69,7 +73,7 @@ def auto(self: Any, failures: int) -> int:
     return int(self.request.retries)
 
 
-@app.task(name="own.stubborn")
+@app.task(name="own.stubborn", shared=False)
 def stubborn(ms: int) -> str:
     """Ignores its soft time limit (the policy's step timeout) and sleeps on: only the hard
     limit stops it."""
