@@ -305,7 +305,7 @@ class Admitter:
         decision."""
         ctx, action, task_id = request["ctx"], request["action"], request["task_id"]
         attempt, estimate, limits = request["attempt"], request["estimate"], request["limits"]
-        holder = request.get("holder", "")
+        holder = request.get("holder") or f"{task_id}:{attempt}"
         handoff = request.get("handoff")
         envelope = request.get("envelope")
         template = request.get("template")
@@ -313,7 +313,6 @@ class Admitter:
         reclaim = request.get("reclaim", True)
         cost_alert_approved = request.get("cost_alert_approved")
         now = request.get("now")
-        holder = holder or f"{task_id}:{attempt}"
         keys = TenantKeys(ctx.tenant)
         windows = tuple(keys.windows(ctx.run, now))
         provider = action.provider if isinstance(action, LLMCall) else None

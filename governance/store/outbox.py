@@ -72,21 +72,21 @@ class Outbox:
         }
         when = int((time.time() + delay_s) * 1000)
 
-        def write() -> None:
-            pipe = self._state.client.pipeline(transaction=True)
-            pipe.hset(keys.notifications, notification.id, json.dumps(record))
-            pipe.zadd(keys.outbox, {notification.id: when})
-            pipe.execute()
-
-        self._state.run("outbox write", write)
+        self._state.transaction(
+            "outbox write",
+            [
+                ("HSET", keys.notifications, notification.id, json.dumps(record)),
+                ("ZADD", keys.outbox, when, notification.id),
+            ],
+        )
 
     def done(self, tenant: str, notification_id: str) -> None:
         keys = TenantKeys(tenant)
 
-        def write() -> None:
-            pipe = self._state.client.pipeline(transaction=True)
-            pipe.hdel(keys.notifications, notification_id)
-            pipe.zrem(keys.outbox, notification_id)
-            pipe.execute()
-
-        self._state.run("outbox write", write)
+        self._state.transaction(
+            "outbox write",
+            [
+                ("HDEL", keys.notifications, notification_id),
+                ("ZREM", keys.outbox, notification_id),
+            ],
+        )

@@ -108,10 +108,7 @@ class StateStore:
         """Run one registered script; any Redis failure becomes :class:`StoreUnavailable`."""
         direct = self._direct
         if direct is not None and isinstance(script, Script):
-            try:
-                return direct.call(script, keys, args)
-            except RedisError as exc:
-                raise StoreUnavailable(operation, exc) from exc
+            return self.run(operation, lambda: direct.call(script, keys, args))
         return self.run(operation, lambda: script(keys=list(keys), args=list(args)))
 
     def begin(
@@ -128,28 +125,15 @@ class StateStore:
         if direct is None or not isinstance(script, Script):
             value = self.call(operation, script, keys, args)
             return lambda: value
-        try:
-            pending = direct.send(script, keys, args)
-        except RedisError as exc:
-            raise StoreUnavailable(operation, exc) from exc
-
-        def reply() -> Any:
-            try:
-                return pending.result()
-            except RedisError as exc:
-                raise StoreUnavailable(operation, exc) from exc
-
-        return reply
+        pending = self.run(operation, lambda: direct.send(script, keys, args))
+        return lambda: self.run(operation, pending.result)
 
     def transaction(self, operation: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run ``commands`` (``("HSET", key, ...)``, ...) in one ``MULTI``/``EXEC``, all keys in
         one slot; returns their replies. Any Redis failure becomes :class:`StoreUnavailable`."""
         direct = self._direct
         if direct is not None:
-            try:
-                return direct.transaction(commands)
-            except RedisError as exc:
-                raise StoreUnavailable(operation, exc) from exc
+            return self.run(operation, lambda: direct.transaction(commands))
         return self.run(operation, lambda: self._pipelined(commands))
 
     def _pipelined(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
