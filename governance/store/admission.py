@@ -244,6 +244,17 @@ class AdmissionRequest(TypedDict, total=False):
     now: datetime | None
 
 
+class SettlementOptions(TypedDict, total=False):
+    """What a settlement may say besides the ticket and the usage. ``entry``: the attempt's
+    audit entry ({type, decision, reason, detail}; default ``task_finished``, allow).
+    ``next_attempt``: the task is recorded as queued (or parked) for its retry. ``force``:
+    settle whatever delivery holds the attempt's lease (``ticket.holder`` is ignored)."""
+
+    entry: Mapping[str, Any] | None
+    next_attempt: NextAttempt | None
+    force: bool
+
+
 #: The hot path carries seals in batches of this many (or once they are this old); the
 #: background flush of each process writes what a quiet chain still owes.
 SEAL_BATCH = 32
@@ -437,34 +448,19 @@ class Admitter:
         return self.settle(ticket, actual, entry=entry, force=True)
 
     def settle(
-        self,
-        ticket: AdmissionTicket,
-        actual: Usage,
-        *,
-        entry: Mapping[str, Any] | None = None,
-        next_attempt: NextAttempt | None = None,
-        force: bool = False,
+        self, ticket: AdmissionTicket, actual: Usage, **options: Unpack[SettlementOptions]
     ) -> Settlement:
-        """Release the lease and count ``actual`` instead of the reservation (at most once).
-
-        ``entry`` is the attempt's audit entry ({type, decision, reason, detail}); with
-        ``next_attempt`` the task is recorded as queued (or parked) for its retry.
-        """
-        return self.begin_settle(
-            ticket, actual, entry=entry, next_attempt=next_attempt, force=force
-        )()
+        """Release the lease and count ``actual`` instead of the reservation (at most once;
+        the options: see :class:`SettlementOptions`)."""
+        return self.begin_settle(ticket, actual, **options)()
 
     def begin_settle(
-        self,
-        ticket: AdmissionTicket,
-        actual: Usage,
-        *,
-        entry: Mapping[str, Any] | None = None,
-        next_attempt: NextAttempt | None = None,
-        force: bool = False,
+        self, ticket: AdmissionTicket, actual: Usage, **options: Unpack[SettlementOptions]
     ) -> Callable[[], Settlement]:
         """:meth:`settle`, written now; the function returned (called on this thread) reads
         what it did. Nothing is settled twice if it is called again after a failure."""
+        entry = options.get("entry")
+        next_attempt = options.get("next_attempt")
         keys = TenantKeys(ticket.tenant)
         record = keys.task(ticket.task_id)
         body = {
@@ -484,7 +480,7 @@ class Admitter:
             "au": dict(ticket.template),
             "entry": dict(entry or {"type": "task_finished", "decision": "allow"}),
             "run": list(ticket.run_in_flight) if ticket.run_in_flight else None,
-            "force": force,
+            "force": options.get("force", False),
             "next": (
                 {
                     "msg": next_attempt.envelope_json,

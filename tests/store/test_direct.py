@@ -12,11 +12,31 @@ import redis
 from governance.embedded import EmbeddedRedis
 from governance.store import AdmissionLimits, Admitter, Period, StateStore, read_usage
 from governance.store.connection import connect
-from governance.store.direct import DirectCalls
+from governance.store.direct import DirectCalls, pack_command
 from governance.store.errors import StoreUnavailable
 from tests.store.helpers import TOOL_STEP, ctx, tool
 
 ECHO = "return {KEYS[1], ARGV[1]}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("EVALSHA", "a" * 40, 2, "gov:{t}:leases", "gov:{t}:task:1", '{"id":"1"}', "[]"),
+        ("SET", "ké", "välue", "PX", 1000),
+        ("HSET", b"raw\x00key", "f", 1.5, "g", 10**20, "h", -3),
+        ("SET", "k", "x" * 100_000),
+    ],
+)
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(command: tuple[object]) -> None:
+    connection = redis.Connection()
+    assert pack_command(connection, *command) == b"".join(connection.pack_command(*command))
+
+
+@pytest.mark.parametrize("value", [True, None, [1], {"a": 1}])
+def test_packing_refuses_what_redis_py_refuses(value: object) -> None:
+    with pytest.raises(redis.DataError, match="Invalid input of type"):
+        pack_command(redis.Connection(), "SET", "k", value)
 
 
 def test_a_reply_read_later_is_the_calls_own_even_after_other_calls_of_the_thread(
