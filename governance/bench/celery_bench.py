@@ -24,6 +24,11 @@ two: admission and settlement, each writing its audit entry (seals ride along on
 or in a batch of their own when no call comes soon). The total of commands the server executed
 per task (broker, results and state, including commands run inside scripts) is reported for both
 kinds, per command name in the JSON.
+CPU per task is read for each process that serves a batch: this process (the publisher, which
+also reads the results), the worker's main process and its pool processes (``/proc``, Linux), and
+the Redis server (``INFO cpu``: all of its work, so with ``REDIS_URL`` other clients' too); on 2
+cores they all share the machine, so the governed task's extra CPU, wherever it is spent, is what
+its throughput pays for.
 Admission+settlement latency and the 10 vs 10,000 tenants scale come from
 :mod:`governance.bench.store_bench`, run against the same Redis after the worker has stopped.
 With ``REDIS_URL`` set, that server is used instead of a private one (databases 0 and 1 are
@@ -37,13 +42,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -227,6 +233,80 @@ class ServerCounters:
         return {name: calls for name, calls in delta.items() if calls > 0}
 
 
+#: The roles whose CPU a batch costs, as reported.
+CPU_ROLES = ("publisher", "worker_main", "pool", "redis")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (``/proc``), or None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` forked (its pool processes), from ``/proc``; [] if unreadable."""
+    children: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children", encoding="ascii") as listed:
+                children += [int(child) for child in listed.read().split()]
+        except OSError:
+            continue
+    return children
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU seconds used so far by the processes serving the benchmark: this one, the worker's
+    main process, each pool process (by pid) and the Redis server; None where unreadable."""
+
+    publisher: float
+    worker_main: float | None
+    pool: Mapping[int, float]
+    redis_server: float | None
+
+    @classmethod
+    def read(cls, worker_pid: int | None, client: redis.Redis) -> CpuReading:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        pool: dict[int, float] = {}
+        for child in child_pids(worker_pid) if worker_pid else []:
+            if (cpu := process_cpu_s(child)) is not None:
+                pool[child] = cpu
+        info = client.info("cpu")
+        try:
+            server: float | None = float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        except (KeyError, TypeError, ValueError):  # a server that does not report its CPU
+            server = None
+        return cls(
+            publisher=usage.ru_utime + usage.ru_stime,
+            worker_main=process_cpu_s(worker_pid) if worker_pid else None,
+            pool=pool,
+            redis_server=server,
+        )
+
+    def since(self, before: CpuReading) -> dict[str, float]:
+        """CPU seconds per role between ``before`` and this reading; a role that could not be
+        read is left out, and a pool process counts only if it served the whole batch."""
+        used = {"publisher": self.publisher - before.publisher}
+        if self.worker_main is not None and before.worker_main is not None:
+            used["worker_main"] = self.worker_main - before.worker_main
+        common = self.pool.keys() & before.pool.keys()
+        if common:
+            used["pool"] = sum(self.pool[pid] - before.pool[pid] for pid in common)
+        if self.redis_server is not None and before.redis_server is not None:
+            used["redis"] = self.redis_server - before.redis_server
+        return used
+
+
 @dataclass(frozen=True)
 class Batch:
     """One timed batch of one kind, and what the Redis server executed meanwhile."""
@@ -236,6 +316,7 @@ class Batch:
     tasks: int
     seconds: float
     by_command: Mapping[str, int]
+    cpu_s: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def script_calls(self) -> int:
@@ -281,13 +362,22 @@ def publish_and_wait(app: Celery, kind: str, tasks: int, first: int) -> None:
         raise RuntimeError(f"{kind} batch: {len(values)} results for {tasks} tasks")
 
 
-def run_batch(app: Celery, client: redis.Redis, kind: str, round_no: int, tasks: int) -> Batch:
+def run_batch(
+    app: Celery,
+    client: redis.Redis,
+    kind: str,
+    round_no: int,
+    tasks: int,
+    worker_pid: int | None = None,
+) -> Batch:
     before = ServerCounters.read(client)
+    cpu_before = CpuReading.read(worker_pid, client)
     started = time.perf_counter()
     publish_and_wait(app, kind, tasks, first=round_no * 1_000_000)
     seconds = time.perf_counter() - started
+    cpu_s = CpuReading.read(worker_pid, client).since(cpu_before)
     by_command = ServerCounters.read(client).since(before)
-    return Batch(kind, round_no, tasks, seconds, by_command)
+    return Batch(kind, round_no, tasks, seconds, by_command, cpu_s)
 
 
 def batch_sizes(total: int, rounds: int) -> list[int]:
@@ -296,13 +386,18 @@ def batch_sizes(total: int, rounds: int) -> list[int]:
 
 
 def run_rounds(
-    app: Celery, client: redis.Redis, tasks: int, rounds: int, out: TextIO = sys.stdout
+    app: Celery,
+    client: redis.Redis,
+    tasks: int,
+    rounds: int,
+    out: TextIO = sys.stdout,
+    worker_pid: int | None = None,
 ) -> list[Batch]:
     """Plain, governed, plain, governed, ...: ``tasks`` of each kind in ``rounds`` rounds."""
     batches: list[Batch] = []
     for round_no, size in enumerate(batch_sizes(tasks, rounds), start=1):
         for kind in KINDS:
-            batch = run_batch(app, client, kind, round_no, size)
+            batch = run_batch(app, client, kind, round_no, size, worker_pid)
             batches.append(batch)
             print(
                 f"  round {round_no}/{rounds} {kind:<8} {size:>6} tasks in {batch.seconds:7.2f} s"
@@ -328,6 +423,7 @@ def summarize(batches: list[Batch]) -> dict[str, Any]:
             for name, calls in batch.by_command.items():
                 by_command[name] = by_command.get(name, 0) + calls
         kinds[kind] = {
+            "cpu_ms_per_task": cpu_ms_per_task(mine),
             "tasks": tasks,
             "seconds": round(seconds[kind], 3),
             "tasks_per_s": round(tasks / seconds[kind], 1),
@@ -353,6 +449,20 @@ def summarize(batches: list[Batch]) -> dict[str, Any]:
         "script_calls_per_governed_task_raw": round(scripts["governed"] / governed["tasks"], 3),
         "background_script_calls_per_s": round(background_per_s, 2),
     }
+
+
+def cpu_ms_per_task(batches: list[Batch]) -> dict[str, float]:
+    """CPU milliseconds per task of each role (over the batches that could read it), and their
+    total when every role was read."""
+    per_task: dict[str, float] = {}
+    for role in CPU_ROLES:
+        read = [b for b in batches if role in b.cpu_s]
+        if read:
+            tasks = sum(b.tasks for b in read)
+            per_task[role] = round(sum(b.cpu_s[role] for b in read) / tasks * 1000, 3)
+    if len(per_task) == len(CPU_ROLES):
+        per_task["total"] = round(sum(per_task.values()), 3)
+    return per_task
 
 
 def check_governed_usage(state_url: str, expected_steps: int) -> int:
@@ -415,6 +525,7 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"{plain['server_commands_per_task']} / {governed['server_commands_per_task']} "
             "(broker, results and state; commands run inside scripts included)",
         ),
+        ("CPU ms per task, plain/governed", _cpu_row(plain, governed)),
         (
             "admit+settle latency p50 / p99 (1 client)",
             f"{store['admit_settle_p50_ms']} ms / {store['admit_settle_p99_ms']} ms "
@@ -434,6 +545,18 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"  {label:<{width}} : {value}", file=out)
+
+
+def _cpu_row(plain: Mapping[str, Any], governed: Mapping[str, Any]) -> str:
+    """``publisher 1.25 / 1.62, ..., total 3.95 / 5.58 (+1.63)``: each role, both kinds."""
+    a, b = plain["cpu_ms_per_task"], governed["cpu_ms_per_task"]
+    row = ", ".join(
+        f"{role.replace('_', ' ')} {a.get(role, 'n/a')} / {b.get(role, 'n/a')}"
+        for role in (*CPU_ROLES, "total")
+    )
+    if "total" in a and "total" in b:
+        row += f" ({b['total'] - a['total']:+.3f})"
+    return row
 
 
 def _positive(text: str) -> int:
@@ -477,7 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             worker.start(app)
             for kind in KINDS:
                 publish_and_wait(app, kind, WARM_UP_TASKS, first=0)
-            result = summarize(run_rounds(app, client, args.tasks, args.rounds))
+            worker_pid = worker.process.pid if worker.process else None
+            result = summarize(
+                run_rounds(app, client, args.tasks, args.rounds, worker_pid=worker_pid)
+            )
             check_governed_usage(state_url, WARM_UP_TASKS + args.tasks)
         except KeyboardInterrupt:
             print("interrupted: stopping the worker and Redis", file=sys.stderr)

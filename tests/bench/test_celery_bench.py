@@ -16,11 +16,16 @@ import pytest
 
 from governance.bench.celery_bench import (
     BENCH_POLICY,
+    CPU_ROLES,
     SCRIPTS,
     Batch,
+    CpuReading,
     ServerCounters,
     batch_sizes,
     bench_env,
+    child_pids,
+    cpu_ms_per_task,
+    process_cpu_s,
     summarize,
 )
 from governance.policy.engine import Policy
@@ -74,6 +79,56 @@ def test_summarize_subtracts_the_background_seen_during_plain_batches() -> None:
     assert summary["script_calls_per_governed_task"] == 4.0
 
 
+def test_cpu_since_counts_only_pool_processes_that_served_the_whole_batch() -> None:
+    before = CpuReading(publisher=1.0, worker_main=2.0, pool={10: 1.0, 11: 5.0}, redis_server=3.0)
+    # 11 was replaced by 12 during the batch: neither is counted.
+    after = CpuReading(publisher=1.5, worker_main=2.25, pool={10: 1.75, 12: 0.5}, redis_server=4.0)
+    assert after.since(before) == {
+        "publisher": 0.5,
+        "worker_main": 0.25,
+        "pool": 0.75,
+        "redis": 1.0,
+    }
+    unreadable = CpuReading(publisher=2.0, worker_main=None, pool={}, redis_server=None)
+    assert unreadable.since(before) == {"publisher": 1.0}
+
+
+def test_cpu_per_task_is_per_role_with_a_total_only_when_every_role_was_read() -> None:
+    every_role = {"publisher": 0.1, "worker_main": 0.2, "pool": 0.3, "redis": 0.4}
+    batches = [
+        Batch("governed", 1, 100, 1.0, {}, every_role),
+        Batch("governed", 2, 100, 1.0, {}, every_role),
+    ]
+    per_task = cpu_ms_per_task(batches)
+    assert per_task == {
+        "publisher": 1.0,
+        "worker_main": 2.0,
+        "pool": 3.0,
+        "redis": 4.0,
+        "total": 10.0,
+    }
+    assert set(CPU_ROLES) | {"total"} == set(per_task)
+    assert cpu_ms_per_task([Batch("plain", 1, 10, 1.0, {}, {"publisher": 0.01})]) == {
+        "publisher": 1.0
+    }
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_process_cpu_and_children_are_read_from_proc() -> None:
+    assert (process_cpu_s(os.getpid()) or 0) > 0
+    assert process_cpu_s(2**22 + 12345) is None  # above any pid_max: no such process
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert child.pid in child_pids(os.getpid())
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert child.pid not in child_pids(os.getpid())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_tiny_run_measures_both_kinds(tmp_path: Path) -> None:
@@ -115,3 +170,10 @@ def test_a_tiny_run_measures_both_kinds(tmp_path: Path) -> None:
     assert result["script_calls_per_governed_task_raw"] >= 2
     assert result["store"]["admit_settle_p50_ms"] > 0
     assert result["store"]["admission_p50_ms_many_tenants"] > 0
+    # CPU of every process serving the run: this machine has /proc and a local Redis
+    for kind in ("plain", "governed"):
+        cpu = result[kind]["cpu_ms_per_task"]
+        assert set(cpu) == {*CPU_ROLES, "total"}, cpu
+        assert cpu["publisher"] > 0
+        assert cpu["total"] == pytest.approx(sum(cpu[role] for role in CPU_ROLES), abs=0.01)
+    assert "CPU ms per task, plain/governed" in proc.stdout
