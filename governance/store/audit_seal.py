@@ -2,11 +2,11 @@
 
 Entries are written by the Lua scripts that make the decisions (admission, settlement, hand-off,
 held-task decisions), so the entry and the decision are one atomic write; the script numbers
-each entry in its tenant's chain (``seq``) and returns exactly what it wrote. The writer then
-computes the seal of each entry, ``HMAC(key, chain, stream id, fields)``, over that reply (not
-over a later read, so an edit made in between shows), and the seals travel with its next call
-to the same chain as one ``seal`` entry. A background flush writes the seals of a chain that
-gets no next call soon. A writer killed before sealing leaves its last entries unsealed: the
+each entry in its tenant's chain (``seq``) and returns exactly what it wrote. The writer keeps
+that reply and computes the seal of each entry, ``HMAC(key, chain, stream id, fields)``, over it
+(not over a later read, so an edit made in between shows) when the seals go out: with its next
+call to the same chain, as one ``seal`` entry for a batch of entries. A background flush writes
+the seals of a chain that gets no next call soon. A writer killed before sealing leaves its last entries unsealed: the
 maintenance leader adopts them after a grace period (sealing what it reads, which it records).
 """
 
@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 SEAL_VERSION = "v1"
@@ -57,8 +57,15 @@ def parse_written(written: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
 
 @dataclass
 class _Pending:
+    """What a chain is owed: seals computed already (given back after a failed call) and
+    entries written but not sealed yet (sealed together when they are taken)."""
+
     seals: list[list[Any]]
     since: float
+    entries: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seals) + len(self.entries)
 
 
 class AuditSealer:
@@ -101,10 +108,15 @@ class AuditSealer:
             pending = self._pending.get(chain)
             if pending is None:
                 return "[]"
-            if len(pending.seals) < batch and time.monotonic() - pending.since < older_than_s:
+            if len(pending) < batch and time.monotonic() - pending.since < older_than_s:
                 return "[]"
             del self._pending[chain]
-        return json.dumps(pending.seals, separators=(",", ":"))
+        key = self._key
+        seals = pending.seals + [
+            [int(fields["seq"]), seal_mac(key, chain, entry_id, fields)]
+            for entry_id, fields in pending.entries
+        ]
+        return json.dumps(seals, separators=(",", ":"))
 
     def give_back(self, chain: str, seals_json: str) -> None:
         """Seals taken for a call that failed: owed again (a duplicate seal is harmless)."""
@@ -116,15 +128,16 @@ class AuditSealer:
             pending.seals[:0] = seals
 
     def wrote(self, chain: str, written: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
-        """Seal the entries a script reports it wrote; returns them, parsed."""
+        """Owe seals for the entries a script reports it wrote (exactly as it reports them);
+        returns them, parsed. The seals are computed when they are taken, together: one loop
+        over a batch costs about half of what sealing each entry after its call does."""
         entries = parse_written(written)
         if not entries:
             return entries
-        seals = [[int(f["seq"]), seal_mac(self._key, chain, i, f)] for i, f in entries]
         with self._lock:
             self._check_fork()
             pending = self._pending.setdefault(chain, _Pending([], time.monotonic()))
-            pending.seals.extend(seals)
+            pending.entries.extend(entries)
         return entries
 
     def due(self, older_than_s: float) -> list[str]:

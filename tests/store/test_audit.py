@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -20,6 +21,7 @@ from governance.store import (
     StateStore,
     audit_verify,
 )
+from governance.store.audit_seal import seal_mac
 from governance.store.keys import TenantKeys
 
 KEY = b"test-audit-key"
@@ -285,3 +287,47 @@ def test_a_decision_and_its_entry_are_one_even_when_the_writer_is_killed(
     report = _verify(state, seal_grace_ms=0)
     assert report.ok, report.reason
     assert report.checked == len(recorded)
+
+
+def test_an_entry_edited_before_its_seal_went_out_is_named(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    """Seals are computed when they are taken, from the script's reply kept in memory: an edit
+    made in Redis between the write and the seal still shows."""
+    from governance.store import AdmissionLimits, Admitter
+    from tests.store.helpers import TOOL_STEP, ctx, tool
+
+    sealer = AuditSealer(KEY)
+    admitter = Admitter(state, sealer)
+    admitted = admitter.admit(
+        ctx=ctx(),
+        action=tool(),
+        task_id="t-edited",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(),
+    )
+    assert admitted.admitted
+    ((target, fields),) = _records(redis_client)  # written, its seal still owed
+    # Streams are append-only: an edit is a delete and a re-insert under the same id.
+    redis_client.delete(STREAM)
+    redis_client.xadd(STREAM, {**fields, b"decision": b"deny"}, id=target)
+    AuditLog(state, sealer).flush("acme")
+    report = _verify(state)
+    assert not report.ok
+    assert report.broken_entry == target.decode()
+    assert "altered" in report.reason
+
+
+def test_seals_taken_together_are_those_of_each_entry_as_written() -> None:
+    sealer = AuditSealer(KEY)
+    flat = ["seq", "1", "ts", "5", "type", "admitted"]
+    written: list[Any] = [["1-0", flat], ["1-1", ["seq", "2", "ts", "6", "type", "task_finished"]]]
+    sealer.wrote("acme", written)
+    flat[5] = "forged"  # the caller's reply changing afterwards changes nothing
+    seals = json.loads(sealer.take("acme"))
+    assert seals == [
+        [1, seal_mac(KEY, "acme", "1-0", {"seq": "1", "ts": "5", "type": "admitted"})],
+        [2, seal_mac(KEY, "acme", "1-1", {"seq": "2", "ts": "6", "type": "task_finished"})],
+    ]
+    assert sealer.take("acme") == "[]"  # taken once
