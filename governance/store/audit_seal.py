@@ -6,8 +6,9 @@ each entry in its tenant's chain (``seq``) and returns exactly what it wrote. Th
 that reply and computes the seal of each entry, ``HMAC(key, chain, stream id, fields)``, over it
 (not over a later read, so an edit made in between shows) when the seals go out: with its next
 call to the same chain, as one ``seal`` entry for a batch of entries. A background flush writes
-the seals of a chain that gets no next call soon. A writer killed before sealing leaves its last entries unsealed: the
-maintenance leader adopts them after a grace period (sealing what it reads, which it records).
+the seals of a chain that gets no next call soon. A writer killed before sealing leaves its last
+entries unsealed: the maintenance leader adopts them after a grace period (sealing what it reads,
+which it records).
 """
 
 from __future__ import annotations
