@@ -351,7 +351,10 @@ class Admitter:
                 _or_minus_one(lr.max_discovered_steps),
                 -1 if lr.idle_timeout_s is None else round(lr.idle_timeout_s * 1000),
                 _or_minus_one(lr.max_same_step_repetitions),
-                f"{action.name}:{action.input_hash()}",
+                # The step's identity, hashed only when repetitions are counted.
+                ""
+                if lr.max_same_step_repetitions is None
+                else f"{action.name}:{action.input_hash()}",
             ],
             "au": template,
             "env": envelope,

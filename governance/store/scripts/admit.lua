@@ -18,8 +18,9 @@
 --   provider cooldown / rate applies: KEYS[9] / KEYS[10] are real), rw (windows with budgets,
 --   where the estimate is reserved), conc (-1: none), tr / pr ([interval ms, burst] or null),
 --   est ([steps, tool_calls, input_tokens, output_tokens, cost micro-USD]), lr ([depth,
---   max depth, max discovered, idle ms, max repetitions, step hash], -1: none), ttl ([run, day,
---   month, task] seconds), checks ([[window 1..3, kind, limit], ...]), max_wait (ms),
+--   max depth, max discovered, idle ms, max repetitions, step hash ('' when repetitions are
+--   not counted)], -1: none), ttl ([run, day, month, task] seconds), checks ([[window 1..3,
+--   kind, limit], ...]), max_wait (ms),
 --   au (audit template: tenant, agent, run, task_id, action, tier, policy_version),
 --   env (the message envelope, when the ledger may not have it), outage ([count, since ms]),
 --   run (the run id), rc (runs in flight allowed, -1: no limit), ri (how long a run stays in
