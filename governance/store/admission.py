@@ -17,13 +17,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Required, TypedDict, Unpack
 
-from pydantic_core import from_json, to_json
+from pydantic_core import to_json
 
 from governance.policy.actions import Action, LLMCall
 from governance.policy.context import ActionContext
 from governance.policy.limits import LimitWarning, Violation, ViolationType, Warning, check_limit
 from governance.policy.usage import Usage
-from governance.store.audit_seal import AuditSealer
+from governance.store.audit_seal import AuditSealer, begin_sealed_call
 from governance.store.keys import WINDOW_ORDER, ProviderKeys, TenantKeys
 from governance.store.limits import AdmissionLimits, BudgetCheck
 from governance.store.state import StateStore
@@ -279,32 +279,20 @@ class Admitter:
         *,
         reclaim: bool = True,
     ) -> Callable[[], dict[str, Any]]:
-        """Write one call of ``script`` now (with the seals this process owes ``tenant``'s
-        chain); the function returned reads its reply and seals the entries it wrote."""
-        sealer = self._sealer
-        seals = sealer.take(tenant, batch=SEAL_BATCH, older_than_s=SEAL_AGE_S) if sealer else "[]"
-        writer = sealer.writer if sealer else "unsealed"
-        args = [body, self._state.script_settings(reclaim=reclaim), seals, writer]
-        try:
-            raw_reply = self._state.begin(operation, script, keys, args)
-        except Exception:
-            if sealer:
-                sealer.give_back(tenant, seals)
-            raise
-
-        def reply() -> dict[str, Any]:
-            try:
-                raw = raw_reply()
-            except Exception:
-                if sealer:
-                    sealer.give_back(tenant, seals)
-                raise
-            parsed: dict[str, Any] = from_json(raw)
-            if sealer:
-                sealer.wrote(tenant, _list(parsed.get("au")))
-            return parsed
-
-        return reply
+        """Write one call of ``script`` now, with the seals this process owes ``tenant``'s chain
+        (in batches, see ``SEAL_BATCH``); the function returned reads its reply."""
+        settings = self._state.script_settings(reclaim=reclaim)
+        return begin_sealed_call(
+            self._state,
+            self._sealer,
+            operation,
+            script,
+            tenant,
+            keys,
+            lambda seals, writer: [body, settings, seals, writer],
+            batch=SEAL_BATCH,
+            older_than_s=SEAL_AGE_S,
+        )
 
     def admit(self, **request: Unpack[AdmissionRequest]) -> Admission:
         """Admit one delivery of one attempt of a task, or say what it waits for (the request's

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from governance.store.audit_seal import AuditSealer
+from governance.store.audit_seal import AuditSealer, begin_sealed_call, parse_written
 from governance.store.keys import DEPLOYMENT_CHAIN, TenantKeys
 from governance.store.state import StateStore
 
@@ -167,7 +167,8 @@ class AuditLog:
 
     def flush(self, chain: str) -> None:
         """Write the seals this process still owes ``chain`` (one call, no entries)."""
-        self._call(chain, "[]")
+        if self.sealer.owes(chain):
+            self._call(chain, "[]")
 
     def flush_due(self, older_than_s: float) -> None:
         """Write the seals owed for longer than ``older_than_s`` (the background flush)."""
@@ -175,21 +176,16 @@ class AuditLog:
             self.flush(chain)
 
     def _call(self, chain: str, entries_json: str) -> list[tuple[str, dict[str, str]]]:
-        seals = self.sealer.take(chain)
-        if entries_json == "[]" and seals == "[]":
-            return []
-        keys = TenantKeys(chain).shared()
-        try:
-            reply = self._state.call(
-                "audit append",
-                self._state.scripts.audit_append,
-                keys,
-                [entries_json, seals, self.sealer.writer],
-            )
-        except Exception:
-            self.sealer.give_back(chain, seals)
-            raise
-        return self.sealer.wrote(chain, json.loads(reply)["au"])
+        reply = begin_sealed_call(
+            self._state,
+            self.sealer,
+            "audit append",
+            self._state.scripts.audit_append,
+            chain,
+            TenantKeys(chain).shared(),
+            lambda seals, writer: [entries_json, seals, writer],
+        )()
+        return parse_written(reply["au"] or [])
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -21,9 +21,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic_core import from_json
+
+from governance.store.state import StateStore
 
 SEAL_VERSION = "v1"
 
@@ -141,9 +145,58 @@ class AuditSealer:
             pending.entries.extend(entries)
         return entries
 
+    def owes(self, chain: str) -> bool:
+        """Whether this process owes ``chain`` any seals."""
+        with self._lock:
+            self._check_fork()
+            return chain in self._pending
+
     def due(self, older_than_s: float) -> list[str]:
         """Chains whose seals have waited longer than ``older_than_s`` for a call."""
         limit = time.monotonic() - older_than_s
         with self._lock:
             self._check_fork()
             return [chain for chain, p in self._pending.items() if p.since <= limit]
+
+
+def begin_sealed_call(
+    state: StateStore,
+    sealer: AuditSealer | None,
+    operation: str,
+    script: Any,
+    chain: str,
+    keys: Sequence[str],
+    args: Callable[[str, str], list[str | int | float]],
+    *,
+    batch: int = 1,
+    older_than_s: float = 0.0,
+) -> Callable[[], dict[str, Any]]:
+    """Write one call of a script that writes audit entries to ``chain``: ``args(seals,
+    writer)`` are its arguments, carrying the seals this process owes the chain (taken as
+    :meth:`AuditSealer.take` says). The function returned (called on this thread) reads the
+    reply, a JSON object, and owes the seals of the entries it reports (``au``). If the call
+    fails, the seals it carried are owed again. Without a sealer the entries stay unsealed."""
+    seals = sealer.take(chain, batch=batch, older_than_s=older_than_s) if sealer else "[]"
+    writer = sealer.writer if sealer else "unsealed"
+    try:
+        raw_reply = state.begin(operation, script, keys, args(seals, writer))
+    except Exception:
+        if sealer:
+            sealer.give_back(chain, seals)
+        raise
+
+    def reply() -> dict[str, Any]:
+        try:
+            raw = raw_reply()
+        except Exception:
+            if sealer:
+                sealer.give_back(chain, seals)
+            raise
+        parsed: dict[str, Any] = from_json(raw)
+        if sealer:
+            written = parsed.get("au")
+            # Lua's JSON encodes an empty list as an empty object.
+            sealer.wrote(chain, [] if isinstance(written, Mapping) else written or [])
+        return parsed
+
+    return reply

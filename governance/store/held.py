@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from governance.store.audit_seal import AuditSealer
+from governance.store.audit_seal import AuditSealer, begin_sealed_call
 from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
 
@@ -149,19 +149,15 @@ class HeldStore:
 
     def _call(self, operation: str, script: Any, tenant: str, keys: list[str], *args: str) -> Any:
         """Run a held-store script that writes audit entries: seals go with it."""
-        seals = self._sealer.take(tenant) if self._sealer else "[]"
-        writer = self._sealer.writer if self._sealer else "unsealed"
-        try:
-            raw = self._state.call(operation, script, keys, [*args, seals, writer])
-        except Exception:
-            if self._sealer:
-                self._sealer.give_back(tenant, seals)
-            raise
-        reply: dict[str, Any] = json.loads(raw)
-        written = reply.get("au")
-        if self._sealer:
-            self._sealer.wrote(tenant, [] if isinstance(written, dict) else written or [])
-        return reply
+        return begin_sealed_call(
+            self._state,
+            self._sealer,
+            operation,
+            script,
+            tenant,
+            keys,
+            lambda seals, writer: [*args, seals, writer],
+        )()
 
     def put(
         self,

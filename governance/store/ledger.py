@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from governance.store.admission import Publication, publications
-from governance.store.audit_seal import AuditSealer
+from governance.store.audit_seal import AuditSealer, begin_sealed_call
 from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
 
@@ -127,23 +127,16 @@ class Ledger:
             if close_run
             else ""
         )
-        seals = self._sealer.take(tenant) if self._sealer else "[]"
-        writer = self._sealer.writer if self._sealer else "unsealed"
-        try:
-            raw = self._state.call(
-                "ledger sweep",
-                self._state.scripts.sweep,
-                keys.shared(),
-                [self._state.script_settings(reclaim=reclaim), seals, writer, closing],
-            )
-        except Exception:
-            if self._sealer:
-                self._sealer.give_back(tenant, seals)
-            raise
-        reply = json.loads(raw)
-        if self._sealer:
-            written = reply.get("au")
-            self._sealer.wrote(tenant, [] if isinstance(written, dict) else written or [])
+        settings = self._state.script_settings(reclaim=reclaim)
+        reply = begin_sealed_call(
+            self._state,
+            self._sealer,
+            "ledger sweep",
+            self._state.scripts.sweep,
+            tenant,
+            keys.shared(),
+            lambda seals, writer: [settings, seals, writer, closing],
+        )()
         return SweepResult(
             publications(reply.get("pub") or []),
             bool(reply.get("more")),
