@@ -17,6 +17,12 @@ worker, the ledger record, admission, lease, settlement, usage and two sealed au
 task, with every check of the policy switched on (rate limit, concurrency, budgets of every kind
 per day, month and run, long-running limits).
 
+A third kind, ``bench.round_trips``, interleaved with the other two, is the yardstick: a plain
+task that makes the Redis round trips of a governed one (the publisher's transaction, two script
+calls in the worker) with scripts that return at once and no other work. Its ratio to plain is
+the ceiling, on this machine, of any design that makes those round trips; the governed ratio
+can only be lower.
+
 Redis work per governed task is counted at the server, from ``INFO commandstats``: script calls
 (``EVALSHA`` + ``EVAL``) during the governed batches, minus the background rate seen during the
 plain batches (the worker's maintenance thread, kombu's binding refresh). A governed task needs
@@ -60,7 +66,12 @@ from celery import Celery
 from celery.result import ResultSet
 
 from governance.bench import store_bench
-from governance.bench.bench_app import GOVERNED_TASK, PLAIN_TASK, create_bench_app
+from governance.bench.bench_app import (
+    GOVERNED_TASK,
+    PLAIN_TASK,
+    ROUND_TRIPS_TASK,
+    create_bench_app,
+)
 from governance.embedded import EmbeddedRedis
 from governance.embedded.processes import log_tail, stop_processes
 from governance.integration import GovernanceHeaders
@@ -70,7 +81,7 @@ from governance.store import Period, StateStore, read_usage
 
 TENANT = "bench"
 CONTEXT = ActionContext(tenant=TENANT, agent="bench-agent", run="bench-run")
-KINDS = ("plain", "governed")
+KINDS = ("plain", "governed", "round_trips")
 #: Top-level commands that run a script; the commands a script runs are counted apart.
 SCRIPTS = ("evalsha", "eval")
 #: Huge limits, but every kind of check on, so each governed task pays for all of them.
@@ -339,12 +350,12 @@ class Batch:
 
 def publish_and_wait(app: Celery, kind: str, tasks: int, first: int) -> None:
     """Publish ``tasks`` tasks of ``kind`` and return once every one of them has succeeded."""
-    if kind == "plain":
-        task = app.tasks[PLAIN_TASK]
-        headers: dict[str, Any] = {}
-    else:
+    headers: dict[str, Any] = {}
+    if kind == "governed":
         task = app.tasks[GOVERNED_TASK]
         headers = GovernanceHeaders(context=CONTEXT).to_headers()
+    else:
+        task = app.tasks[PLAIN_TASK if kind == "plain" else ROUND_TRIPS_TASK]
     results: list[Any] = []
     try:
         for i in range(tasks):
@@ -393,14 +404,14 @@ def run_rounds(
     out: TextIO = sys.stdout,
     worker_pid: int | None = None,
 ) -> list[Batch]:
-    """Plain, governed, plain, governed, ...: ``tasks`` of each kind in ``rounds`` rounds."""
+    """Plain, governed, round trips, plain, ...: ``tasks`` of each kind in ``rounds`` rounds."""
     batches: list[Batch] = []
     for round_no, size in enumerate(batch_sizes(tasks, rounds), start=1):
         for kind in KINDS:
             batch = run_batch(app, client, kind, round_no, size, worker_pid)
             batches.append(batch)
             print(
-                f"  round {round_no}/{rounds} {kind:<8} {size:>6} tasks in {batch.seconds:7.2f} s"
+                f"  round {round_no}/{rounds} {kind:<11} {size:>6} tasks in {batch.seconds:7.2f} s"
                 f"  ({size / batch.seconds:8.1f} tasks/s)",
                 file=out,
                 flush=True,
@@ -409,12 +420,15 @@ def run_rounds(
 
 
 def summarize(batches: list[Batch]) -> dict[str, Any]:
-    """Throughput per kind, their ratio, and the Redis server's work per task."""
+    """Throughput per kind, their ratios to plain, and the Redis server's work per task (the
+    round-trips kind only when ``batches`` measured it)."""
     kinds: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     scripts: dict[str, int] = {}
     for kind in KINDS:
         mine = [b for b in batches if b.kind == kind]
+        if not mine:
+            continue
         tasks = sum(b.tasks for b in mine)
         seconds[kind] = sum(b.seconds for b in mine)
         scripts[kind] = sum(b.script_calls for b in mine)
@@ -435,20 +449,25 @@ def summarize(batches: list[Batch]) -> dict[str, Any]:
             },
             "batches": [b.as_json() for b in mine],
         }
+    # Ratios to plain from the unrounded rates.
+    rates = {kind: kinds[kind]["tasks"] / seconds[kind] for kind in kinds}
+    to_plain = {kind: round(rate / rates["plain"], 3) for kind, rate in rates.items()}
     plain, governed = kinds["plain"], kinds["governed"]
     # Plain tasks never touch governance state: what scripts ran meanwhile is background.
     background_per_s = scripts["plain"] / seconds["plain"]
     net_scripts = scripts["governed"] - background_per_s * seconds["governed"]
-    return {
+    summary = {
         "plain": plain,
         "governed": governed,
-        "governed_to_plain_ratio": round(
-            (governed["tasks"] / seconds["governed"]) / (plain["tasks"] / seconds["plain"]), 3
-        ),
+        "governed_to_plain_ratio": to_plain["governed"],
         "script_calls_per_governed_task": round(net_scripts / governed["tasks"], 3),
         "script_calls_per_governed_task_raw": round(scripts["governed"] / governed["tasks"], 3),
         "background_script_calls_per_s": round(background_per_s, 2),
     }
+    if round_trips := kinds.get("round_trips"):
+        summary["round_trips"] = round_trips
+        summary["round_trips_to_plain_ratio"] = to_plain["round_trips"]
+    return summary
 
 
 def cpu_ms_per_task(batches: list[Batch]) -> dict[str, float]:
@@ -505,6 +524,7 @@ def store_figures(state_url: str, store_tasks: int, scale_tenants: int) -> dict[
 def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
     """Print the figures a reader compares, one per line."""
     plain, governed, store = result["plain"], result["governed"], result["store"]
+    bare = result["round_trips"]
     rows = [
         (
             "plain tasks per second (bench.noop)",
@@ -515,6 +535,13 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"{governed['tasks_per_s']} ({governed['tasks']} tasks in {governed['seconds']} s)",
         ),
         ("governed / plain throughput", str(result["governed_to_plain_ratio"])),
+        (
+            "bare round trips / plain throughput",
+            f"{result['round_trips_to_plain_ratio']} ({bare['tasks_per_s']} tasks/s of "
+            f"bench.round_trips, CPU {bare['cpu_ms_per_task'].get('total', 'n/a')} ms per task: "
+            "a governed task's round trips without their work, the ceiling of any design that "
+            "makes them)",
+        ),
         (
             "script calls per governed task (server)",
             f"{result['script_calls_per_governed_task']} (INFO commandstats EVALSHA+EVAL; "

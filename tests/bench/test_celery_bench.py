@@ -77,6 +77,26 @@ def test_summarize_subtracts_the_background_seen_during_plain_batches() -> None:
     assert summary["background_script_calls_per_s"] == 2.0
     assert summary["script_calls_per_governed_task_raw"] == 4.04
     assert summary["script_calls_per_governed_task"] == 4.0
+    assert "round_trips" not in summary
+
+
+def test_summarize_gives_the_bare_round_trips_ratio_to_plain_when_measured() -> None:
+    batches = [
+        Batch("plain", 1, 100, 1.0, {"lpush": 100}),
+        Batch("governed", 1, 100, 2.0, {"evalsha": 200, "lpush": 100}),
+        Batch("round_trips", 1, 100, 1.25, {"evalsha": 200, "lpush": 100}),
+        Batch("plain", 2, 300, 3.0, {"lpush": 300}),
+        Batch("governed", 2, 300, 6.0, {"evalsha": 600, "lpush": 300}),
+        Batch("round_trips", 2, 300, 3.75, {"evalsha": 600, "lpush": 300}),
+    ]
+    summary = summarize(batches)
+    assert summary["round_trips"]["tasks"] == 400
+    assert summary["round_trips"]["tasks_per_s"] == 80.0
+    assert summary["round_trips_to_plain_ratio"] == 0.8
+    assert summary["governed_to_plain_ratio"] == 0.5
+    # the yardstick's own script calls are not mistaken for background
+    assert summary["background_script_calls_per_s"] == 0.0
+    assert summary["script_calls_per_governed_task"] == 2.0
 
 
 def test_cpu_since_counts_only_pool_processes_that_served_the_whole_batch() -> None:
@@ -131,7 +151,7 @@ def test_process_cpu_and_children_are_read_from_proc() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_a_tiny_run_measures_both_kinds(tmp_path: Path) -> None:
+def test_a_tiny_run_measures_every_kind(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # never flush a shared one
     proc = subprocess.run(
@@ -166,6 +186,13 @@ def test_a_tiny_run_measures_both_kinds(tmp_path: Path) -> None:
     assert result["plain"]["tasks_per_s"] > 0
     assert result["governed"]["tasks_per_s"] > 0
     assert result["governed_to_plain_ratio"] > 0
+    # the yardstick ran interleaved with them and made its two script calls per task
+    assert "round 2/2 round_trips" in proc.stdout
+    assert result["round_trips"]["tasks"] == 40
+    for batch in result["round_trips"]["batches"]:
+        assert batch["script_calls"] >= 2 * batch["tasks"], batch
+    assert result["round_trips_to_plain_ratio"] > 0
+    assert "bare round trips / plain throughput" in proc.stdout
     # admission and settlement (their audit entries included), counted by the server
     assert result["script_calls_per_governed_task_raw"] >= 2
     assert result["store"]["admit_settle_p50_ms"] > 0
