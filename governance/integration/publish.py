@@ -14,17 +14,25 @@
 4. records the task in the ledger with its message, then publishes it. A countdown longer than
    the safe broker limit is not given to the broker at all: the task is parked in the ledger and
    published when due (celery #2599: a long countdown runs twice on the Redis broker).
+
+Once recorded, the task is accepted: if the broker then refuses it (down, unreachable), the
+caller still gets its result and a warning, and the reconciler publishes the recorded message
+when it is overdue. Raising instead would tell the caller it was not enqueued while the record
+makes it run all the same; a caller that then submitted it again would run the action twice.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from kombu.exceptions import OperationalError
 
 from governance.integration.approvals import Approvals
 from governance.integration.errors import ActionDenied, GovernanceError
@@ -41,6 +49,8 @@ from governance.store.audit import AuditEvent, AuditEventType
 
 if TYPE_CHECKING:
     from governance.integration.task import GovernedTask
+
+log = logging.getLogger("governance.publish")
 
 _context: contextvars.ContextVar[ActionContext | None] = contextvars.ContextVar(
     "governance_context", default=None
@@ -186,7 +196,19 @@ def publish_governed(
     )
     if parked:
         return result_cls(task_id)
-    return runtime.send_raw(name, args, kwargs, task_id=task_id, headers=headers, **options)
+    try:
+        return runtime.send_raw(name, args, kwargs, task_id=task_id, headers=headers, **options)
+    except OperationalError as exc:
+        log.warning(
+            "the broker did not take task %s (%s, tenant %s): %s; it is recorded, and the "
+            "reconciler publishes it once it is overdue (GOVERNANCE_RECONCILE_AFTER_S, %s s)",
+            task_id,
+            name,
+            ctx.tenant,
+            exc,
+            runtime.settings.reconcile_after_s,
+        )
+        return result_cls(task_id)
 
 
 def _redacted_reprs(args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]) -> None:

@@ -11,11 +11,14 @@ published again within lease + grace + sweep, about 5 s.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from celery import Celery
@@ -23,6 +26,7 @@ from celery import Celery
 from governance.integration import governance_context
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
+from governance.settings import GovernanceSettings
 from tests.e2e.conftest import (
     Deployment,
     WorkerProcess,
@@ -196,5 +200,50 @@ def test_a_message_deleted_from_the_broker_is_published_again_and_runs_once(
     assert result.get(timeout=60) == {"text": "lost and found"}
     assert types_of(audit_of(runtime, result.id)) == ["admitted", "task_finished"]
     assert runtime.ledger.republished("t-basic") >= 1
+    assert runtime.ledger.where("t-basic", result.id)["where"] == "done"
+    assert verify_audit(runtime) == []
+
+
+def _refusing(url: str) -> str:
+    """``url`` with a port nothing listens on: a broker that refuses every connection."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+def test_a_task_the_broker_refused_after_its_record_is_accepted_and_runs_once(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    worker: WorkerProcess,
+    e2e_env: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A publisher whose broker refuses connections, on the same state and results as the worker.
+    from workers.app import create_app
+
+    env = {**e2e_env, "GOVERNANCE_BROKER_URL": _refusing(e2e_env["GOVERNANCE_BROKER_URL"])}
+    refusing = create_app(
+        GovernanceSettings(**{k.removeprefix("GOVERNANCE_").lower(): v for k, v in env.items()})
+    )
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="governance.publish"),
+            governance_context(ctx("t-basic", run="run-refused")),
+        ):
+            # Recorded, then refused by the broker: accepted all the same, with a warning (an
+            # error would make the caller submit it again, and the record would run both).
+            result = refusing.tasks["tools.echo"].delay(text="refused, then found")
+    finally:
+        refusing.close()
+    assert f"the broker did not take task {result.id}" in caplog.text
+    assert runtime.ledger.where("t-basic", result.id)["where"] == "queued"
+    # The worker's reconciler publishes the recorded message to the broker that works.
+    assert app.AsyncResult(result.id).get(timeout=60) == {"text": "refused, then found"}
+    assert types_of(audit_of(runtime, result.id)) == ["admitted", "task_finished"]
+    assert runtime.ledger.republished("t-basic") == 1
     assert runtime.ledger.where("t-basic", result.id)["where"] == "done"
     assert verify_audit(runtime) == []
