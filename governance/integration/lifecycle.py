@@ -590,7 +590,7 @@ class TaskLife:
     def _deny(self, reason: str) -> NoReturn:
         ctx = self.headers.context if self.headers else None
         d = self.decision
-        self.runtime.audit(
+        self.runtime.end_without_running(
             AuditEvent(
                 type=AuditEventType.AUTHORIZATION_DENIED,
                 tenant=ctx.tenant if ctx else "",
@@ -632,7 +632,7 @@ class TaskLife:
             except StoreUnavailable:
                 log.warning("suggestion %s could not be listed", self.task_id, exc_info=True)
         else:
-            self.runtime.audit(
+            self.runtime.end_without_running(
                 AuditEvent(
                     type=event_type,
                     tenant=ctx.tenant,

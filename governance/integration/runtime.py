@@ -201,15 +201,26 @@ class GovernanceRuntime:
     def audit(self, *events: AuditEvent) -> None:
         """Append audit events that are not part of an admission or settlement (a denial, a
         note); a Redis failure is logged: the action they describe already happened."""
-        version = self.policy.version
-        stamped = [
-            e if e.policy_version else _replace_version(e, version, self.chain(e.tenant))
-            for e in events
-        ]
         try:
-            self.audit_log.append(*stamped)
+            self.audit_log.append(*(self._stamped(e) for e in events))
         except StoreUnavailable:
             log.exception("audit events could not be written: %s", [e.type for e in events])
+
+    def end_without_running(self, event: AuditEvent) -> None:
+        """Audit ``event``, by which a task ends on the worker without running (denied,
+        shadowed), and end the task's ledger record in the same call (``AuditLog.end_task``).
+        A Redis failure is logged: the record then stays, and the reconciler's next
+        publication of the task ends the same way."""
+        try:
+            self.audit_log.end_task(self._stamped(event), self.state.ttl.task_s)
+        except StoreUnavailable:
+            log.exception("the end of task %s could not be written", event.task_id)
+
+    def _stamped(self, event: AuditEvent) -> AuditEvent:
+        """``event`` with the policy version, on its chain (see ``_replace_version``)."""
+        if event.policy_version:
+            return event
+        return _replace_version(event, self.policy.version, self.chain(event.tenant))
 
     def _renew(self, ticket: AdmissionTicket) -> int:
         return self.admitter.renew(ticket)

@@ -165,6 +165,18 @@ class AuditLog:
             self.flush(chain)
         return ids
 
+    def end_task(self, event: AuditEvent, ttl_s: int) -> str:
+        """Append ``event`` and, in the same call, end the ledger record of its task, which ends
+        on the worker without running (denied, shadowed): it lets go of its slot, reservation
+        and place in the wait list, and the reconciler no longer publishes it. An event on the
+        deployment's chain (an unknown tenant) has no record in its slot and is only appended.
+        Returns the entry's id."""
+        entries_json = json.dumps([event.fields()])
+        record = TenantKeys(event.chain).task(event.task_id) if event.tenant else None
+        written = self._call(event.chain, entries_json, ending=(record, ttl_s) if record else None)
+        self.flush(event.chain)
+        return written[0][0]
+
     def flush(self, chain: str) -> None:
         """Write the seals this process still owes ``chain`` (one call, no entries)."""
         if self.sealer.owes(chain):
@@ -175,15 +187,20 @@ class AuditLog:
         for chain in self.sealer.due(older_than_s):
             self.flush(chain)
 
-    def _call(self, chain: str, entries_json: str) -> list[tuple[str, dict[str, str]]]:
+    def _call(
+        self, chain: str, entries_json: str, ending: tuple[str, int] | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """One audit_append call: ``ending`` is (the ledger record to end, seconds to keep it)."""
+        keys = TenantKeys(chain).shared() + ([ending[0]] if ending else [])
+        ttl: list[str | int | float] = [ending[1]] if ending else []
         reply = begin_sealed_call(
             self._state,
             self.sealer,
             "audit append",
             self._state.scripts.audit_append,
             chain,
-            TenantKeys(chain).shared(),
-            lambda seals, writer: [entries_json, seals, writer],
+            keys,
+            lambda seals, writer: [entries_json, seals, writer, *ttl],
         )()
         return parse_written(reply["au"] or [])
 

@@ -199,6 +199,7 @@ class HeldStore:
             "reason": task.reason,
             "detail": dict(detail or {"expires_ms": task.expires_ms}),
             "notify": json.dumps(notification) if notification else None,
+            "ttl": self._state.ttl.task_s,
         }
         script_keys = [
             *keys.shared(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from governance.integration.approvals import Approvals
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus
+from governance.store.keys import TenantKeys
 from tests.e2e.conftest import WorkerProcess, audit_of, types_of, verify_audit, wait_until
 from tests.e2e.observer import ObserverServer
 from workers.api import submit_llm, submit_tool
@@ -86,6 +88,76 @@ def test_an_approved_task_meeting_a_busy_slot_waits_runs_once_and_is_never_held_
     task = approvals.find(held.id)
     assert task.status is HeldStatus.RELEASED
     assert task.reheld == 0
+
+
+def test_a_granted_task_held_again_at_its_hand_off_gives_the_slot_back_and_waits_afresh(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    keys: dict[str, Ed25519PrivateKey],
+) -> None:
+    approvals = Approvals(app, runtime)
+    first = submit_tool(app, ctx("t-grant-line"), "write_file", path="granted.txt", content="1")
+    done = approvals.approve(first.id, keys["alice"], "routine", grant_for=timedelta(hours=1))
+    assert done.outcome == "released"
+    assert done.grant_id is not None
+    assert first.get(timeout=60) == {"path": "granted.txt", "bytes": 1}
+    busy = slow_call(app, "t-grant-line", 2500)
+    wait_until(
+        lambda: runtime.ledger.status("t-grant-line", overdue_after_ms=60_000).running == 1,
+        timeout_s=30,
+        what="the slow call to hold the tenant's only slot",
+    )
+    # Covered by the grant when published: it goes to the broker, and waits for the slot.
+    covered = submit_tool(
+        app, ctx("t-grant-line", run="run-2"), "write_file", path="covered.txt", content="2"
+    )
+    assert covered.state != "HELD"
+    wait_until(
+        lambda: "waiting" in types_of(audit_of(runtime, covered.id)),
+        timeout_s=30,
+        what="the covered call to wait",
+    )
+    approvals.revoke("t-grant-line", done.grant_id, "revoked while it waits")
+    busy.get(timeout=60)  # type: ignore[attr-defined]
+    # Handed the slot, its delivery finds no grant: held for the reviewers again ...
+    held = TenantKeys("t-grant-line").held(covered.id)
+    wait_until(
+        lambda: runtime.state.client.hget(held, "status") == b"held",
+        timeout_s=30,
+        what="the handed call to be held again",
+    )
+    # ... and it lets go of the slot and of its wait: nothing runs, and the next call starts
+    # at once (it used to wait for the handed slot until max_wait, 10 minutes here).
+    record = runtime.ledger.where("t-grant-line", covered.id)
+    assert record["where"] == "held"
+    assert not {"handoff", "holder", "wait_since", "req"} & record.keys()
+    assert runtime.ledger.status("t-grant-line", overdue_after_ms=60_000).running == 0
+    other = submit_tool(app, ctx("t-grant-line", run="run-3"), "echo", text="free")
+    assert other.get(timeout=30) == {"text": "free"}
+    assert "waiting" not in types_of(audit_of(runtime, other.id))
+    # Released again, it runs: its earlier wait does not count against its wait limit.
+    assert approvals.approve(covered.id, keys["alice"], "again").outcome == "released"
+    assert covered.get(timeout=60) == {"path": "covered.txt", "bytes": 1}
+    assert verify_audit(runtime) == []
+
+
+def test_shadowed_and_suggested_tasks_leave_the_ledger_when_they_end(
+    app: Celery, runtime: GovernanceRuntime
+) -> None:
+    def agent(name: str) -> ActionContext:
+        return ActionContext(tenant="t-basic", agent=name, run="run-ends")
+
+    shadowed = submit_tool(app, agent("watcher"), "echo", text="watched")
+    suggested = submit_tool(app, agent("proposer"), "echo", text="proposed")
+    assert shadowed.get(timeout=30)["governance"] == "shadowed"
+    assert suggested.get(timeout=30)["governance"] == "suggested"
+    # Done where they ended: the reconciler never publishes them again (it used to, forever,
+    # each copy writing another entry).
+    for result in (shadowed, suggested):
+        assert runtime.ledger.where("t-basic", result.id)["where"] == "done"
+    assert runtime.ledger.status("t-basic", overdue_after_ms=0).open == 0
+    assert types_of(audit_of(runtime, shadowed.id)) == ["shadowed"]
+    assert types_of(audit_of(runtime, suggested.id)) == ["suggested"]
 
 
 def test_a_task_waiting_past_its_limit_fails_naming_the_limit(

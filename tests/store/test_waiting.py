@@ -12,6 +12,11 @@ from governance.store import (
     AdmissionLimits,
     AdmissionStatus,
     Admitter,
+    AuditEvent,
+    AuditEventType,
+    AuditLog,
+    AuditSealer,
+    BudgetCheck,
     Ledger,
     Period,
     Rate,
@@ -170,3 +175,56 @@ def test_a_turn_beyond_the_wait_limit_is_refused_with_the_reason(any_state: Stat
     assert refused.status is AdmissionStatus.REJECTED
     assert "rate_limit" in refused.reason
     assert "wait limit of 1500 ms" in refused.reason
+
+
+def _denied(task: str) -> AuditEvent:
+    return AuditEvent(
+        type=AuditEventType.AUTHORIZATION_DENIED,
+        tenant="acme",
+        agent="agent-1",
+        run="run-1",
+        task_id=task,
+        action="echo",
+        decision="deny",
+        reason="tool 'echo' is not allowed (the policy changed since it was published)",
+        policy_version="v2",
+    )
+
+
+def test_a_handed_task_denied_at_its_delivery_gives_back_its_slot_and_leaves_the_ledger(
+    any_state: StateStore,
+) -> None:
+    admitter, ledger = Admitter(any_state), Ledger(any_state)
+    log = AuditLog(any_state, AuditSealer(b"test-key"))
+    budgeted = AdmissionLimits(concurrency=1, budget_checks=(BudgetCheck(Period.DAY, "steps", 9),))
+    running = admit(admitter, "first", budgeted)
+    assert admit(admitter, "second", budgeted).status is AdmissionStatus.WAITING
+    (handed,) = admitter.settle(running.ticket, TOOL_STEP).publish
+    held = read_usage(any_state, "acme", Period.DAY)
+    assert (held.active_leases, held.reserved.steps) == (1, 1)  # taken on its behalf
+    # Its delivery is denied (or shadowed) by the worker: the entry and the end, one call.
+    log.end_task(_denied("second"), ttl_s=60)
+    freed = read_usage(any_state, "acme", Period.DAY)
+    assert (freed.active_leases, freed.reserved.steps) == (0, 0)
+    record = ledger.where("acme", "second")
+    assert record["where"] == "done"
+    assert not {"handoff", "holder", "wait_since", "req"} & record.keys()
+    assert any_state.client.zscore("gov:{acme}:ledger", "gov:{acme}:task:second") is None
+    assert [e.fields["type"] for e in log.records("acme")][-1] == "authorization_denied"
+    # The slot is free for the next task, and the token of the ended hand-off admits nothing.
+    assert admit(admitter, "third", budgeted).admitted
+    assert not admit(admitter, "second", budgeted, handoff=handed.handoff).admitted
+
+
+def test_a_denied_copy_leaves_the_record_of_the_delivery_that_runs_the_task(
+    any_state: StateStore,
+) -> None:
+    admitter, ledger = Admitter(any_state), Ledger(any_state)
+    log = AuditLog(any_state, AuditSealer(b"test-key"))
+    running = admit(admitter, "first", holder="d1")
+    assert running.admitted
+    log.end_task(_denied("first"), ttl_s=60)
+    assert ledger.where("acme", "first")["where"] == "running"
+    assert read_usage(any_state, "acme", Period.DAY).active_leases == 1
+    admitter.settle(running.ticket, TOOL_STEP)
+    assert ledger.where("acme", "first")["where"] == "done"

@@ -90,14 +90,8 @@ local function admitted_entry(waited_since, run)
 end
 
 local function finish_rejected(verdict, reason)
-  L.release(rec)
-  redis.call('ZREM', L.T.leases, rec)
-  redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'where', 'done', 'since', now,
-    'settled', 1)
-  redis.call('HDEL', rec, 'req', 'holder', 'handoff', 'turn', 'skip')
-  redis.call('ZREM', L.T.waiting, rec)
-  redis.call('ZREM', L.T.ledger, rec)
-  redis.call('EXPIRE', rec, req.ttl[4])
+  L.end_record(rec, now, req.ttl[4])
+  redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'settled', 1)
   local detail = L.violation_detail(verdict)
   L.task_entry(written, now, req.au, 'task_failed', 'deny', reason, detail)
   return reply({s = 'rejected', v = verdict.v, cur = verdict.cur, lim = verdict.lim,

@@ -64,9 +64,8 @@ local function move(to)
   redis.call('HSET', KEYS[8], 'status', to, 'decided_ms', now)
 end
 local function end_in_ledger()
-  redis.call('HSET', KEYS[15], 'id', id, 'where', 'done', 'since', now)
-  redis.call('ZREM', L.T.ledger, KEYS[15])
-  redis.call('EXPIRE', KEYS[15], D.ttl)
+  redis.call('HSET', KEYS[15], 'id', id)
+  L.end_record(KEYS[15], now, D.ttl)
 end
 
 decisions[#decisions + 1] = {verdict = verdict, reviewer = reviewer, reason = D.reason,

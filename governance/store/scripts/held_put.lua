@@ -3,6 +3,10 @@
 -- (lib.lua is prepended). Idempotent: a task already waiting is left as it is. A task whose hold
 -- already ended (released, rejected, expired) and that shows up again (a copied message, a
 -- forged release) is held again, with a fresh request and no decisions, never run.
+-- The task's ledger record follows (unless a live delivery runs the task, a copy arriving
+-- meanwhile): a held task lets go of what it held or waited for (a hand-off's slot and
+-- reservation, its place in the wait list, the start of its wait) and leaves the ledger until
+-- released; a suggestion ends there.
 --
 -- KEYS[1..7]  the tenant's shared keys (see lib.lua)
 -- KEYS[8]     held task            HASH
@@ -13,7 +17,8 @@
 -- KEYS[17]    notifications        HASH notification id -> JSON
 --
 -- ARGV[1] JSON {id, status, requested_ms, expires_ms, fields: {name: value}, au (audit
---         template), reason, detail, notify (the notification's JSON, or null)}
+--         template), reason, detail, notify (the notification's JSON, or null), ttl (seconds
+--         an ended ledger record is kept)}
 -- ARGV[2] seals (JSON)   ARGV[3] the writer's id
 --
 -- Returns JSON {outcome = created | waiting | reheld, status, au}.
@@ -43,11 +48,17 @@ end
 redis.call('HSET', KEYS[8], 'status', status, 'requested_ms', P.requested_ms, 'expires_ms',
   P.expires_ms, 'decisions', '[]', 'approvals', 0, unpack(fields))
 redis.call('ZADD', KEYS[STATUSES[status]], P.requested_ms, id)
+local rec = KEYS[15]
 if status == 'held' then
   redis.call('ZADD', KEYS[14], P.expires_ms, id)
-  redis.call('HSET', KEYS[15], 'id', id, 'where', 'held', 'since', now)
-  redis.call('PERSIST', KEYS[15])
-  redis.call('ZREM', L.T.ledger, KEYS[15])
+  if not L.running_live(rec, now) then
+    L.let_go(rec)
+    redis.call('HSET', rec, 'id', id, 'where', 'held', 'since', now)
+    redis.call('PERSIST', rec)
+    redis.call('ZREM', L.T.ledger, rec)
+  end
+elseif redis.call('EXISTS', rec) == 1 and not L.running_live(rec, now) then
+  L.end_record(rec, now, P.ttl)
 end
 local detail = P.detail or {}
 detail.outcome = outcome

@@ -154,6 +154,35 @@ function L.drop_lease(rec)
   if redis.call('ZREM', L.T.leases, rec) == 1 then L.release(rec) end
 end
 
+-- Whether the record's task runs now under a lease that is still alive (a delivery that ends
+-- without running, a copy, must leave such a record to the delivery that runs it).
+function L.running_live(rec, now)
+  if redis.call('HGET', rec, 'where') ~= 'running' then return false end
+  local lease = redis.call('ZSCORE', L.T.leases, rec)
+  return lease ~= false and tonumber(lease) > now
+end
+
+-- The task lets go of all it held or waited for: its lease, its reservation (a hand-off takes
+-- both), its place in the wait list, its hand-off token, its booked turn, and when its wait
+-- began (a later wait is a new one, with its own max_wait).
+function L.let_go(rec)
+  L.release(rec)
+  redis.call('ZREM', L.T.leases, rec)
+  redis.call('ZREM', L.T.waiting, rec)
+  redis.call('HDEL', rec, 'req', 'holder', 'handoff', 'turn', 'skip', 'wait_since', 'wait_seq',
+    'wait_for')
+end
+
+-- The task ends without settling (rejected, denied or shadowed at the worker, a suggestion,
+-- rejected or expired by reviewers): it lets go, and its record leaves the ledger (the
+-- reconciler no longer publishes it), kept `ttl` seconds.
+function L.end_record(rec, now, ttl)
+  L.let_go(rec)
+  redis.call('HSET', rec, 'where', 'done', 'since', now)
+  redis.call('ZREM', L.T.ledger, rec)
+  redis.call('EXPIRE', rec, ttl)
+end
+
 -- -- rates -----------------------------------------------------------------------------------
 
 -- GCRA: `burst` calls at once, one per `interval` after that. Returns the earliest time (>= t0)
