@@ -28,6 +28,7 @@ OUTCOMES = {
     "rejected": "rejected",
     "expired": "expired",
     "forged_release": "forged release refused",
+    "release_expired": "release expired, held again",
     "suggested": "suggested, not run",
     "shadowed": "shadowed, not run",
     "waiting": "waiting",

@@ -294,12 +294,7 @@ class Approvals:
         if release.ok:
             chosen = [p.alert_to_micro for p in release.payloads if p.alert_to_micro is not None]
             return min(chosen) if chosen else 0
-        self._forged(
-            headers.context,
-            task_id,
-            action,
-            f"a cost-alert release that does not verify: {release.reason}; held again",
-        )
+        self._refused(headers.context, task_id, action, release, "a cost-alert release")
         return None
 
     def _release(
@@ -324,16 +319,29 @@ class Approvals:
             requester=ctx.user,
             now_ms=int(time.time() * 1000),
             valid_for=tenant.approval.valid_for,
+            collect_for=tenant.approval.expiry,
             kind=kind,
         )
 
-    def _forged(
-        self, ctx: ActionContext, task_id: str, action: Action, reason: str, tier: str = ""
+    def _refused(
+        self,
+        ctx: ActionContext,
+        task_id: str,
+        action: Action,
+        release: Release,
+        what: str,
+        tier: str = "",
     ) -> None:
-        """Audit a release that does not verify (the call is held again)."""
+        """Audit a release that does not release (the call is held again): one that does not
+        verify is forged; genuine approvals whose release is older than ``valid_for`` expired."""
+        if release.expired:
+            kind, reason = AuditEventType.RELEASE_EXPIRED, f"{what} that expired"
+        else:
+            kind, reason = AuditEventType.FORGED_RELEASE, f"{what} that does not verify"
+        reason = f"{reason}: {release.reason}; held again"
         self.runtime.audit(
             AuditEvent(
-                type=AuditEventType.FORGED_RELEASE,
+                type=kind,
                 tenant=ctx.tenant,
                 agent=ctx.agent,
                 run=ctx.run,
@@ -379,8 +387,7 @@ class Approvals:
                 decision.tier_level,
             )
         tier = decision.tier.value if decision.tier else ""
-        reason = f"a release that does not verify: {release.reason}; held again"
-        self._forged(ctx, task_id, action, reason, tier)
+        self._refused(ctx, task_id, action, release, "a release", tier)
         return None
 
     # -- reviewer decisions -------------------------------------------------------------------

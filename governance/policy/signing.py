@@ -213,6 +213,8 @@ class Release:
     reason: str
     reviewers: tuple[str, ...] = ()
     payloads: tuple[DecisionPayload, ...] = ()
+    #: Genuine approvals of the quorum, but the release is older than ``valid_for``.
+    expired: bool = False
 
 
 def check_release(
@@ -226,11 +228,14 @@ def check_release(
     requester: str | None,
     now_ms: int,
     valid_for: timedelta,
+    collect_for: timedelta = timedelta(0),
     kind: str = "hold",
 ) -> Release:
     """Whether ``decisions`` release this call: valid signatures of ``quorum`` distinct listed
     reviewers, none of them the requester (unless allowed), each approving this task id and this
-    exact call, none older than ``valid_for``."""
+    exact call. The release counts from its last signature (the one that completed the quorum)
+    and is valid for ``valid_for``; each signature may be older by ``collect_for``, the time a
+    hold may take to collect its quorum (``approval.expiry``)."""
     approving: dict[str, DecisionPayload] = {}
     problems: list[str] = []
     for signed in decisions:
@@ -247,13 +252,26 @@ def check_release(
         if requester and payload.reviewer == requester and not allow_self_approval:
             problems.append(f"{payload.reviewer!r} requested it and may not approve it")
             continue
-        if now_ms - payload.at_ms > valid_for.total_seconds() * 1000:
-            problems.append(f"{payload.reviewer!r}'s approval is older than {valid_for}")
+        oldest = valid_for + collect_for
+        if now_ms - payload.at_ms > oldest.total_seconds() * 1000:
+            problems.append(f"{payload.reviewer!r}'s approval is older than {oldest}")
             continue
         approving.setdefault(payload.reviewer, payload)
     if len(approving) >= quorum:
         names = tuple(sorted(approving))
-        return Release(True, f"released by {', '.join(names)}", names, tuple(approving.values()))
+        payloads = tuple(approving.values())
+        last = max(payloads, key=lambda p: p.at_ms)
+        age_ms = now_ms - last.at_ms
+        if age_ms > valid_for.total_seconds() * 1000:
+            return Release(
+                False,
+                f"the release is older than approval.valid_for ({valid_for}): its last "
+                f"approval, by {last.reviewer!r}, is {timedelta(seconds=age_ms // 1000)} old",
+                names,
+                payloads,
+                expired=True,
+            )
+        return Release(True, f"released by {', '.join(names)}", names, payloads)
     found = f"{len(approving)} valid approval(s) of {quorum} required"
     detail = "; ".join(dict.fromkeys(problems))
     return Release(False, f"{found}" + (f": {detail}" if detail else ""))

@@ -48,6 +48,7 @@ class AuditEventType(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     FORGED_RELEASE = "forged_release"
+    RELEASE_EXPIRED = "release_expired"  # genuine approvals, older than approval.valid_for
     SUGGESTED = "suggested"
     SHADOWED = "shadowed"
     WAITING = "waiting"  # the first time an attempt waits (capacity, a rate turn, a cooldown)

@@ -123,6 +123,37 @@ def test_a_release_is_refused_for_each_bad_decision(bad: Any, why: str) -> None:
     assert why in refused.reason
 
 
+def test_valid_for_counts_from_the_last_approval_of_the_quorum() -> None:
+    hour = 3600 * 1000
+    # alice approved 50 minutes before bob completed the quorum; bob signed 20 minutes ago.
+    early, last = (
+        decision("alice", at_ms=NOW - 70 * 60 * 1000),
+        decision("bob", at_ms=NOW - hour // 3),
+    )
+    ok = release([early, last], collect_for=timedelta(hours=1))
+    assert ok.ok, ok.reason
+    # A signature older than the time a hold may take to collect its quorum, plus valid_for,
+    # releases nothing however recent the others are.
+    stale = decision("alice", at_ms=NOW - 3 * hour)
+    refused = release([stale, last], collect_for=timedelta(hours=1))
+    assert not refused.ok
+    assert not refused.expired
+    assert "older than 2:00:00" in refused.reason
+
+
+def test_a_genuine_release_older_than_valid_for_is_expired_not_forged() -> None:
+    old = [
+        decision("alice", at_ms=NOW - 3 * 3600 * 1000),
+        decision("bob", at_ms=NOW - 2 * 3600 * 1000),
+    ]
+    expired = release(old, collect_for=timedelta(hours=24))
+    assert not expired.ok
+    assert expired.expired
+    assert expired.reviewers == ("alice", "bob")
+    assert "older than approval.valid_for (1:00:00)" in expired.reason
+    assert "by 'bob'" in expired.reason
+
+
 def test_an_edited_payload_does_not_verify() -> None:
     signed = decision("bob")
     edited = copy.deepcopy(signed)
