@@ -523,7 +523,11 @@ class TaskLife:
             """Write the settlement; the function returned reads what it did."""
             with self.runtime.store_call():
                 return admitter.begin_settle(
-                    admission.ticket, actual, entry=outcome.entry, next_attempt=next_attempt
+                    admission.ticket,
+                    actual,
+                    entry=outcome.entry,
+                    next_attempt=next_attempt,
+                    reclaim=self.runtime.may_reclaim,
                 )
 
         def settle(written: Callable[[], Settlement] | None = None) -> None:

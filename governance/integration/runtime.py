@@ -122,6 +122,7 @@ class GovernanceRuntime:
         #: When the state store last came back after being unreachable (monotonic seconds).
         self._recovered_at: float | None = None
         self._down_since: float | None = None
+        self._probed_at = 0.0
         warn_development_secrets(settings)
 
     # -- policy-derived values ------------------------------------------------------------------
@@ -223,12 +224,14 @@ class GovernanceRuntime:
         return _replace_version(event, self.policy.version, self.chain(event.tenant))
 
     def _renew(self, ticket: AdmissionTicket) -> int:
-        return self.admitter.renew(ticket)
+        with self.store_call():
+            return self.admitter.renew(ticket)
 
     def _tick(self) -> None:
-        """The lease thread's periodic work: owed settlements and audit seals, and dead
-        ``Ignore`` cycles."""
+        """The lease thread's periodic work: a liveness probe of the store, owed settlements
+        and audit seals, and dead ``Ignore`` cycles."""
         if self._state is not None and self._pid == os.getpid():
+            self._probe_store()
             self.unsettled.retry()
             try:
                 self.audit_log.flush_due(SEAL_FLUSH_S)
@@ -259,6 +262,21 @@ class GovernanceRuntime:
         if self._down_since is not None:
             self._down_since = None
             self._recovered_at = time.monotonic()
+
+    def _probe_store(self) -> None:
+        """Ask the store whether it answers, every half heartbeat. A process then learns of an
+        outage long enough to expire leases even if it made no call meanwhile, so its first
+        admission or settlement after the outage does not take the leases of workers that were
+        only cut off (see :attr:`may_reclaim`)."""
+        now = time.monotonic()
+        if now - self._probed_at < self.settings.heartbeat_interval_s / 2:
+            return
+        self._probed_at = now
+        try:
+            with self.store_call():
+                self.state.run("liveness probe", self.state.client.ping)
+        except StoreUnavailable as exc:
+            log.debug("the state store does not answer: %s", exc)
 
     @property
     def may_reclaim(self) -> bool:

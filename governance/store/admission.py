@@ -248,11 +248,14 @@ class SettlementOptions(TypedDict, total=False):
     """What a settlement may say besides the ticket and the usage. ``entry``: the attempt's
     audit entry ({type, decision, reason, detail}; default ``task_finished``, allow).
     ``next_attempt``: the task is recorded as queued (or parked) for its retry. ``force``:
-    settle whatever delivery holds the attempt's lease (``ticket.holder`` is ignored)."""
+    settle whatever delivery holds the attempt's lease (``ticket.holder`` is ignored).
+    ``reclaim``: handing the freed slot on may take expired leases (default True; False right
+    after an outage of the store, whose leases only look expired)."""
 
     entry: Mapping[str, Any] | None
     next_attempt: NextAttempt | None
     force: bool
+    reclaim: bool
 
 
 #: The hot path carries seals in batches of this many (or once they are this old); the
@@ -488,6 +491,7 @@ class Admitter:
             ticket.tenant,
             [*keys.shared(), record, *ticket.windows],
             to_json(body).decode(),
+            reclaim=options.get("reclaim", True),
         )
         return lambda: _parse_settlement(reply_of(), ticket)
 

@@ -228,3 +228,22 @@ def test_a_denied_copy_leaves_the_record_of_the_delivery_that_runs_the_task(
     assert read_usage(any_state, "acme", Period.DAY).active_leases == 1
     admitter.settle(running.ticket, TOOL_STEP)
     assert ledger.where("acme", "first")["where"] == "done"
+
+
+def test_a_settlement_right_after_an_outage_hands_on_its_own_slot_but_takes_no_expired_lease(
+    redis_client: object,
+) -> None:
+    state = StateStore(redis_client, lease_ms=300)
+    admitter = Admitter(state)
+    two = AdmissionLimits(concurrency=2)
+    a = admit(admitter, "A", two, holder="a1")
+    b = admit(admitter, "B", two, holder="b1")
+    assert admit(admitter, "W1", two).status is AdmissionStatus.WAITING
+    assert admit(admitter, "W2", two).status is AdmissionStatus.WAITING
+    time.sleep(0.4)  # an outage longer than the lease: nobody renewed, every lease looks expired
+    # B's settlement is the first call after it; its worker knows of the outage (reclaim off).
+    settled = admitter.settle(b.ticket, TOOL_STEP, reclaim=False)
+    assert [p.task_id for p in settled.publish] == ["W1"]  # B's own slot, and only that
+    # A's holder was only cut off: it renews, and the tenant never runs more than two at once.
+    assert admitter.renew(a.ticket) > 0
+    assert read_usage(state, "acme", Period.DAY).active_leases == 2
