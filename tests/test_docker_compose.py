@@ -164,7 +164,18 @@ def test_the_worker_and_flower_run_the_example_app(services: dict[str, Any]) -> 
     assert flower[:4] == ["celery", "-A", "workers.app", "flower"]
     assert "--port=5555" in flower
     metrics = command_of(services["metrics"])
-    assert metrics == ["python", "-m", "governance.metrics", "--port", "9108"]
+    assert metrics == [
+        "python",
+        "-m",
+        "governance.metrics",
+        "--address",
+        "0.0.0.0",
+        "--port",
+        "9108",
+    ]
+    # The container listens on every interface of its own network; the host publishes the
+    # port on its loopback only (usage per tenant is not public).
+    assert services["metrics"]["ports"] == ["127.0.0.1:9108:9108"]
 
 
 def test_the_worker_scales_and_waits_for_a_healthy_redis(services: dict[str, Any]) -> None:
