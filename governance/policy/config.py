@@ -38,9 +38,12 @@ from governance.policy.tiers import Tier
 GLOB_CHARS = frozenset("*?[")
 _CLASS_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
-NonNegInt = Annotated[int, Field(ge=0)]
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+# Numbers are strict: YAML's `no`, `true` or `"3"` is a mistake to report, never 0, 1 or 3 (a
+# concurrency of `no` would silently make every task of the tenant wait).
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
+PositiveInt = Annotated[int, Field(ge=1, strict=True)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
 
 
 class _Model(BaseModel):
@@ -149,9 +152,9 @@ class ApprovalSettings(_Model):
     signature a released call may still start (it may wait for capacity, or retry, meanwhile).
     """
 
-    quorum: int = Field(default=1, ge=1)
+    quorum: PositiveInt = 1
     expiry: PositiveDuration = timedelta(hours=24)
-    allow_self_approval: bool = False
+    allow_self_approval: bool = Field(default=False, strict=True)
     max_grant: PositiveDuration = timedelta(hours=24)
     valid_for: PositiveDuration = timedelta(hours=24)
 
@@ -199,9 +202,9 @@ class RetrySettings(_Model):
 class RateLimit(_Model):
     """A token bucket: `rate` actions per `per`, bursts of up to `burst` (default: `rate`)."""
 
-    rate: int = Field(ge=1)
+    rate: PositiveInt
     per: PositiveDuration = timedelta(seconds=1)
-    burst: int = Field(default=0, ge=1)  # always filled in by _default_burst
+    burst: PositiveInt = 0  # always filled in by _default_burst
 
     @model_validator(mode="before")
     @classmethod
@@ -220,7 +223,7 @@ class RateLimit(_Model):
         return round(self.per.total_seconds() * 1000)
 
 
-_RATE: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=1)])
+_RATE: TypeAdapter[int] = TypeAdapter(PositiveInt)
 
 
 class RateLimits(_Model):
@@ -336,7 +339,7 @@ class TenantSettings(_Model):
     rate_limits: RateLimits | None = None
     budgets: list[Budget] | None = None
     long_running: LongRunningEntry | None = None
-    warning_threshold_pct: Annotated[int, Field(ge=0, le=100)] | None = None
+    warning_threshold_pct: Annotated[int, Field(ge=0, le=100, strict=True)] | None = None
     retry: RetrySettings | None = None
     max_wait: PositiveDuration | None = None
     step_timeout: PositiveDuration | None = None

@@ -55,6 +55,23 @@ def test_the_good_yaml_loads(tmp_path: Path) -> None:
     assert Policy.from_file(write(tmp_path, GOOD_YAML)).tenant("acme") is not None
 
 
+@pytest.mark.parametrize("value", ["no", "true", "yes", '"3"', "2.5"])
+def test_a_count_is_an_integer_never_a_yaml_boolean_or_a_string(tmp_path: Path, value: str) -> None:
+    error = load_error(tmp_path, GOOD_YAML.replace("concurrency: 3", f"concurrency: {value}"))
+    assert error.errors[0][0] == "tenants.acme.concurrency"
+    assert "valid integer" in error.errors[0][1]
+
+
+@pytest.mark.parametrize(
+    ("limit", "field"),
+    [("{rate: true}", "rate"), ("{rate: 5, burst: 'yes'}", "burst"), ("{rate: '5'}", "rate")],
+)
+def test_rate_limit_numbers_are_strict(tmp_path: Path, limit: str, field: str) -> None:
+    text = GOOD_YAML + f"    rate_limits:\n      tenant: {limit}\n"
+    error = load_error(tmp_path, text)
+    assert error.errors[0][0] == f"tenants.acme.rate_limits.tenant.{field}"
+
+
 def test_wrong_type(tmp_path: Path) -> None:
     error = load_error(tmp_path, GOOD_YAML.replace("concurrency: 3", "concurrency: lots"))
     assert error.errors[0][0] == "tenants.acme.concurrency"
