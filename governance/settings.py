@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Used only when no key is configured; fine for a laptop, refused when ``require_secrets``.
@@ -45,6 +45,27 @@ def broker_kind(url: str) -> BrokerKind:
             f"unsupported broker URL scheme {scheme + '://' if scheme else repr(url)}: "
             f"use one of {known}"
         ) from None
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _checked_url(url: str, schemes: tuple[str, ...] | None = None) -> str:
+    """``url`` if it has a scheme (one of ``schemes``, if given) and a numeric port (if any):
+    the error names what is wrong before any client tries to parse it, without repeating the
+    URL (it may hold a password)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if not scheme:
+        raise ValueError("not a URL: it has no scheme (like redis://host:6379/0)")
+    if schemes is not None and scheme not in schemes:
+        known = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"unsupported URL scheme {scheme}://: use one of {known}")
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        raise ValueError("its port is not a number") from None
+    return url
 
 
 class GovernanceSettings(BaseSettings):
@@ -178,6 +199,21 @@ class GovernanceSettings(BaseSettings):
         "each wait for the answer). A call that times out after it was sent counts its whole "
         "reservation as spent (the provider may have billed it).",
     )
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str) -> str:
+        return _checked_url(url, tuple(_BROKER_SCHEMES))
+
+    @field_validator("state_redis_url")
+    @classmethod
+    def _state_redis_url(cls, url: str | None) -> str | None:
+        return None if url is None else _checked_url(url, _REDIS_SCHEMES)
+
+    @field_validator("result_backend")
+    @classmethod
+    def _result_backend(cls, url: str | None) -> str | None:
+        return None if url is None else _checked_url(url)
 
     @model_validator(mode="after")
     def _state_is_redis(self) -> GovernanceSettings:

@@ -35,7 +35,8 @@ def settings() -> GovernanceSettings:
         return GovernanceSettings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"GOVERNANCE_{'_'.join(str(p) for p in e['loc']).upper() or 'SETTINGS'}: {e['msg']}"
+            f"GOVERNANCE_{'_'.join(str(p) for p in e['loc']).upper() or 'SETTINGS'}: "
+            + str(e["msg"]).removeprefix("Value error, ")
             for e in exc.errors(include_url=False)
         )
         raise CliError(f"invalid settings: {problems}", ExitCode.INVALID_CONFIG) from None

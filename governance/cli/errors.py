@@ -67,10 +67,14 @@ def classify(exc: BaseException) -> tuple[ExitCode, list[str]] | None:
     """The exit code and the message lines for a known failure; None for a bug.
 
     An unknown exception caused by an unreachable Redis or broker (Celery wraps some of those,
-    e.g. in a RuntimeError) counts as that cause.
+    e.g. in a RuntimeError) counts as that cause. A file the command could not read or write
+    (missing directory, no permission) is refused with its path.
     """
     if isinstance(exc, CliError):
         return exc.code, exc.message.splitlines() or [""]
+    if isinstance(exc, OSError) and exc.filename is not None:
+        # A file or directory the command was given cannot be read or written.
+        return ExitCode.REFUSED, [f"{exc.strerror or exc}: {exc.filename}"]
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:

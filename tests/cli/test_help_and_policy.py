@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.cli.conftest import CONFIG, ROOT, run_govctl
@@ -120,6 +121,34 @@ def test_a_missing_or_unparsable_policy_exits_5(tmp_path: Path) -> None:
     assert result.returncode == 5
     assert str(broken) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("GOVERNANCE_STATE_REDIS_URL", "notaurl", "not a URL: it has no scheme"),
+        ("GOVERNANCE_STATE_REDIS_URL", "http://127.0.0.1:1/0", "unsupported URL scheme http://"),
+        ("GOVERNANCE_BROKER_URL", "redis://:s3cret@127.0.0.1:port/0", "its port is not a number"),
+        ("GOVERNANCE_BROKER_URL", "http://x", "unsupported URL scheme http://"),
+        ("GOVERNANCE_RESULT_BACKEND", "redis://127.0.0.1:x/1", "its port is not a number"),
+    ],
+)
+def test_a_malformed_url_setting_exits_5_naming_the_variable(
+    variable: str, value: str, reason: str
+) -> None:
+    result = run_govctl("status", env={variable: value})
+    assert result.returncode == 5
+    assert "Traceback" not in result.stderr
+    assert f"error: invalid settings: {variable}: {reason}" in result.stderr
+    assert "s3cret" not in result.stderr  # a URL's password is never repeated
+
+
+def test_a_file_the_command_cannot_write_is_an_error_line_not_a_traceback(tmp_path: Path) -> None:
+    where = tmp_path / "missing-dir" / "alice.key"
+    result = run_govctl("reviewers", "keygen", "alice", "--out", str(where))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: No such file or directory: {where}" in result.stderr
 
 
 def _explain(*args: str, config: Path = CONFIG) -> dict[str, object]:
