@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -62,6 +63,8 @@ class Demo:
 
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen[bytes]] = []
+        #: The (tenant, run) pairs the steps used: closed at the end (see close_runs).
+        self.runs: set[tuple[str, str]] = set()
         self.redis: EmbeddedRedis | None = None
         self.flower_password = os.environ.get("FLOWER_PASSWORD") or secrets.token_urlsafe(12)
         self.flower_port = _free_port(5555)
@@ -167,7 +170,18 @@ class Demo:
     # -- helpers for the steps ----------------------------------------------------------------
 
     def ctx(self, tenant: str, agent: str, run: str = "demo-run", user: str = "carol") -> Any:
+        self.runs.add((tenant, run))
         return ActionContext(tenant=tenant, agent=agent, run=run, user=user)
+
+    def close_runs(self) -> None:
+        """Close the runs the steps used, as ``govctl run close`` does: they would otherwise
+        hold their tenant's run slots (``run_concurrency``) until their idle timeout, and the
+        README's examples, tried next against these services, would wait for one."""
+        from governance.integration.runtime import runtime_for
+
+        runtime = runtime_for(self.app)
+        for tenant, run in sorted(self.runs):
+            runtime.close_run(tenant, run, "demo")
 
     def govctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "governance.cli.main", *args]
@@ -352,8 +366,15 @@ def print_explore(flower_port: int, flower_password: str, env: dict[str, str]) -
     """Where to look next: Flower, and the commands to explore with, after the line of
     settings they need. That ``export`` line is written as plain text, never through rich, so
     no terminal width (or 80 columns when piped) can wrap it: it is copied, or ``eval``-ed."""
-    names = ("GOVERNANCE_BROKER_URL", "GOVERNANCE_STATE_REDIS_URL", "GOVERNANCE_AUDIT_KEY")
-    exports = " ".join(f"{k}={env[k]}" for k in names if k in env)
+    # The demo's own policy file too: it holds the reviewer keys the demo made, and it is the
+    # policy the demo's worker enforces (`govctl policy status` compares against it).
+    names = (
+        "GOVERNANCE_BROKER_URL",
+        "GOVERNANCE_STATE_REDIS_URL",
+        "GOVERNANCE_AUDIT_KEY",
+        "GOVERNANCE_CONFIG_PATH",
+    )
+    exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in names if k in env)
     console.print(
         f"\nFlower:  http://127.0.0.1:{flower_port}  (user admin, password {flower_password})"
     )
@@ -404,6 +425,7 @@ def main() -> int:
             )
         console.print(table)
         failures = sum(step.observed != step.expected for step in STEPS)
+        demo.close_runs()
         print_explore(demo.flower_port, demo.flower_password, demo.env)
         if os.environ.get("DEMO_EXIT") != "1":
             console.print("\nServices keep running; press Ctrl-C to stop them.")

@@ -26,6 +26,12 @@ def close(
 ) -> None:
     """Close a run: it stops counting against the tenant's run_concurrency (audited), and the
     steps of waiting runs that now fit are published, oldest first."""
+    from governance.policy.context import validate_identifier
+
+    try:
+        validate_identifier(run)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{run!r}: {exc}", param_hint="RUN") from None
     by = context.operator()
     runtime = context.runtime()
     context.check_tenant(runtime.policy, tenant)

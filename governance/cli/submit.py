@@ -317,8 +317,11 @@ def _report(result: Any, wait: float | None, as_json: bool) -> None:
             result.get(timeout=wait, propagate=False)
         except ResultTimeout:
             _say(payload, as_json)
+            info = result.info
+            why = info.get("reason") if isinstance(info, dict) else None
             raise CliError(
-                f"task {result.id} did not finish within {wait:g}s (state: {result.state})"
+                f"task {result.id} did not finish within {wait:g}s (state: {result.state}"
+                + (f": {why})" if why else ")")
             ) from None
         state = payload["state"] = str(result.state)
         payload["result"] = _plain(result.result)

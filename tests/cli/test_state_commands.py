@@ -68,6 +68,15 @@ def test_show_of_an_unknown_task_exits_1_with_a_clear_message(govctl: Govctl) ->
     assert result.stdout == ""
 
 
+def test_closing_a_run_refuses_an_id_no_context_could_carry(govctl: Govctl) -> None:
+    for bad, why in (("", "must not be empty"), ("a b", "may only contain"), ("{x}", "'{'")):
+        result = govctl("run", "close", bad, "-t", "acme")
+        assert result.returncode == 2, (bad, result.stderr)
+        assert why in result.stderr
+        assert "Traceback" not in result.stderr
+    assert govctl("run", "close", "r-1", "-t", "acme").returncode == 0
+
+
 def test_an_unreachable_store_exits_3_promptly(govctl: Govctl) -> None:
     url = f"redis://127.0.0.1:{closed_port()}/0"
     env = {

@@ -25,7 +25,7 @@ from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus, HeldStore
 from governance.store.keys import TenantKeys
 from tests.e2e.conftest import audit_of, types_of, wait_until
-from workers.api import submit_tool
+from workers.api import submit_llm, submit_tool
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -351,3 +351,29 @@ def test_usage_of_a_tenant_as_json(
         10,
         "the write to be counted",
     )
+
+
+def test_submit_wait_that_times_out_says_what_the_task_waits_for(
+    app: Celery, runtime: GovernanceRuntime, e2e_env: dict[str, str]
+) -> None:
+    busy = submit_llm(
+        app,
+        ActionContext(tenant="t-line", agent="agent-1", run="run-busy"),
+        provider="fake",
+        model="fake-small",
+        messages=[{"role": "user", "content": "[[sleep 4000]] hold the only slot"}],
+        max_tokens=5,
+    )
+    wait_until(
+        lambda: runtime.ledger.status("t-line", overdue_after_ms=60_000).running == 1,
+        30,
+        "the slow call to hold the tenant's only slot",
+    )
+    result = govctl(
+        e2e_env, "submit", "tool", "echo", "-t", "t-line", "-a", "agent-1", "--run", "run-wait",
+        "-i", "text=later", "--wait", "1",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "did not finish within 1s (state: DEFERRED: " in result.stderr
+    assert "concurrency_limit" in result.stderr
+    busy.get(timeout=60)
