@@ -39,6 +39,7 @@ OUTCOMES = {
     "task_finished": "finished",
     "task_failed": "failed",
     "retry_scheduled": "retry scheduled",
+    "task_revoked": "revoked, not run",
     "task_lost": "lost, published again",
     "grant_created": "grant created",
     "grant_revoked": "grant revoked",

@@ -1,5 +1,6 @@
 """Celery signal handlers: the maintenance thread of every worker, started and stopped with it,
-and the ``task_prerun``/``task_postrun`` hooks of :mod:`governance.integration.overlap`.
+the ``task_prerun``/``task_postrun`` hooks of :mod:`governance.integration.overlap`, and
+``task_revoked`` (:mod:`governance.integration.revoked`).
 
 Publishing needs no signal: the app's ``send_task`` is wrapped by ``install`` (see
 :mod:`governance.integration.publish`), because a signal cannot refuse a message.
@@ -11,7 +12,7 @@ from typing import Any
 
 from celery import signals
 
-from governance.integration import overlap
+from governance.integration import overlap, revoked
 
 _connected: set[int] = set()
 _pumps: dict[int, Any] = {}
@@ -23,6 +24,7 @@ def connect(app: Any) -> None:
         return
     _connected.add(id(app))
     overlap.connect()
+    revoked.connect()
 
     def start_pump(sender: Any = None, **_: Any) -> None:
         from governance.integration.maintenance import MaintenanceThread

@@ -59,6 +59,7 @@ class AuditEventType(StrEnum):
     TASK_FINISHED = "task_finished"
     TASK_FAILED = "task_failed"
     RETRY_SCHEDULED = "retry_scheduled"
+    TASK_REVOKED = "task_revoked"  # revoked or expired: dropped by Celery, never run
     TASK_LOST = "task_lost"
     GRANT_CREATED = "grant_created"
     GRANT_REVOKED = "grant_revoked"

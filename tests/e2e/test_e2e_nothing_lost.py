@@ -247,3 +247,31 @@ def test_a_task_the_broker_refused_after_its_record_is_accepted_and_runs_once(
     assert runtime.ledger.republished("t-basic") == 1
     assert runtime.ledger.where("t-basic", result.id)["where"] == "done"
     assert verify_audit(runtime) == []
+
+
+def test_a_revoked_task_leaves_the_ledger_and_is_never_published_again(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    worker: WorkerProcess,
+) -> None:
+    # Queued while the worker takes nothing, then revoked: the worker drops it on delivery.
+    assert app.control.cancel_consumer("celery", reply=True, timeout=5)
+    try:
+        with governance_context(ctx("t-basic", run="run-revoked")):
+            result = app.tasks["tools.echo"].delay(text="never")
+        app.control.revoke(result.id)
+        assert runtime.ledger.where("t-basic", result.id)["where"] == "queued"
+    finally:
+        app.control.add_consumer("celery", reply=True, timeout=5)
+    wait_until(
+        lambda: runtime.ledger.where("t-basic", result.id).get("where") == "done",
+        30,
+        "the revoked task to leave the ledger",
+    )
+    assert result.state == "REVOKED"
+    entries = audit_of(runtime, result.id)
+    assert types_of(entries) == ["task_revoked"]
+    assert entries[0].fields["reason"] == "revoked before it ran"
+    # Out of the ledger: the reconciler has nothing to publish again (it used to, forever).
+    assert runtime.ledger.status("t-basic", overdue_after_ms=0).open == 0
+    assert verify_audit(runtime) == []
