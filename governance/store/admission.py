@@ -11,6 +11,7 @@ audit entries in the same call and return the messages the caller must publish (
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -317,6 +318,9 @@ class Admitter:
         now = request.get("now")
         keys = TenantKeys(ctx.tenant)
         windows = tuple(keys.windows(ctx.run, now))
+        # When the day (and so the month) of those windows ends: a request that waits past it
+        # names stale windows, and is evaluated again by its own delivery (lib.lua's handoff).
+        day = int((now.timestamp() if now else time.time()) // 86_400)
         provider = action.provider if isinstance(action, LLMCall) else None
         record = keys.task(task_id)
         template = dict(template or {"tenant": ctx.tenant, "task_id": task_id})
@@ -351,6 +355,7 @@ class Admitter:
             "env": envelope,
             "outage": list(outage) if outage else None,
             "run": ctx.run,
+            "wend": (day + 1) * 86_400_000,
         }
         if cost_alert_approved is not None:
             body["ack"] = cost_alert_approved

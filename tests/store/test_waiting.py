@@ -247,3 +247,44 @@ def test_a_settlement_right_after_an_outage_hands_on_its_own_slot_but_takes_no_e
     # A's holder was only cut off: it renews, and the tenant never runs more than two at once.
     assert admitter.renew(a.ticket) > 0
     assert read_usage(state, "acme", Period.DAY).active_leases == 2
+
+
+def test_a_task_that_waited_past_midnight_is_judged_against_todays_budget(
+    any_state: StateStore,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests.store.helpers import tokens
+
+    admitter = Admitter(any_state)
+    day_tokens = AdmissionLimits(
+        concurrency=1, budget_checks=(BudgetCheck(Period.DAY, "tokens", 1_000),)
+    )
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+
+    def admit_at(task: str, when: datetime | None, **extra: Any) -> Admission:
+        return admitter.admit(
+            ctx=ctx(), action=tool(), task_id=task, attempt=0, estimate=tokens(700),
+            limits=day_tokens, envelope=envelope(task), now=when, **extra,
+        )  # fmt: skip
+
+    # Today, 800 tokens are spent already.
+    today = admit_at("today", None)
+    assert today.admitted
+    admitter.settle(today.ticket, tokens(800))
+    # Yesterday: one call ran, the next waited for the slot (yesterday's windows in its request).
+    running = admit_at("late", yesterday)
+    assert running.admitted
+    assert admit_at("waited", yesterday).status is AdmissionStatus.WAITING
+    # The slot frees after midnight. Yesterday's window would still fit it (10 + 700 of 1,000),
+    # but it is not handed on against yesterday's windows: it is published without a token, for
+    # its own delivery to decide against today's.
+    (published,) = admitter.settle(running.ticket, tokens(10)).publish
+    assert published.task_id == "waited"
+    assert published.handoff is None
+    again = admit_at("waited", None)
+    assert not again.admitted
+    assert again.violation is not None
+    assert again.violation.type is ViolationType.token_limit
+    used = read_usage(any_state, "acme", Period.DAY).used
+    assert used.input_tokens + used.output_tokens == 800  # today's budget holds

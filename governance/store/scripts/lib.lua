@@ -542,7 +542,17 @@ function L.handoff(now, G, out)
       local r = redis.call('HMGET', rec, 'skip', 'wait_since')
       local came = tonumber(r[2] or now)
       local verdict = L.evaluate(req, now, r[1], cache, G.reclaim == 1, came)
-      if verdict.kind == 'wait' then
+      local stale = req.wend and now >= req.wend
+      if stale and verdict.kind == 'admit' then
+        -- It began to wait on an earlier day: its request names that day's (and month's) usage
+        -- windows, which today's spending never reaches. Its own delivery decides, against
+        -- today's windows; the slot stays free for it (nobody behind it is handed it first).
+        redis.call('ZREM', L.T.waiting, rec)
+        L.requeue(rec, now, G)
+        redis.call('HDEL', rec, 'req')
+        out.pub[#out.pub + 1] = {id = req.id, msg = msg}
+        break
+      elseif verdict.kind == 'wait' then
         if verdict.v == 'concurrency_limit' then break end
         -- It needs budget held by tasks in flight, or a run slot: a later task (of another
         -- run, or of a run in flight) may still fit.
