@@ -12,6 +12,7 @@ from governance.integration.errors import (
     ApprovalRejected,
     GovernanceError,
     LimitExceeded,
+    ResultLost,
 )
 from governance.integration.execution import (
     current_execution,
@@ -36,6 +37,7 @@ __all__ = [
     "HeaderError",
     "LimitExceeded",
     "MissingContext",
+    "ResultLost",
     "celery_conf",
     "current_execution",
     "govern",

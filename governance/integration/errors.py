@@ -32,6 +32,11 @@ class ActionFailed(GovernanceError):
     """The body failed with a permanent error, or with a retryable one after its last retry."""
 
 
+class ResultLost(GovernanceError):
+    """The task ran and settled (its usage is counted), but its result was never stored: its
+    worker died in between. It is not run again (that would run the action twice)."""
+
+
 class ApprovalRejected(GovernanceError):
     """A reviewer rejected the held action, or its hold expired without a decision."""
 

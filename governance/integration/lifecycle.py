@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from celery import states
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from governance.integration.approvals import COST_ALERT, Approvals
@@ -36,6 +37,7 @@ from governance.integration.errors import (
     ActionFailed,
     GovernedRetry,
     LimitExceeded,
+    ResultLost,
 )
 from governance.integration.events import event_fields, flower_fields
 from governance.integration.execution import Execution, running
@@ -368,6 +370,8 @@ class TaskLife:
             return admission
         if status is AdmissionStatus.COST_ALERT:
             self._hold_at_cost_alert(headers, action, admission)
+        if status is AdmissionStatus.SETTLED and admission.final:
+            self._store_a_lost_result(admission)
         if status.dropped:
             log.info(
                 "task %s attempt %s: %s, this copy is dropped",
@@ -395,6 +399,25 @@ class TaskLife:
         self.task.update_state(state="DEFERRED", meta=meta)
         self._send_event("deferred", admission.reason, violation=violation)
         raise Acknowledged()
+
+    def _store_a_lost_result(self, admission: Admission) -> None:
+        """A copy of a task that ended finds no result of it stored (its worker died between
+        the settlement and Celery's result write, or the reply of its rejection was lost and
+        the call replayed): it ends the task's result the way the task ended, or says the
+        result was lost; it never runs the body again. A result already stored is left alone."""
+        try:
+            stored = self.task.backend.get_task_meta(self.task_id).get("status")
+        except Exception:
+            log.warning("could not read the result of %s", self.task_id, exc_info=True)
+            return
+        if stored in states.READY_STATES:
+            return
+        if admission.reason:
+            raise LimitExceeded(admission.reason)
+        raise ResultLost(
+            f"task {self.task_id} ran and settled (its usage is counted), but its worker died "
+            "before its result was stored; it is not run again"
+        )
 
     def _counted(
         self, reported: Usage, execution: Execution, error: BaseException | None

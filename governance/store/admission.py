@@ -129,6 +129,9 @@ class Admission:
     publish: tuple[Publication, ...] = ()
     check_values: tuple[float, ...] = ()
     limits: AdmissionLimits | None = None
+    #: SETTLED: the attempt was the task's last, and the task is done (``reason``: why it was
+    #: rejected, when it was).
+    final: bool = False
 
     @property
     def admitted(self) -> bool:
@@ -601,4 +604,5 @@ def _parse_admission(
         publish=publications(reply.get("pub") or []),
         check_values=tuple(check_values),
         limits=limits,
+        final=bool(reply.get("final")),
     )

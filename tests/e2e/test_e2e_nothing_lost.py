@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from celery import Celery
 
-from governance.integration import governance_context
+from governance.integration import GovernanceHeaders, ResultLost, governance_context
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.settings import GovernanceSettings
@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
     WorkerProcess,
     audit_of,
     remove_from_queue,
+    to_broker,
     types_of,
     verify_audit,
     wait_until,
@@ -275,3 +276,24 @@ def test_a_revoked_task_leaves_the_ledger_and_is_never_published_again(
     # Out of the ledger: the reconciler has nothing to publish again (it used to, forever).
     assert runtime.ledger.status("t-basic", overdue_after_ms=0).open == 0
     assert verify_audit(runtime) == []
+
+
+def test_a_copy_of_a_settled_task_whose_result_was_lost_stores_one_and_never_runs_it(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    worker: WorkerProcess,
+    observer: ObserverServer,
+) -> None:
+    key = "result-lost"
+    url = f"{observer.base_url}/slow?key={key}&ms=10"
+    headers = GovernanceHeaders(context=ctx(run="run-result-lost")).to_headers()
+    done = to_broker(app, "tools.http_get", {"url": url}, dict(headers))
+    assert done.get(timeout=60)["status"] == 200
+    # A copy of it once its result is gone (its worker died between the settlement and the
+    # result write): the copy stores a result saying so, and the body never runs again.
+    app.backend.forget(done.id)
+    lost = to_broker(app, "tools.http_get", {"url": url}, dict(headers), task_id=done.id)
+    with pytest.raises(ResultLost, match="ran and settled"):
+        lost.get(timeout=60)
+    assert observer.observations.counts[key] == 1
+    assert types_of(audit_of(runtime, done.id)) == ["admitted", "task_finished"]

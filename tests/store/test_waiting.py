@@ -288,3 +288,29 @@ def test_a_task_that_waited_past_midnight_is_judged_against_todays_budget(
     assert again.violation.type is ViolationType.token_limit
     used = read_usage(any_state, "acme", Period.DAY).used
     assert used.input_tokens + used.output_tokens == 800  # today's budget holds
+
+
+def test_a_replayed_rejection_says_why_and_only_a_final_attempt_is_final(
+    any_state: StateStore,
+) -> None:
+    from governance.store import NextAttempt
+
+    admitter = Admitter(any_state)
+    tiny = AdmissionLimits(budget_checks=(BudgetCheck(Period.DAY, "steps", 0),))
+    rejected = admit(admitter, "over", tiny)
+    assert rejected.status is AdmissionStatus.REJECTED
+    # The same call again (its reply was lost, the caller replayed it): it ended, and why.
+    replay = admit(admitter, "over", tiny)
+    assert replay.status is AdmissionStatus.SETTLED
+    assert replay.final
+    assert replay.reason == rejected.reason
+    # An attempt followed by a retry is settled, not final: the task goes on.
+    first = admit(admitter, "retried", ONE_SLOT)
+    retry = NextAttempt(envelope("retried"), due_ms=0, parked=False)
+    admitter.settle(first.ticket, TOOL_STEP, next_attempt=retry)
+    copy = admit(admitter, "retried", ONE_SLOT)
+    assert copy.status is AdmissionStatus.SETTLED
+    assert not copy.final
+    admitter.settle(admit(admitter, "done", ONE_SLOT).ticket, TOOL_STEP)
+    finished = admit(admitter, "done", ONE_SLOT)
+    assert (finished.status, finished.final, finished.reason) == (AdmissionStatus.SETTLED, True, "")

@@ -91,7 +91,9 @@ end
 
 local function finish_rejected(verdict, reason)
   L.end_record(rec, now, req.ttl[4])
-  redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'settled', 1)
+  -- `rejected` keeps the reason for a copy of this delivery (a replayed call whose reply was
+  -- lost), so it ends the same way.
+  redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'settled', 1, 'rejected', reason)
   local detail = L.violation_detail(verdict)
   L.task_entry(written, now, req.au, 'task_failed', 'deny', reason, detail)
   return reply({s = 'rejected', v = verdict.v, cur = verdict.cur, lim = verdict.lim,
@@ -106,7 +108,12 @@ if attempt and not same and (tonumber(attempt) + 1 ~= req.a or settled ~= '1'
   return reply({s = 'settled'})
 end
 if same then
-  if settled == '1' or where == 'done' then return reply({s = 'settled'}) end
+  if settled == '1' or where == 'done' then
+    -- `final`: this was the task's last attempt (no retry follows), so a copy that finds no
+    -- result stored for it stores one (its worker died before Celery stored it).
+    if where ~= 'done' then return reply({s = 'settled'}) end
+    return reply({s = 'settled', final = true, reason = redis.call('HGET', rec, 'rejected')})
+  end
   if where == 'running' and live then
     if holder == req.holder then return reply({s = 'admitted', le = tonumber(lease_exp)}) end
     return reply({s = 'duplicate'})
