@@ -185,7 +185,7 @@ class Demo:
 
     def govctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "governance.cli.main", *args]
-        console.print(f"    [dim]$ govctl {' '.join(args)}[/dim]")
+        console.print(f"    [dim]$ govctl {' '.join(args)}[/dim]", soft_wrap=True)  # copyable
         done = subprocess.run(
             command,
             env={**os.environ, **self.env},
