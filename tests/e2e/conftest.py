@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,23 +47,10 @@ from governance.store.audit_verify import verify_all
 from governance.store.keys import DEPLOYMENT_CHAIN
 from tests.conftest import start_rabbitmq
 from tests.e2e.observer import ObserverServer
+from tests.polling import wait_until
 
 HERE = Path(__file__).parent
 CELERY = str(Path(sys.executable).with_name("celery"))
-
-
-def wait_until(
-    condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05
-) -> Any:
-    """Poll ``condition`` until it returns a truthy value; fail with ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(poll_s)
 
 
 class WorkerProcess:

@@ -9,23 +9,15 @@ liveness probe.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from governance.embedded import EmbeddedRedis
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy import Policy
 from governance.settings import GovernanceSettings
+from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_a_process_idle_during_an_outage_takes_no_lease_right_after_it(

@@ -10,7 +10,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -39,6 +38,7 @@ from governance.store import (
     read_usage,
     set_cooldown,
 )
+from tests.polling import wait_until
 from tests.store.helpers import TOOL_STEP, ctx, envelope, llm, tokens, tool
 
 # Spawn, not fork: other tests leave threads in this process (Celery's result consumer, HTTP
@@ -52,14 +52,6 @@ local n = redis.call('INCR', KEYS[1])
 if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
 return n
 """
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def _consume(url: str, worker: int, total: int, concurrency: int) -> None:
