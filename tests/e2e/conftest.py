@@ -303,6 +303,17 @@ def make_deployment(
                 deployment.app.close()
 
 
+@contextlib.contextmanager
+def consuming_paused(app: Celery, queue: str = "celery") -> Iterator[None]:
+    """The workers stop taking messages from ``queue`` meanwhile: what is published stays
+    there (to be counted, removed, or revoked before any worker takes it)."""
+    assert app.control.cancel_consumer(queue, reply=True, timeout=5)
+    try:
+        yield
+    finally:
+        app.control.add_consumer(queue, reply=True, timeout=5)
+
+
 def queue_depth(app: Celery, queue: str = "celery") -> int:
     """Messages ready in ``queue`` of ``app``'s broker (either kind)."""
     with app.connection_for_write() as conn:

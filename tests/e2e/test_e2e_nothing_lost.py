@@ -31,6 +31,7 @@ from tests.e2e.conftest import (
     Deployment,
     WorkerProcess,
     audit_of,
+    consuming_paused,
     remove_from_queue,
     to_broker,
     types_of,
@@ -191,13 +192,9 @@ def test_a_message_deleted_from_the_broker_is_published_again_and_runs_once(
 ) -> None:
     # The worker stops taking messages, the message is published, and removed from the queue
     # before anyone took it (what the BRPOP gap or a broker failure does).
-    assert app.control.cancel_consumer("celery", reply=True, timeout=5)
-    try:
-        with governance_context(ctx("t-basic", run="run-deleted")):
-            result = app.tasks["tools.echo"].delay(text="lost and found")
+    with consuming_paused(app), governance_context(ctx("t-basic", run="run-deleted")):
+        result = app.tasks["tools.echo"].delay(text="lost and found")
         assert remove_from_queue(app, result.id) == 1
-    finally:
-        app.control.add_consumer("celery", reply=True, timeout=5)
     assert result.get(timeout=60) == {"text": "lost and found"}
     assert types_of(audit_of(runtime, result.id)) == ["admitted", "task_finished"]
     assert runtime.ledger.republished("t-basic") >= 1
@@ -256,14 +253,10 @@ def test_a_revoked_task_leaves_the_ledger_and_is_never_published_again(
     worker: WorkerProcess,
 ) -> None:
     # Queued while the worker takes nothing, then revoked: the worker drops it on delivery.
-    assert app.control.cancel_consumer("celery", reply=True, timeout=5)
-    try:
-        with governance_context(ctx("t-basic", run="run-revoked")):
-            result = app.tasks["tools.echo"].delay(text="never")
+    with consuming_paused(app), governance_context(ctx("t-basic", run="run-revoked")):
+        result = app.tasks["tools.echo"].delay(text="never")
         app.control.revoke(result.id)
         assert runtime.ledger.where("t-basic", result.id)["where"] == "queued"
-    finally:
-        app.control.add_consumer("celery", reply=True, timeout=5)
     wait_until(
         lambda: runtime.ledger.where("t-basic", result.id).get("where") == "done",
         30,

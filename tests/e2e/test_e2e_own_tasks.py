@@ -30,7 +30,13 @@ from governance.embedded import EmbeddedRedis
 from governance.integration import ActionDenied, MissingContext, governance_context, runtime_for
 from governance.store import Period, read_usage
 from governance.store.audit import AuditEntry
-from tests.e2e.conftest import WorkerProcess, fresh_broker_url, queue_depth, wait_until
+from tests.e2e.conftest import (
+    WorkerProcess,
+    consuming_paused,
+    fresh_broker_url,
+    queue_depth,
+    wait_until,
+)
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -105,20 +111,9 @@ def _entries(app: Any, task_id: str) -> list[AuditEntry]:
     ]
 
 
-@contextlib.contextmanager
-def consuming_paused(app: Any) -> Iterator[None]:
-    """The worker stops taking messages from the ``own`` queue meanwhile, so whatever is
-    published stays there to be counted."""
-    assert app.control.cancel_consumer("own", reply=True, timeout=5)
-    try:
-        yield
-    finally:
-        app.control.add_consumer("own", reply=True, timeout=5)
-
-
 def _enqueued_by(app: Any, publish: Any) -> int:
     """How many messages ``publish()`` put on the ``own`` queue (it may raise: expected)."""
-    with consuming_paused(app):
+    with consuming_paused(app, "own"):
         before = queue_depth(app, "own")
         with contextlib.suppress(MissingContext, ActionDenied):
             publish()
