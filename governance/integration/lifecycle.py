@@ -551,6 +551,7 @@ class TaskLife:
                     entry=outcome.entry,
                     next_attempt=next_attempt,
                     reclaim=self.runtime.may_reclaim,
+                    policy_version=self.runtime.policy.version,
                 )
 
         def settle(written: Callable[[], Settlement] | None = None) -> None:

@@ -172,7 +172,9 @@ class MaintenanceThread:
     def _sweep(self, tenant: str) -> None:
         runtime = self._runtime
         for _ in range(50):  # a bounded round; what is left is due again next round
-            result = runtime.ledger.sweep(tenant, reclaim=runtime.may_reclaim)
+            result = runtime.ledger.sweep(
+                tenant, reclaim=runtime.may_reclaim, policy_version=runtime.policy.version
+            )
             self._publish(result.publish)
             if not result.more:
                 return

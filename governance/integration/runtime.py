@@ -333,7 +333,9 @@ class GovernanceRuntime:
         handed on and published, oldest first. Returns whether it was in flight, and what was
         published."""
         with self.store_call():
-            result = self.ledger.sweep(tenant, close_run=(run, by))
+            result = self.ledger.sweep(
+                tenant, close_run=(run, by), policy_version=self.policy.version
+            )
             self.audit_log.flush(tenant)
         return result.closed, self.publish_each(result.publish)
 

@@ -254,12 +254,15 @@ class SettlementOptions(TypedDict, total=False):
     ``next_attempt``: the task is recorded as queued (or parked) for its retry. ``force``:
     settle whatever delivery holds the attempt's lease (``ticket.holder`` is ignored).
     ``reclaim``: handing the freed slot on may take expired leases (default True; False right
-    after an outage of the store, whose leases only look expired)."""
+    after an outage of the store, whose leases only look expired). ``policy_version``: the
+    settling process's policy; a waiting task that began to wait under another one is published
+    for its own delivery to decide, not handed the slot under the old limits."""
 
     entry: Mapping[str, Any] | None
     next_attempt: NextAttempt | None
     force: bool
     reclaim: bool
+    policy_version: str
 
 
 #: The hot path carries seals in batches of this many (or once they are this old); the
@@ -483,6 +486,7 @@ class Admitter:
             "entry": dict(entry or {"type": "task_finished", "decision": "allow"}),
             "run": list(ticket.run_in_flight) if ticket.run_in_flight else None,
             "force": options.get("force", False),
+            "pv": options.get("policy_version"),
             "next": (
                 {
                     "msg": next_attempt.envelope_json,

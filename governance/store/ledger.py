@@ -117,10 +117,17 @@ class Ledger:
         )
 
     def sweep(
-        self, tenant: str, *, reclaim: bool = True, close_run: tuple[str, str] | None = None
+        self,
+        tenant: str,
+        *,
+        reclaim: bool = True,
+        close_run: tuple[str, str] | None = None,
+        policy_version: str = "",
     ) -> SweepResult:
         """One reconciler round for ``tenant`` (see ``scripts/sweep.lua``); ``close_run``
-        (run, by whom) closes that run first, so its run slot goes to the waiting tasks now."""
+        (run, by whom) closes that run first, so its run slot goes to the waiting tasks now.
+        ``policy_version``: the caller's policy; a waiting task that began to wait under another
+        one is published for its own delivery to decide (see ``L.handoff``)."""
         keys = TenantKeys(tenant)
         closing = (
             json.dumps({"tenant": tenant, "run": close_run[0], "by": close_run[1]})
@@ -135,7 +142,7 @@ class Ledger:
             self._state.scripts.sweep,
             tenant,
             keys.shared(),
-            lambda seals, writer: [settings, seals, writer, closing],
+            lambda seals, writer: [settings, seals, writer, closing, policy_version],
         )()
         return SweepResult(
             publications(reply.get("pub") or []),

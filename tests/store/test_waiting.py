@@ -314,3 +314,36 @@ def test_a_replayed_rejection_says_why_and_only_a_final_attempt_is_final(
     admitter.settle(admit(admitter, "done", ONE_SLOT).ticket, TOOL_STEP)
     finished = admit(admitter, "done", ONE_SLOT)
     assert (finished.status, finished.final, finished.reason) == (AdmissionStatus.SETTLED, True, "")
+
+
+def test_tasks_waiting_across_a_policy_reload_are_decided_under_the_new_limits(
+    any_state: StateStore,
+) -> None:
+    admitter = Admitter(any_state)
+
+    def admit_under(task: str, version: str, concurrency: int) -> Admission:
+        return admitter.admit(
+            ctx=ctx(), action=tool(), task_id=task, attempt=0, estimate=TOOL_STEP,
+            limits=AdmissionLimits(concurrency=concurrency), envelope=envelope(task),
+            template={"tenant": "acme", "task_id": task, "policy_version": version},
+        )  # fmt: skip
+
+    # v1 allows 3 at once: three run, three wait.
+    running = [admit_under(f"r{i}", "v1", 3) for i in range(3)]
+    assert all(a.admitted for a in running)
+    for task in ("w0", "w1", "w2"):
+        assert admit_under(task, "v1", 3).status is AdmissionStatus.WAITING
+    # v2 allows 1. A settlement under v2 hands nothing on under v1's limit of 3: the waiting
+    # tasks are published without a token, and their deliveries decide under v2.
+    settled = admitter.settle(running[0].ticket, TOOL_STEP, policy_version="v2")
+    assert sorted(p.task_id for p in settled.publish) == ["w0", "w1", "w2"]
+    assert all(p.handoff is None for p in settled.publish)
+    for task in ("w0", "w1", "w2"):
+        assert admit_under(task, "v2", 1).status is AdmissionStatus.WAITING
+    assert read_usage(any_state, "acme", Period.DAY).active_leases == 2  # never more than before
+    # Under v2 they go on one at a time, in the order they first waited.
+    handed = admitter.settle(running[1].ticket, TOOL_STEP, policy_version="v2").publish
+    assert [p.task_id for p in handed] == []  # r2 still runs: 1 running, the limit
+    (first,) = admitter.settle(running[2].ticket, TOOL_STEP, policy_version="v2").publish
+    assert first.task_id == "w0"
+    assert first.handoff

@@ -146,7 +146,7 @@ end
 
 -- A fresh arrival.
 if redis.call('ZCARD', L.T.waiting) > 0 then
-  L.handoff(now, G, {pub = publish, written = written})
+  L.handoff(now, G, {pub = publish, written = written}, req.au.policy_version)
 end
 if req.env and req.env ~= cjson.null then redis.call('HSETNX', rec, 'msg', req.env) end
 

@@ -516,12 +516,14 @@ end
 
 -- Hand capacity to the oldest waiting tasks that fit: each is admitted on its behalf (its slot
 -- and reservation taken now) and returned (in out.pub) with a hand-off token for the caller to
--- publish; `out.written` collects audit entries.
+-- publish; `out.written` collects audit entries. `pv` is the caller's policy version: a request
+-- stored under another one (a reload since it began to wait) carries that policy's limits, so
+-- it is published without a token instead, and its own delivery decides under the current one.
 -- A waiting task that now needs a turn (rate, cooldown) or that can no longer fit (its budget
 -- was spent meanwhile) is published too, so its own delivery books or ends it. Stops at the
 -- first task that needs a concurrency slot and finds none (no later one could have it either),
 -- after `scan` tasks that wait for budget held in flight, or after `limit` tasks moved on.
-function L.handoff(now, G, out)
+function L.handoff(now, G, out, pv)
   local cache = {}
   local skipped, handled, start = 0, 0, 0
   while skipped < G.scan and handled < G.limit do
@@ -539,9 +541,12 @@ function L.handoff(now, G, out)
         reason = 'waiting task without a message in the ledger: it cannot be published'})
     else
       local req = cjson.decode(raw)
+      local stored_pv = req.au and req.au.policy_version
+      local reloaded = pv and stored_pv and stored_pv ~= pv
       local r = redis.call('HMGET', rec, 'skip', 'wait_since')
       local came = tonumber(r[2] or now)
-      local verdict = L.evaluate(req, now, r[1], cache, G.reclaim == 1, came)
+      local verdict = reloaded and {kind = 'reloaded'}
+        or L.evaluate(req, now, r[1], cache, G.reclaim == 1, came)
       local stale = req.wend and now >= req.wend
       if stale and verdict.kind == 'admit' then
         -- It began to wait on an earlier day: its request names that day's (and month's) usage

@@ -132,7 +132,7 @@ if not late then
   end
   redis.call('HDEL', rec, 'wait_since', 'wait_seq', 'wait_for', 'handoffs', 'turn', 'skip', 'fail')
   if redis.call('ZCARD', L.T.waiting) > 0 then
-    L.handoff(now, G, {pub = publish, written = written})
+    L.handoff(now, G, {pub = publish, written = written}, S.pv)
   end
 end
 

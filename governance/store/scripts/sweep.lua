@@ -18,6 +18,7 @@
 --         of dead workers may be reclaimed; 0 just after an outage of the state store)
 -- ARGV[2] seals (JSON)    ARGV[3] the writer's id
 -- ARGV[4] a run to close first (JSON {tenant, run, by}), or empty: its run slot is freed now
+-- ARGV[5] the caller's policy version, or empty (see L.handoff)
 --
 -- Returns JSON {pub = [{id, msg, token, again}], au = [...], more = 1 when due entries remain,
 --   closed = 1 when the run to close was in flight}.
@@ -108,7 +109,7 @@ for _, rec in ipairs(due) do
 end
 
 if redis.call('ZCARD', L.T.waiting) > 0 then
-  L.handoff(now, G, {pub = publish, written = written})
+  L.handoff(now, G, {pub = publish, written = written}, ARGV[5] ~= '' and ARGV[5] or nil)
 end
 local more = #due >= G.limit and 1 or 0
 return cjson.encode({pub = publish, au = written, more = more, closed = closed})
