@@ -39,7 +39,7 @@ from governance.integration.errors import (
     LimitExceeded,
     ResultLost,
 )
-from governance.integration.events import event_fields, flower_fields
+from governance.integration.events import event_fields, flower_fields, redact
 from governance.integration.execution import Execution, running
 from governance.integration.headers import (
     OUTAGE,
@@ -644,7 +644,8 @@ class TaskLife:
             "action": self.action.name,
             "tier": decision.tier.value if decision.tier else None,
             "reason": decision.reason,
-            "would_run": self.action.model_dump(mode="json"),
+            # Shown to callers, Flower and the audit: secret-named arguments redacted.
+            "would_run": redact(self.action.model_dump(mode="json")),
         }
         if event_type is AuditEventType.SUGGESTED:
             # Listed for reviewers as a non-blocking suggestion; the held store's call writes

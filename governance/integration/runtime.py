@@ -7,6 +7,7 @@ sockets), so importing the app never connects anywhere.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
@@ -123,6 +124,7 @@ class GovernanceRuntime:
         self._recovered_at: float | None = None
         self._down_since: float | None = None
         self._probed_at = 0.0
+        atexit.register(_flush_at_exit, weakref.ref(self))
         warn_development_secrets(settings)
 
     # -- policy-derived values ------------------------------------------------------------------
@@ -263,6 +265,18 @@ class GovernanceRuntime:
             self._down_since = None
             self._recovered_at = time.monotonic()
 
+    def flush_owed_seals(self) -> None:
+        """Write the audit seals this process still owes, when it exits (a pool process
+        recycled, a warm shutdown, a publisher's end): otherwise its last entries wait,
+        unsealed, for the leader's adoption, and ``govctl audit verify`` reports them meanwhile.
+        Nothing to do in a process that never used the store."""
+        if self._state is None or self._pid != os.getpid():
+            return
+        try:
+            self.audit_log.flush_due(0.0)
+        except StoreUnavailable as exc:
+            log.warning("owed audit seals could not be written at exit: %s", exc)
+
     def _probe_store(self) -> None:
         """Ask the store whether it answers, every half heartbeat. A process then learns of an
         outage long enough to expire leases even if it made no call meanwhile, so its first
@@ -357,6 +371,14 @@ class GovernanceRuntime:
                 continue
             sent.append(publication)
         return sent
+
+
+def _flush_at_exit(runtime: weakref.ref[GovernanceRuntime]) -> None:
+    """At interpreter exit: the owed seals of a runtime still alive (a weak reference, so a
+    runtime is not kept alive for this alone)."""
+    alive = runtime()
+    if alive is not None:
+        alive.flush_owed_seals()
 
 
 def _replace_version(event: AuditEvent, version: str, chain: str) -> AuditEvent:

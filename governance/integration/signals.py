@@ -40,5 +40,15 @@ def connect(app: Any) -> None:
         if pump is not None:
             pump.stop()
 
+    def flush_owed_seals(**_: Any) -> None:
+        from governance.integration.runtime import installed_on
+
+        runtime = installed_on(app)
+        if runtime is not None:
+            runtime.flush_owed_seals()
+
     signals.worker_ready.connect(start_pump, weak=False)
     signals.worker_shutdown.connect(stop_pump, weak=False)
+    # A pool process that exits (recycled, or the worker's warm shutdown) seals its last entries.
+    signals.worker_process_shutdown.connect(flush_owed_seals, weak=False)
+    signals.worker_shutdown.connect(flush_owed_seals, weak=False)
