@@ -25,6 +25,7 @@ for entries whose writer died (``adopt``). Marks are HMAC'd with the audit key l
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ from typing import Any
 from governance.store.audit import AuditEntry, AuditLog, now_ms
 from governance.store.audit_seal import mark_mac, seal_mac
 from governance.store.keys import TenantKeys
+
+log_trim = logging.getLogger("governance.audit")
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,15 @@ def verify(log: AuditLog, key: bytes, chain: str, *, seal_grace_ms: int = 30_000
     return VerifyReport(chain, checked, pending, adopted, tuple(breaks))
 
 
+def _first_seq(rows: Iterable[tuple[Any, dict[Any, Any]]]) -> int | None:
+    """The seq of the first decision entry in ``rows`` (raw stream rows; seal entries skipped)."""
+    for _raw_id, raw_fields in rows:
+        fields = {_t(k): _t(v) for k, v in raw_fields.items()}
+        if "seq" in fields:
+            return int(fields["seq"])
+    return None
+
+
 def _seals(entry: AuditEntry) -> list[tuple[int, str]]:
     try:
         return [(int(seq), str(mac)) for seq, mac in json.loads(entry.fields.get("seals", "[]"))]
@@ -234,21 +246,36 @@ def trim(log: AuditLog, key: bytes, chain: str, retention_ms: int) -> int:
 
     Returns the number of stream entries removed. The trim record is written first, so a trim
     cut short leaves entries the record already allows to be gone, never the reverse.
+
+    The new start is the entry after the newest one older than the retention, and it is signed
+    only if the chain is whole there: the first entry kept must be exactly that one (or, with
+    none kept, the counter must end there). Entries someone removed are never signed away as
+    trimmed; ``verify`` keeps naming them.
     """
     stream = TenantKeys(chain).audit
     cutoff = now_ms() - retention_ms
-    newer = log.state.run(
-        "audit trim",
-        lambda: log.state.client.xrange(stream, min=f"{cutoff}-0", max="+", count=200),
+    client = log.state.client
+    older = log.state.run(
+        "audit trim", lambda: client.xrevrange(stream, max=f"({cutoff}-0", min="-", count=200)
     )
-    first_seq = None
-    for _raw_id, raw_fields in newer:
-        fields = {_t(k): _t(v) for k, v in raw_fields.items()}
-        if "seq" in fields:
-            first_seq = int(fields["seq"])
-            break
-    if first_seq is None:
-        first_seq = log.head_seq(chain) + 1
+    newest_old = _first_seq(older)
+    if newest_old is None:
+        return 0  # nothing older than the retention (or nothing left of it: verify says so)
+    first_seq = newest_old + 1
+    newer = log.state.run(
+        "audit trim", lambda: client.xrange(stream, min=f"{cutoff}-0", max="+", count=200)
+    )
+    first_kept = _first_seq(newer)
+    if first_kept is None:
+        first_kept = log.head_seq(chain) + 1
+    if first_kept != first_seq:
+        log_trim.warning(
+            "audit chain %r: not trimmed: entries seq %s..%s are missing where it would start",
+            chain,
+            first_seq,
+            first_kept - 1,
+        )
+        return 0
     current, _ = read_mark(log, key, chain, "trim")
     if current and int(current["first_seq"]) >= first_seq:
         return 0

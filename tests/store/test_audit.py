@@ -177,6 +177,30 @@ def test_a_trimmed_head_is_named_and_a_recorded_trim_is_not(
     assert "head was trimmed" in report.reason
 
 
+def test_the_retention_trim_never_signs_away_entries_someone_removed(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 6)
+    ids = [entry_id for entry_id, fields in _records(redis_client) if b"seq" in fields]
+    # Removed by hand from the head, though none is older than the retention (a year).
+    for entry_id in ids[:4]:
+        redis_client.xdel(STREAM, entry_id)
+    assert audit_verify.trim(_log(state), KEY, "acme", 365 * 86_400_000) == 0
+    report = _verify(state)
+    assert not report.ok
+    assert "seq 1..4 are missing" in report.reason
+    # The first entry the retention keeps, removed: the trim refuses to start the chain after
+    # it, and verify names it.
+    time.sleep(0.05)
+    _fill(state, 2)
+    seq7 = next(i for i, f in _records(redis_client) if f[b"seq"] == b"7")
+    cutoff_age_ms = int(time.time() * 1000) - int(seq7.split(b"-")[0]) + 1
+    redis_client.xdel(STREAM, seq7)
+    assert audit_verify.trim(_log(state), KEY, "acme", cutoff_age_ms) == 0
+    report = _verify(state)
+    assert any("seq 7..7 are missing" in b.reason for b in report.breaks), report.breaks
+
+
 def test_verify_gives_no_false_alarm_while_appends_go_on(state: StateStore) -> None:
     stop = threading.Event()
     log = _log(state)
