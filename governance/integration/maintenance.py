@@ -76,6 +76,9 @@ class MaintenanceThread:
         self._next_waiting = 0.0
         self._next_audit = 0.0
         self._adopt_from: dict[str, str] = {}
+        #: The highest seq this leader signed per chain (in memory, out of reach of whoever can
+        #: write Redis): a chain that ends before it later was rolled back, and is logged.
+        self._signed: dict[str, int] = {}
         self.republished = 0
         #: Whether this process held the leader lock at its last round.
         self.leading = False
@@ -200,7 +203,17 @@ class MaintenanceThread:
                     adopted,
                     chain,
                 )
-            audit_verify.checkpoint(log_, key, chain)
+            try:
+                signed = audit_verify.checkpoint(
+                    log_, key, chain, at_least=self._signed.get(chain, 0)
+                )
+            except audit_verify.ChainRolledBack as exc:
+                # Redis lost or had removed what this leader signed: say so where Redis cannot
+                # reach (its log), then sign the chain as it is now, so verify judges what
+                # comes next. Only an anchor outside Redis could prove more.
+                log.error("%s", exc)
+                signed = audit_verify.checkpoint(log_, key, chain)
+            self._signed[chain] = signed
             retention = runtime.policy.config.audit.retention
             if retention is not None:
                 trimmed = audit_verify.trim(

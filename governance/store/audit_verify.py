@@ -222,14 +222,35 @@ def _seals(entry: AuditEntry) -> list[tuple[int, str]]:
         return []
 
 
-def checkpoint(log: AuditLog, key: bytes, chain: str) -> bool:
-    """Sign where ``chain`` ends now (its counter and that entry's id); False if unchanged."""
+class ChainRolledBack(Exception):
+    """A chain ends before a point its signer signed earlier: its tail was cut and its counter
+    reset, or an older checkpoint was put back. Nothing is signed over it."""
+
+
+def checkpoint(log: AuditLog, key: bytes, chain: str, *, at_least: int = 0) -> int:
+    """Sign where ``chain`` ends now (its counter and that entry's id); returns that seq (0 for
+    an empty chain).
+
+    ``at_least`` is the highest seq this signer signed before (its own memory, out of reach of
+    whoever writes Redis): a chain, or a checkpoint, that now ends before it raises
+    :class:`ChainRolledBack` and nothing is signed, so the caller reports the rollback first.
+    """
     head = log.head_seq(chain)
-    if head == 0:
-        return False
     current, _ = read_mark(log, key, chain, "checkpoint")
-    if current and int(current["seq"]) == head:
-        return False
+    if head == 0 and current is None:
+        # Nothing at all: a new chain, or one wiped whole (stream, counter and marks: a Redis
+        # flushed or replaced). Nothing to sign; what was signed before is no longer a floor.
+        return 0
+    signed_seq = int(current["seq"]) if current else 0
+    if head < at_least or (current is not None and signed_seq < at_least):
+        raise ChainRolledBack(
+            f"audit chain {chain!r} ends at seq {head} (checkpoint at seq {signed_seq}) but seq "
+            f"{at_least} was signed before: its tail was cut, or an old checkpoint put back"
+        )
+    if head == 0:
+        return 0
+    if current and signed_seq == head:
+        return head
     stream = TenantKeys(chain).audit
     raw = log.state.run("audit checkpoint", lambda: log.state.client.xrevrange(stream, count=64))
     for raw_id, raw_fields in raw:
@@ -237,8 +258,8 @@ def checkpoint(log: AuditLog, key: bytes, chain: str) -> bool:
         if fields.get("seq") == str(head):
             body = {"seq": head, "id": _t(raw_id), "ts": now_ms()}
             write_mark(log, key, chain, "checkpoint", body)
-            return True
-    return False
+            return head
+    return signed_seq  # its last entry is not among the newest (being written): next round
 
 
 def trim(log: AuditLog, key: bytes, chain: str, retention_ms: int) -> int:

@@ -145,7 +145,7 @@ def test_an_inserted_entry_is_named(state: StateStore, redis_client: redis.Redis
 def test_a_cut_tail_is_named(state: StateStore, redis_client: redis.Redis) -> None:
     _fill(state, 6)
     log = _log(state)
-    assert audit_verify.checkpoint(log, KEY, "acme")
+    assert audit_verify.checkpoint(log, KEY, "acme") == 6
     records = _records(redis_client)
     # Cut the last two entries (and their seals) and set the counter back.
     for entry_id, _ in redis_client.xrange(STREAM, min=records[-2][0]):
@@ -157,6 +157,29 @@ def test_a_cut_tail_is_named(state: StateStore, redis_client: redis.Redis) -> No
     # Without resetting the counter, the counter alone shows it.
     redis_client.hset(TenantKeys("acme").meta, "audit_seq", 6)
     assert "tail was cut" in _verify(state).reason
+
+
+def test_a_signer_never_signs_over_a_chain_rolled_back_below_what_it_signed(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    log = _log(state)
+    _fill(state, 6)
+    assert audit_verify.checkpoint(log, KEY, "acme") == 6
+    old_checkpoint = redis_client.hget(TenantKeys("acme").audit_marks, "checkpoint")
+    _fill(state, 2)
+    assert audit_verify.checkpoint(log, KEY, "acme", at_least=6) == 8
+    # The tail cut back to seq 6, the counter reset, the old checkpoint put back: verify alone
+    # sees a whole chain, but the signer that signed seq 8 refuses it.
+    for entry_id, _ in redis_client.xrange(STREAM, min=_records(redis_client)[-2][0]):
+        redis_client.xdel(STREAM, entry_id)
+    redis_client.hset(TenantKeys("acme").meta, "audit_seq", 6)
+    redis_client.hset(TenantKeys("acme").audit_marks, "checkpoint", old_checkpoint)
+    assert _verify(state).ok
+    with pytest.raises(audit_verify.ChainRolledBack, match=r"ends at seq 6 .* seq 8 was signed"):
+        audit_verify.checkpoint(log, KEY, "acme", at_least=8)
+    # A chain wiped whole (a Redis flushed) starts again from nothing.
+    redis_client.delete(STREAM, TenantKeys("acme").audit_marks, TenantKeys("acme").meta)
+    assert audit_verify.checkpoint(log, KEY, "acme", at_least=8) == 0
 
 
 def test_a_trimmed_head_is_named_and_a_recorded_trim_is_not(
