@@ -347,3 +347,47 @@ def test_tasks_waiting_across_a_policy_reload_are_decided_under_the_new_limits(
     (first,) = admitter.settle(running[2].ticket, TOOL_STEP, policy_version="v2").publish
     assert first.task_id == "w0"
     assert first.handoff
+
+
+def test_waiting_for_reviewers_is_not_idle_time_of_the_run(any_state: StateStore) -> None:
+    from governance.policy.usage import Usage
+    from governance.store.held import HeldStore, HeldTask
+    from governance.store.limits import LongRunningLimits
+    from tests.store.helpers import llm
+
+    def held_task(task: str) -> HeldTask:
+        now = int(time.time() * 1000)
+        return HeldTask(
+            task_id=task, tenant="acme", agent="agent", run="r", user="", task_name="llm",
+            args=[], kwargs={}, context={}, action={}, action_name="llm", action_class="llm",
+            tier="act_auto", reason="cost alert", call="0" * 64, requested_ms=now,
+            expires_ms=now + 3_600_000, envelope={"task": "llm"}, kind="cost_alert",
+        )  # fmt: skip
+
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(
+        cost_alert_micro=1_000, long_running=LongRunningLimits(idle_timeout_s=1)
+    )
+
+    def admit_step(task: str, approved: int | None = None) -> Admission:
+        return admitter.admit(
+            ctx=ctx(run="r"), action=llm(), task_id=task, attempt=0,
+            estimate=Usage(steps=1, cost_micro_usd=100), limits=limits,
+            cost_alert_approved=approved, envelope=envelope(task),
+        )  # fmt: skip
+
+    first = admit_step("c1")
+    assert first.admitted
+    admitter.settle(first.ticket, Usage(steps=1, cost_micro_usd=1_200))
+    # The run's cost reached its alert: the next step is held for the reviewers ...
+    assert admit_step("c2").status is AdmissionStatus.COST_ALERT
+    HeldStore(any_state).put(held_task("c2"), audit={"tenant": "acme", "task_id": "c2"})
+    time.sleep(1.3)  # ... who take longer than the run's idle timeout to approve.
+    released = admit_step("c2", approved=0)
+    assert released.admitted, released.reason
+    # A step that comes after a real second of nothing is idle all the same.
+    admitter.settle(released.ticket, Usage(steps=1))
+    time.sleep(1.3)
+    late = admit_step("c3", approved=0)
+    assert late.status is AdmissionStatus.REJECTED
+    assert "idle_timeout" in late.reason

@@ -53,9 +53,10 @@ local function reply(t)
 end
 
 local r = redis.call('HMGET', rec, 'attempt', 'where', 'settled', 'holder', 'lease_exp',
-  'handoff', 'turn', 'skip', 'wait_since', 'fail')
+  'handoff', 'turn', 'skip', 'wait_since', 'fail', 'paused_since')
 local attempt, where, settled, holder, lease_exp = r[1], r[2], r[3], r[4], r[5]
 local handoff, turn, skip, wait_since, fail = r[6], r[7], r[8], r[9], r[10]
+local paused_since = r[11]
 local A = tostring(req.a)
 local same = attempt == A
 local live = lease_exp and tonumber(lease_exp) > now and redis.call('ZSCORE', L.T.leases, rec)
@@ -151,7 +152,10 @@ end
 if req.env and req.env ~= cjson.null then redis.call('HSETNX', rec, 'msg', req.env) end
 
 local since = (same and wait_since) and tonumber(wait_since) or now
-local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim == 1, since)
+-- The run's idle time ends when this step came: when it began to wait in line, or earlier, when
+-- it began to wait for its reviewers or for its retry's delay (`paused_since`).
+local came = paused_since and math.min(since, tonumber(paused_since)) or since
+local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim == 1, came)
 
 if verdict.kind == 'book' and verdict.turn - since > req.max_wait then
   verdict.kind = 'reject'

@@ -54,6 +54,8 @@ if status == 'held' then
   if not L.running_live(rec, now) then
     L.let_go(rec)
     redis.call('HSET', rec, 'id', id, 'where', 'held', 'since', now)
+    -- Waiting for reviewers is not idle time of the run (the first hold counts).
+    redis.call('HSETNX', rec, 'paused_since', now)
     redis.call('PERSIST', rec)
     redis.call('ZREM', L.T.ledger, rec)
   end

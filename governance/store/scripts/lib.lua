@@ -23,7 +23,9 @@
 --   usage windows it is counted in), handoff (token of a hand-off), turn (booked time),
 --   skip (rates already booked: "t", "p", "tp"), wait_since, wait_for, wait_seq, req (the request,
 --   while waiting), msg (the message envelope, to publish it again), counted, republished,
---   fail (a reason the next delivery ends the task with).
+--   fail (a reason the next delivery ends the task with), paused_since (when it began to wait
+--   for its reviewers or its retry's delay: the end of its run's idle time), rejected (why a
+--   rejected attempt ended, for a replayed call).
 
 local L = {}
 L.FIELDS = {'steps', 'tool_calls', 'input_tokens', 'output_tokens', 'cost'}
@@ -462,7 +464,7 @@ function L.commit(req, now, verdict, holder, state, lease_exp, ledger_at)
     end
   end
   redis.call('HSET', rec, unpack(fields))
-  redis.call('HDEL', rec, 'settled', 'turn', 'skip', 'req', 'fail')
+  redis.call('HDEL', rec, 'settled', 'turn', 'skip', 'req', 'fail', 'paused_since')
   redis.call('ZADD', L.T.ledger, ledger_at, rec)
 end
 
@@ -543,8 +545,9 @@ function L.handoff(now, G, out, pv)
       local req = cjson.decode(raw)
       local stored_pv = req.au and req.au.policy_version
       local reloaded = pv and stored_pv and stored_pv ~= pv
-      local r = redis.call('HMGET', rec, 'skip', 'wait_since')
+      local r = redis.call('HMGET', rec, 'skip', 'wait_since', 'paused_since')
       local came = tonumber(r[2] or now)
+      if r[3] then came = math.min(came, tonumber(r[3])) end
       local verdict = reloaded and {kind = 'reloaded'}
         or L.evaluate(req, now, r[1], cache, G.reclaim == 1, came)
       local stale = req.wend and now >= req.wend

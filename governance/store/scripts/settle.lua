@@ -122,8 +122,9 @@ L.task_entry(written, now, S.au, S.entry.type, S.entry.decision, S.entry.reason,
 if not late then
   local nxt = S.next
   if nxt and nxt ~= cjson.null then
+    -- The retry's delay is not idle time of the run: it ends at this settlement.
     redis.call('HSET', rec, 'settled', 1, 'since', now, 'where', nxt.park and 'parked' or 'queued',
-      'msg', nxt.msg)
+      'msg', nxt.msg, 'paused_since', now)
     redis.call('ZADD', L.T.ledger, nxt.park and nxt.due or nxt.due + G.grace, rec)
   else
     redis.call('HSET', rec, 'settled', 1, 'since', now, 'where', 'done')
