@@ -46,6 +46,11 @@ class ApprovalRefused(GovernanceError):
     or the same reviewer twice. Raised to the reviewer (``govctl``), never ends a task."""
 
 
+#: Set on the exception a task raises when its own ``max_retries`` is reached
+#: (``GovernedTask.retry``): it fails the task, whatever the tenant's retry policy allows.
+RETRIES_EXHAUSTED = "governance_retries_exhausted"
+
+
 class GovernedRetry(Exception):
     """Raised by ``GovernedTask.retry()`` inside a body: the attempt settles, then the worker
     publishes the next one after ``delay_s``. Not an outcome: Celery shows the task as RETRY."""

@@ -33,6 +33,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from governance.integration.approvals import COST_ALERT, Approvals
 from governance.integration.errors import (
+    RETRIES_EXHAUSTED,
     ActionDenied,
     ActionFailed,
     GovernedRetry,
@@ -479,7 +480,8 @@ class TaskLife:
         )
         if classified.kind is ErrorKind.rate_limited:
             self._record_cooldown(headers, action, classified)
-        planned = tenant.retry.delay_ms(classified, headers.attempt, _rng)
+        exhausted = getattr(error, RETRIES_EXHAUSTED, False)
+        planned = None if exhausted else tenant.retry.delay_ms(classified, headers.attempt, _rng)
         detail["kind"] = classified.kind.value
         if planned is None:
             reason = (

@@ -14,6 +14,7 @@ within the governance retry policy.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from datetime import datetime
 from typing import Any
@@ -22,7 +23,12 @@ from celery import Task
 from celery.exceptions import Ignore
 from pydantic import ValidationError
 
-from governance.integration.errors import GOVERNANCE_ERRORS, ActionDenied, GovernedRetry
+from governance.integration.errors import (
+    GOVERNANCE_ERRORS,
+    RETRIES_EXHAUSTED,
+    ActionDenied,
+    GovernedRetry,
+)
 from governance.integration.governed import is_governed
 from governance.integration.lifecycle import Acknowledged, TaskLife
 from governance.integration.overlap import started_delivery
@@ -132,6 +138,9 @@ class GovernedTask(Task):  # type: ignore[misc]
         limit = self.max_retries if max_retries is None else max_retries
         if limit is not None and request.retries + 1 > limit:
             if exc is not None:
+                # The task gave up: the tenant's retry policy must not retry it all the same.
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(exc, RETRIES_EXHAUSTED, True)
                 raise exc
             raise self.MaxRetriesExceededError(
                 f"Can't retry {self.name}[{request.id}]: max_retries {limit} reached"

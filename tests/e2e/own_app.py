@@ -15,6 +15,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from governance.integration import GovernedTask
+from governance.policy.errors import ActionError
 
 app = Celery("own", task_cls=GovernedTask)
 app.conf.task_default_queue = "own"
@@ -55,6 +56,15 @@ def flaky(self: Any, failures: int) -> int:
             exc=ConnectionError(f"attempt {self.request.retries} failed"), countdown=0.2
         )
     return int(self.request.retries)
+
+
+@app.task(name="own.giving_up", bind=True, max_retries=1, shared=False)
+def giving_up(self: Any) -> None:
+    """Always fails with a transient ActionError, via self.retry: one retry (its own
+    max_retries), though the tenant's retry policy would allow more."""
+    raise self.retry(
+        exc=ActionError.transient(f"attempt {self.request.retries} failed"), countdown=0.1
+    )
 
 
 @app.task(

@@ -27,7 +27,13 @@ from celery import chain, group
 from celery.exceptions import TimeLimitExceeded
 
 from governance.embedded import EmbeddedRedis
-from governance.integration import ActionDenied, MissingContext, governance_context, runtime_for
+from governance.integration import (
+    ActionDenied,
+    ActionFailed,
+    MissingContext,
+    governance_context,
+    runtime_for,
+)
 from governance.store import Period, read_usage
 from governance.store.audit import AuditEntry
 from tests.e2e.conftest import (
@@ -313,6 +319,18 @@ def test_self_retry_gives_up_after_max_retries(own: ModuleType) -> None:
         result.get(timeout=30)
     assert _attempts(own.app, result.id) == [0, 1, 2]
     assert len(_retries_scheduled(own.app, result.id)) == 2
+
+
+def test_self_retry_past_its_own_max_retries_is_not_retried_by_the_tenant_policy(
+    own: ModuleType,
+) -> None:
+    with governance_context(tenant=TENANT, agent="retrier", run="run-giving-up"):
+        result = own.giving_up.delay()
+    with pytest.raises(ActionFailed, match="attempt 1 failed"):
+        result.get(timeout=30)
+    # Its own max_retries (1): two attempts, though the tenant's policy allows three retries.
+    assert _attempts(own.app, result.id) == [0, 1]
+    assert len(_retries_scheduled(own.app, result.id)) == 1
 
 
 def test_autoretry_for_with_backoff_retries_and_succeeds(own: ModuleType) -> None:
