@@ -52,14 +52,20 @@ class LLMTask(GovernedLLMTask):
         assert execution is not None, "the LLM body runs inside a governed execution"
         completion = self.provider(call.provider).complete(call, attempt=execution.attempt)
         cost: int | None = None
-        if completion.input_tokens is not None and completion.output_tokens is not None:
-            cost = runtime_for(self.app).policy.cost_micro_usd(
-                call.provider, call.model, completion.input_tokens, completion.output_tokens
-            )
-            report_usage(completion.token_usage() + Usage(cost_micro_usd=cost))
-        else:
-            report_usage(completion.token_usage())
+        report_usage(completion.token_usage())
+        if completion.input_tokens is None or completion.output_tokens is None:
             report_usage_unknown(f"{call.provider} answered without token usage")
+        else:
+            try:
+                cost = runtime_for(self.app).policy.cost_micro_usd(
+                    call.provider, call.model, completion.input_tokens, completion.output_tokens
+                )
+            except ValueError as exc:
+                # The policy reloaded meanwhile has no price for it: the call was made (and
+                # billed), so its whole reservation, priced at admission, counts.
+                report_usage_unknown(f"cannot price the answer: {exc}")
+            else:
+                report_usage(Usage(cost_micro_usd=cost))
         return {
             "text": completion.text,
             "model": completion.model,
