@@ -46,6 +46,10 @@ log = logging.getLogger("governance.maintenance")
 
 #: Tenants with waiting tasks are swept this often even when nothing in their ledger is due.
 WAITING_SWEEP_S = 5.0
+#: Audit entries left unsealed are adopted only within this many checkpoint rounds after their
+#: seal grace (an orphan is adopted in the first of them): an older one lost its seal to
+#: someone's edit, and verify names it rather than the leader sealing it.
+ADOPTION_ROUNDS = 10
 
 #: Extend a lock's expiry if it still holds this process's id.
 RENEW_IF_MINE = """
@@ -195,7 +199,12 @@ class MaintenanceThread:
         log_ = runtime.audit_log
         for chain in chains:
             adopted, self._adopt_from[chain] = audit_verify.adopt(
-                log_, key, chain, grace_ms=grace_ms, start=self._adopt_from.get(chain, "-")
+                log_,
+                key,
+                chain,
+                grace_ms=grace_ms,
+                start=self._adopt_from.get(chain, "-"),
+                window_ms=round(ADOPTION_ROUNDS * runtime.settings.audit_checkpoint_s * 1000),
             )
             if adopted:
                 log.warning(

@@ -130,6 +130,12 @@ class AuditEntry:
         return int(self.fields.get("ts", "0"))
 
     @property
+    def written_ms(self) -> int:
+        """When Redis wrote the entry: its stream id's time, which no field edit can move
+        (``ts`` is a field, and anyone who can write Redis can set it)."""
+        return int(self.id.split("-", 1)[0])
+
+    @property
     def is_seal(self) -> bool:
         return self.fields.get("type") == "seal"
 

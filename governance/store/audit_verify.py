@@ -167,7 +167,7 @@ def verify(log: AuditLog, key: bytes, chain: str, *, seal_grace_ms: int = 30_000
         unsealed[seq] = entry
     pending = 0
     for seq, entry in sorted(unsealed.items()):
-        if entry.ts_ms >= cutoff:
+        if entry.written_ms >= cutoff:
             pending += 1
             continue
         breaks.append(
@@ -316,11 +316,24 @@ def trim(log: AuditLog, key: bytes, chain: str, retention_ms: int) -> int:
 
 
 def adopt(
-    log: AuditLog, key: bytes, chain: str, *, grace_ms: int, start: str = "-"
+    log: AuditLog,
+    key: bytes,
+    chain: str,
+    *,
+    grace_ms: int,
+    start: str = "-",
+    window_ms: int | None = None,
 ) -> tuple[int, str]:
     """Seal entries of ``chain`` left unsealed for longer than ``grace_ms`` (their writer died),
-    from ``start``; returns how many it sealed and where the next round should start."""
+    from ``start``; returns how many it sealed and where the next round should start.
+
+    Ages are the entries' stream-id times, which no field edit moves. With ``window_ms``, only
+    entries written within that much before the grace are adopted: a leader adopts an orphan
+    within a round or two of its grace, so an older unsealed entry is not an orphan but an entry
+    whose seal was removed (edited, perhaps), and sealing it would launder the edit; a new
+    leader, which starts from the chain's beginning, would otherwise do just that."""
     cutoff = now_ms() - grace_ms
+    oldest = None if window_ms is None else cutoff - window_ms
     unsealed: dict[int, AuditEntry] = {}
     next_start = start
     for entry in log.entries(chain, start=start):
@@ -328,10 +341,14 @@ def adopt(
             for seq, _ in _seals(entry):
                 unsealed.pop(seq, None)
             continue
-        if entry.ts_ms < cutoff:
+        if entry.written_ms < cutoff:
             next_start = entry.id
         unsealed[entry.seq] = entry
-    orphans = [e for e in unsealed.values() if e.ts_ms < cutoff]
+    orphans = [
+        e
+        for e in unsealed.values()
+        if e.written_ms < cutoff and (oldest is None or e.written_ms >= oldest)
+    ]
     if not orphans:
         return 0, next_start
     seals = [[e.seq, seal_mac(key, chain, e.id, e.fields)] for e in orphans]

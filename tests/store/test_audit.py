@@ -136,7 +136,11 @@ def test_an_inserted_entry_is_named(state: StateStore, redis_client: redis.Redis
         STREAM, {"seq": "4", "ts": "1", "type": "released", "tenant": "acme", "task_id": "x"}
     )
     redis_client.hincrby(TenantKeys("acme").meta, "audit_seq", 1)
-    report = _verify(state)
+    # Pending while within the seal grace (judged by when Redis wrote it, not by its ts) ...
+    assert _verify(state).pending == 1
+    time.sleep(0.01)
+    # ... then named.
+    report = _verify(state, seal_grace_ms=5)
     assert not report.ok
     assert report.broken_entry == forged.decode()
     assert "inserted" in report.reason
@@ -247,6 +251,25 @@ def test_verify_gives_no_false_alarm_while_appends_go_on(state: StateStore) -> N
     assert len(reports) > 3
     assert all(r.ok for r in reports), [r.reason for r in reports if not r.ok]
     assert reports[-1].checked > reports[0].checked
+
+
+def test_an_entry_rewritten_without_its_seal_is_named_whatever_its_ts_and_never_adopted(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 1)
+    ((entry_id, fields),) = _records(redis_client)
+    # The stream rebuilt by hand: the entry under its own id, edited, its ts far in the future
+    # (to look "pending"), its seal left out.
+    edited = {**fields, b"reason": b"nothing to see", b"ts": b"9999999999999"}
+    redis_client.delete(STREAM)
+    redis_client.xadd(STREAM, edited, id=entry_id)
+    time.sleep(0.01)
+    # A leader adopts orphans only within its window after the grace: not this one.
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=5, window_ms=0)[0] == 0
+    report = _verify(state, seal_grace_ms=5)
+    assert report.pending == 0
+    assert report.broken_entry == entry_id.decode()
+    assert "has no valid seal" in report.reason
 
 
 def test_entries_of_a_killed_writer_are_pending_then_adopted(state: StateStore) -> None:
