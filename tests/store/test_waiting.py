@@ -391,3 +391,30 @@ def test_waiting_for_reviewers_is_not_idle_time_of_the_run(any_state: StateStore
     late = admit_step("c3", approved=0)
     assert late.status is AdmissionStatus.REJECTED
     assert "idle_timeout" in late.reason
+
+
+def test_a_new_runs_fan_out_does_not_hide_a_waiting_step_of_a_run_in_flight(
+    any_state: StateStore,
+) -> None:
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits(concurrency=2, run_concurrency=2, run_idle_ms=60_000)
+
+    def admit_step(run: str, task: str) -> Admission:
+        return admitter.admit(
+            ctx=ctx(run=run), action=tool(), task_id=task, attempt=0, estimate=TOOL_STEP,
+            limits=limits, envelope=envelope(task),
+        )  # fmt: skip
+
+    r1, r2 = admit_step("r1", "r1-s0"), admit_step("r2", "r2-s0")
+    assert r1.admitted
+    assert r2.admitted
+    # A third run fans out more steps than a hand-off looks at (a run slot each, once a
+    # concurrency slot frees: none is free while r1 and r2 are in flight).
+    fan_out = [admit_step("r3", f"r3-s{i}") for i in range(12)]
+    assert all(a.status is AdmissionStatus.WAITING for a in fan_out)
+    # r1's next step waits behind them, for the tenant's concurrency.
+    assert admit_step("r1", "r1-s1").status is AdmissionStatus.WAITING
+    # r1's running step ends: its slot goes to r1's waiting step (its run is in flight).
+    (handed,) = admitter.settle(r1.ticket, TOOL_STEP).publish
+    assert handed.task_id == "r1-s1"
+    assert handed.handoff

@@ -527,10 +527,15 @@ end
 -- after `scan` tasks that wait for budget held in flight, or after `limit` tasks moved on.
 function L.handoff(now, G, out, pv)
   local cache = {}
-  local skipped, handled, start = 0, 0, 0
-  while skipped < G.scan and handled < G.limit do
+  local skipped, handled, start, looked = 0, 0, 0, 0
+  -- Once a step waits for a run slot, every run slot is taken: steps of runs that are not in
+  -- flight are passed over without counting (one run's fan-out must not hide the steps of runs
+  -- in flight behind it), within a bound on what one call looks at.
+  local runs_full = false
+  while skipped < G.scan and handled < G.limit and looked < G.scan * 16 do
     local rec = redis.call('ZRANGE', L.T.waiting, start, start)[1]
     if not rec then break end
+    looked = looked + 1
     local raw = redis.call('HGET', rec, 'req')
     local msg = redis.call('HGET', rec, 'msg')
     if not raw or not msg then
@@ -543,13 +548,21 @@ function L.handoff(now, G, out, pv)
         reason = 'waiting task without a message in the ledger: it cannot be published'})
     else
       local req = cjson.decode(raw)
+      local needs_run_slot = runs_full and (req.rc or -1) >= 0
+        and tonumber(redis.call('ZSCORE', L.T.runs, req.run) or '0') <= now
       local stored_pv = req.au and req.au.policy_version
       local reloaded = pv and stored_pv and stored_pv ~= pv
       local r = redis.call('HMGET', rec, 'skip', 'wait_since', 'paused_since')
       local came = tonumber(r[2] or now)
       if r[3] then came = math.min(came, tonumber(r[3])) end
-      local verdict = reloaded and {kind = 'reloaded'}
-        or L.evaluate(req, now, r[1], cache, G.reclaim == 1, came)
+      local verdict
+      if needs_run_slot then
+        verdict = {kind = 'pass'}
+      elseif reloaded then
+        verdict = {kind = 'reloaded'}
+      else
+        verdict = L.evaluate(req, now, r[1], cache, G.reclaim == 1, came)
+      end
       local stale = req.wend and now >= req.wend
       if stale and verdict.kind == 'admit' then
         -- It began to wait on an earlier day: its request names that day's (and month's) usage
@@ -560,10 +573,13 @@ function L.handoff(now, G, out, pv)
         redis.call('HDEL', rec, 'req')
         out.pub[#out.pub + 1] = {id = req.id, msg = msg}
         break
+      elseif verdict.kind == 'pass' then
+        start = start + 1
       elseif verdict.kind == 'wait' then
         if verdict.v == 'concurrency_limit' then break end
         -- It needs budget held by tasks in flight, or a run slot: a later task (of another
         -- run, or of a run in flight) may still fit.
+        if verdict.v == 'run_concurrency_limit' then runs_full = true end
         skipped = skipped + 1
         start = start + 1
       else
