@@ -40,6 +40,12 @@ def secret(text: str) -> str:
     return text
 
 
+@app.task(name="own.lookup", shared=False)
+def lookup(query: str, api_key: str) -> str:
+    """Takes a secret-named argument (shadowed for the ``watcher`` agent: it never runs)."""
+    return f"{query}: found"
+
+
 @app.task(name="own.stamp", shared=False)
 def stamp(label: str, ms: int) -> dict[str, Any]:
     """Sleeps ``ms``; returns when it ran (wall clock, the same machine for every process)."""

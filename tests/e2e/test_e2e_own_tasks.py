@@ -239,6 +239,20 @@ def test_a_denied_action_raises_at_publish_and_nothing_reaches_the_broker(
     assert not state.exists(f"gov:{{{TENANT}}}:task:denied-at-publish")
 
 
+def test_a_shadowed_call_shows_what_it_would_run_with_its_secrets_redacted(
+    own: ModuleType,
+) -> None:
+    with governance_context(tenant=TENANT, agent="watcher", run="run-shadow"):
+        result = own.lookup.delay("weather", api_key="sk-live-123")
+    shown = result.get(timeout=30)
+    assert shown["governance"] == "shadowed"
+    assert shown["would_run"]["input"] == {"query": "weather", "api_key": "***"}
+    (entry,) = _entries(own.app, result.id)
+    assert entry.fields["type"] == "shadowed"
+    assert "sk-live-123" not in json.dumps(entry.fields)
+    assert json.loads(entry.fields["detail"])["would_run"]["input"]["api_key"] == "***"
+
+
 def test_a_chain_of_two_runs_with_the_context_on_both(own: ModuleType) -> None:
     with governance_context(tenant=TENANT, agent="chainer", run="run-chain"):
         result = chain(own.upper.s("chain"), own.count.s()).apply_async()
