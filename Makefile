@@ -15,7 +15,7 @@ help:
 	@echo "make demo     the main job end to end: Redis, a worker, Flower, a scripted scenario"
 	@echo "              (DEMO_EXIT=1 exits after the summary)"
 	@echo "make test     lint, type-check and run every test (starts its own Redis)"
-	@echo "make lint     ruff check, ruff format --check, mypy --strict"
+	@echo "make lint     ruff check, ruff format --check, mypy --strict, the import layers"
 	@echo "make format   apply ruff's fixes and formatting"
 	@echo "make bench    governed vs plain Celery throughput, a backlog next to another tenant,"
 	@echo "              and the store micro-benchmark"
@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(PACKAGES) tests
 	$(BIN)/ruff format --check $(PACKAGES) tests
 	$(BIN)/mypy --strict $(PACKAGES)
+	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix $(PACKAGES) tests

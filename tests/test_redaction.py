@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from governance.integration.events import call_fields, is_secret_key, redact
+from governance.integration.events import call_fields
+from governance.integration.redaction import is_secret_key, redact
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from governance.cli.errors import CliError, ExitCode
 
 if TYPE_CHECKING:
-    from governance.integration.approvals import Approvals
+    from governance.integration.approvals.reviewers import Reviewers
     from governance.integration.runtime import GovernanceRuntime
     from governance.policy.engine import Policy
     from governance.settings import GovernanceSettings
@@ -101,11 +101,11 @@ def runtime() -> GovernanceRuntime:
 
 
 @cache
-def approvals() -> Approvals:
-    """The approval workflow of the deployment's app."""
-    from governance.integration.approvals import Approvals
+def reviewers() -> Reviewers:
+    """The reviewers' workflow on the deployment's app (held tasks, decisions, grants)."""
+    from governance.integration.approvals.reviewers import Reviewers
 
-    return Approvals(celery_app(), runtime())
+    return Reviewers(celery_app(), runtime())
 
 
 def operator() -> str:

@@ -24,10 +24,10 @@ def list_(
     as_json: JsonFlag = False,
 ) -> None:
     """Every stored grant: agent, action, until when, and whether it verifies now."""
-    approvals = context.approvals()
+    reviewers = context.reviewers()
     policy = context.runtime().policy
     context.check_tenant(policy, tenant)
-    grants = [g for t in ([tenant] if tenant else policy.tenant_names) for g in approvals.grants(t)]
+    grants = [g for t in ([tenant] if tenant else policy.tenant_names) for g in reviewers.grants(t)]
     if as_json:
         output.emit_json(grants)
         return
@@ -54,7 +54,7 @@ def revoke(
     """Remove a grant at once (audited): the agent needs approval again."""
     by = context.operator()
     context.check_tenant(context.runtime().policy, tenant)
-    context.approvals().revoke(tenant, grant_id, by)
+    context.reviewers().revoke(tenant, grant_id, by)
     if as_json:
         output.emit_json({"grant": grant_id, "tenant": tenant, "revoked": True})
         return

@@ -111,13 +111,13 @@ def list_(
     from governance.cli.paging import list_all, list_tenant
 
     wanted = _status(status)
-    approvals = context.approvals()
+    reviewers = context.reviewers()
     context.check_tenant(context.runtime().policy, tenant)
     if tenant:
-        listing = list_tenant(approvals.store, tenant, wanted, limit, cursor)
+        listing = list_tenant(reviewers.store, tenant, wanted, limit, cursor)
     else:
         tenants = list(context.runtime().policy.tenant_names)
-        listing = list_all(approvals.store, tenants, wanted, limit, cursor)
+        listing = list_all(reviewers.store, tenants, wanted, limit, cursor)
     if as_json:
         output.emit_json(
             {
@@ -151,7 +151,7 @@ def show(
     as_json: JsonFlag = False,
 ) -> None:
     """Show one held task: the call, who asked, why it is held, and the decisions so far."""
-    task = context.approvals().find(task_id)
+    task = context.reviewers().find(task_id)
     if as_json:
         output.emit_json(task.as_dict())
         return
@@ -240,7 +240,7 @@ def approve(
     """
     grant_for = _duration(grant) if grant is not None else None
     private = _key(key)
-    outcome = context.approvals().approve(
+    outcome = context.reviewers().approve(
         task_id, private, reason, grant_for=grant_for, alert_to_usd=alert_to
     )
     who = outcome.reviewer
@@ -303,7 +303,7 @@ def reject(
     if not reason.strip():
         raise typer.BadParameter("a rejection needs a reason", param_hint="--reason")
     private = _key(key)
-    task = context.approvals().reject(task_id, private, reason)
+    task = context.reviewers().reject(task_id, private, reason)
     who = task.decisions[-1].reviewer if task.decisions else "?"
     if as_json:
         output.emit_json({"task_id": task_id, "outcome": "rejected", "task": task.as_dict()})
@@ -314,7 +314,7 @@ def reject(
 @app.command("expire")
 def expire(as_json: JsonFlag = False) -> None:
     """Reject, as expired, every held task whose hold has run out (workers sweep too)."""
-    expired = context.approvals().expire_due()
+    expired = context.reviewers().expire_due()
     if as_json:
         output.emit_json({"expired": [t.as_dict() for t in expired]})
         return

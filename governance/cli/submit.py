@@ -153,7 +153,7 @@ def tool(
     -i content=hi --wait 10
     """
     from governance.integration.governed import is_governed
-    from governance.integration.task import GovernedLLMTask
+    from governance.integration.worker.task import GovernedLLMTask
 
     celery_app = context.celery_app()
     tools = {
@@ -206,7 +206,7 @@ def llm(
 
 def _llm_task(celery_app: Any, name: str | None) -> Any:
     from governance.integration.governed import is_governed
-    from governance.integration.task import GovernedLLMTask
+    from governance.integration.worker.task import GovernedLLMTask
 
     llm_tasks = {
         t.name: t

@@ -7,7 +7,10 @@ those carry no agent action, so they run as plain Celery tasks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
+
+from governance.policy.actions import Action
+from governance.policy.tenant import TenantPolicy
 
 #: The name prefix of Celery's built-in tasks.
 CELERY_BUILTIN_PREFIX = "celery."
@@ -19,3 +22,18 @@ def is_governed(task: Any) -> bool:
         return False
     name = getattr(task, "name", None) or ""
     return not name.startswith(CELERY_BUILTIN_PREFIX)
+
+
+class Governable(Protocol):
+    """What the publisher and the worker ask of a governed task (``GovernedTask`` is one):
+    the action a call takes, and the tenant's input checks before admission."""
+
+    name: str
+
+    def action_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Action:
+        """The action of this call; :class:`ActionDenied` when it cannot be described."""
+        ...
+
+    def prepare(self, action: Action, tenant: TenantPolicy) -> None:
+        """Check the input against the tenant's policy; raise :class:`ActionDenied`."""
+        ...

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from governance.policy.context import ActionContext
+from governance.policy.signing import call_hash
 
 CONTEXT = "gov_context"
 #: Set by a publisher that recorded the task in the ledger (with its message): the worker then
@@ -135,3 +136,15 @@ def read_headers(request: Any) -> GovernanceHeaders:
         approvals=_approvals(header_value(request, APPROVALS)),
         ledgered=bool(header_value(request, LEDGER)),
     )
+
+
+def context_dict(context: ActionContext) -> dict[str, Any]:
+    """The context as a decision's call hash covers it (exactly as the message carries it)."""
+    value: dict[str, Any] = json.loads(context_json(context))
+    return value
+
+
+def message_call(task_name: str, args: Any, kwargs: Any, context: ActionContext) -> str:
+    """The call hash of a message: what reviewers' signatures must be over (the task, its
+    arguments and its context, see ``signing.call_hash``)."""
+    return call_hash(task_name, list(args), dict(kwargs), context_dict(context))

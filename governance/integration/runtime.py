@@ -1,27 +1,32 @@
 """Everything a process needs to govern tasks: settings, the policy, and Redis-backed state.
 
-One :class:`GovernanceRuntime` per Celery app, attached by :func:`install`. The Redis client is
-created lazily and again after a fork (prefork pool children must not share the parent's
-sockets), so importing the app never connects anywhere.
+One :class:`GovernanceRuntime` per Celery app, attached by
+:func:`~governance.integration.setup.install`. The Redis client is created lazily and again
+after a fork (prefork pool children must not share the parent's sockets), so importing the app
+never connects anywhere.
+
+This is the floor of the integration layer: the publisher, the worker and the approvals wings
+all use it, and it imports none of them (the wiring of an app is in
+:mod:`governance.integration.setup`).
 """
 
 from __future__ import annotations
 
 import atexit
-import gc
 import logging
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from governance.integration.headers import HANDOFF
+from governance.integration.ignored import IgnoredDeliveries
 from governance.integration.leases import LeaseKeeper
 from governance.integration.messages import Envelope, RawSend, publish
 from governance.integration.policy_watch import WatchedPolicy
+from governance.integration.store_health import StoreHealth
 from governance.integration.unsettled import UnsettledAttempts
 from governance.policy.actions import Action, LLMCall
 from governance.policy.engine import Policy
@@ -42,39 +47,6 @@ _RUNTIMES: weakref.WeakKeyDictionary[Any, GovernanceRuntime] = weakref.WeakKeyDi
 
 #: How long the seals of a chain may wait for a call to carry them before they are flushed.
 SEAL_FLUSH_S = 0.25
-
-
-class IgnoredDeliveries:
-    """Collects the garbage that Celery leaves behind for every ``Ignore`` (a waiting, held or
-    duplicate delivery ends with one).
-
-    Celery keeps the ``Ignore`` with an ``ExceptionInfo`` of its tracer's frame, in a reference
-    cycle through that frame; the cycle survives into the oldest generation and is freed only by
-    a full collection, which Python runs rarely: a backlog of waiting tasks grew each worker
-    process by about 100 KB per wait. A full collection after every ``BATCH`` such deliveries
-    (or after ``MAX_AGE_S`` with any) keeps that bounded, at a few milliseconds each.
-    """
-
-    BATCH = 50
-    MAX_AGE_S = 5.0
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._since = time.monotonic()
-
-    def noted(self) -> None:
-        self._count += 1
-        if self._count >= self.BATCH:
-            self.collect()
-
-    def maybe_collect(self) -> None:
-        if self._count and time.monotonic() - self._since >= self.MAX_AGE_S:
-            self.collect()
-
-    def collect(self) -> None:
-        self._count = 0
-        self._since = time.monotonic()
-        gc.collect()
 
 
 _warned_secrets: set[str] = set()
@@ -120,10 +92,7 @@ class GovernanceRuntime:
         self.unsettled = UnsettledAttempts()
         self._limits: dict[tuple[str, str | None], tuple[TenantPolicy, AdmissionLimits]] = {}
         self._raw_send: RawSend | None = None
-        #: When the state store last came back after being unreachable (monotonic seconds).
-        self._recovered_at: float | None = None
-        self._down_since: float | None = None
-        self._probed_at = 0.0
+        self.health = StoreHealth(settings.lease_ms / 1000, settings.heartbeat_interval_s)
         atexit.register(_flush_at_exit, weakref.ref(self))
         warn_development_secrets(settings)
 
@@ -226,14 +195,14 @@ class GovernanceRuntime:
         return _replace_version(event, self.policy.version, self.chain(event.tenant))
 
     def _renew(self, ticket: AdmissionTicket) -> int:
-        with self.store_call():
+        with self.health.call():
             return self.admitter.renew(ticket)
 
     def _tick(self) -> None:
         """The lease thread's periodic work: a liveness probe of the store, owed settlements
         and audit seals, and dead ``Ignore`` cycles."""
         if self._state is not None and self._pid == os.getpid():
-            self._probe_store()
+            self.health.probe(lambda: self.state.run("liveness probe", self.state.client.ping))
             self.unsettled.retry()
             try:
                 self.audit_log.flush_due(SEAL_FLUSH_S)
@@ -252,19 +221,6 @@ class GovernanceRuntime:
 
         self.unsettled.add(ticket.holder, settle_and_release)
 
-    # -- outages of the state store --------------------------------------------------------------
-
-    def store_failed(self) -> None:
-        """Note that the state store could not be reached."""
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-
-    def store_answered(self) -> None:
-        """Note that the state store answered (after an outage, start the grace period)."""
-        if self._down_since is not None:
-            self._down_since = None
-            self._recovered_at = time.monotonic()
-
     def flush_owed_seals(self) -> None:
         """Write the audit seals this process still owes, when it exits (a pool process
         recycled, a warm shutdown, a publisher's end): otherwise its last entries wait,
@@ -276,46 +232,6 @@ class GovernanceRuntime:
             self.audit_log.flush_due(0.0)
         except StoreUnavailable as exc:
             log.warning("owed audit seals could not be written at exit: %s", exc)
-
-    def _probe_store(self) -> None:
-        """Ask the store whether it answers, every half heartbeat. A process then learns of an
-        outage long enough to expire leases even if it made no call meanwhile, so its first
-        admission or settlement after the outage does not take the leases of workers that were
-        only cut off (see :attr:`may_reclaim`)."""
-        now = time.monotonic()
-        if now - self._probed_at < self.settings.heartbeat_interval_s / 2:
-            return
-        self._probed_at = now
-        try:
-            with self.store_call():
-                self.state.run("liveness probe", self.state.client.ping)
-        except StoreUnavailable as exc:
-            log.debug("the state store does not answer: %s", exc)
-
-    @property
-    def may_reclaim(self) -> bool:
-        """Whether leases that expired may be taken from their holders now.
-
-        Right after an outage of the state store every lease looks expired, though the workers
-        that hold them were only cut off: for a lease period after recovery, nobody reclaims, so
-        they can renew (or settle) first.
-        """
-        if self._down_since is not None:
-            return False
-        if self._recovered_at is None:
-            return True
-        grace = self.settings.lease_ms / 1000 + self.settings.heartbeat_interval_s
-        return time.monotonic() - self._recovered_at > grace
-
-    @contextmanager
-    def store_call(self) -> Iterator[None]:
-        """Track whether the state store answers the calls made inside the block."""
-        try:
-            yield
-        except StoreUnavailable:
-            self.store_failed()
-            raise
-        self.store_answered()
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -346,7 +262,7 @@ class GovernanceRuntime:
         the tenant's ``run_concurrency``, and the waiting steps of other runs that now fit are
         handed on and published, oldest first. Returns whether it was in flight, and what was
         published."""
-        with self.store_call():
+        with self.health.call():
             result = self.ledger.sweep(
                 tenant, close_run=(run, by), policy_version=self.policy.version
             )
@@ -382,8 +298,6 @@ def _flush_at_exit(runtime: weakref.ref[GovernanceRuntime]) -> None:
 
 
 def _replace_version(event: AuditEvent, version: str, chain: str) -> AuditEvent:
-    from dataclasses import replace
-
     tenant = event.tenant if chain == event.tenant else ""
     detail = dict(event.detail)
     if event.tenant and not tenant:
@@ -391,17 +305,30 @@ def _replace_version(event: AuditEvent, version: str, chain: str) -> AuditEvent:
     return replace(event, policy_version=version, tenant=tenant, detail=detail)
 
 
-def install(app: Any, runtime: GovernanceRuntime) -> GovernanceRuntime:
-    """Attach ``runtime`` to a Celery app: its governed tasks find it there, its publishing goes
-    through the governance checks, and its workers run the maintenance thread. Installing again
-    replaces the runtime (publishing is wrapped once and always uses the current one)."""
-    from governance.integration import publish as publishing
-    from governance.integration import signals
-
-    runtime.set_raw_send(publishing.wrap_send_task(app))
+def attach(app: Any, runtime: GovernanceRuntime) -> None:
+    """Make ``runtime`` the one ``app``'s governed tasks find (see ``setup.install``, which
+    also wires publishing and the worker's signals)."""
     _RUNTIMES[app] = runtime
-    signals.connect(app)
-    return runtime
+
+
+#: How an app whose first governed task is bound to it gets governed from the environment:
+#: ``setup.govern_from_environment``, registered by :mod:`governance.integration.setup` (which
+#: the package imports first), so the task class, in the worker wing, need not import the setup
+#: above it.
+_GOVERN_ON_BIND: list[Callable[[Any], None]] = []
+
+
+def on_first_bind(govern: Callable[[Any], None]) -> None:
+    """Register how an app is governed when a governed task is bound to it (once)."""
+    if not _GOVERN_ON_BIND:
+        _GOVERN_ON_BIND.append(govern)
+
+
+def govern_bound_app(app: Any) -> None:
+    """A governed task was bound to ``app``: govern it from the environment unless it already
+    has a runtime."""
+    if installed_on(app) is None and _GOVERN_ON_BIND:
+        _GOVERN_ON_BIND[0](app)
 
 
 def installed_on(app: Any) -> GovernanceRuntime | None:

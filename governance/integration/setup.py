@@ -1,10 +1,13 @@
 """Governing a Celery app: one call (:func:`govern`), or none at all with ``task_cls``.
 
 ``govern(app)`` loads the settings (``GOVERNANCE_*`` variables) and the policy file they name,
-applies the few Celery settings governance relies on (:func:`celery_conf`) and attaches the
-runtime. An app created with ``Celery(..., task_cls=GovernedTask)`` (or with any task based on
-:class:`~governance.integration.task.GovernedTask`) is governed from the environment the moment
-its first governed task is bound to it, unless ``govern`` or ``install`` was called first.
+applies the few Celery settings governance relies on (:func:`celery_conf`) and installs the
+runtime (:func:`install`: publishing through the publisher wing, the worker's signal handlers).
+An app created with ``Celery(..., task_cls=GovernedTask)`` (or with any task based on
+:class:`~governance.integration.worker.task.GovernedTask`) is governed from the environment the
+moment its first governed task is bound to it, unless ``govern`` or ``install`` was called first.
+
+This is the roof of the integration layer: the only module that imports both wings.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from governance.integration.runtime import GovernanceRuntime, install, installed_on
+from governance.integration.publisher import wrap_send_task
+from governance.integration.runtime import GovernanceRuntime, attach, installed_on, on_first_bind
+from governance.integration.worker import signals
 from governance.policy.engine import Policy
 from governance.settings import GovernanceSettings
 
@@ -41,6 +46,16 @@ def celery_conf(app: Any, settings: GovernanceSettings) -> dict[str, Any]:
     }
 
 
+def install(app: Any, runtime: GovernanceRuntime) -> GovernanceRuntime:
+    """Attach ``runtime`` to a Celery app: its governed tasks find it there, its publishing goes
+    through the governance checks, and its workers run the maintenance thread. Installing again
+    replaces the runtime (publishing is wrapped once and always uses the current one)."""
+    runtime.set_raw_send(wrap_send_task(app))
+    attach(app, runtime)
+    signals.connect(app)
+    return runtime
+
+
 def govern(
     app: Any,
     settings: GovernanceSettings | None = None,
@@ -65,3 +80,6 @@ def govern_from_environment(app: Any) -> None:
     with _lock:
         if installed_on(app) is None:
             govern(app)
+
+
+on_first_bind(govern_from_environment)

@@ -21,7 +21,7 @@ from celery import Celery
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration import ActionDenied, GovernanceHeaders
-from governance.integration.approvals import Approvals
+from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus
@@ -228,7 +228,7 @@ def test_a_task_held_by_the_worker_shows_held(
     reason = audit_of(runtime, held.id)[0].fields["reason"]
     assert_governance_fields(info_of(flower, held.id), "t-held", reason)
     assert held.state == "HELD"
-    assert Approvals(app, runtime).find(held.id).status is HeldStatus.HELD
+    assert Reviewers(app, runtime).find(held.id).status is HeldStatus.HELD
     assert "admitted" not in types_of(audit_of(runtime, held.id))
 
 
@@ -259,7 +259,7 @@ def test_a_rejected_held_task_shows_rejected(
         app, ctx("t-held", user="dana"), "write_file", path="flower-rejected.txt", content="r"
     )
     wait_for_state(flower, held.id, "HELD")
-    Approvals(app, runtime).reject(held.id, keys["alice"], "no")
+    Reviewers(app, runtime).reject(held.id, keys["alice"], "no")
     assert types_of(audit_of(runtime, held.id)) == ["held", "rejected"]
 
     # Flower has the task-rejected event once it sets the `rejected` timestamp ...
@@ -354,7 +354,7 @@ def test_a_held_call_shows_its_reason_call_context_and_how_to_decide_it(
         assert text in page, text
 
     # One approval of two: the page shows it, the task is still held.
-    Approvals(app, runtime).approve(held.id, keys["alice"], "ok")
+    Reviewers(app, runtime).approve(held.id, keys["alice"], "ok")
     wait_until(
         lambda: "approvals: 1 of 2" in str((info_of(flower, held.id) or {}).get("result")),
         timeout_s=30,

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.embedded import EmbeddedRedis
 from governance.integration import GovernanceHeaders, LimitExceeded
-from governance.integration.approvals import Approvals
+from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus
@@ -34,7 +34,7 @@ def ctx(tenant: str, user: str = "dana", agent: str = "ops-agent") -> ActionCont
     return ActionContext(tenant=tenant, agent=agent, run="run-held", user=user)
 
 
-def held_status(approvals: Approvals, task_id: str) -> HeldStatus | None:
+def held_status(approvals: Reviewers, task_id: str) -> HeldStatus | None:
     task = approvals.store.find(task_id, approvals.runtime.policy.tenant_names)
     return task.status if task else None
 
@@ -42,7 +42,7 @@ def held_status(approvals: Approvals, task_id: str) -> HeldStatus | None:
 def test_held_from_the_api_and_from_the_broker_never_run_before_release(
     app: Celery, runtime: GovernanceRuntime, workspace: Path, keys: Keys
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     via_api = submit_tool(app, ctx("t-held"), "write_file", path="api.txt", content="a")
     assert via_api.state == "HELD"
     assert held_status(approvals, via_api.id) is HeldStatus.HELD
@@ -87,7 +87,7 @@ def test_a_task_marked_released_in_redis_never_runs_and_is_audited(
 ) -> None:
     """Whoever can write Redis marks a held task released and queues its message: the worker
     finds no valid signature in the message, and holds it again."""
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     held = submit_tool(app, ctx("t-held"), "write_file", path="forged.txt", content="x")
     task = approvals.find(held.id)
     keys_ = TenantKeys("t-held")
@@ -115,7 +115,7 @@ def test_a_task_marked_released_in_redis_never_runs_and_is_audited(
 def test_copied_or_replayed_approvals_release_nothing_else(
     app: Celery, runtime: GovernanceRuntime, workspace: Path, keys: Keys
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     first = submit_tool(app, ctx("t-held"), "write_file", path="once.txt", content="1")
     approvals.approve(first.id, keys["alice"])
     assert first.get(timeout=30) == {"path": "once.txt", "bytes": 1}
@@ -153,7 +153,7 @@ def test_copied_or_replayed_approvals_release_nothing_else(
 def test_a_released_task_goes_through_admission(
     app: Celery, runtime: GovernanceRuntime, keys: Keys
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     first = submit_tool(app, ctx("t-held-budget"), "echo", text="one")
     second = submit_tool(app, ctx("t-held-budget"), "echo", text="two")
     approvals.approve(first.id, keys["alice"])
@@ -167,7 +167,7 @@ def test_a_released_task_goes_through_admission(
 def test_a_grant_needs_the_quorum_is_bounded_and_can_be_revoked(
     app: Celery, runtime: GovernanceRuntime, keys: Keys
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     first = submit_tool(app, ctx("t-grant"), "echo", text="first")
     asked = approvals.approve(first.id, keys["alice"], "routine", grant_for=timedelta(hours=1))
     assert asked.outcome == "recorded"
@@ -210,7 +210,7 @@ def test_a_grant_written_into_redis_by_hand_grants_nothing(
     finally:
         client.close()
     assert submit_tool(app, ctx("t-grant"), "echo", text="sneaky").state == "HELD"
-    (listed,) = Approvals(app, runtime).grants("t-grant")
+    (listed,) = Reviewers(app, runtime).grants("t-grant")
     assert not listed["active"]
 
 
@@ -240,7 +240,7 @@ def test_a_held_task_calls_the_webhook_once_with_the_documented_body(
 def test_a_webhook_that_is_down_delays_nothing_and_is_retried(
     app: Celery, runtime: GovernanceRuntime, keys: Keys
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     held = submit_tool(app, ctx("t-notify-down"), "echo", text="nobody listens")
     assert held.state == "HELD"
     # Deciding and running are not delayed by the dead webhook.
@@ -266,7 +266,7 @@ def test_a_thousand_held_tasks_survive_restarts_of_redis_and_workers(
     worker: WorkerProcess,
     keys: Keys,
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     results = [submit_tool(app, ctx("t-durable"), "echo", text=f"n{i}") for i in range(1000)]
     assert approvals.store.count("t-durable", HeldStatus.HELD) == 1000
 

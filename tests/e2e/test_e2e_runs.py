@@ -12,7 +12,7 @@ from celery import Celery
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration import ActionFailed, LimitExceeded
-from governance.integration.approvals import Approvals
+from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.errors import ApprovalRejected
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
@@ -83,7 +83,7 @@ def test_a_run_crossing_its_cost_alert_is_held_until_a_reviewer_approves(
     assert _pricey(app, run, "first").get(timeout=30)["text"].startswith("echo:")
     second = _pricey(app, run, "second")
     wait_for_state(second, "HELD")
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     held = approvals.find(second.id)
     assert held.kind == "cost_alert"
     assert held.reason.startswith("cost alert: run 'run-alert-approve' has cost $0.02")
@@ -123,7 +123,7 @@ def test_a_rejection_at_the_cost_alert_ends_the_runs_pending_and_later_calls(
     pending = [_pricey(app, run, f"pending {i}") for i in range(2)]
     for call in pending:
         wait_for_state(call, "HELD")
-    Approvals(app, runtime).reject(pending[0].id, keys["bob"], "this run costs too much")
+    Reviewers(app, runtime).reject(pending[0].id, keys["bob"], "this run costs too much")
     for call in pending:  # the run's decision: both end rejected
         with pytest.raises(ApprovalRejected, match="this run costs too much"):
             call.get(timeout=30)
@@ -144,7 +144,7 @@ def test_an_approval_tier_call_past_the_cost_alert_needs_both_approvals_and_runs
     assert _pricey(app, run, "first").get(timeout=30)["text"].startswith("echo:")
     echo = submit_tool(app, run, "echo", text="twice approved")
     assert echo.state == "HELD"  # held at publish, for its tier
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     assert approvals.find(echo.id).kind == "hold"
     approvals.approve(echo.id, keys["alice"], "tier ok")
     wait_until(
@@ -226,7 +226,7 @@ def test_an_approved_step_of_a_run_without_a_slot_waits_and_is_never_held_again(
         app, ctx("t-runs", "appr-c", user="dana"), "write_file", path="appr-c.txt", content="c"
     )
     assert held.state == "HELD"
-    Approvals(app, runtime).approve(held.id, keys["alice"], "ok")
+    Reviewers(app, runtime).approve(held.id, keys["alice"], "ok")
     wait_for_state(held, "DEFERRED")
     assert govctl(e2e_env, "run", "close", "appr-a", "-t", "t-runs").returncode == 0
     assert held.get(timeout=30) == {"path": "appr-c.txt", "bytes": 1}

@@ -13,7 +13,7 @@ from celery import Celery
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration import LimitExceeded, governance_context
-from governance.integration.approvals import Approvals
+from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus
@@ -71,7 +71,7 @@ def test_an_approved_task_meeting_a_busy_slot_waits_runs_once_and_is_never_held_
     workspace: Path,
     keys: dict[str, Ed25519PrivateKey],
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     busy = slow_call(app, "t-held-line", 2500)
     wait_until(
         lambda: runtime.ledger.status("t-held-line", overdue_after_ms=60_000).running == 1,
@@ -95,7 +95,7 @@ def test_a_granted_task_held_again_at_its_hand_off_gives_the_slot_back_and_waits
     runtime: GovernanceRuntime,
     keys: dict[str, Ed25519PrivateKey],
 ) -> None:
-    approvals = Approvals(app, runtime)
+    approvals = Reviewers(app, runtime)
     first = submit_tool(app, ctx("t-grant-line"), "write_file", path="granted.txt", content="1")
     done = approvals.approve(first.id, keys["alice"], "routine", grant_for=timedelta(hours=1))
     assert done.outcome == "released"

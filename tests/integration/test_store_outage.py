@@ -33,12 +33,12 @@ def test_a_process_idle_during_an_outage_takes_no_lease_right_after_it(
     runtime = GovernanceRuntime(settings, Policy.from_file(settings.config_path))
     runtime.state.client.ping()
     runtime.leases.start()  # as in a pool process that has run a governed task
-    assert runtime.may_reclaim
+    assert runtime.health.may_reclaim
     redis_server.halt()
     # No call of its own fails: the lease thread's probe finds the store down.
-    wait_until(lambda: not runtime.may_reclaim, 10, "the process to learn of the outage")
+    wait_until(lambda: not runtime.health.may_reclaim, 10, "the process to learn of the outage")
     redis_server.restart()
     back = time.monotonic()
-    wait_until(lambda: runtime.may_reclaim, 20, "the grace after the outage to end")
+    wait_until(lambda: runtime.health.may_reclaim, 20, "the grace after the outage to end")
     # Not before the holders had a lease period (and a heartbeat) to renew.
     assert time.monotonic() - back >= settings.lease_ms / 1000

@@ -7,9 +7,9 @@ input. LLM tasks use :class:`GovernedLLMTask` (their keyword arguments are an ``
 ``Celery(task_cls=GovernedTask)`` governs every task of an app (Celery's built-in tasks excepted);
 an app is governed from the environment when its first governed task is bound to it, unless
 :func:`~governance.integration.setup.govern` was called first.
-The base class runs the life of the task (:mod:`governance.integration.lifecycle`) around the
-body on every delivery; ``self.retry()``, ``autoretry_for`` and ``max_retries`` work as in Celery,
-within the governance retry policy.
+The base class runs the life of a delivery (:mod:`governance.integration.worker.delivery`)
+around the body on every delivery; ``self.retry()``, ``autoretry_for`` and ``max_retries`` work
+as in Celery, within the governance retry policy.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from governance.integration.errors import (
     GovernedRetry,
 )
 from governance.integration.governed import is_governed
-from governance.integration.lifecycle import Acknowledged, TaskLife
-from governance.integration.overlap import started_delivery
+from governance.integration.runtime import govern_bound_app
+from governance.integration.worker.delivery import Acknowledged, Delivery
+from governance.integration.worker.overlap import started_delivery
 from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.tenant import TenantPolicy
 
@@ -53,7 +54,7 @@ class GovernedTask(Task):  # type: ignore[misc]
     #: Governance outcomes are expected: workers log them without a traceback.
     throws = GOVERNANCE_ERRORS
     #: Shows governance failures in Flower as DENIED/REJECTED instead of FAILURE.
-    Request = "governance.integration.request:GovernedRequest"
+    Request = "governance.integration.worker.request:GovernedRequest"
     #: A worker killed mid-task must not lose the message: acknowledge only after it ran.
     acks_late = True
     reject_on_worker_lost = True
@@ -63,9 +64,7 @@ class GovernedTask(Task):  # type: ignore[misc]
         """Celery binds every task class to its app: a governed one governs the app too."""
         bound = super().bind(app)
         if cls.name and is_governed(cls):
-            from governance.integration.setup import govern_from_environment
-
-            govern_from_environment(app)
+            govern_bound_app(app)
         return bound
 
     @property
@@ -152,18 +151,18 @@ class GovernedTask(Task):  # type: ignore[misc]
             delay_s = float(self.default_retry_delay or 0)
         raise GovernedRetry(exc, delay_s)
 
-    def start_delivery(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskLife:
+    def start_delivery(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Delivery:
         """Begin this delivery before Celery calls the body (``task_prerun``): its admission
         is written when the policy alone allows it, so that round trip overlaps Celery's own
-        (see :mod:`governance.integration.overlap`)."""
-        life = TaskLife(self, args, kwargs)
+        (see :mod:`governance.integration.worker.overlap`)."""
+        life = Delivery(self, args, kwargs)
         life.start_admission()
         return life
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not is_governed(self):
             return super().__call__(*args, **kwargs)
-        life = started_delivery(self) or TaskLife(self, args, kwargs)
+        life = started_delivery(self) or Delivery(self, args, kwargs)
         try:
             return life.run()
         except Acknowledged:

@@ -1,9 +1,10 @@
-"""Celery signal handlers: the maintenance thread of every worker, started and stopped with it,
-the ``task_prerun``/``task_postrun`` hooks of :mod:`governance.integration.overlap`, and
-``task_revoked`` (:mod:`governance.integration.revoked`).
+"""Celery signal handlers of the worker: the maintenance thread of every worker, started and
+stopped with it, the ``task_prerun``/``task_postrun`` hooks of
+:mod:`governance.integration.worker.overlap`, ``task_revoked``
+(:mod:`governance.integration.worker.revoked`), and the owed audit seals of an exiting process.
 
-Publishing needs no signal: the app's ``send_task`` is wrapped by ``install`` (see
-:mod:`governance.integration.publish`), because a signal cannot refuse a message.
+Publishing needs no signal: the app's ``send_task`` is wrapped by ``setup.install`` (see
+:mod:`governance.integration.publisher`), because a signal cannot refuse a message.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 
 from celery import signals
 
-from governance.integration import overlap, revoked
+from governance.integration.runtime import installed_on, runtime_for
+from governance.integration.worker import overlap, revoked
+from governance.integration.worker.maintenance import MaintenanceThread
 
 _connected: set[int] = set()
 _pumps: dict[int, Any] = {}
@@ -27,9 +30,6 @@ def connect(app: Any) -> None:
     revoked.connect()
 
     def start_pump(sender: Any = None, **_: Any) -> None:
-        from governance.integration.maintenance import MaintenanceThread
-        from governance.integration.runtime import runtime_for
-
         node = getattr(sender, "hostname", None)
         pump = MaintenanceThread(app, runtime_for(app), node=node)
         pump.start()
@@ -41,8 +41,6 @@ def connect(app: Any) -> None:
             pump.stop()
 
     def flush_owed_seals(**_: Any) -> None:
-        from governance.integration.runtime import installed_on
-
         runtime = installed_on(app)
         if runtime is not None:
             runtime.flush_owed_seals()

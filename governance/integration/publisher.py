@@ -30,25 +30,25 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
+from celery import current_task
 from kombu.exceptions import OperationalError
 
-from governance.integration.approvals import Approvals
+from governance.integration.approvals.gate import ApprovalGate
+from governance.integration.approvals.holding import Holding
 from governance.integration.errors import ActionDenied, GovernanceError
-from governance.integration.events import call_fields, event_fields, redact, send_app_event
+from governance.integration.events import call_fields, event_fields, send_app_event
 from governance.integration.execution import current_execution
-from governance.integration.governed import is_governed
+from governance.integration.governed import Governable, is_governed
 from governance.integration.headers import CONTEXT, LEDGER, context_json, header_value, read_context
 from governance.integration.messages import RawSend, envelope_from_options
+from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
 from governance.policy.tiers import Outcome
 from governance.store.audit import AuditEvent, AuditEventType
-
-if TYPE_CHECKING:
-    from governance.integration.task import GovernedTask
 
 log = logging.getLogger("governance.publish")
 
@@ -76,8 +76,6 @@ def governance_context(ctx: ActionContext | None = None, **fields: Any) -> Itera
 
 def _finished_parent_context() -> ActionContext | None:
     """The context of the governed task the worker is finishing (it publishes its chain)."""
-    from celery import current_task
-
     task = current_task
     request = getattr(task, "request", None) if task is not None else None
     raw = header_value(request, CONTEXT) if request is not None else None
@@ -137,7 +135,7 @@ def wrap_send_task(app: Any) -> RawSend:
 def publish_governed(
     app: Any,
     runtime: GovernanceRuntime,
-    task: GovernedTask,
+    task: Governable,
     name: str,
     args: Any,
     kwargs: Any,
@@ -168,9 +166,8 @@ def publish_governed(
     except ActionDenied as exc:
         denied(name, exc.reason, "")
     decision = runtime.policy.authorize(ctx, action)
-    approvals = Approvals(app, runtime)
     if decision.outcome is Outcome.hold:
-        decision = approvals.lift_with_grant(ctx, action, decision)
+        decision = ApprovalGate(runtime).lift_with_grant(ctx, action, decision)
     if decision.outcome is Outcome.deny:
         denied(action.name, decision.reason, _tier(decision))
     tenant = runtime.policy.tenant(ctx.tenant)
@@ -188,7 +185,9 @@ def publish_governed(
         name, args, kwargs, {**options, "task_id": task_id, "headers": headers}
     )
     if decision.outcome is Outcome.hold:
-        approvals.hold(envelope, context=ctx, action=action, decision=decision, at_publish=True)
+        Holding(app, runtime).hold(
+            envelope, context=ctx, action=action, decision=decision, at_publish=True
+        )
         return result_cls(task_id)
     parked = countdown is not None and countdown > runtime.settings.countdown_limit_s
     runtime.ledger.record_published(

@@ -7,15 +7,15 @@
    of a message that already ran, runs or waits is dropped;
 4. run the body, its lease renewed meanwhile;
 5. settle in one Lua call, also when the body raised: the outcome (finished, failed, or a retry
-   and when) is decided first, so the settlement records it with its audit entry; it counts
-   what the body reported, or the whole reservation when that cannot be known (a call whose
-   outcome is unknown, see ``TaskLife._counted``);
+   and when) is decided first (:mod:`~governance.integration.worker.outcome`), so the settlement
+   (:mod:`~governance.integration.worker.settlement`) records it with its audit entry; it counts
+   what the body reported, or the whole reservation when that cannot be known;
 6. publish what must travel: hand-offs the calls returned, the retry.
 
-Every decision comes from the policy layer and every state change from the store; this module
-only sequences them. When the state store cannot be reached, a task that has not started goes
-back to the broker with a short countdown (never parked in the store that is down): only a
-policy limit fails a task, never an outage.
+Every decision comes from the policy layer (and the approvals gate) and every state change from
+the store; this module only sequences them. When the state store cannot be reached, a task that
+has not started goes back to the broker with a short countdown (never parked in the store that
+is down): only a policy limit fails a task, never an outage.
 """
 
 from __future__ import annotations
@@ -25,46 +25,50 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NoReturn
+from dataclasses import replace
+from typing import Any, NoReturn
 
 from celery import states
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
-from governance.integration.approvals import COST_ALERT, Approvals
+from governance.integration.approvals.gate import COST_ALERT, ApprovalGate
+from governance.integration.approvals.holding import Holding
 from governance.integration.errors import (
-    RETRIES_EXHAUSTED,
     ActionDenied,
     ActionFailed,
-    GovernedRetry,
     LimitExceeded,
     ResultLost,
 )
-from governance.integration.events import event_fields, flower_fields, redact
+from governance.integration.events import event_fields, flower_fields
 from governance.integration.execution import Execution, running
 from governance.integration.headers import (
     OUTAGE,
     GovernanceHeaders,
     HeaderError,
+    message_call,
     read_headers,
 )
 from governance.integration.messages import Envelope, envelope_from_request
-from governance.integration.overlap import defer_settlement, settling_after_result
+from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, runtime_for
-from governance.policy.actions import Action, LLMCall, ToolCall
-from governance.policy.context import ActionContext
+from governance.integration.worker.outcome import (
+    attempt_outcome,
+    audit_template,
+    base_usage,
+    counted_usage,
+    step_timeout_error,
+)
+from governance.integration.worker.settlement import AttemptSettlement
+from governance.policy.actions import Action, LLMCall
 from governance.policy.decision import Decision
 from governance.policy.errors import ActionError, ErrorKind
 from governance.policy.tenant import TenantPolicy
 from governance.policy.tiers import Outcome
 from governance.policy.usage import Usage
-from governance.store.admission import Admission, AdmissionStatus, NextAttempt, Settlement
+from governance.store.admission import Admission, AdmissionStatus
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.cooldown import set_cooldown
 from governance.store.errors import StoreUnavailable
-
-if TYPE_CHECKING:
-    from governance.integration.task import GovernedTask
 
 log = logging.getLogger("governance.lifecycle")
 
@@ -74,48 +78,18 @@ _rng = random.Random()
 OUTAGE_MAX_DELAY_S = 5.0
 
 
-def audit_template(
-    ctx: ActionContext, task_id: str, action: Action, policy_version: str, tier: str | None = None
-) -> dict[str, str]:
-    """The fields every audit entry about one task carries (the store scripts add the rest)."""
-    template = {
-        "tenant": ctx.tenant,
-        "agent": ctx.agent,
-        "run": ctx.run,
-        "task_id": task_id,
-        "action": action.name,
-        "policy_version": policy_version,
-    }
-    if tier is not None:
-        template["tier"] = tier
-    return template
-
-
-def base_usage(action: Action) -> Usage:
-    """What every attempt counts before the body reports more: one step (and one tool call)."""
-    return Usage(steps=1, tool_calls=1 if isinstance(action, ToolCall) else 0)
-
-
 class Acknowledged(Exception):
     """This delivery ends here without a result of its own (it waits, was held, was a copy):
     ``GovernedTask.__call__`` turns it into Celery's ``Ignore``, raised from a shallow stack,
     because Celery records the whole traceback of an ``Ignore`` on every such delivery."""
 
 
-@dataclass(frozen=True)
-class AttemptOutcome:
-    """How an attempt ended, decided before it settles: its audit entry, and what follows."""
+class Delivery:
+    """One delivery of one governed task, from its headers to its outcome.
 
-    entry: dict[str, Any]
-    error: BaseException | None = None
-    retry_delay_ms: int | None = None
-    failure: str = ""
+    ``task`` is the bound ``GovernedTask`` (its ``request`` is this delivery's)."""
 
-
-class TaskLife:
-    """One delivery of one governed task, from its headers to its outcome."""
-
-    def __init__(self, task: GovernedTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.task = task
         self.args = args
         self.kwargs = kwargs
@@ -125,6 +99,7 @@ class TaskLife:
         self.action: Action | None = None
         self.decision: Decision | None = None
         self._envelope: Envelope | None = None
+        self._call: str | None = None
         #: What admission reserved for this attempt (the policy's estimate of the action).
         self._estimate = Usage()
         self._admit_ms = 0.0
@@ -141,9 +116,9 @@ class TaskLife:
 
     def start_admission(self) -> None:
         """Write the admission before the body is called (from ``task_prerun``, see
-        :mod:`governance.integration.overlap`) when nothing but the policy decides up to there:
-        valid headers without approvals to verify, an action the policy lets run at once.
-        Otherwise, or if anything fails, :meth:`run` does every step itself."""
+        :mod:`governance.integration.worker.overlap`) when nothing but the policy decides up to
+        there: valid headers without approvals to verify, an action the policy lets run at
+        once. Otherwise, or if anything fails, :meth:`run` does every step itself."""
         try:
             headers = read_headers(self.task.request)
             if headers.approvals:
@@ -188,10 +163,24 @@ class TaskLife:
                 error = exc
         run_ms = round((time.perf_counter() - started) * 1000, 3)
         if isinstance(error, SoftTimeLimitExceeded):
-            error = self._step_timed_out(tenant, action, run_ms)
-        counted, spend = self._counted(base_usage(action) + execution.usage, execution, error)
-        outcome = self._outcome(error, headers, action, tenant, run_ms, spend)
-        self._settle(admission, counted, outcome, headers)
+            limit = self.runtime.policy.step_timeout(tenant, action)
+            error = step_timeout_error(limit, ErrorKind(tenant.step_timeout_error), run_ms)
+        counted, spend = counted_usage(
+            base_usage(action) + execution.usage, self._estimate, execution.usage_unknown, error
+        )
+        detail = {"attempt": headers.attempt, "run_ms": run_ms, "admit_ms": self._admit_ms}
+        outcome = attempt_outcome(
+            error,
+            attempt=headers.attempt,
+            retry=tenant.retry,
+            detail={**detail, **spend},
+            rng=_rng,
+        )
+        if outcome.cooldown is not None:
+            self._record_cooldown(headers, action, outcome.cooldown)
+        AttemptSettlement(
+            self.runtime, self.task, admission.ticket, self.envelope, headers.attempt, self._started
+        ).settle(counted, outcome)
         if outcome.error is None:
             return result
         if outcome.retry_delay_ms is not None:
@@ -237,15 +226,14 @@ class TaskLife:
     ) -> Decision:
         """An approval-tier action runs only when released (or covered by a grant); otherwise
         it goes to the held store and this message is acknowledged."""
-        approvals = Approvals(self.task.app, self.runtime)
         try:
-            with self.runtime.store_call():
-                released = approvals.check(
-                    headers, self.task.name, self.task_id, self.args, self.kwargs, action, decision
+            with self.runtime.health.call():
+                released = ApprovalGate(self.runtime).release(
+                    headers, self.task_id, self.call(), action, decision
                 )
                 if released is not None:
                     return released
-                approvals.hold(
+                Holding(self.task.app, self.runtime).hold(
                     self.envelope(), context=headers.context, action=action, decision=decision
                 )
         except StoreUnavailable as exc:
@@ -265,6 +253,14 @@ class TaskLife:
             self._envelope = envelope_from_request(self.task, self.args, self.kwargs)
         return self._envelope
 
+    def call(self) -> str:
+        """This call's hash (task, arguments, context): what a release must be signed over;
+        computed once per delivery, only when an approval is checked."""
+        if self._call is None:
+            assert self.headers is not None
+            self._call = message_call(self.task.name, self.args, self.kwargs, self.headers.context)
+        return self._call
+
     def _template(self) -> dict[str, str]:
         assert self.headers is not None
         assert self.action is not None
@@ -277,28 +273,14 @@ class TaskLife:
             d.tier.value if d is not None and d.tier is not None else None,
         )
 
-    def _step_timed_out(self, tenant: TenantPolicy, action: Action, run_ms: float) -> ActionError:
-        """The body ran out of its step timeout (Celery's soft time limit, set from the policy
-        by ``GovernedRequest``): a failure of the kind the tenant's ``step_timeout_error`` says,
-        whose outcome is unknown (the step may have done part of its work, an LLM provider may
-        have billed the call), so its reservation counts as spent."""
-        limit = self.runtime.policy.step_timeout(tenant, action)
-        limit_text = f"{limit.total_seconds():g} s" if limit else "its time limit"
-        return ActionError(
-            f"step_timeout: the step ran {run_ms / 1000:.1f} s, over its step timeout of "
-            f"{limit_text}",
-            ErrorKind(tenant.step_timeout_error),
-            outcome_unknown=True,
-        )
-
     def _cost_alert_approval(self, headers: GovernanceHeaders, action: Action) -> int | None:
         """The reviewers' verified approval to go past the run's cost alert, if the message
-        carries one (see ``Approvals.cost_alert_release``)."""
+        carries one (see ``ApprovalGate.cost_alert_release``)."""
         if not headers.approvals:
             return None
-        with self.runtime.store_call():
-            return Approvals(self.task.app, self.runtime).cost_alert_release(
-                headers, self.task.name, self.task_id, self.args, self.kwargs, action
+        with self.runtime.health.call():
+            return ApprovalGate(self.runtime).cost_alert_release(
+                headers, self.task_id, self.call(), action
             )
 
     def _hold_at_cost_alert(
@@ -315,8 +297,8 @@ class TaskLife:
             granted=False,
         )
         try:
-            with self.runtime.store_call():
-                Approvals(self.task.app, self.runtime).hold(
+            with self.runtime.health.call():
+                Holding(self.task.app, self.runtime).hold(
                     self.envelope(),
                     context=headers.context,
                     action=action,
@@ -334,7 +316,7 @@ class TaskLife:
         runtime = self.runtime
         self._estimate = runtime.policy.estimate_usage(action)
         alert_approved = self._cost_alert_approval(headers, action)
-        with runtime.store_call():
+        with runtime.health.call():
             return runtime.admitter.begin_admit(
                 ctx=headers.context,
                 action=action,
@@ -347,7 +329,7 @@ class TaskLife:
                 envelope=None if headers.ledgered else self.envelope().to_json(),
                 template=self._template(),
                 outage=headers.outage,
-                reclaim=runtime.may_reclaim,
+                reclaim=runtime.health.may_reclaim,
                 cost_alert_approved=alert_approved,
             )
 
@@ -361,7 +343,7 @@ class TaskLife:
         try:
             if written is None:
                 written = self._begin_admit(headers, action, tenant)
-            with self.runtime.store_call():
+            with self.runtime.health.call():
                 admission = written()
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
@@ -420,96 +402,6 @@ class TaskLife:
             "before its result was stored; it is not run again"
         )
 
-    def _counted(
-        self, reported: Usage, execution: Execution, error: BaseException | None
-    ) -> tuple[Usage, dict[str, Any]]:
-        """What the attempt counts at settlement, and what its audit entry says about it.
-
-        What the body reported, normally. When what the call used cannot be known (the body
-        said so with ``report_usage_unknown``, or raised an ``ActionError`` with
-        ``outcome_unknown``: a timeout after the request was sent, a lost connection), at least
-        the attempt's whole reservation: the provider may have billed it, and counting it keeps
-        a budget from being exceeded by calls that fail that way, on every attempt
-        (``"spend": "assumed"``). Usage reported above the reservation counts as reported, and
-        the entry records the excess (the next admission sees it in the window's usage).
-        """
-        reason = execution.usage_unknown or _unknown_outcome(error)
-        if reason is not None:
-            return reported.at_least(self._estimate), {"spend": "assumed", "spend_reason": reason}
-        excess = reported.excess_over(self._estimate)
-        return reported, ({"excess": excess} if excess else {})
-
-    def _outcome(
-        self,
-        error: BaseException | None,
-        headers: GovernanceHeaders,
-        action: Action,
-        tenant: TenantPolicy,
-        run_ms: float,
-        spend: dict[str, Any],
-    ) -> AttemptOutcome:
-        attempts = headers.attempt + 1
-        detail: dict[str, Any] = {
-            "attempt": headers.attempt,
-            "run_ms": run_ms,
-            "admit_ms": self._admit_ms,
-            **spend,
-        }
-        if error is None:
-            return AttemptOutcome({"type": "task_finished", "decision": "allow", "detail": detail})
-        if not isinstance(error, Exception):
-            reason = f"interrupted ({type(error).__name__}) during attempt {attempts}"
-            return AttemptOutcome(
-                {"type": "task_failed", "decision": "allow", "reason": reason, "detail": detail},
-                error=error,
-                failure=reason,
-            )
-        if isinstance(error, GovernedRetry | Retry):
-            cause = error.exc if isinstance(error.exc, BaseException) else error
-            delay_s = error.delay_s if isinstance(error, GovernedRetry) else _when_s(error)
-            delay = round(delay_s * 1000)
-            if isinstance(cause, ActionError) and cause.kind is ErrorKind.rate_limited:
-                delay = max(delay, cause.retry_after_ms or 0)
-                self._record_cooldown(headers, action, cause)
-            reason = f"retry requested by the task: {cause}"
-            return self._retry(reason, delay, error, detail)
-        classified = (
-            error
-            if isinstance(error, ActionError)
-            else ActionError.permanent(f"{type(error).__name__}: {error}")
-        )
-        if classified.kind is ErrorKind.rate_limited:
-            self._record_cooldown(headers, action, classified)
-        exhausted = getattr(error, RETRIES_EXHAUSTED, False)
-        planned = None if exhausted else tenant.retry.delay_ms(classified, headers.attempt, _rng)
-        detail["kind"] = classified.kind.value
-        if planned is None:
-            reason = (
-                f"{classified.kind.value} error after {attempts} attempt(s): {classified.message}"
-            )
-            return AttemptOutcome(
-                {"type": "task_failed", "decision": "allow", "reason": reason, "detail": detail},
-                error=error,
-                failure=reason,
-            )
-        reason = f"{classified.kind.value} error: {classified.message}"
-        return self._retry(reason, planned, error, detail)
-
-    def _retry(
-        self, reason: str, delay_ms: int, error: BaseException, detail: dict[str, Any]
-    ) -> AttemptOutcome:
-        detail = {**detail, "delay_ms": delay_ms}
-        return AttemptOutcome(
-            {
-                "type": "retry_scheduled",
-                "decision": "allow",
-                "reason": f"{reason}; retry in {delay_ms} ms",
-                "detail": detail,
-            },
-            error=error,
-            retry_delay_ms=delay_ms,
-        )
-
     def _record_cooldown(
         self, headers: GovernanceHeaders, action: Action, error: ActionError
     ) -> None:
@@ -526,94 +418,6 @@ class TaskLife:
             )
         except StoreUnavailable as exc:
             log.warning("could not record the cooldown of %s: %s", action.provider, exc)
-
-    def _settle(
-        self,
-        admission: Admission,
-        actual: Usage,
-        outcome: AttemptOutcome,
-        headers: GovernanceHeaders,
-    ) -> None:
-        next_attempt = None
-        parked = False
-        if outcome.retry_delay_ms is not None:
-            due_ms = int(time.time() * 1000) + outcome.retry_delay_ms
-            parked = outcome.retry_delay_ms / 1000 > self.runtime.settings.countdown_limit_s
-            next_envelope = self.envelope().with_retries(headers.attempt + 1)
-            next_attempt = NextAttempt(next_envelope.to_json(), due_ms, parked)
-        settings = self.runtime.settings
-        admitter = self.runtime.admitter
-
-        def write() -> Callable[[], Settlement]:
-            """Write the settlement; the function returned reads what it did."""
-            with self.runtime.store_call():
-                return admitter.begin_settle(
-                    admission.ticket,
-                    actual,
-                    entry=outcome.entry,
-                    next_attempt=next_attempt,
-                    reclaim=self.runtime.may_reclaim,
-                    policy_version=self.runtime.policy.version,
-                )
-
-        def settle(written: Callable[[], Settlement] | None = None) -> None:
-            read = written or write()
-            with self.runtime.store_call():
-                settlement = read()
-            self.runtime.publish_each(settlement.publish)
-            if next_attempt is not None and not parked and outcome.retry_delay_ms is not None:
-                self._publish_retry(headers, outcome.retry_delay_ms)
-
-        # Never longer than half the broker's limit on an unacknowledged delivery.
-        deadline = min(
-            time.monotonic() + settings.settle_patience_s,
-            self._started + settings.unacked_limit_s / 2,
-        )
-
-        def settle_patiently(written: Callable[[], Settlement] | None = None) -> None:
-            pause = 0.2
-            while True:
-                try:
-                    settle(written)
-                    return
-                except StoreUnavailable as exc:
-                    written = None
-                    if time.monotonic() + pause > deadline:
-                        log.error(
-                            "task %s ran but could not be settled: %s; its delivery is "
-                            "acknowledged and this worker process settles it when the state "
-                            "store is back",
-                            self.task_id,
-                            exc,
-                        )
-                        self.runtime.settle_later(admission.ticket, settle)
-                        return
-                    log.warning("settlement of %s failed, trying again: %s", self.task_id, exc)
-                    time.sleep(pause)
-                    pause = min(pause * 2, 2.0)
-
-        if settling_after_result(self.task):
-            # Written now, read once Celery has stored the result (its round trip overlaps
-            # this one), in ``task_postrun``: before the delivery is acknowledged.
-            try:
-                written = write()
-            except StoreUnavailable:
-                pass
-            else:
-                defer_settlement(self.task, lambda: settle_patiently(written))
-                return
-        settle_patiently()
-
-    def _publish_retry(self, headers: GovernanceHeaders, delay_ms: int) -> None:
-        envelope = self.envelope().with_retries(headers.attempt + 1)
-        try:
-            self.runtime.publish(envelope, countdown_s=delay_ms / 1000)
-        except Exception:
-            log.warning(
-                "could not publish the retry of %s; the reconciler will",
-                self.task_id,
-                exc_info=True,
-            )
 
     # -- outcomes that end the task without running its body ---------------------------------
 
@@ -653,7 +457,7 @@ class TaskLife:
             # Listed for reviewers as a non-blocking suggestion; the held store's call writes
             # the audit entry with it.
             try:
-                Approvals(self.task.app, self.runtime).hold(
+                Holding(self.task.app, self.runtime).hold(
                     self.envelope(),
                     context=ctx,
                     action=self.action,
@@ -720,22 +524,3 @@ class TaskLife:
             self.task.send_event(f"task-{kind}", retry=False, **fields)
         except Exception:
             log.warning("could not send task-%s for %s", kind, self.task_id, exc_info=True)
-
-
-def _unknown_outcome(error: BaseException | None) -> str | None:
-    """Why the attempt's spend is unknown, when the body ended with an ``ActionError`` (raised,
-    or given to a retry) whose request was sent and whose outcome is unknown; else None."""
-    if isinstance(error, GovernedRetry | Retry):
-        error = error.exc if isinstance(error.exc, BaseException) else None
-    if isinstance(error, ActionError) and error.outcome_unknown:
-        return f"outcome unknown: {error.message}"
-    return None
-
-
-def _when_s(retry: Retry) -> float:
-    when = retry.when
-    if when is None:
-        return 0.0
-    if isinstance(when, int | float):
-        return float(when)
-    return max(0.0, float(when.timestamp()) - time.time())

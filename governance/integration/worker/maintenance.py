@@ -33,14 +33,15 @@ import time
 import uuid
 from typing import Any
 
-from governance.integration.approvals import Approvals
-from governance.integration.notify import NotifierThread
+from governance.integration.approvals.notify import NotifierThread
+from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
 from governance.store import audit_verify
 from governance.store.admission import Publication
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.errors import StoreUnavailable
 from governance.store.keys import DEPLOYMENT_CHAIN, DeploymentKeys
+from governance.store.leader import LeaderLock
 
 log = logging.getLogger("governance.maintenance")
 
@@ -50,15 +51,6 @@ WAITING_SWEEP_S = 5.0
 #: seal grace (an orphan is adopted in the first of them): an older one lost its seal to
 #: someone's edit, and verify names it rather than the leader sealing it.
 ADOPTION_ROUNDS = 10
-
-#: Extend a lock's expiry if it still holds this process's id.
-RENEW_IF_MINE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
 
 #: How often each worker reports the policy version it enforces.
 POLICY_REPORT_S = 5.0
@@ -99,23 +91,13 @@ class MaintenanceThread:
 
     def _lead(self) -> bool:
         """Take or keep the leader lock (it lapses after a few rounds without renewal)."""
-        state = self._runtime.state
         ttl_ms = max(3000, int(self._runtime.settings.sweep_poll_s * 6000))
-        key = DeploymentKeys.maintenance_leader
-
-        def lead() -> bool:
-            if state.client.set(key, self._me, nx=True, px=ttl_ms):
-                return True
-            # Renewed only if still ours, in one step (a lock that lapsed and was taken by
-            # another worker between a read and a renewal would be extended for it).
-            return bool(state.client.eval(RENEW_IF_MINE, 1, key, self._me, ttl_ms))
-
-        return bool(state.run("maintenance lock", lead))
+        return LeaderLock(self._runtime.state, self._me, ttl_ms).take_or_keep()
 
     def run_once(self) -> None:
         """One round (tests call it directly)."""
         runtime = self._runtime
-        with runtime.store_call():
+        with runtime.health.call():
             self._watch_policy()
             self.leading = self._lead()
             if not self.leading:
@@ -129,7 +111,7 @@ class MaintenanceThread:
                 self._sweep(tenant)
             if now >= self._next_held:
                 self._next_held = now + runtime.settings.held_sweep_s
-                Approvals(self._app, runtime).expire_due()
+                Reviewers(self._app, runtime).expire_due()
             if now >= self._next_audit:
                 self._next_audit = now + runtime.settings.audit_checkpoint_s
                 self._audit_round((*tenants, DEPLOYMENT_CHAIN))
@@ -180,7 +162,7 @@ class MaintenanceThread:
         runtime = self._runtime
         for _ in range(50):  # a bounded round; what is left is due again next round
             result = runtime.ledger.sweep(
-                tenant, reclaim=runtime.may_reclaim, policy_version=runtime.policy.version
+                tenant, reclaim=runtime.health.may_reclaim, policy_version=runtime.policy.version
             )
             self._publish(result.publish)
             if not result.more:

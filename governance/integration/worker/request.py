@@ -6,7 +6,7 @@ its tenant's) becomes Celery's soft time limit of the task, and the soft limit p
 ``HARD_LIMIT_GRACE_S`` its hard limit, set here in the worker's main process when the message
 is received (a limit the publisher sent can only be lower). The body gets Celery's
 ``SoftTimeLimitExceeded``, and the task settles as a step timeout (see
-``TaskLife._step_timed_out``). A body that ignores it is killed at the hard limit; the pool's
+``outcome.step_timeout_error``). A body that ignores it is killed at the hard limit; the pool's
 timeout handler (here, in the main process) then settles the attempt for it: lease and
 reservation released, the reservation counted as spent, a ``task_failed`` audit entry.
 
@@ -28,8 +28,8 @@ from celery.worker.request import Request
 
 from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, header_value, read_context
-from governance.integration.lifecycle import audit_template
 from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.integration.worker.outcome import audit_template
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.tenant import TenantPolicy
@@ -132,7 +132,7 @@ class GovernedRequest(Request):  # type: ignore[misc]
             "reason": reason,
             "detail": {"attempt": attempt, "spend": "assumed", "spend_reason": reason},
         }
-        with runtime.store_call():
+        with runtime.health.call():
             settlement = runtime.admitter.settle_killed(
                 ticket, runtime.policy.estimate_usage(action), entry=entry
             )

@@ -1,13 +1,13 @@
-"""Held tasks and their reviewers: hold, approve, reject, expire, grants, and the worker's check.
+"""The reviewers' workflow: find a held task, approve, reject, expire, grants.
 
-An approval-tier action is written to the held store instead of running. Reviewers decide with
-``govctl``, signing each decision with their Ed25519 key (see :mod:`governance.policy.signing`).
-The approval that completes the tenant's quorum releases the task: it is recorded in the ledger
-and published again with its original id, carrying the signed approvals. The worker runs it only
-if those signatures release this very call (:meth:`Approvals.check`); anything else (a task
-marked released in Redis, a copied or edited message) is held again and audited as a forged
-release. A grant given with an approval is stored with the approvals that justify it, and the
-worker verifies those too.
+Reviewers decide with ``govctl``, signing each decision with their Ed25519 key (see
+:mod:`governance.policy.signing`). The approval that completes the tenant's quorum releases the
+task: it is recorded in the ledger and published again with its original id, carrying the signed
+approvals, which the worker verifies (:mod:`governance.integration.approvals.gate`). A grant
+given with an approval is stored with the approvals that justify it.
+
+Callers: ``govctl`` (every reviewer and operator command) and the worker's maintenance thread
+(holds that expire).
 """
 
 from __future__ import annotations
@@ -16,41 +16,22 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from governance.integration.approvals.gate import COST_ALERT, grant_verdict
+from governance.integration.approvals.holding import audit_fields, seal_now, send_held_event
 from governance.integration.errors import ApprovalRefused, ApprovalRejected
-from governance.integration.events import (
-    call_fields,
-    event_fields,
-    held_summary,
-    iso,
-    redact,
-    send_app_event,
-)
-from governance.integration.headers import (
-    APPROVALS,
-    CONTEXT,
-    LEDGER,
-    GovernanceHeaders,
-    context_json,
-)
+from governance.integration.events import send_app_event
+from governance.integration.headers import APPROVALS, LEDGER
 from governance.integration.messages import Envelope
 from governance.integration.runtime import GovernanceRuntime
-from governance.policy.actions import Action
-from governance.policy.context import ActionContext
-from governance.policy.decision import Decision
 from governance.policy.signing import (
     DecisionPayload,
-    GrantCheck,
-    Release,
-    call_hash,
-    check_grant,
-    check_release,
     grant_until_ms,
     new_nonce,
     reviewer_of,
@@ -58,21 +39,10 @@ from governance.policy.signing import (
     verified,
 )
 from governance.policy.tenant import TenantPolicy
-from governance.policy.tiers import Outcome
-from governance.store.audit import AuditEvent, AuditEventType
-from governance.store.errors import StoreUnavailable
 from governance.store.held import HeldStatus, HeldStore, HeldTask
 from governance.store.usage import stop_run_at_cost_alert
 
 log = logging.getLogger("governance.approvals")
-
-#: The kind of a hold at a run's cost alert (an approval-tier hold is "hold").
-COST_ALERT = "cost_alert"
-
-
-def _kind_of(signed: Mapping[str, Any]) -> str:
-    payload = signed.get("payload")
-    return str(payload.get("kind", "hold")) if isinstance(payload, Mapping) else ""
 
 
 @dataclass(frozen=True)
@@ -94,19 +64,8 @@ def held_message(task: HeldTask) -> Envelope:
     return Envelope.from_dict(task.envelope)
 
 
-def context_dict(context: ActionContext) -> dict[str, Any]:
-    """The context as a decision's call hash covers it (exactly as the message carries it)."""
-    value: dict[str, Any] = json.loads(context_json(context))
-    return value
-
-
-def message_call(task_name: str, args: Any, kwargs: Any, context: ActionContext) -> str:
-    """The call hash of a message (what the reviewers' signatures must be over)."""
-    return call_hash(task_name, list(args), dict(kwargs), context_dict(context))
-
-
-class Approvals:
-    """The approval workflow of one Celery app."""
+class Reviewers:
+    """The reviewers' decisions on the held tasks of one app."""
 
     def __init__(self, app: Any, runtime: GovernanceRuntime) -> None:
         self.app = app
@@ -118,277 +77,6 @@ class Approvals:
         if tenant is None:
             raise ApprovalRefused(f"tenant {name!r} is not in the policy")
         return tenant
-
-    def _audit_fields(self, task: HeldTask, reviewer: str = "") -> dict[str, str]:
-        fields = {
-            "tenant": task.tenant,
-            "agent": task.agent,
-            "run": task.run,
-            "task_id": task.task_id,
-            "action": task.action_name,
-            "tier": task.tier,
-            "policy_version": self.runtime.policy.version,
-        }
-        if reviewer:
-            fields["reviewer"] = reviewer
-        return fields
-
-    # -- holding ------------------------------------------------------------------------------
-
-    def hold(
-        self,
-        envelope: Envelope,
-        *,
-        context: ActionContext,
-        action: Action,
-        decision: Decision,
-        blocking: bool = True,
-        kind: str = "hold",
-        at_publish: bool = False,
-    ) -> HeldTask:
-        """Keep the call in the held store (or list it as a suggestion), tell the tenant's
-        notifiers and Flower.
-
-        ``at_publish``: held by the publisher, so Flower never saw the task on the broker; its
-        event then gives the task its ``received`` time (else it would sort last).
-        """
-        tenant = self.runtime.policy.tenant(context.tenant)
-        expiry = tenant.approval.expiry if tenant else timedelta(hours=24)
-        now_ms = int(time.time() * 1000)
-        # The context exactly as parsed here (a default such as trace_id filled in), so every
-        # later delivery parses the same context and hashes the same call. A call held at its
-        # run's cost alert keeps the approvals that released it from its tier's hold.
-        headers = {
-            k: v for k, v in envelope.headers.items() if k != APPROVALS or kind == COST_ALERT
-        }
-        headers[CONTEXT] = context_json(context)
-        kept = Envelope(
-            envelope.task, envelope.args, envelope.kwargs, {**envelope.options, "headers": headers}
-        )
-        task = HeldTask(
-            task_id=envelope.task_id,
-            tenant=context.tenant,
-            agent=context.agent,
-            run=context.run,
-            user=context.user or "",
-            task_name=envelope.task,
-            args=list(envelope.args),
-            kwargs=dict(envelope.kwargs),
-            context=context_dict(context),
-            action=action.model_dump(mode="json"),
-            action_name=action.name,
-            action_class=decision.action_class or "",
-            tier=decision.tier.value if decision.tier else "",
-            reason=decision.reason,
-            call=message_call(envelope.task, envelope.args, envelope.kwargs, context),
-            requested_ms=now_ms,
-            expires_ms=now_ms + int(expiry.total_seconds() * 1000),
-            envelope=json.loads(kept.to_json()),
-            status=HeldStatus.HELD if blocking else HeldStatus.SUGGESTED,
-            kind=kind,
-        )
-        if blocking:  # first, so whoever sees the task held also sees the HELD result
-            meta = {
-                "reason": decision.reason,
-                "tenant": context.tenant,
-                "agent": context.agent,
-                "run": context.run,
-                "requested_by": context.user,
-                "action": action.name,
-                "call": task.action.get("input", task.kwargs),
-                "expires_ms": task.expires_ms,
-                "govctl": f"govctl held approve {task.task_id} --key PATH",
-                "kind": kind,
-            }
-            self.app.backend.store_result(task.task_id, meta, "HELD")
-        notifications = self._notifications(task, tenant)
-        self.store.put(
-            task,
-            audit=self._audit_fields(task),
-            detail={"expires_ms": task.expires_ms, "kind": kind},
-            notification=notifications,
-        )
-        self._seal(task.tenant)
-        if blocking:
-            self._send_held_event(task, tenant, received=now_ms / 1000 if at_publish else None)
-        return task
-
-    def _send_held_event(
-        self, task: HeldTask, tenant: TenantPolicy | None, received: float | None = None
-    ) -> None:
-        """``task-held`` for Flower: the call (secrets redacted) in ``args``/``kwargs``, and in
-        ``result`` the reason, the context, the requester, the approvals so far, the expiry and
-        the commands that decide it (Flower shows only Celery's own task fields)."""
-        fields = event_fields(None, task.action_name, task.reason)
-        fields.update(tenant=task.tenant, agent=task.agent, run=task.run)
-        fields.update(call_fields(task.args, task.kwargs))
-        fields["result"] = held_summary(
-            task_id=task.task_id,
-            reason=task.reason,
-            tenant=task.tenant,
-            agent=task.agent,
-            run=task.run,
-            user=task.user,
-            action=task.action_name,
-            approvals=task.approvals,
-            quorum=tenant.approval.quorum if tenant else None,
-            reviewers=sorted(tenant.reviewers) if tenant else [],
-            expires_ms=task.expires_ms,
-        )
-        fields["expires"] = iso(task.expires_ms)
-        fields["context"] = redact(task.context)
-        if received is not None:
-            fields["received"] = received
-        send_app_event(self.app, "held", task.task_id, name=task.task_name, **fields)
-
-    def _notifications(self, task: HeldTask, tenant: TenantPolicy | None) -> dict[str, Any] | None:
-        if tenant is None or not tenant.notify:
-            return None
-        from governance.integration.notify import notification_body
-
-        return {"body": notification_body(task, tenant), "notifiers": len(tenant.notify)}
-
-    # -- on the worker ------------------------------------------------------------------------
-
-    def lift_with_grant(self, ctx: ActionContext, action: Action, decision: Decision) -> Decision:
-        """An approval-tier decision, lifted when a genuine grant covers the agent's action."""
-        tenant = self.runtime.policy.tenant(ctx.tenant)
-        if tenant is None:
-            return decision
-        now_ms = int(time.time() * 1000)
-        names = {action.name, decision.action_class or action.name}
-        for grant_id, grant in self.store.grants(ctx.tenant).items():
-            verdict = _grant_verdict(grant, tenant, ctx.agent, names, now_ms)
-            if verdict.ok:
-                reason = f"{decision.reason}; allowed by grant {grant_id} ({verdict.reason})"
-                return Decision(
-                    Outcome.allow,
-                    reason,
-                    decision.tier,
-                    f"grant {grant_id}",
-                    decision.action_class,
-                    True,
-                    decision.tier_level,
-                )
-        return decision
-
-    def cost_alert_release(
-        self,
-        headers: GovernanceHeaders,
-        task_name: str,
-        task_id: str,
-        args: Any,
-        kwargs: Any,
-        action: Action,
-    ) -> int | None:
-        """Whether the message carries the reviewers' approval to go past its run's cost alert:
-        the new threshold they set (micro-USD; the lowest any of them signed, 0 when none set
-        one: the policy's next step), or None. Approvals that do not verify are audited as a
-        forged release (the admission then holds the call again)."""
-        approvals = [a for a in headers.approvals if _kind_of(a) == COST_ALERT]
-        if not approvals:
-            return None
-        release = self._release(
-            headers.context, approvals, task_name, task_id, args, kwargs, kind=COST_ALERT
-        )
-        if release.ok:
-            chosen = [p.alert_to_micro for p in release.payloads if p.alert_to_micro is not None]
-            return min(chosen) if chosen else 0
-        self._refused(headers.context, task_id, action, release, "a cost-alert release")
-        return None
-
-    def _release(
-        self,
-        ctx: ActionContext,
-        approvals: Sequence[Mapping[str, Any]],
-        task_name: str,
-        task_id: str,
-        args: Any,
-        kwargs: Any,
-        kind: str,
-    ) -> Release:
-        """Whether ``approvals`` release this exact call under the tenant's approval rules."""
-        tenant = self._tenant(ctx.tenant)
-        return check_release(
-            approvals,
-            reviewers=tenant.reviewers,
-            quorum=tenant.approval.quorum,
-            allow_self_approval=tenant.approval.allow_self_approval,
-            task_id=task_id,
-            call=message_call(task_name, args, kwargs, ctx),
-            requester=ctx.user,
-            now_ms=int(time.time() * 1000),
-            valid_for=tenant.approval.valid_for,
-            collect_for=tenant.approval.expiry,
-            kind=kind,
-        )
-
-    def _refused(
-        self,
-        ctx: ActionContext,
-        task_id: str,
-        action: Action,
-        release: Release,
-        what: str,
-        tier: str = "",
-    ) -> None:
-        """Audit a release that does not release (the call is held again): one that does not
-        verify is forged; genuine approvals whose release is older than ``valid_for`` expired."""
-        if release.expired:
-            kind, reason = AuditEventType.RELEASE_EXPIRED, f"{what} that expired"
-        else:
-            kind, reason = AuditEventType.FORGED_RELEASE, f"{what} that does not verify"
-        reason = f"{reason}: {release.reason}; held again"
-        self.runtime.audit(
-            AuditEvent(
-                type=kind,
-                tenant=ctx.tenant,
-                agent=ctx.agent,
-                run=ctx.run,
-                task_id=task_id,
-                action=action.name,
-                decision="hold",
-                reason=reason,
-                tier=tier,
-            )
-        )
-        log.warning("task %s: %s", task_id, reason)
-
-    def check(
-        self,
-        headers: GovernanceHeaders,
-        task_name: str,
-        task_id: str,
-        args: Any,
-        kwargs: Any,
-        action: Action,
-        decision: Decision,
-    ) -> Decision | None:
-        """The decision under which a held-tier call runs now: a genuine grant covers it, or the
-        message carries the signed approvals that release this exact call. None: it must be
-        held (a release that does not verify is audited as forged first)."""
-        lifted = self.lift_with_grant(headers.context, action, decision)
-        if lifted.outcome is not Outcome.hold:
-            return lifted
-        if not headers.approvals:
-            return None
-        ctx = headers.context
-        release = self._release(
-            ctx, headers.approvals, task_name, task_id, args, kwargs, kind="hold"
-        )
-        if release.ok:
-            return Decision(
-                Outcome.allow,
-                f"{decision.reason}; {release.reason}",
-                decision.tier,
-                decision.rule,
-                decision.action_class,
-                False,
-                decision.tier_level,
-            )
-        tier = decision.tier.value if decision.tier else ""
-        self._refused(ctx, task_id, action, release, "a release", tier)
-        return None
 
     # -- reviewer decisions -------------------------------------------------------------------
 
@@ -545,19 +233,19 @@ class Approvals:
                 seen=len(approvals),
                 release=release.to_json() if release else None,
                 grant=grant,
-                audit=self._audit_fields(task, reviewer),
+                audit=audit_fields(task, self.runtime.policy.version, reviewer),
                 ttl_s=self.runtime.state.ttl.task_s,
             )
             if decided.outcome == "stale":
                 continue
-            self._seal(task.tenant)
+            seal_now(self.runtime, task.tenant)
             self._refuse_unless(decided.outcome, task, reviewer, ("recorded", "released"))
             if decided.outcome == "released" and release is not None:
                 self._publish_released(task, release)
             updated = self.store.get(task.tenant, task_id) or task
             released = decided.outcome == "released"
             if not released:  # Flower shows the approvals so far
-                self._send_held_event(updated, tenant)
+                send_held_event(self.app, updated, tenant)
             return ApprovalOutcome(
                 updated,
                 decided.outcome,
@@ -612,10 +300,10 @@ class Approvals:
             reviewer=reviewer,
             reason=reason,
             signed=signed,
-            audit=self._audit_fields(task, reviewer),
+            audit=audit_fields(task, self.runtime.policy.version, reviewer),
             ttl_s=self.runtime.state.ttl.task_s,
         )
-        self._seal(task.tenant)
+        seal_now(self.runtime, task.tenant)
         self._refuse_unless(decided.outcome, task, reviewer, ("rejected",))
         self._end(task, f"rejected by {reviewer}: {reason}", reviewer)
         return self.store.get(task.tenant, task_id) or task
@@ -633,11 +321,11 @@ class Approvals:
                     verdict="expire",
                     reviewer="",
                     reason="expired: no reviewer decision before the hold expired",
-                    audit=self._audit_fields(task),
+                    audit=audit_fields(task, self.runtime.policy.version),
                     ttl_s=self.runtime.state.ttl.task_s,
                     now_ms=now_ms,
                 )
-                self._seal(tenant)
+                seal_now(self.runtime, tenant)
                 if decided.outcome == "expired":
                     self._end(task, "expired: no reviewer decision before the hold expired", "")
                     expired.append(self.store.get(tenant, task_id) or task)
@@ -651,7 +339,7 @@ class Approvals:
         now_ms = int(time.time() * 1000)
         listed = []
         for grant_id, grant in sorted(self.store.grants(tenant).items()):
-            verdict = _grant_verdict(
+            verdict = grant_verdict(
                 grant, policy, str(grant.get("agent", "")), [str(grant.get("action", ""))], now_ms
             )
             listed.append(
@@ -671,18 +359,11 @@ class Approvals:
         self._tenant(tenant)
         audit = {"tenant": tenant, "reviewer": by, "policy_version": self.runtime.policy.version}
         revoked = self.store.revoke_grant(tenant, grant_id, audit)
-        self._seal(tenant)
+        seal_now(self.runtime, tenant)
         if not revoked:
             raise ApprovalRefused(f"unknown grant {grant_id!r} of tenant {tenant!r}")
 
     # -- helpers ------------------------------------------------------------------------------
-
-    def _seal(self, tenant: str) -> None:
-        """Seal at once what the decision wrote: a reviewer's ``govctl`` exits right after."""
-        try:
-            self.runtime.audit_log.flush(tenant)
-        except StoreUnavailable:
-            log.warning("the audit seals of tenant %s are not written yet", tenant)
 
     def _refuse_unless(
         self, outcome: str, task: HeldTask, reviewer: str, accepted: tuple[str, ...]
@@ -728,24 +409,3 @@ class Approvals:
             reason=reason,
             reviewer=reviewer,
         )
-
-
-def _grant_verdict(
-    grant: Mapping[str, Any],
-    tenant: TenantPolicy,
-    agent: str,
-    action_names: Iterable[str],
-    now_ms: int,
-) -> GrantCheck:
-    """Whether a stored grant verifies under ``tenant``'s reviewers and approval rules, and
-    covers ``agent`` taking one of ``action_names`` now."""
-    return check_grant(
-        grant,
-        reviewers=tenant.reviewers,
-        quorum=tenant.approval.quorum,
-        allow_self_approval=tenant.approval.allow_self_approval,
-        max_grant=tenant.approval.max_grant,
-        agent=agent,
-        action_names=action_names,
-        now_ms=now_ms,
-    )

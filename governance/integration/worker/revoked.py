@@ -18,6 +18,7 @@ from celery import signals
 
 from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, HeaderError, header_value, read_context
+from governance.integration.runtime import installed_on
 from governance.store.audit import AuditEvent, AuditEventType
 
 log = logging.getLogger("governance.lifecycle")
@@ -39,8 +40,6 @@ def _revoked(
     expired: bool = False,
     **_: Any,
 ) -> None:
-    from governance.integration.runtime import installed_on
-
     if sender is None or request is None or not is_governed(sender):
         return
     runtime = installed_on(sender.app)
