@@ -1,10 +1,10 @@
-"""The README's table of govctl exit codes, checked row by row against a real worker and Redis.
+"""The docs' table of govctl exit codes, checked row by row against a real worker and Redis.
 
-The table (section "### Exit codes") is read from README.md; every row is one test case, run
-by the scenario registered for its "when" cell below. A row without a scenario, a scenario
-without a row, or an exit code missing from the table fails, so the table and govctl cannot
-drift apart. Each case runs ``govctl`` as a separate process, as a script would, and checks its
-exit code, its one-line ``error:`` and that no traceback was printed.
+The table (section "### Exit codes") is read from docs/operating.md; every row is one test
+case, run by the scenario registered for its "when" cell below. A row without a scenario, a
+scenario without a row, or an exit code missing from the table fails, so the table and govctl
+cannot drift apart. Each case runs ``govctl`` as a separate process, as a script would, and
+checks its exit code, its one-line ``error:`` and that no traceback was printed.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from tests.e2e.test_e2e_govctl import govctl
 
 pytestmark = pytest.mark.timeout(240)
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "operating.md"
 
 
 def exit_code_rows() -> list[tuple[int, str]]:
-    """``(code, when)`` of every row of the README's exit-code table."""
+    """``(code, when)`` of every row of docs/operating.md's exit-code table."""
     text = README.read_text(encoding="utf-8")
     section = text.split("### Exit codes", 1)[1].split("\n#", 1)[0]
     rows = []
@@ -86,7 +86,7 @@ def submit(
 
 def ok(env: Env) -> list[subprocess.CompletedProcess[str]]:
     # The shipped example (the test policy warns on purpose: warnings print on stderr).
-    example = README.parent / "config" / "governance.yaml"
+    example = README.parents[1] / "config" / "governance.yaml"
     warned = env.govctl("policy", "check", env.e2e_env["GOVERNANCE_CONFIG_PATH"])
     assert "warning: " in warned.stderr
     assert warned.returncode == 0, warned.stderr
