@@ -1,14 +1,13 @@
-"""Fixtures for govctl's subprocess tests: its environment on the session Redis, and a runner.
+"""Fixtures for govctl's tests: its environment on the session Redis, and a runner.
 
 No worker runs here: these tests cover what govctl does on its own (policy, held store, audit,
-usage, errors); tests/e2e/test_e2e_govctl.py covers approvals against real workers.
+usage, errors), in this process (``tests.govctl_runner``) unless a test needs a process of its
+own; tests/e2e/test_e2e_govctl.py covers approvals against real workers.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,28 +23,12 @@ from governance.policy.signing import (
     public_key_text,
 )
 from governance.store.state import StateStore
+from tests.govctl_runner import ROOT, run_govctl, run_govctl_process
 
-ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["ROOT", "run_govctl", "run_govctl_process"]
 CONFIG = ROOT / "config" / "governance.yaml"
 
 Govctl = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def run_govctl(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """``govctl ARGS`` as a separate process (``python -m governance.cli.main``)."""
-    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    full_env.pop("REDIS_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "governance.cli.main", *args],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -87,10 +70,14 @@ def cli_env(
 
 @pytest.fixture
 def govctl(cli_env: dict[str, str]) -> Govctl:
-    """Run govctl with ``cli_env`` (plus any ``env=`` overrides)."""
+    """Run govctl with ``cli_env`` (plus any ``env=`` overrides): in this process, or as a
+    process of its own with ``process=True`` (where timing or the environment is the point)."""
 
-    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
-        return run_govctl(*args, env={**cli_env, **(env or {})}, timeout=timeout)
+    def run(*args: str, env: dict[str, str] | None = None, process: bool = False) -> Any:
+        full = {**cli_env, **(env or {})}
+        if process:
+            return run_govctl_process(*args, env=full)
+        return run_govctl(*args, env=full)
 
     return run
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli.conftest import CONFIG, ROOT, run_govctl
+from tests.cli.conftest import CONFIG, ROOT, run_govctl, run_govctl_process
 
 
 def test_help_lists_the_commands_and_the_exit_codes() -> None:
@@ -47,7 +47,7 @@ def test_group_help_lists_subcommands() -> None:
 
 
 def test_a_usage_error_exits_2_without_a_traceback() -> None:
-    result = run_govctl("held", "reject", "some-id")  # --reason is required
+    result = run_govctl_process("held", "reject", "some-id")  # --reason is required
     assert result.returncode == 2
     assert "--reason" in result.stderr
     assert "Traceback" not in result.stderr
@@ -136,7 +136,7 @@ def test_a_missing_or_unparsable_policy_exits_5(tmp_path: Path) -> None:
 def test_a_malformed_url_setting_exits_5_naming_the_variable(
     variable: str, value: str, reason: str
 ) -> None:
-    result = run_govctl("status", env={variable: value})
+    result = run_govctl_process("status", env={variable: value})
     assert result.returncode == 5
     assert "Traceback" not in result.stderr
     assert f"error: invalid settings: {variable}: {reason}" in result.stderr

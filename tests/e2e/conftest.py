@@ -1,11 +1,13 @@
 """End-to-end fixtures: a broker, a separate state Redis, real `celery worker` processes.
 
-Every end-to-end test runs on both brokers: Redis, and RabbitMQ (a private node whose
-``consumer_timeout`` is shortened to 10 s, so a delivery held unacknowledged longer kills the
-worker's channel as it would after 30 minutes in production). The session's fixtures are
-parametrized by ``broker_kind``; pytest runs all tests of one broker, then of the other. Where
-RabbitMQ is not installed its runs skip, saying how to install it (``GOVERNANCE_REQUIRE_RABBITMQ=1``
-in CI makes them fail instead). Results go to a Redis on both.
+The session's fixtures are parametrized by ``broker_kind``: Redis, and RabbitMQ (a private node
+whose ``consumer_timeout`` is shortened to 10 s, so a delivery held unacknowledged longer kills
+the worker's channel as it would after 30 minutes in production); pytest runs all tests of one
+broker, then of the other. A test runs on the Redis broker only, unless what it shows depends on
+the broker (waiting, nothing lost, retries, countdowns): those are marked ``both_brokers`` and
+run on both; ``rabbitmq_broker`` and ``redis_broker`` tests run on that one broker. Where
+RabbitMQ is not installed its runs skip, saying how to install it
+(``GOVERNANCE_REQUIRE_RABBITMQ=1`` in CI makes them fail instead). Results go to a Redis on both.
 
 The worker is started once per broker with the test policy (``governance-e2e.yaml``) and short
 timings (lease 2 s, visibility timeout 6 s, countdowns over 2 s parked), and the test process
@@ -167,15 +169,23 @@ BROKERS = ("redis", "rabbitmq")
 E2E_CONSUMER_TIMEOUT_S = 10
 
 
+def brokers_of(item: pytest.Item) -> tuple[str, ...]:
+    """The brokers a test runs on: those its ``redis_broker`` / ``rabbitmq_broker`` markers name
+    (about one broker's own mechanics), both with ``both_brokers`` (what depends on the
+    broker), else the Redis broker only."""
+    only = tuple(b for b in BROKERS if item.get_closest_marker(f"{b}_broker"))
+    if only:
+        return only
+    return BROKERS if item.get_closest_marker("both_brokers") else ("redis",)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``redis_broker`` or ``rabbitmq_broker`` (about one broker's own mechanics)
-    run on that half of the e2e suite only."""
+    """Each test runs on the brokers :func:`brokers_of` names, and is deselected on the other."""
     kept, dropped = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         kind = params.get("broker_kind")
-        only = [b for b in BROKERS if item.get_closest_marker(f"{b}_broker")]
-        if only and kind is not None and kind not in only:
+        if kind is not None and kind not in brokers_of(item):
             dropped.append(item)
         else:
             kept.append(item)

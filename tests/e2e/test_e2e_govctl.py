@@ -1,4 +1,5 @@
-"""govctl end to end: real Redis, a real worker, and ``govctl`` run as a separate process.
+"""govctl end to end: real Redis, a real worker, and ``govctl`` (in the test's process, as
+``tests.govctl_runner`` runs it; 20 racing approvals as processes of their own).
 
 Held actions are created with ``workers.api.submit_tool`` (state HELD, nothing enqueued); the
 reviewers' decisions go through ``govctl`` exactly as an operator types them.
@@ -7,9 +8,7 @@ reviewers' decisions go through ``govctl`` exactly as an operator types them.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +23,7 @@ from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.store.held import HeldStatus, HeldStore
 from governance.store.keys import TenantKeys
+from tests import govctl_runner as runner
 from tests.e2e.conftest import audit_of, types_of, wait_until
 from workers.api import submit_llm, submit_tool
 
@@ -33,22 +33,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def govctl_process(e2e_env: dict[str, str], *args: str, **env: str) -> subprocess.Popen[str]:
-    full_env = {**os.environ, **e2e_env, **env}
-    full_env.pop("REDIS_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "governance.cli.main", *args],
-        env=full_env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """``govctl ARGS`` as a process of its own, with the deployment's settings."""
+    return runner.govctl_process(*args, env={**e2e_env, **env})
 
 
 def govctl(e2e_env: dict[str, str], *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    process = govctl_process(e2e_env, *args, **env)
-    stdout, stderr = process.communicate(timeout=90)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    """``govctl ARGS`` with the deployment's settings, in this process."""
+    return runner.run_govctl(*args, env={**e2e_env, **env})
 
 
 def ctx(tenant: str, user: str = "dana") -> ActionContext:

@@ -40,7 +40,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.observer import ObserverServer
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow, pytest.mark.both_brokers]
 
 #: Recovery bound after the whole worker is killed (stated in the README): the reconciler
 #: publishes what the dead worker held within about 5 s; the rest is the remaining work.

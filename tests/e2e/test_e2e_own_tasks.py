@@ -264,6 +264,7 @@ def test_a_chain_of_two_runs_with_the_context_on_both(own: ModuleType) -> None:
         assert {(e.fields["agent"], e.fields["run"]) for e in entries} == {("chainer", "run-chain")}
 
 
+@pytest.mark.both_brokers
 def test_a_group_of_five_respects_the_tenant_concurrency(own: ModuleType) -> None:
     """Concurrency 2, four worker processes, five tasks of 600 ms: at most two at once."""
     with governance_context(tenant=TENANT, agent="grouper", run="run-group"):
@@ -274,6 +275,7 @@ def test_a_group_of_five_respects_the_tenant_concurrency(own: ModuleType) -> Non
     assert at_once == 2, runs
 
 
+@pytest.mark.both_brokers
 def test_a_step_that_ignores_its_timeout_is_killed_and_settled_by_the_worker(
     own: ModuleType,
 ) -> None:
@@ -316,6 +318,7 @@ def _retries_scheduled(app: Any, task_id: str) -> list[str]:
     ]
 
 
+@pytest.mark.both_brokers
 def test_self_retry_after_a_transient_error_retries_and_succeeds(own: ModuleType) -> None:
     with governance_context(tenant=TENANT, agent="retrier", run="run-retry"):
         result = own.flaky.delay(1)
@@ -335,6 +338,7 @@ def test_self_retry_gives_up_after_max_retries(own: ModuleType) -> None:
     assert len(_retries_scheduled(own.app, result.id)) == 2
 
 
+@pytest.mark.both_brokers
 def test_self_retry_past_its_own_max_retries_is_not_retried_by_the_tenant_policy(
     own: ModuleType,
 ) -> None:
@@ -347,6 +351,7 @@ def test_self_retry_past_its_own_max_retries_is_not_retried_by_the_tenant_policy
     assert len(_retries_scheduled(own.app, result.id)) == 1
 
 
+@pytest.mark.both_brokers
 def test_autoretry_for_with_backoff_retries_and_succeeds(own: ModuleType) -> None:
     with governance_context(tenant=TENANT, agent="retrier", run="run-auto"):
         result = own.auto.delay(2)

@@ -178,6 +178,7 @@ def test_a_step_over_its_timeout_ends_with_the_reason_and_frees_its_slot(
     assert read_usage(runtime.state, "t-steptime", Period.DAY).active_leases == 0
 
 
+@pytest.mark.both_brokers
 def test_a_third_run_waits_until_one_of_two_runs_is_closed_then_runs_in_order(
     app: Celery, runtime: GovernanceRuntime, e2e_env: dict[str, str]
 ) -> None:

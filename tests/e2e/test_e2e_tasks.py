@@ -112,6 +112,7 @@ def test_shadow_and_suggest_never_run_and_say_so(
     assert types_of(audit_of(runtime, suggested.id)) == ["suggested"]
 
 
+@pytest.mark.both_brokers
 def test_tenant_concurrency_one_without_head_of_line_blocking(
     app: Celery, runtime: GovernanceRuntime, observer: ObserverServer
 ) -> None:
@@ -131,6 +132,7 @@ def test_tenant_concurrency_one_without_head_of_line_blocking(
     )
 
 
+@pytest.mark.both_brokers
 def test_transient_failures_retry_with_the_policy_delays(
     app: Celery, runtime: GovernanceRuntime, observer: ObserverServer
 ) -> None:
@@ -150,6 +152,7 @@ def test_transient_failures_retry_with_the_policy_delays(
     assert starts[2] - starts[1] >= 0.4
 
 
+@pytest.mark.both_brokers
 def test_429_sets_a_shared_cooldown_for_the_provider(
     app: Celery, runtime: GovernanceRuntime
 ) -> None:
@@ -287,6 +290,7 @@ def _values(client: redis.Redis, key: bytes) -> list[bytes]:
     return list(client.zrange(key, 0, -1))
 
 
+@pytest.mark.both_brokers
 def test_state_redis_down_defers_and_nothing_runs_until_it_is_back(
     app: Celery, runtime: GovernanceRuntime, state_server: EmbeddedRedis, workspace: Path
 ) -> None:
@@ -363,6 +367,7 @@ def test_a_429_of_one_tenant_pauses_every_tenant_of_a_deployment_scoped_provider
     assert [e.fields["reason"] for e in waited] == ["cooldown"]
 
 
+@pytest.mark.both_brokers
 def test_sigkilled_worker_process_loses_nothing(
     app: Celery, runtime: GovernanceRuntime, observer: ObserverServer, worker: WorkerProcess
 ) -> None:

@@ -22,7 +22,7 @@ from tests.e2e.conftest import WorkerProcess, audit_of, types_of, verify_audit, 
 from tests.e2e.observer import ObserverServer
 from workers.api import submit_llm, submit_tool
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.both_brokers]
 
 
 def ctx(tenant: str, run: str = "run-1", user: str = "dana") -> ActionContext:
