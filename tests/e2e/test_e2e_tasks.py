@@ -45,6 +45,11 @@ def user(text: str) -> list[dict[str, str]]:
 def test_allowed_tool_runs_and_is_audited(app: Celery, runtime: GovernanceRuntime) -> None:
     result = submit_tool(app, ctx("t-basic"), "echo", text="hello")
     assert result.get(timeout=30) == {"text": "hello"}
+    # The settlement is written before the result and read after it, on another server: the
+    # result can be seen first.
+    wait_until(
+        lambda: "task_finished" in types_of(audit_of(runtime, result.id)), 10, "task_finished"
+    )
     assert types_of(audit_of(runtime, result.id)) == ["admitted", "task_finished"]
     assert verify_audit(runtime) == []
 
