@@ -82,3 +82,12 @@ class RetryPolicy:
         return backoff_ms(
             self.backoff_base_ms, self.backoff_cap_ms, self.jitter_ratio, attempt, rng
         )
+
+    def budget_ms(self) -> int:
+        """The longest all retries of one task may wait in total (every backoff at its cap and
+        its full jitter); a provider's ``Retry-After`` is not bounded by it."""
+        total = 0
+        for attempt in range(self.max_retries):
+            capped = backoff_ms(self.backoff_base_ms, self.backoff_cap_ms, 0.0, attempt)
+            total = min(total + int(capped * (1 + self.jitter_ratio)), MAX_DELAY_MS)
+        return total

@@ -109,9 +109,16 @@ class DecisionPayload:
     #: At a cost alert: the run's new alert threshold the reviewer approves (micro-USD); None
     #: lets the policy's next step decide.
     alert_to_micro: int | None = None
+    #: Who asked for the call (its context's ``user``): signed, so the self-approval rule of a
+    #: grant reads it from signed data ("" in decisions signed before it was).
+    requester: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        extra = {} if self.alert_to_micro is None else {"alert_to_micro": self.alert_to_micro}
+        extra: dict[str, Any] = {}
+        if self.alert_to_micro is not None:
+            extra["alert_to_micro"] = self.alert_to_micro
+        if self.requester:
+            extra["requester"] = self.requester
         return {
             **extra,
             "v": SIGNATURE_VERSION,
@@ -152,6 +159,7 @@ class DecisionPayload:
             alert_to_micro=(
                 None if data.get("alert_to_micro") is None else int(data["alert_to_micro"])
             ),
+            requester=str(data.get("requester") or ""),
         )
 
 
@@ -174,14 +182,27 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
+def raw_key(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of a public key: what makes two listed reviewers the same key."""
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def reviewer_of(key: Ed25519PublicKey, reviewers: Mapping[str, Ed25519PublicKey]) -> str | None:
     """The name under which ``key`` is listed, if it is."""
-    wanted = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    wanted = raw_key(key)
     for name, listed in reviewers.items():
-        raw = listed.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        if raw == wanted:
+        if raw_key(listed) == wanted:
             return name
     return None
+
+
+def shared_keys(reviewers: Mapping[str, Ed25519PublicKey]) -> list[list[str]]:
+    """The names listed with the same key, group by group (a policy error: one key, one
+    reviewer)."""
+    names: dict[bytes, list[str]] = {}
+    for name, key in reviewers.items():
+        names.setdefault(raw_key(key), []).append(name)
+    return [sorted(group) for group in names.values() if len(group) > 1]
 
 
 def verified(
@@ -230,13 +251,15 @@ def check_release(
     valid_for: timedelta,
     collect_for: timedelta = timedelta(0),
     kind: str = "hold",
+    tenant: str | None = None,
 ) -> Release:
     """Whether ``decisions`` release this call: valid signatures of ``quorum`` distinct listed
-    reviewers, none of them the requester (unless allowed), each approving this task id and this
-    exact call. The release counts from its last signature (the one that completed the quorum)
-    and is valid for ``valid_for``; each signature may be older by ``collect_for``, the time a
-    hold may take to collect its quorum (``approval.expiry``)."""
-    approving: dict[str, DecisionPayload] = {}
+    reviewers' keys (a key counts once, whatever names it is listed under), none of them the
+    requester (unless allowed), each approving this task id and this exact call of ``tenant``.
+    The release counts from its last signature (the one that completed the quorum) and is valid
+    for ``valid_for``; each signature may be older by ``collect_for``, the time a hold may take
+    to collect its quorum (``approval.expiry``)."""
+    approving: dict[bytes, DecisionPayload] = {}
     problems: list[str] = []
     for signed in decisions:
         payload, why = verified(signed, reviewers)
@@ -245,6 +268,11 @@ def check_release(
             continue
         if payload.task_id != task_id or payload.call != call or payload.kind != kind:
             problems.append(f"{payload.reviewer!r} signed a decision about another call")
+            continue
+        if tenant is not None and payload.tenant != tenant:
+            problems.append(
+                f"{payload.reviewer!r} signed for tenant {payload.tenant!r}, not {tenant!r}"
+            )
             continue
         if payload.verdict != "approve":
             problems.append(f"{payload.reviewer!r} rejected it")
@@ -256,9 +284,9 @@ def check_release(
         if now_ms - payload.at_ms > oldest.total_seconds() * 1000:
             problems.append(f"{payload.reviewer!r}'s approval is older than {oldest}")
             continue
-        approving.setdefault(payload.reviewer, payload)
+        approving.setdefault(raw_key(reviewers[payload.reviewer]), payload)
     if len(approving) >= quorum:
-        names = tuple(sorted(approving))
+        names = tuple(sorted(p.reviewer for p in approving.values()))
         payloads = tuple(approving.values())
         last = max(payloads, key=lambda p: p.at_ms)
         age_ms = now_ms - last.at_ms
@@ -303,17 +331,31 @@ def check_grant(
     quorum: int,
     allow_self_approval: bool,
     max_grant: timedelta,
+    tenant: str,
     agent: str,
     action_names: Iterable[str],
     now_ms: int,
 ) -> GrantCheck:
-    """A grant lets ``agent`` take the action without approval until it ends, if the quorum of
-    reviewers signed it: the approvals of one held call of that agent and action, each asking
-    for a grant. A grant written into Redis by anyone else is not one."""
-    decisions = grant.get("decisions") or []
-    first = (
-        decisions[0].get("payload", {}) if decisions and isinstance(decisions[0], Mapping) else {}
-    )
+    """A grant lets ``agent`` of ``tenant`` take the action without approval until it ends, if
+    the quorum of the tenant's reviewers signed it: the approvals of one held call of that
+    tenant, agent and action, each asking for a grant. Everything it is judged on is signed
+    (the tenant, the agent, the action, who requested the call): a grant written or copied into
+    Redis by anyone else is not one, nor is a grant of another tenant."""
+    decisions = [d for d in grant.get("decisions") or [] if isinstance(d, Mapping)]
+    first = decisions[0].get("payload", {}) if decisions else {}
+    first = first if isinstance(first, Mapping) else {}
+    requesters = {
+        str(d["payload"].get("requester") or "")
+        for d in decisions
+        if isinstance(d.get("payload"), Mapping)
+    }
+    requester = requesters.pop() if len(requesters) == 1 else ""
+    if not requester and not allow_self_approval:
+        return GrantCheck(
+            False,
+            "the grant's approvals do not sign who requested the call (self-approval could "
+            "not be ruled out)",
+        )
     release = check_release(
         decisions,
         reviewers=reviewers,
@@ -321,9 +363,10 @@ def check_grant(
         allow_self_approval=allow_self_approval,
         task_id=str(first.get("task_id", "")),
         call=str(first.get("call", "")),
-        requester=str(grant.get("requester") or "") or None,
+        requester=requester or None,
         now_ms=now_ms,
         valid_for=timedelta(days=3650),
+        tenant=tenant,
     )
     if not release.ok:
         return GrantCheck(False, f"grant not signed by a quorum: {release.reason}")

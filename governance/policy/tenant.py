@@ -34,7 +34,7 @@ from governance.policy.grants import Grant
 from governance.policy.hooks import Hook, HookLoadError
 from governance.policy.long_running import DEFAULT_PRESET, PRESETS, LongRunningLimits
 from governance.policy.retry import RetryPolicy
-from governance.policy.signing import parse_public_key
+from governance.policy.signing import parse_public_key, shared_keys
 from governance.policy.tiers import TierSource, TierTable
 
 BUILTIN = "built-in default"
@@ -200,6 +200,14 @@ def _build(
         name: parse_public_key(text) for name, text in (b.replaced("reviewers") or {}).items()
     }
     approval = b.merged("approval", ApprovalSettings)
+    for names in shared_keys(reviewers):
+        b.problems.append(
+            (
+                f"{prefix}.reviewers",
+                f"{' and '.join(names)} are listed with the same key: one key is one reviewer "
+                f"(it would count {len(names)} times toward a quorum){merged_note}",
+            )
+        )
     if reviewers and approval.quorum > len(reviewers):
         b.problems.append(
             (
@@ -221,6 +229,19 @@ def _build(
             hooks.append(BoundHook(path, spec, load_hook(spec)))
         except HookLoadError as exc:
             b.problems.append((path, str(exc)))
+
+    max_wait = b.replaced("max_wait") or DEFAULT_MAX_WAIT
+    if retry is not None:
+        budget = timedelta(seconds=-(-retry.budget_ms() // 1000))  # whole seconds, up
+        if approval.valid_for < max_wait + budget:
+            b.problems.append(
+                (
+                    f"{prefix}.approval.valid_for",
+                    f"valid_for ({approval.valid_for}) is shorter than max_wait ({max_wait}) plus "
+                    f"the retry budget ({budget}): a released call that waits its turn, then "
+                    f"retries, would find its release expired and be held again{merged_note}",
+                )
+            )
 
     if b.problems or retry is None:
         return None, b.problems
@@ -257,7 +278,7 @@ def _build(
             PRESETS[DEFAULT_PRESET] if long_running_spec is None else long_running_spec.resolve()
         ),
         retry=retry,
-        max_wait=b.replaced("max_wait") or DEFAULT_MAX_WAIT,
+        max_wait=max_wait,
         warning_threshold_pct=DEFAULT_WARNING_THRESHOLD_PCT if threshold is None else threshold,
         step_timeout=b.replaced("step_timeout"),
         step_timeout_error=b.replaced("step_timeout_error") or "transient",

@@ -384,3 +384,26 @@ def test_a_problem_in_defaults_is_reported_once() -> None:
     data["defaults"] = {"hooks": ["no_such_module_xyz:hook"]}
     error = dict_error(data)
     assert [p for p, _ in error.errors] == ["defaults.hooks[0]"]
+
+
+def test_one_key_under_two_reviewer_names_is_an_error_naming_both(tmp_path: Path) -> None:
+    text = GOOD_YAML + f'    reviewers: {{alice: "{ALICE_KEY}", alias: "{ALICE_KEY}"}}\n'
+    error = load_error(tmp_path, text)
+    assert "tenants.acme.reviewers: alias and alice are listed with the same key" in str(error)
+
+
+def test_a_release_valid_for_shorter_than_the_wait_and_retries_is_an_error(
+    tmp_path: Path,
+) -> None:
+    text = GOOD_YAML + (
+        "    max_wait: 2h\n"
+        "    retry: {max_retries: 2, backoff_base_ms: 1000, backoff_cap_ms: 9000, jitter_ratio: 0.5}\n"
+        "    approval: {valid_for: 1h}\n"
+    )
+    error = load_error(tmp_path, text)
+    assert (
+        "tenants.acme.approval.valid_for: valid_for (1:00:00) is shorter than max_wait (2:00:00) "
+        "plus the retry budget (0:00:05)"
+    ) in str(error)
+    fixed = text.replace("valid_for: 1h", "valid_for: 3h")
+    assert Policy.from_file(write(tmp_path, fixed)).tenant("acme") is not None

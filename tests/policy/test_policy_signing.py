@@ -20,6 +20,7 @@ from governance.policy.signing import (
     parse_public_key,
     private_key_pem,
     public_key_text,
+    shared_keys,
     sign,
     verified,
 )
@@ -40,10 +41,12 @@ def decision(
     call: str = CALL,
     at_ms: int = NOW,
     grant_s: int | None = None,
+    tenant: str = "acme",
+    requester: str = "dana",
 ) -> dict[str, Any]:
     payload = DecisionPayload(
         task_id=task_id,
-        tenant="acme",
+        tenant=tenant,
         agent="bot",
         action="shell",
         call=call,
@@ -54,6 +57,7 @@ def decision(
         policy="v1",
         nonce=new_nonce(),
         at_ms=at_ms,
+        requester=requester,
     )
     return sign(KEYS[signer or reviewer], payload)
 
@@ -193,6 +197,7 @@ def test_a_stored_grant_is_checked_against_the_signatures() -> None:
         "allow_self_approval": False,
         "max_grant": timedelta(hours=24),
         "action_names": ["shell", "process.exec"],
+        "tenant": "acme",
     }
     assert check_grant(grant, agent="bot", now_ms=NOW + 1000, **common).ok
     assert not check_grant(grant, agent="other", now_ms=NOW + 1000, **common).ok
@@ -200,3 +205,71 @@ def test_a_stored_grant_is_checked_against_the_signatures() -> None:
     assert (expired.ok, expired.reason) == (False, "the grant has expired")
     forged = {**grant, "decisions": approvals[:1]}
     assert "quorum" in check_grant(forged, agent="bot", now_ms=NOW, **common).reason
+
+
+GRANT_RULES: dict[str, Any] = {
+    "reviewers": REVIEWERS,
+    "quorum": 2,
+    "allow_self_approval": False,
+    "max_grant": timedelta(hours=24),
+    "action_names": ["shell"],
+    "agent": "bot",
+    "now_ms": NOW + 1000,
+}
+
+
+def test_a_grant_copied_into_another_tenant_lifts_nothing_there() -> None:
+    """Attack 7: tenants sharing reviewer keys; tenant A's grant record copied into B's grants."""
+    approvals = [decision("alice", grant_s=3600), decision("bob", grant_s=3600)]
+    grant = {"agent": "bot", "action": "shell", "requester": "dana", "decisions": approvals}
+    assert check_grant(grant, tenant="acme", **GRANT_RULES).ok
+    copied = check_grant(grant, tenant="globex", **GRANT_RULES)
+    assert not copied.ok
+    assert "signed for tenant 'acme', not 'globex'" in copied.reason
+
+
+def test_a_grant_whose_record_drops_the_requester_cannot_approve_its_own_request() -> None:
+    """Attack 8: alice requested the call; she stores her own signed grant with an empty
+    ``requester`` in the record. The rule reads the requester from the signed approvals."""
+    own = [
+        decision("alice", grant_s=3600, requester="alice"),
+        decision("bob", grant_s=3600, requester="alice"),
+    ]
+    record = {"agent": "bot", "action": "shell", "requester": "", "decisions": own}
+    verdict = check_grant(record, tenant="acme", **GRANT_RULES)
+    assert not verdict.ok
+    assert "'alice' requested it and may not approve it" in verdict.reason
+
+
+def test_a_grant_whose_approvals_sign_no_requester_is_refused_unless_self_approval_is_allowed() -> (
+    None
+):
+    unsigned = [
+        decision("alice", grant_s=3600, requester=""),
+        decision("bob", grant_s=3600, requester=""),
+    ]
+    record = {"agent": "bot", "action": "shell", "requester": "dana", "decisions": unsigned}
+    refused = check_grant(record, tenant="acme", **GRANT_RULES)
+    assert not refused.ok
+    assert "do not sign who requested the call" in refused.reason
+    allowed = {**GRANT_RULES, "allow_self_approval": True}
+    assert check_grant(record, tenant="acme", **allowed).ok
+
+
+def test_one_key_listed_under_two_names_counts_once_toward_a_quorum() -> None:
+    """Attack 9: the same public key listed as alice and alias; quorum 2."""
+    reviewers = {**REVIEWERS, "alias": KEYS["alice"].public_key()}
+    twice = [decision("alice"), decision("alias", signer="alice")]
+    verdict = release(twice, reviewers=reviewers)
+    assert not verdict.ok
+    assert "1 valid approval(s) of 2 required" in verdict.reason
+    assert release([decision("alice"), decision("bob")], reviewers=reviewers).ok
+    assert shared_keys(reviewers) == [["alias", "alice"]]
+    assert shared_keys(REVIEWERS) == []
+
+
+def test_a_release_signed_for_another_tenant_does_not_release() -> None:
+    other = [decision("alice", tenant="globex"), decision("bob", tenant="globex")]
+    verdict = release(other, tenant="acme")
+    assert not verdict.ok
+    assert "signed for tenant 'globex'" in verdict.reason

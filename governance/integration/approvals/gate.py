@@ -48,14 +48,15 @@ def grant_verdict(
     action_names: Iterable[str],
     now_ms: int,
 ) -> GrantCheck:
-    """Whether a stored grant verifies under ``tenant``'s reviewers and approval rules, and
-    covers ``agent`` taking one of ``action_names`` now."""
+    """Whether a stored grant verifies under ``tenant``'s reviewers and approval rules, was
+    signed for this tenant, and covers ``agent`` taking one of ``action_names`` now."""
     return check_grant(
         grant,
         reviewers=tenant.reviewers,
         quorum=tenant.approval.quorum,
         allow_self_approval=tenant.approval.allow_self_approval,
         max_grant=tenant.approval.max_grant,
+        tenant=tenant.name,
         agent=agent,
         action_names=action_names,
         now_ms=now_ms,
@@ -164,6 +165,7 @@ class ApprovalGate:
             valid_for=tenant.approval.valid_for,
             collect_for=tenant.approval.expiry,
             kind=kind,
+            tenant=tenant.name,
         )
 
     def _refused(

@@ -131,6 +131,7 @@ class Reviewers:
             at_ms=int(time.time() * 1000),
             kind=task.kind,
             alert_to_micro=alert_to_micro,
+            requester=task.user,
         )
         return sign(key, payload)
 
