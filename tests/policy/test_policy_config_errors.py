@@ -397,7 +397,7 @@ def test_a_release_valid_for_shorter_than_the_wait_and_retries_is_an_error(
 ) -> None:
     text = GOOD_YAML + (
         "    max_wait: 2h\n"
-        "    retry: {max_retries: 2, backoff_base_ms: 1000, backoff_cap_ms: 9000, jitter_ratio: 0.5}\n"
+        "    retry: {max_retries: 2, backoff_base_ms: 1000, jitter_ratio: 0.5}\n"
         "    approval: {valid_for: 1h}\n"
     )
     error = load_error(tmp_path, text)
