@@ -314,14 +314,16 @@ def make_deployment(
 
 
 @contextlib.contextmanager
-def consuming_paused(app: Celery, queue: str = "celery") -> Iterator[None]:
-    """The workers stop taking messages from ``queue`` meanwhile: what is published stays
-    there (to be counted, removed, or revoked before any worker takes it)."""
-    assert app.control.cancel_consumer(queue, reply=True, timeout=5)
+def consuming_paused(app: Celery, queue: str = "celery", workers: int = 1) -> Iterator[None]:
+    """The ``workers`` workers of ``app``'s broker stop taking messages from ``queue``
+    meanwhile: what is published stays there (to be counted, removed, or revoked before any
+    worker takes it). Each step returns once every worker has answered (not after a timeout)."""
+    replies = app.control.cancel_consumer(queue, reply=True, timeout=5, limit=workers)
+    assert len(replies) == workers, replies
     try:
         yield
     finally:
-        app.control.add_consumer(queue, reply=True, timeout=5)
+        app.control.add_consumer(queue, reply=True, timeout=5, limit=workers)
 
 
 def queue_depth(app: Celery, queue: str = "celery") -> int:
