@@ -1,5 +1,9 @@
 """What a tool is (input model, pre-run check, run function) and the rule that confines file paths.
 
+File paths are relative to the workspace and checked lexically here (no NUL, not absolute, no
+`..` escape); the file tools then reach them only through descriptors, component by component,
+refusing every symlink (`workers.tools.workspace`).
+
 Tools are plain functions so that they can be tested without Celery; the Celery glue validates the
 input with `validate_input` (a rejection becomes an authorization denial, so the tool never runs)
 and then calls `spec.run`. Failures while running are raised as classified `ActionError`s.
@@ -7,6 +11,7 @@ and then calls `spec.run`. Failures while running are raised as classified `Acti
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +28,11 @@ __all__ = [
     "ToolInput",
     "ToolSpec",
     "WorkspacePath",
+    "file_parts",
     "resolve_file_in_workspace",
     "resolve_in_workspace",
     "validate_input",
+    "workspace_parts",
     "workspace_relative",
 ]
 
@@ -119,34 +126,51 @@ def validate_input(spec: ToolSpec[InputT], raw: Mapping[str, Any], env: ToolEnv)
     return value
 
 
-def resolve_in_workspace(workspace: Path, relative: str) -> Path:
-    """The absolute, symlink-free path of `relative` inside `workspace`, or `InputRejected`.
+def workspace_parts(relative: str) -> tuple[str, ...]:
+    """The components of `relative` once `.` and `..` are folded, or `InputRejected`.
 
-    Rejects absolute paths, `..` escapes and symlinks that resolve outside the workspace. A symlink
-    whose target is missing is still followed, so writing through it cannot escape either.
+    Purely lexical: the tree is not looked at (the publisher may not even have the workspace).
+    Rejects NUL bytes, absolute paths and `..` escapes; the workspace itself is `()`. Folding
+    `a/../b` to `b` without looking is sound because the file tools refuse every symlink on the
+    way (`workers.tools.workspace`), so `a/..` is always the directory holding `a`.
     """
     if "\0" in relative:
         raise InputRejected(f"path {relative!r} contains a NUL byte")
-    if Path(relative).is_absolute():
+    if relative.startswith("/"):
         raise InputRejected(
             f"path {relative!r} is outside the workspace (paths are relative to the workspace)"
         )
-    try:
-        root = workspace.resolve()
-        resolved = (root / relative).resolve()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11)
-        raise InputRejected(f"path {relative!r} cannot be resolved: {exc}") from exc
-    if not resolved.is_relative_to(root):
+    normal = posixpath.normpath(relative)
+    if normal == ".":
+        return ()
+    parts = tuple(normal.split("/"))
+    if parts[0] == "..":
         raise InputRejected(f"path {relative!r} is outside the workspace")
-    return resolved
+    return parts
+
+
+def file_parts(relative: str) -> tuple[str, ...]:
+    """Like `workspace_parts`, but the workspace directory itself is not a file path."""
+    parts = workspace_parts(relative)
+    if not parts:
+        raise InputRejected(f"path {relative!r} is the workspace itself, not a file")
+    return parts
+
+
+def resolve_in_workspace(workspace: Path, relative: str) -> Path:
+    """The absolute path `relative` names inside `workspace`, or `InputRejected`.
+
+    Lexical (see `workspace_parts`): it says where a path points, not what is there. The file
+    tools do not open this path: they walk it from a descriptor of the workspace, refusing any
+    symlink on the way (`workers.tools.workspace`), so nothing that changes the tree between a
+    check and the use can take them outside.
+    """
+    return workspace.resolve().joinpath(*workspace_parts(relative))
 
 
 def resolve_file_in_workspace(workspace: Path, relative: str) -> Path:
     """Like `resolve_in_workspace`, but the workspace directory itself is not a file path."""
-    resolved = resolve_in_workspace(workspace, relative)
-    if resolved == workspace.resolve():
-        raise InputRejected(f"path {relative!r} is the workspace itself, not a file")
-    return resolved
+    return workspace.resolve().joinpath(*file_parts(relative))
 
 
 class PathInput(Protocol):
@@ -157,8 +181,12 @@ class PathInput(Protocol):
 
 
 def check_file_path(inp: PathInput, env: ToolEnv) -> None:
-    """The `check` of every file tool: the path must name a file inside the workspace."""
-    resolve_file_in_workspace(env.workspace, inp.path)
+    """The `check` of every file tool: the path must name a file inside the workspace.
+
+    Lexical, so it gives the same answer on the publisher and on the worker; what is on disk
+    (symlinks, file types) is decided when the tool runs, on descriptors.
+    """
+    file_parts(inp.path)
 
 
 def workspace_relative(workspace: Path, resolved: Path) -> str:

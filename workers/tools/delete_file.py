@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from governance.policy.errors import ActionError
+from workers.tools import workspace
 from workers.tools.base import (
     ToolEnv,
     ToolInput,
     ToolSpec,
     WorkspacePath,
     check_file_path,
-    resolve_file_in_workspace,
-    workspace_relative,
 )
 
 
@@ -25,22 +23,14 @@ class DeleteFileInput(ToolInput):
 def run(inp: DeleteFileInput, env: ToolEnv) -> dict[str, Any]:
     """Delete the file; `deleted` is false when there was nothing to delete.
 
-    Like the other file tools it acts on the resolved path, so a symlink (which can only point
-    inside the workspace, or `check` rejects it) deletes the file it points to. Directories are
-    refused: removing a tree is a different, far more destructive action.
+    It removes the name relative to its directory's descriptor (`workers.tools.workspace`), so
+    nothing outside the workspace can be reached. Directories are refused (removing a tree is a
+    different, far more destructive action), and so are symlinks, in the path or as the file
+    itself: the path-based tool before this deleted the file a symlink inside the workspace
+    pointed to; this one neither follows it nor silently removes the link instead.
     """
-    target = resolve_file_in_workspace(env.workspace, inp.path)
-    if target.is_dir():
-        raise ActionError.permanent(f"is a directory: {inp.path}")
-    try:
-        target.unlink()
-    except FileNotFoundError:
-        deleted = False
-    except OSError as exc:
-        raise ActionError.permanent(f"cannot delete {inp.path}: {exc.strerror or exc}") from exc
-    else:
-        deleted = True
-    return {"path": workspace_relative(env.workspace, target), "deleted": deleted}
+    shown, deleted = workspace.delete_file(env, inp.path)
+    return {"path": shown, "deleted": deleted}
 
 
 SPEC = ToolSpec(

@@ -1,18 +1,23 @@
-"""`read_file`: reads a UTF-8 text file of the workspace (at most 1 MiB)."""
+"""`read_file`: reads a UTF-8 text file of the workspace (at most 1 MiB).
+
+The file is reached through descriptors from the workspace (`workers.tools.workspace`): a symlink
+anywhere in the path is refused, even one pointing inside the workspace; only a regular file is
+read (a FIFO, socket or device is refused without blocking); a file with several hard links that
+the workspace's user does not own is refused; and a root worker reads as that user.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from governance.policy.errors import ActionError
+from workers.tools import workspace
 from workers.tools.base import (
     ToolEnv,
     ToolInput,
     ToolSpec,
     WorkspacePath,
     check_file_path,
-    resolve_file_in_workspace,
-    workspace_relative,
 )
 
 MAX_BYTES = 1024 * 1024
@@ -26,29 +31,16 @@ class ReadFileInput(ToolInput):
 
 
 def run(inp: ReadFileInput, env: ToolEnv) -> dict[str, Any]:
-    """Read the file; a missing, oversized, non-text or unreadable file is a permanent failure."""
-    # Resolved again here, not trusted from `check`: the tree may have changed in between.
-    target = resolve_file_in_workspace(env.workspace, inp.path)
-    try:
-        with target.open("rb") as handle:
-            data = handle.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise ActionError.permanent(f"no such file: {inp.path}") from None
-    except IsADirectoryError:
-        raise ActionError.permanent(f"not a file: {inp.path}") from None
-    except OSError as exc:
-        raise ActionError.permanent(f"cannot read {inp.path}: {exc.strerror or exc}") from exc
+    """Read the file; a missing, oversized, non-text, unreadable or refused file is a permanent
+    failure."""
+    shown, data = workspace.read_file(env, inp.path, MAX_BYTES)
     if len(data) > MAX_BYTES:
         raise ActionError.permanent(f"file too large: {inp.path} is over {MAX_BYTES} bytes")
     try:
         content = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ActionError.permanent(f"not UTF-8 text: {inp.path}") from None
-    return {
-        "path": workspace_relative(env.workspace, target),
-        "content": content,
-        "bytes": len(data),
-    }
+    return {"path": shown, "content": content, "bytes": len(data)}
 
 
 SPEC = ToolSpec(
