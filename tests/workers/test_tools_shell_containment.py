@@ -1,32 +1,52 @@
-"""`shell` is contained: no secrets of the worker, no network, and limits that stop a command.
+"""`shell` is contained: no secrets of the worker, no network, limits that stop a command,
+and nothing of a call outlives it or starves another call.
 
 These run real commands, as root (CI) and as an ordinary user. As root the command runs as the
 unprivileged `shell_user` (nobody); otherwise as our own user, where the worker's secrets are
 protected by making the worker non-dumpable. What cannot apply in one of the two cases is
 skipped with the reason.
+
+The last part attacks the containment of the call (`workers.tools.containment`): a `setsid`
+grandchild, a fork bomb next to another call, survivors across calls, a worker killed during a
+call; under each mechanism this machine has (what `containment.detect` found, a uid of the
+call's own, each with and without a PID namespace), and with none (fail closed, best effort).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from governance.policy.errors import ActionError, ErrorKind
-from workers.tools import TOOLS, ToolEnv, validate_input
+from tests.polling import wait_until
+from workers.tools import TOOLS, ToolEnv, containment, validate_input
 from workers.tools.sandbox import ShellLimits
 
 ROOT = Path(__file__).resolve().parents[2]
 AS_ROOT = os.geteuid() == 0
 SECRET = "sk-worker-secret-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def best_effort_without_containment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the worker can contain no call (not root, no writable cgroup) `shell` refuses to
+    run; the tests then run it in best effort, and those about containment skip."""
+    available = containment.detect()
+    if available.cgroup is None and available.uids is None:
+        monkeypatch.setattr(containment, "_best_effort", True)
 
 
 def shell(
@@ -253,7 +273,7 @@ def test_a_fork_loop_is_stopped_by_the_process_limit(workspace: Path, python3: s
     with pytest.raises(ActionError, match="python3 was stopped by the process limit") as info:
         shell([python3, "-c", code], workspace, ShellLimits(processes=8))
     assert info.value.kind is ErrorKind.permanent
-    assert "8 more processes than its user already runs" in info.value.message
+    assert "the process limit (8 processes for this call)" in info.value.message
     assert "Resource temporarily unavailable" in info.value.message
     assert time.monotonic() - started < 20, "the forked children were killed with the group"
 
@@ -296,3 +316,305 @@ def test_a_command_within_its_limits_is_a_result(workspace: Path) -> None:
     result = shell(["sh", "-c", "echo fine; exit 3"], workspace, ShellLimits(cpu_s=2))
     assert result["returncode"] == 3
     assert result["stdout"] == "fine\n"
+
+
+# --- nothing outlives the call, and one call cannot starve another ---------------------------
+
+ESCAPE = (
+    "import os, sys, time\n"
+    "r, w = os.pipe()\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        os.close(r)\n"
+    "        null = os.open(os.devnull, os.O_WRONLY)\n"
+    "        os.dup2(null, 1)\n"
+    "        os.dup2(null, 2)\n"
+    "        # Its pid as the worker's /proc numbers it (the call's PID namespace has its own).\n"
+    "        open('escaped.pid', 'w').write(os.readlink('/proc/self'))\n"
+    "        os.write(w, b'x')\n"
+    "        time.sleep(120)\n"
+    "    os._exit(0)\n"
+    "os.close(w)\n"
+    "os.read(r, 1)\n"
+    "print(open('escaped.pid').read(), flush=True)\n"
+    "time.sleep(float(sys.argv[1]))\n"
+)
+"""A double fork with `setsid` between: a grandchild in a session of its own, orphaned, its
+output away from the call's pipes, that sleeps for two minutes; the command then sleeps argv[1]
+seconds."""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has ended: only its parent's wait is missing)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    available: containment.Available
+    expect: str
+    """The start of the result's `isolation.containment`."""
+
+
+MODES = ["detected", "detected, no pid namespace", "own uid", "own uid, no pid namespace"]
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Mode:
+    """One containment mechanism, forced: what `detect` found, or a uid of the call's own (as
+    root), each with or without a PID namespace."""
+    name: str = request.param
+    found = containment.detect()
+    if name.startswith("own uid"):
+        if not AS_ROOT:
+            pytest.skip("a uid of the call's own needs a root worker (CI runs this as root)")
+        available = containment.Available(None, containment.UidPool(containment._lock_dir()))
+    elif found.cgroup is None and found.uids is None:
+        pytest.skip(f"no containment here ({'; '.join(found.why_not)}); CI runs this as root")
+    else:
+        available = containment.Available(found.cgroup, found.uids)
+    if name.endswith("no pid namespace"):
+        available = replace(available, pid_namespace=False)
+    monkeypatch.setattr(containment, "detect", lambda: available)
+    held = available.cgroup.kind if available.cgroup is not None else "uid "
+    expect = held if not available.pid_namespace else f"pid namespace + {held}"
+    return Mode(name, available, expect)
+
+
+@pytest.mark.parametrize("ends", ["exits", "times out"])
+def test_a_setsid_grandchild_ends_with_the_call(
+    workspace: Path, python3: str, mode: Mode, ends: str
+) -> None:
+    if ends == "exits":
+        result = shell([python3, "-c", ESCAPE, "0"], workspace)
+        assert result["returncode"] == 0, result["stderr"]
+        escaped = int(result["stdout"])
+        held = result["isolation"]["containment"]
+        assert held.startswith(mode.expect), held
+    else:
+        with pytest.raises(ActionError, match="timed out after 1 s") as info:
+            shell([python3, "-c", ESCAPE, "60"], workspace, timeout_s=1.0)
+        assert info.value.kind is ErrorKind.transient
+        escaped = int((workspace / "escaped.pid").read_text())
+    # Gone by the time the call returned: no waiting for it.
+    assert not _alive(escaped), f"the setsid grandchild {escaped} outlived the call ({mode.name})"
+
+
+def test_without_containment_the_setsid_grandchild_would_survive(
+    workspace: Path, python3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control: best effort without a PID namespace only kills the process group, which the
+    grandchild left; this is the attack the containment stops."""
+    available = containment.Available(None, None, pid_namespace=False, why_not=("forced",))
+    monkeypatch.setattr(containment, "detect", lambda: available)
+    monkeypatch.setattr(containment, "_best_effort", True)
+    result = shell([python3, "-c", ESCAPE, "0"], workspace)
+    escaped = int(result["stdout"])
+    try:
+        assert result["isolation"]["containment"].startswith("best effort: process group only")
+        assert _alive(escaped)
+    finally:
+        os.kill(escaped, signal.SIGKILL)
+
+
+HOG = (
+    "import os, time\n"
+    "children = 0\n"
+    "while True:\n"
+    "    try:\n"
+    "        pid = os.fork()\n"
+    "    except OSError:\n"
+    "        break\n"
+    "    if pid == 0:\n"
+    "        time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "    children += 1\n"
+    "open('hog.full', 'w').close()\n"
+    "deadline = time.monotonic() + 20\n"
+    "while not os.path.exists('other.done') and time.monotonic() < deadline:\n"
+    "    time.sleep(0.01)\n"
+    "print(children)\n"
+)
+"""Forks until the process cap stops it, holds all of it until the other call is done."""
+
+OTHER = (
+    "import os, time\n"
+    "deadline = time.monotonic() + 20\n"
+    "while not os.path.exists('hog.full') and time.monotonic() < deadline:\n"
+    "    time.sleep(0.01)\n"
+    "started = 0\n"
+    "for _ in range(6):\n"
+    "    try:\n"
+    "        if os.fork() == 0:\n"
+    "            time.sleep(60)\n"
+    "            os._exit(0)\n"
+    "        started += 1\n"
+    "    except OSError as exc:\n"
+    "        print(exc)\n"
+    "open('other.done', 'w').close()\n"
+    "print(started)\n"
+)
+"""Started first; once the hog is full, starts 6 processes at once."""
+
+
+def test_a_fork_bomb_stops_at_its_own_cap_and_does_not_starve_another_call(
+    workspace: Path, python3: str, mode: Mode
+) -> None:
+    limits = ShellLimits(processes=8)
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(shell, [python3, "-c", OTHER], workspace, limits)
+        hog = pool.submit(shell, [python3, "-c", HOG], workspace, limits)
+        hog_result, other_result = hog.result(timeout=60), other.result(timeout=60)
+    # The cap is absolute: the hog itself and 7 children, whatever else runs as its user.
+    assert hog_result["stdout"].strip() == "7", hog_result
+    # The other call, started before the hog filled its cap, still starts all of its own.
+    assert other_result["stdout"].strip() == "6", other_result
+    assert (workspace / "other.done").exists()
+
+
+BOMB = (
+    "import os, time\n"
+    "r, w = os.pipe()\n"
+    "while True:\n"
+    "    try:\n"
+    "        pid = os.fork()\n"
+    "    except OSError:\n"
+    "        break\n"
+    "    if pid == 0:\n"
+    "        os.setsid()\n"
+    "        os.write(w, os.readlink('/proc/self').encode() + b' ')\n"
+    "        time.sleep(120)\n"
+    "        os._exit(0)\n"
+    "os.close(w)\n"
+    "time.sleep(0.2)\n"
+    "os.set_blocking(r, False)\n"
+    "print(os.read(r, 4096).decode())\n"
+)
+"""Forks `setsid` children until the cap stops it, prints their pids, and exits: they would all
+survive a process-group kill."""
+
+
+def test_survivors_never_accumulate_across_calls(workspace: Path, python3: str, mode: Mode) -> None:
+    limits = ShellLimits(processes=6)
+    for call in range(3):
+        result = shell([python3, "-c", BOMB], workspace, limits)
+        pids = [int(pid) for pid in result["stdout"].split()]
+        # The whole cap each time: nothing of the calls before holds part of it.
+        assert len(pids) == 5, (call, result)
+        assert not [pid for pid in pids if _alive(pid)], f"call {call} left processes behind"
+    available = containment.detect()
+    if available.cgroup is not None:
+        mine = f"-{os.getpid()}-"
+        left = [p.name for p in available.cgroup.base.iterdir() if mine in p.name]
+        assert not left, f"cgroups left behind: {left}"
+
+
+def test_a_uid_of_its_own_hands_the_workspace_back_to_the_shell_user(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not AS_ROOT:
+        pytest.skip("a uid of the call's own needs a root worker (CI runs this as root)")
+    available = containment.Available(None, containment.UidPool(containment._lock_dir()))
+    monkeypatch.setattr(containment, "detect", lambda: available)
+    result = shell(["sh", "-c", "id -u; mkdir made && touch made/file"], workspace)
+    uid = int(result["stdout"])
+    assert containment.UID_BASE <= uid < containment.UID_BASE + containment.UID_COUNT
+    assert result["isolation"]["user"].startswith(f"uid {uid} (the call's own")
+    assert result["isolation"]["containment"].startswith(f"pid namespace + uid {uid} of its own")
+    nobody = pwd.getpwnam("nobody")
+    for path in (workspace / "made", workspace / "made" / "file"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+
+
+def test_the_command_dies_with_its_worker(workspace: Path, python3: str) -> None:
+    """A worker killed during a call (SIGKILL: no finally runs) takes the command with it."""
+    found = containment.detect()
+    if found.cgroup is None and found.uids is None:
+        pytest.skip(f"no containment here ({'; '.join(found.why_not)}); CI runs this as root")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.workers.test_tools_shell_containment import ESCAPE, shell\n"
+        "shell([sys.argv[1], '-c', ESCAPE, '60'], Path(sys.argv[2]))\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code, python3, str(workspace)], cwd=ROOT)
+    try:
+        pid_file = workspace / "escaped.pid"
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "the grandchild")
+        escaped = int(pid_file.read_text())
+        assert _alive(escaped)
+    finally:
+        worker.kill()
+        worker.wait()
+    if found.cgroup is not None and not _alive(escaped):
+        return
+    wait_until(lambda: not _alive(escaped), 5, f"the grandchild {escaped} to die with the worker")
+
+
+# --- no containment: fail closed, or best effort when the operator says so --------------------
+
+
+NONE_AVAILABLE = containment.Available(
+    None,
+    None,
+    why_not=("cgroup v2: forced off", "cgroup v1: forced off", "per-call uid: forced off"),
+)
+
+
+def test_without_any_containment_shell_refuses_to_run(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(containment, "detect", lambda: NONE_AVAILABLE)
+    monkeypatch.setattr(containment, "_best_effort", False)
+    with pytest.raises(ActionError, match="shell refuses to run: no way to end") as info:
+        shell(["touch", "ran"], workspace)
+    assert info.value.kind is ErrorKind.permanent
+    assert "cgroup v1: forced off" in info.value.message
+    assert "GOVERNANCE_SHELL_BEST_EFFORT=true" in info.value.message
+    assert not (workspace / "ran").exists(), "nothing ran"
+
+
+def test_best_effort_runs_and_says_so(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(containment, "detect", lambda: NONE_AVAILABLE)
+    containment.configure(best_effort=True)
+    monkeypatch.setattr(containment, "_best_effort", True)  # undone after the test
+    with caplog.at_level(logging.WARNING, logger="workers.tools.sandbox"):
+        result = shell(["touch", "ran"], workspace)
+    assert result["returncode"] == 0
+    held = result["isolation"]["containment"]
+    assert held.startswith("best effort: "), held
+    assert "process cap relative (64 more processes than its user already runs)" in held
+    assert "runs without containment of its own" in caplog.text
+
+
+def test_stale_cgroups_of_a_dead_worker_are_swept(workspace: Path) -> None:
+    found = containment.detect()
+    if found.cgroup is None:
+        pytest.skip(f"no cgroup here ({'; '.join(found.why_not)}); CI runs this as root")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process has now: the "worker" that left the cgroup
+    tree = found.cgroup
+    name = f"{containment.PREFIX}{containment._ns_tag()}-{dead.pid}-0-test"
+    survivor = subprocess.Popen(["sleep", "60"])
+    try:
+        for parent in (tree.base, tree.freezer):
+            if parent is not None:
+                (parent / name).mkdir()
+                (parent / name / "cgroup.procs").write_text(str(survivor.pid))
+        tree.sweep()
+        assert survivor.wait(timeout=5) == -signal.SIGKILL
+        assert not (tree.base / name).exists()
+    finally:
+        survivor.kill()
+        survivor.wait()
+        for parent in (tree.base, tree.freezer):
+            if parent is not None and (parent / name).exists():
+                (parent / name).rmdir()

@@ -1,9 +1,13 @@
-"""How `shell` starts a command contained, and how it tells which limit stopped one.
+"""How `shell` starts a command contained, ends everything it started, and tells which limit
+stopped one.
 
-`launch` starts `sandbox_child.py` with a clean environment in the workspace; the launcher sets
-the resource limits, isolates the network when the kernel allows it, and, when the worker runs as
-root, becomes the unprivileged `shell_user` before it execs the command. What it could and could
-not do comes back as an `Isolation`, which the result carries and the log warns about.
+`launch` contains the call first (`containment`: a cgroup of its own, else a uid of its own, else
+a refusal unless best effort is on), then starts `sandbox_child.py` with a clean environment in
+the workspace; the launcher joins the call's cgroup, sets the resource limits, isolates the
+network and the process ids (a PID namespace) when the kernel allows it, and, when the worker
+runs as root, becomes the unprivileged `shell_user` (or the call's own uid) before it execs the
+command. What it could and could not do comes back as an `Isolation`, which the result carries
+and the log warns about. `Launched.kill` and `Launched.finish` end whatever the command started.
 
 What this does not do (see the README): it is not a container. A command running as the worker's
 own user (a worker that is not root) can read every file that user can read and signal its
@@ -12,6 +16,7 @@ processes; only their memory and environment are closed to it (`workers.hardenin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -25,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from governance.policy.errors import ActionError
+from workers.tools import containment
+from workers.tools.containment import CallContainment
 
-__all__ = ["Isolation", "ShellLimits", "launch", "limit_hit"]
+__all__ = ["Isolation", "Launched", "ShellLimits", "launch", "limit_hit"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,8 @@ CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 
 @dataclass(frozen=True)
 class ShellLimits:
-    """What one `shell` command may use. `processes` counts beyond what its user already runs."""
+    """What one `shell` call may use. `processes` is the call's own cap, whatever other calls
+    run (in best effort only: beyond what its user already runs)."""
 
     cpu_s: int = 10
     memory_bytes: int = 1024 * 1024 * 1024
@@ -48,10 +56,13 @@ class ShellLimits:
 
 @dataclass(frozen=True)
 class Isolation:
-    """Who the command ran as, and its network: "none", or "shared: <why not isolated>"."""
+    """Who the command ran as; its network: "none", or "shared: <why not isolated>"; and what
+    ends its processes with the call and caps them (e.g. "pid namespace + cgroup v1 pids +
+    freezer (max 64)", or "best effort: ...")."""
 
     user: str
     network: str
+    containment: str
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -116,18 +127,46 @@ def launch(
     shell_user: str | None,
     limits: ShellLimits,
     isolate_network: bool = True,
-) -> tuple[subprocess.Popen[bytes], Isolation]:
+    best_effort: bool = False,
+) -> Launched:
     """Start `command` contained, in its own session, with piped stdout and stderr.
 
     With `isolate_network` off the command keeps the worker's network (only for deployments that
-    cut the network otherwise, or whose commands need it).
+    cut the network otherwise, or whose commands need it). With `best_effort` it runs even when
+    no containment of the call is available (see `containment`).
 
-    Returns once the command itself runs (its launcher has exec'd). Raises a permanent
-    `ActionError` when it cannot run: no such program, not executable, no shell user, or a
-    containment step that failed (then nothing ran).
+    Returns once the command itself runs (its launcher has exec'd it). Raises a permanent
+    `ActionError` when it cannot run: no such program, not executable, no shell user, no
+    containment, or a containment step that failed (then nothing ran).
     """
-    program = command[0]
     target = _target(shell_user, workspace)
+    call = containment.open_call(limits.processes, best_effort)
+    try:
+        return _start(command, workspace, env, target, limits, isolate_network, call)
+    except BaseException:
+        call.close()
+        raise
+
+
+def _start(
+    command: list[str],
+    workspace: Path,
+    env: dict[str, str],
+    target: _Target,
+    limits: ShellLimits,
+    isolate_network: bool,
+    call: CallContainment,
+) -> Launched:
+    program = command[0]
+    uid, user = target.uid, target.user
+    if call.uid is not None:
+        uid = call.uid
+        user = f"uid {call.uid} (the call's own; group of {target.user})"
+        # It writes where the shell user's group may (its umask is 002); what it leaves in the
+        # workspace is handed back to the shell user after the call.
+        mode = workspace.stat().st_mode & 0o7777
+        if mode & 0o070 != 0o070:
+            os.chmod(workspace, mode | 0o070)
     config = {
         "limits": {
             "cpu_s": limits.cpu_s,
@@ -136,9 +175,11 @@ def launch(
             "file_size_bytes": limits.file_size_bytes,
             "open_files": limits.open_files,
         },
-        "uid": target.uid,
+        "uid": uid,
         "gid": target.gid,
         "isolate_network": isolate_network,
+        "parent": os.getpid(),
+        **call.launcher_config(),
     }
     status_r, status_w = os.pipe()
     try:
@@ -173,10 +214,85 @@ def launch(
             raise _exec_failure(program, int(report["exec_error"]), str(report.get("message")))
         why = report.get("setup_error", f"the launcher exited with {proc.returncode}")
         raise ActionError.permanent(f"cannot contain {program}, not run: {why}")
-    isolation = Isolation(target.user, str(report["network"]))
+    pid_namespace = report.get("pid_namespace", "not reported")
+    held = call.describe(None if pid_namespace is None else str(pid_namespace))
+    isolation = Isolation(user, str(report["network"]), held)
     if isolate_network and isolation.network != "none":
         log.warning("shell: %s runs with the worker's network (%s)", program, isolation.network)
-    return proc, isolation
+    if call.best_effort:
+        log.warning("shell: %s runs without containment of its own (%s)", program, held)
+    elif pid_namespace is not None:
+        log.info("shell: %s runs without a pid namespace (%s)", program, pid_namespace)
+    init = report.get("init_pid")
+    init_pidfd = _pidfd_of_child(int(init), proc.pid) if init is not None else None
+    return Launched(proc, isolation, call, workspace, target, init_pidfd)
+
+
+def _pidfd_of_child(pid: int, parent: int) -> int | None:
+    """A pidfd of `pid` if it is still a child of `parent` (the launcher, unreaped, so `pid`
+    cannot be another process that merely reuses the number), else None."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None  # it exited and the launcher reaped it: the command is over
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            ppid = next((line.split()[1] for line in status if line.startswith("PPid:")), "")
+    except OSError:
+        ppid = ""
+    if ppid != str(parent):
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+@dataclass
+class Launched:
+    """A running command: its launcher process (whose exit is the command's), how it is
+    isolated, and what ends it."""
+
+    proc: subprocess.Popen[bytes]
+    isolation: Isolation
+    containment: CallContainment
+    workspace: Path
+    owner: _Target
+    init_pidfd: int | None
+
+    def kill(self) -> None:
+        """SIGKILL the command and everything it started. With a PID namespace its init is
+        killed, so the kernel kills the rest; the launcher exits once all of it is gone."""
+        if self.init_pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            return
+        # The launcher became the command (or follows the init's death): it is unreaped, so its
+        # pid and group id cannot have been reused.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    def finish(self) -> str | None:
+        """Once the launcher is reaped: kill what is left in the call's cgroup or with its uid,
+        release them, hand what a per-call uid left in the workspace to the shell user. Returns
+        what could not be done, or None."""
+        if self.init_pidfd is not None:
+            os.close(self.init_pidfd)
+            self.init_pidfd = None
+        problem = self.containment.close()
+        uid = self.containment.uid
+        if uid is not None and self.owner.uid is not None and self.owner.gid is not None:
+            _hand_back(self.workspace, uid, self.owner.uid, self.owner.gid)
+        return problem
+
+
+def _hand_back(workspace: Path, uid: int, owner_uid: int, owner_gid: int) -> None:
+    """Give what `uid` owns in the workspace to the shell user (links are never followed)."""
+    for _root, dirs, files, dir_fd in os.fwalk(workspace, follow_symlinks=False):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == uid:
+                    os.chown(name, owner_uid, owner_gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def _discard(proc: subprocess.Popen[bytes]) -> None:
@@ -199,7 +315,13 @@ _SYSCALL_LIMITS = (
 )
 
 
-def limit_hit(returncode: int, cpu_used_s: float, stderr: str, limits: ShellLimits) -> str | None:
+def limit_hit(
+    returncode: int,
+    cpu_used_s: float,
+    stderr: str,
+    limits: ShellLimits,
+    process_cap: str | None = None,
+) -> str | None:
     """Which limit stopped a command that ended with `returncode`, or None.
 
     The kernel says so for CPU time (SIGXCPU, or SIGKILL at the hard limit with the CPU time
@@ -217,7 +339,7 @@ def limit_hit(returncode: int, cpu_used_s: float, stderr: str, limits: ShellLimi
     if returncode == 0:
         return None
     allowances = {
-        "process": f"{limits.processes} more processes than its user already runs",
+        "process": process_cap or f"{limits.processes} processes for this call",
         "memory": f"{limits.memory_bytes} bytes of address space",
         "open files": f"{limits.open_files} open files",
     }

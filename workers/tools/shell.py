@@ -2,22 +2,24 @@
 
 The child gets a minimal environment (PATH, HOME set to the workspace, LANG), not the worker's,
 and the workspace as its working directory. Before the program starts, `sandbox` applies resource
-limits (CPU seconds, address space, processes, file size, open files), cuts the network when the
-kernel allows it, and, when the worker runs as root, switches to the unprivileged `shell_user`; a
+limits (CPU seconds, address space, file size, open files), cuts the network when the kernel
+allows it, and, when the worker runs as root, switches to the unprivileged `shell_user`; a
 worker that is not root makes itself non-dumpable (`workers.hardening`), so a command running as
-its user cannot read its environment or memory. The result says who the command ran as and
-whether it had a network (`isolation`).
+its user cannot read its environment or memory.
 
-It starts in its own process group, and when it exits, times out or floods its output the whole
-group is killed, so no background grandchild outlives the call or keeps the worker waiting on the
-output pipes. A command stopped by a limit fails with a permanent `ActionError` naming the limit.
+Every process the command starts ends with the call, and the call's process cap is its own
+(`containment`): a cgroup per call (`pids.max`, killed as a whole at the end) or a uid of the
+call's own, and a PID namespace whose init ends everything left when the command exits, so a
+`setsid` or double-forked grandchild dies too, whether the command exits, times out, floods its
+output or the task is interrupted. Where no such containment is available `shell` refuses to
+run, unless best effort is on (`GOVERNANCE_SHELL_BEST_EFFORT`). The result says who the command
+ran as, whether it had a network, and which containment held (`isolation`). A command stopped by
+a limit fails with a permanent `ActionError` naming the limit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -27,12 +29,16 @@ from typing import IO, Annotated, Any
 from pydantic import Field
 
 from governance.policy.errors import ActionError
-from workers.tools import sandbox
+from workers.tools import containment, sandbox
 from workers.tools.base import InputRejected, ToolEnv, ToolInput, ToolSpec
 
 MAX_OUTPUT_BYTES = 64 * 1024
 """Each of stdout and stderr is cut here; more is read and dropped so the child never blocks, up
 to `ShellLimits.output_bytes`, where the command is stopped."""
+
+
+PIPE_GRACE_S = 5.0
+"""How long the output is read after the command ended and everything of it was killed."""
 
 
 class ShellInput(ToolInput):
@@ -118,25 +124,35 @@ def _reap(proc: subprocess.Popen[bytes]) -> float:
     return float(usage.ru_utime + usage.ru_stime)
 
 
+def _best_effort(env: ToolEnv) -> bool:
+    """Whether to run without containment of the call's own: the ToolEnv's say when it has
+    one, else the deployment's (`containment.configure`)."""
+    value = getattr(env, "shell_best_effort", None)
+    return containment.default_best_effort() if value is None else bool(value)
+
+
 def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
     """Run the program contained, in the workspace, and return its exit, output and isolation.
 
     A non-zero exit is a result, not a failure. A missing or non-executable program, a command
     stopped by a limit (CPU, memory, processes, file size, open files, output) or a containment
-    step that failed is a permanent failure; exceeding `env.shell_timeout_s` is a transient one.
+    step that failed (or no containment at all) is a permanent failure; exceeding
+    `env.shell_timeout_s` is a transient one.
     """
     program = inp.command[0]
     limits = env.shell_limits
     if not env.workspace.is_dir():
         raise ActionError.permanent(f"workspace is not a directory: {env.workspace}")
-    proc, isolation = sandbox.launch(
+    launched = sandbox.launch(
         list(inp.command),
         env.workspace,
         _child_env(env),
         env.shell_user,
         limits,
         env.shell_isolate_network,
+        _best_effort(env),
     )
+    proc = launched.proc
     readers = [
         _CappedReader(name, pipe, limits.output_bytes)
         for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
@@ -145,19 +161,27 @@ def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
     for reader in readers:
         reader.start()
     ended = "interrupted"
+    left: str | None = None
     try:
         ended = _wait_unreaped(
             proc.pid, env.shell_timeout_s, lambda: any(r.flooded for r in readers)
         )
     finally:
-        # Killed while the child is unreaped (a zombie keeps its pid, so the group id cannot have
-        # been reused); also on success, so a background grandchild cannot hold the pipes open,
-        # and also when interrupted (e.g. Celery's soft time limit), so nothing is left running.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # Also on success (a background grandchild must not outlive the call or hold the
+        # pipes), and when interrupted (e.g. Celery's soft time limit): nothing is left running.
+        launched.kill()
         cpu_used_s = _reap(proc)
+        left = launched.finish()
         for reader in readers:
-            reader.join()
+            reader.join(PIPE_GRACE_S)
+        held = [reader.stream for reader in readers if reader.is_alive()]
+        if held and left is None:
+            # Only in best effort without a PID namespace: a process that left the group.
+            left = f"a process that left the call still holds its {' and '.join(held)}"
+    if left is not None:
+        raise ActionError.permanent(
+            f"{program}: not every process of the call could be ended: {left}"
+        )
     returncode = proc.returncode
     if ended == "timeout":
         raise ActionError.transient(f"command timed out after {env.shell_timeout_s:g} s: {program}")
@@ -168,7 +192,7 @@ def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
                 f"{program} was stopped by the output limit: more than {limits.output_bytes} "
                 f"bytes on {reader.stream}"
             )
-    limit = sandbox.limit_hit(returncode, cpu_used_s, err.text(), limits)
+    limit = sandbox.limit_hit(returncode, cpu_used_s, err.text(), limits, launched.containment.cap)
     if limit is not None:
         raise ActionError.permanent(f"{program} was stopped by {limit}")
     return {
@@ -177,7 +201,7 @@ def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
         "stderr": err.text(),
         "stdout_truncated": out.truncated,
         "stderr_truncated": err.truncated,
-        "isolation": isolation.as_dict(),
+        "isolation": launched.isolation.as_dict(),
     }
 
 
