@@ -172,9 +172,13 @@ def _warn_groups_kept(machine: str) -> None:
 def as_user(user: WorkspaceUser) -> Iterator[None]:
     """Run the block with `user`'s file-system identity in this thread (when `user.switch`).
 
-    Only this thread changes (the fsuid, fsgid and groups are per thread in Linux), and it is
+    Only this thread changes (the fsuid, fsgid and groups are per thread in Linux; the groups go
+    through the raw system call, as glibc's `setgroups` would change every thread), and it is
     switched back before the block's exception, if any, goes on: another task of a thread pool,
-    or the next task of this pool process, never runs with it.
+    or the next task of this pool process, never runs with it. A thread started inside the block
+    would inherit the identity: the file operations start none. In a greenlet pool (gevent,
+    eventlet) the block holds its thread, as its plain `os` calls never yield to another
+    greenlet.
     """
     if not user.switch:
         yield
@@ -230,7 +234,7 @@ def _kind(mode: int) -> str:
         return "a socket"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
-    return "not a regular file"
+    return "an unknown kind of file"
 
 
 def _symlink_refused(relative: str, where: str) -> ActionError:
