@@ -186,6 +186,14 @@ class GovernanceSettings(BaseSettings):
         description="Run shell commands in a network namespace of their own, without network, "
         "when the kernel allows it (the result's isolation says whether it did).",
     )
+    shell_best_effort: bool = Field(
+        False,
+        description="Run shell commands even where the worker cannot contain a call (no "
+        "writable cgroup, and not root for a uid of the call's own): its processes then end "
+        "with it only through a PID namespace, if the kernel allows one, else with its process "
+        "group, and its process limit counts beyond what the shell user already runs. Off, "
+        "shell refuses to run there.",
+    )
     llm_base_url: str | None = Field(
         None, description="Base URL of the OpenAI-compatible provider (e.g. .../v1)."
     )

@@ -16,7 +16,7 @@ from governance.policy.actions import Action, ToolCall
 from governance.policy.errors import ActionError
 from governance.policy.tenant import TenantPolicy
 from governance.settings import GovernanceSettings
-from workers.tools import TOOLS, InputRejected, ToolEnv, ToolSpec, validate_input
+from workers.tools import TOOLS, InputRejected, ToolEnv, ToolSpec, containment, validate_input
 
 TOOL_TASK_PREFIX = "tools."
 
@@ -66,6 +66,7 @@ class ToolTask(GovernedTask):
 def register_tool_tasks(app: Celery, settings: GovernanceSettings) -> dict[str, ToolTask]:
     """Register ``tools.<name>`` on ``app`` for every tool; returns them by tool name."""
     settings.workspace_dir.mkdir(parents=True, exist_ok=True)
+    containment.configure(best_effort=settings.shell_best_effort)
     tasks: dict[str, ToolTask] = {}
     for name, spec in TOOLS.items():
 
