@@ -31,6 +31,7 @@ limit ("N more processes than its user already runs"), and the result and the lo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -133,7 +134,17 @@ def _kill_checked(pid: int, still_ours: Any) -> bool:
     make this kill another process). True when a signal was sent."""
     try:
         pidfd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            return False
+        # A kernel before 5.3: check, then kill by number (a reuse in between is unlikely).
+        if not still_ours(pid):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            return True
         return False
     try:
         if not still_ours(pid):
@@ -490,6 +501,32 @@ class UidPool:
             os.close(fd)
         raise ActionError.permanent("shell: every uid of the per-call range is in use")
 
+    def sweep(self) -> None:
+        """Kill what runs with a uid of the range that no worker holds (left by a worker that
+        died during a call)."""
+        in_range = set()
+        for entry in os.listdir("/proc"):
+            uid = _real_uid(int(entry)) if entry.isdigit() else None
+            if uid is not None and UID_BASE <= uid < UID_BASE + UID_COUNT:
+                in_range.add(uid)
+        for uid in sorted(in_range):
+            try:
+                fd = os.open(
+                    self.lock_dir / f"{uid}.lock",
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # a live call's
+            if kill_uid(uid):
+                log.info("shell: killed what a dead worker's call left running as uid %d", uid)
+            os.close(fd)
+
 
 @dataclass
 class UidSlot:
@@ -548,6 +585,8 @@ def _detect() -> Available:
             uids = UidPool(_lock_dir())
         except OSError as exc:
             why_not.append(f"per-call uid: {_why(exc)}")
+        else:
+            uids.sweep()
     found = Available(cgroup, uids, True, tuple(why_not))
     if cgroup is not None:
         log.info(

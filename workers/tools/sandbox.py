@@ -202,7 +202,11 @@ def _start(
             ) from exc
         os.close(status_w)
         status_w = -1
-        reports = _read_status(status_r)
+        try:
+            reports = _read_status(status_r)
+        except BaseException:  # e.g. Celery's soft time limit: nothing may run unwatched
+            _abort(proc)
+            raise
     finally:
         os.close(status_r)
         if status_w >= 0:
@@ -224,8 +228,12 @@ def _start(
     elif pid_namespace is not None:
         log.info("shell: %s runs without a pid namespace (%s)", program, pid_namespace)
     init = report.get("init_pid")
-    init_pidfd = _pidfd_of_child(int(init), proc.pid) if init is not None else None
-    return Launched(proc, isolation, call, workspace, target, init_pidfd)
+    try:
+        init_pidfd = _pidfd_of_child(int(init), proc.pid) if init is not None else None
+        return Launched(proc, isolation, call, workspace, target, init_pidfd)
+    except BaseException:
+        _abort(proc)
+        raise
 
 
 def _pidfd_of_child(pid: int, parent: int) -> int | None:
@@ -293,6 +301,19 @@ def _hand_back(workspace: Path, uid: int, owner_uid: int, owner_gid: int) -> Non
             with contextlib.suppress(OSError):
                 if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == uid:
                     os.chown(name, owner_uid, owner_gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _abort(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a launcher that is still setting up, and reap it (its init, if it made one, dies
+    with it: PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _discard(proc: subprocess.Popen[bytes]) -> None:

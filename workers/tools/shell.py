@@ -153,16 +153,17 @@ def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
         _best_effort(env),
     )
     proc = launched.proc
-    readers = [
-        _CappedReader(name, pipe, limits.output_bytes)
-        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
-        if pipe is not None
-    ]
-    for reader in readers:
-        reader.start()
+    readers: list[_CappedReader] = []
     ended = "interrupted"
     left: str | None = None
     try:
+        readers = [
+            _CappedReader(name, pipe, limits.output_bytes)
+            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
+            if pipe is not None
+        ]
+        for reader in readers:
+            reader.start()
         ended = _wait_unreaped(
             proc.pid, env.shell_timeout_s, lambda: any(r.flooded for r in readers)
         )
