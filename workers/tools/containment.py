@@ -43,6 +43,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def _status_fields(pid: int) -> dict[str, str] | None:
     return fields
 
 
-def _kill_checked(pid: int, still_ours: Any) -> bool:
+def _kill_checked(pid: int, still_ours: Callable[[int], bool]) -> bool:
     """SIGKILL `pid` if `still_ours(pid)` holds for the process a pidfd pins (no pid reuse can
     make this kill another process). True when a signal was sent."""
     try:
