@@ -477,9 +477,8 @@ class UidPool:
     lock_dir: Path
 
     def claim(self) -> UidSlot:
-        start = secrets.randbelow(UID_COUNT)
-        for step in range(UID_COUNT):
-            uid = UID_BASE + (start + step) % UID_COUNT
+        """The lowest uid of the range no call holds (so few lock files are ever made)."""
+        for uid in range(UID_BASE, UID_BASE + UID_COUNT):
             try:
                 pwd.getpwuid(uid)
                 continue  # a user of the system: never ours
