@@ -438,9 +438,10 @@ def _lock_dir() -> Path:
     raise OSError("no directory for the uid locks: " + "; ".join(reasons))
 
 
-def _real_uid(pid: int) -> int | None:
+def _real_uid(pid: int, zombies: bool = False) -> int | None:
+    """The real uid of a running process (or, with `zombies`, of one not reaped yet)."""
     fields = _status_fields(pid)
-    if fields is None or fields.get("State", "").startswith("Z"):
+    if fields is None or (not zombies and fields.get("State", "").startswith("Z")):
         return None  # gone, or a zombie (already dead: only its parent's wait is missing)
     try:
         return int(fields["Uid"].split()[0])
@@ -448,11 +449,11 @@ def _real_uid(pid: int) -> int | None:
         return None
 
 
-def _pids_of_uid(uid: int) -> list[int]:
+def _pids_of_uid(uid: int, zombies: bool = False) -> list[int]:
     return [
         int(entry)
         for entry in os.listdir("/proc")
-        if entry.isdigit() and _real_uid(int(entry)) == uid
+        if entry.isdigit() and _real_uid(int(entry), zombies) == uid
     ]
 
 
@@ -495,9 +496,11 @@ class UidPool:
                 os.close(fd)
                 continue
             # Ours now. What still runs with it was left by a worker that died during a call.
-            if kill_uid(uid):
+            # Zombies not reaped yet still count for RLIMIT_NPROC: such a uid waits its turn.
+            if not kill_uid(uid):
+                log.error("shell: processes of uid %d survive SIGKILL; skipping that uid", uid)
+            elif not _pids_of_uid(uid, zombies=True):
                 return UidSlot(uid, fd)
-            log.error("shell: processes of uid %d survive SIGKILL; skipping that uid", uid)
             os.close(fd)
         raise ActionError.permanent("shell: every uid of the per-call range is in use")
 
