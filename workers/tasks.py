@@ -16,7 +16,7 @@ from governance.policy.actions import Action, ToolCall
 from governance.policy.errors import ActionError
 from governance.policy.tenant import TenantPolicy
 from governance.settings import GovernanceSettings
-from workers.tools import TOOLS, InputRejected, ToolEnv, ToolSpec, containment, validate_input
+from workers.tools import TOOLS, InputRejected, ToolEnv, ToolSpec, validate_input
 
 TOOL_TASK_PREFIX = "tools."
 
@@ -40,6 +40,7 @@ class ToolTask(GovernedTask):
             http_timeout_s=self.settings.http_timeout_s,
             shell_user=self.settings.shell_user,
             shell_isolate_network=self.settings.shell_isolate_network,
+            shell_best_effort=self.settings.shell_best_effort,
         )
 
     def prepare(self, action: Action, tenant: TenantPolicy) -> None:
@@ -66,7 +67,6 @@ class ToolTask(GovernedTask):
 def register_tool_tasks(app: Celery, settings: GovernanceSettings) -> dict[str, ToolTask]:
     """Register ``tools.<name>`` on ``app`` for every tool; returns them by tool name."""
     settings.workspace_dir.mkdir(parents=True, exist_ok=True)
-    containment.configure(best_effort=settings.shell_best_effort)
     tasks: dict[str, ToolTask] = {}
     for name, spec in TOOLS.items():
 

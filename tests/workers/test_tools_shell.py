@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ import pytest
 from governance.policy.errors import ActionError, ErrorKind
 from workers.tools import TOOLS, InputRejected, ToolEnv, containment, validate_input
 
+#: Whether the tests run `shell` in best effort (set by the fixture below, and by some tests).
+BEST_EFFORT = False
+
 
 @pytest.fixture(autouse=True)
 def best_effort_without_containment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,11 +23,11 @@ def best_effort_without_containment(monkeypatch: pytest.MonkeyPatch) -> None:
     root, contained (tests/workers/test_tools_shell_containment.py checks how)."""
     available = containment.detect()
     if available.cgroup is None and available.uids is None:
-        monkeypatch.setattr(containment, "_best_effort", True)
+        monkeypatch.setattr(sys.modules[__name__], "BEST_EFFORT", True)
 
 
 def shell(command: list[str], workspace: Path, timeout_s: float = 30.0) -> dict[str, Any]:
-    env = ToolEnv(workspace=workspace, shell_timeout_s=timeout_s)
+    env = ToolEnv(workspace=workspace, shell_timeout_s=timeout_s, shell_best_effort=BEST_EFFORT)
     spec = TOOLS["shell"]
     return spec.run(validate_input(spec, {"command": command}, env), env)
 

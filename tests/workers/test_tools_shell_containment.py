@@ -40,13 +40,17 @@ AS_ROOT = os.geteuid() == 0
 SECRET = "sk-worker-secret-0123456789"
 
 
+#: Whether the tests run `shell` in best effort (set by the fixture below, and by some tests).
+BEST_EFFORT = False
+
+
 @pytest.fixture(autouse=True)
 def best_effort_without_containment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the worker can contain no call (not root, no writable cgroup) `shell` refuses to
     run; the tests then run it in best effort, and those about containment skip."""
     available = containment.detect()
     if available.cgroup is None and available.uids is None:
-        monkeypatch.setattr(containment, "_best_effort", True)
+        monkeypatch.setattr(sys.modules[__name__], "BEST_EFFORT", True)
 
 
 def shell(
@@ -63,6 +67,7 @@ def shell(
         shell_user=shell_user,
         shell_limits=limits or ShellLimits(),
         shell_isolate_network=isolate_network,
+        shell_best_effort=BEST_EFFORT,
     )
     spec = TOOLS["shell"]
     return spec.run(validate_input(spec, {"command": command}, env), env)
@@ -276,7 +281,7 @@ def test_a_fork_loop_is_stopped_by_the_process_limit(workspace: Path, python3: s
     with pytest.raises(ActionError, match="python3 was stopped by the process limit") as info:
         shell([python3, "-c", code], workspace, ShellLimits(processes=8))
     assert info.value.kind is ErrorKind.permanent
-    cap = "8 more processes than its user already runs" if containment._best_effort else ""
+    cap = "8 more processes than its user already runs" if BEST_EFFORT else ""
     assert f"the process limit ({cap or '8 processes for this call'})" in info.value.message
     assert "Resource temporarily unavailable" in info.value.message
     assert time.monotonic() - started < 20, "the forked children were killed with the group"
@@ -417,7 +422,7 @@ def test_without_containment_the_setsid_grandchild_would_survive(
     grandchild left; this is the attack the containment stops."""
     available = containment.Available(None, None, pid_namespace=False, why_not=("forced",))
     monkeypatch.setattr(containment, "detect", lambda: available)
-    monkeypatch.setattr(containment, "_best_effort", True)
+    monkeypatch.setattr(sys.modules[__name__], "BEST_EFFORT", True)
     result = shell([python3, "-c", ESCAPE, "0"], workspace)
     escaped = int(result["stdout"])
     try:
@@ -575,7 +580,7 @@ def test_without_any_containment_shell_refuses_to_run(
     workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(containment, "detect", lambda: NONE_AVAILABLE)
-    monkeypatch.setattr(containment, "_best_effort", False)
+    monkeypatch.setattr(sys.modules[__name__], "BEST_EFFORT", False)
     with pytest.raises(ActionError, match="shell refuses to run: no way to end") as info:
         shell(["touch", "ran"], workspace)
     assert info.value.kind is ErrorKind.permanent
@@ -588,8 +593,7 @@ def test_best_effort_runs_and_says_so(
     workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(containment, "detect", lambda: NONE_AVAILABLE)
-    containment.configure(best_effort=True)
-    monkeypatch.setattr(containment, "_best_effort", True)  # undone after the test
+    monkeypatch.setattr(sys.modules[__name__], "BEST_EFFORT", True)
     with caplog.at_level(logging.WARNING, logger="workers.tools.sandbox"):
         result = shell(["touch", "ran"], workspace)
     assert result["returncode"] == 0

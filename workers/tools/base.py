@@ -57,7 +57,9 @@ class ToolEnv:
     `allowed_networks` the internal networks (loopback, private, ...) they may reach too, none
     when empty. `http_timeout_s` is one deadline for a whole request. `shell_user` is who `shell`
     runs commands as when the worker is root; `shell_limits` what one command may use;
-    `shell_isolate_network` whether it cuts the command's network (when the kernel allows).
+    `shell_isolate_network` whether it cuts the command's network (when the kernel allows);
+    `shell_best_effort` whether `shell` runs where the worker cannot contain a call of its own
+    (`GOVERNANCE_SHELL_BEST_EFFORT`; otherwise it refuses).
     """
 
     workspace: Path
@@ -68,6 +70,7 @@ class ToolEnv:
     shell_user: str | None = "nobody"
     shell_limits: ShellLimits = field(default_factory=ShellLimits)
     shell_isolate_network: bool = True
+    shell_best_effort: bool = False
 
 
 class ToolInput(BaseModel):

@@ -55,8 +55,6 @@ __all__ = [
     "CallContainment",
     "CgroupTree",
     "UidPool",
-    "configure",
-    "default_best_effort",
     "detect",
     "open_call",
 ]
@@ -75,19 +73,7 @@ the init (added to pids.max by the launcher once it knows)."""
 EMPTY_WAIT_S = 5.0
 """How long the end of a call waits for what it killed to be gone."""
 
-_best_effort = False
 _counter = itertools.count()
-
-
-def configure(*, best_effort: bool) -> None:
-    """The deployment's default for best effort (`GOVERNANCE_SHELL_BEST_EFFORT`); workers set it
-    when they register the tools."""
-    global _best_effort
-    _best_effort = best_effort
-
-
-def default_best_effort() -> bool:
-    return _best_effort
 
 
 # --- small helpers ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import IO, Annotated, Any
 from pydantic import Field
 
 from governance.policy.errors import ActionError
-from workers.tools import containment, sandbox
+from workers.tools import sandbox
 from workers.tools.base import InputRejected, ToolEnv, ToolInput, ToolSpec
 
 MAX_OUTPUT_BYTES = 64 * 1024
@@ -124,13 +124,6 @@ def _reap(proc: subprocess.Popen[bytes]) -> float:
     return float(usage.ru_utime + usage.ru_stime)
 
 
-def _best_effort(env: ToolEnv) -> bool:
-    """Whether to run without containment of the call's own: the ToolEnv's say when it has
-    one, else the deployment's (`containment.configure`)."""
-    value = getattr(env, "shell_best_effort", None)
-    return containment.default_best_effort() if value is None else bool(value)
-
-
 def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
     """Run the program contained, in the workspace, and return its exit, output and isolation.
 
@@ -150,7 +143,7 @@ def run(inp: ShellInput, env: ToolEnv) -> dict[str, Any]:
         env.shell_user,
         limits,
         env.shell_isolate_network,
-        _best_effort(env),
+        env.shell_best_effort,
     )
     proc = launched.proc
     readers: list[_CappedReader] = []
