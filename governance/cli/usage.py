@@ -73,9 +73,9 @@ def usage(
 
 
 def _check(kind: str, result: LimitResult) -> dict[str, Any]:
-    from governance.policy.limits import Blocked, Warning
+    from governance.policy.limits import Blocked, NearLimit
 
-    if isinstance(result, Blocked | Warning):
+    if isinstance(result, Blocked | NearLimit):
         state = "blocked" if isinstance(result, Blocked) else "warning"
         return {
             "check": kind,

@@ -31,9 +31,9 @@ from governance.policy.limits import (
     Blocked,
     LimitResult,
     LimitWarning,
+    NearLimit,
     Violation,
     ViolationType,
-    Warning,
     check_limit,
 )
 from governance.policy.loader import ConfigError
@@ -66,6 +66,7 @@ __all__ = [
     "LongRunningLimits",
     "Message",
     "ModelPrice",
+    "NearLimit",
     "Outcome",
     "Policy",
     "RateLimit",
@@ -78,7 +79,6 @@ __all__ = [
     "Usage",
     "Violation",
     "ViolationType",
-    "Warning",
     "check_limit",
     "classify_http_status",
     "estimate_input_tokens",

@@ -7,9 +7,10 @@ Semantics and messages follow the seed's enforcement module: over the limit bloc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 Number = int | float
 
@@ -106,8 +107,10 @@ class Allowed:
 
 
 @dataclass(frozen=True)
-class Warning:
-    """Allowed, but at or above the warning threshold (named as in the seed; shadows a builtin)."""
+class NearLimit:
+    """Allowed, but at or above the warning threshold (the seed called it ``Warning``, which
+    shadows a builtin; that name stays importable from this module, deprecated, for one
+    release)."""
 
     warning: LimitWarning
 
@@ -171,7 +174,7 @@ class Blocked:
         return self.violation.message
 
 
-LimitResult = Allowed | Warning | Blocked
+LimitResult = Allowed | NearLimit | Blocked
 
 
 def check_limit(
@@ -182,7 +185,7 @@ def check_limit(
 ) -> LimitResult:
     """Compare `current` (usage including the action about to run) with `limit`.
 
-    Blocked when current > limit; a Warning when the whole percent used is at or above the
+    Blocked when current > limit; NearLimit when the whole percent used is at or above the
     threshold (so exactly at it warns); else Allowed. A limit of 0 allows nothing but an idle 0;
     a limit of None means no limit.
     """
@@ -198,5 +201,17 @@ def check_limit(
         return Allowed()
     pct = percent_of(current, limit)
     if pct >= warning_threshold_pct:
-        return Warning(LimitWarning(type, current, limit, pct))
+        return NearLimit(LimitWarning(type, current, limit, pct))
     return Allowed()
+
+
+def __getattr__(name: str) -> Any:
+    # `Warning`, the seed's name of NearLimit, shadows a builtin: deprecated for one release.
+    if name == "Warning":
+        warnings.warn(
+            "governance.policy.limits.Warning is deprecated: use NearLimit",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return NearLimit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

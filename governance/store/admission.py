@@ -22,7 +22,7 @@ from pydantic_core import to_json
 
 from governance.policy.actions import Action, LLMCall
 from governance.policy.context import ActionContext
-from governance.policy.limits import LimitWarning, Violation, ViolationType, Warning, check_limit
+from governance.policy.limits import LimitWarning, NearLimit, Violation, ViolationType, check_limit
 from governance.policy.usage import Usage
 from governance.store.audit_seal import AuditSealer, begin_sealed_call
 from governance.store.keys import WINDOW_ORDER, ProviderKeys, TenantKeys
@@ -193,7 +193,7 @@ def _warning(check: BudgetCheck, current: float, threshold_pct: int) -> LimitWar
         scale(check.limit),
         warning_threshold_pct=threshold_pct,
     )
-    return result.warning if isinstance(result, Warning) else None
+    return result.warning if isinstance(result, NearLimit) else None
 
 
 def _percent(value: float, limit: int) -> float:

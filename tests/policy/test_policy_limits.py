@@ -10,9 +10,9 @@ from governance.policy import (
     Blocked,
     LimitWarning,
     LongRunningLimits,
+    NearLimit,
     Violation,
     ViolationType,
-    Warning,
     check_limit,
 )
 
@@ -30,7 +30,7 @@ def test_over_the_limit_is_blocked_with_the_seed_message() -> None:
 
 def test_exactly_at_the_threshold_warns() -> None:
     result = check_limit(TOKENS, 80, 100)
-    assert isinstance(result, Warning)
+    assert isinstance(result, NearLimit)
     assert result.is_allowed
     assert not result.is_blocked
     assert result.percent == 80
@@ -46,18 +46,18 @@ def test_just_below_the_threshold_is_allowed() -> None:
 
 def test_exactly_at_the_limit_warns_but_is_not_blocked() -> None:
     result = check_limit(TOKENS, 100, 100)
-    assert isinstance(result, Warning)
+    assert isinstance(result, NearLimit)
     assert result.percent == 100
 
 
 def test_custom_threshold() -> None:
-    assert isinstance(check_limit(TOKENS, 50, 100, warning_threshold_pct=50), Warning)
+    assert isinstance(check_limit(TOKENS, 50, 100, warning_threshold_pct=50), NearLimit)
     assert isinstance(check_limit(TOKENS, 49, 100, warning_threshold_pct=50), Allowed)
 
 
 def test_percent_is_exact_for_integers() -> None:
     # 29/100*100 is 28.999... in floating point; the threshold must still see 29.
-    assert isinstance(check_limit(TOKENS, 29, 100, warning_threshold_pct=29), Warning)
+    assert isinstance(check_limit(TOKENS, 29, 100, warning_threshold_pct=29), NearLimit)
 
 
 def test_limit_zero_allows_nothing() -> None:
@@ -76,7 +76,7 @@ def test_cost_messages_print_dollars() -> None:
     assert isinstance(blocked, Blocked)
     assert blocked.message == "cost_limit exceeded: $5.02 / $5.00 (100%)"
     warned = check_limit(ViolationType.cost_limit, 4.0, 5.0)
-    assert isinstance(warned, Warning)
+    assert isinstance(warned, NearLimit)
     assert warned.message == "cost_limit at 80%: $4.00 / $5.00"
 
 
@@ -90,6 +90,18 @@ def test_violation_and_warning_can_be_built_directly() -> None:
     assert LimitWarning(TOKENS, 90, 100).percent == 90
     custom = Violation(ViolationType.cooldown, 1, 0, "provider 'fake' cooling down for 2s")
     assert custom.message == "provider 'fake' cooling down for 2s"
+
+
+def test_the_seeds_name_of_near_limit_is_deprecated_and_not_exported() -> None:
+    import governance
+    import governance.policy
+    from governance.policy import limits
+
+    with pytest.warns(DeprecationWarning, match="NearLimit"):
+        assert limits.Warning is NearLimit
+    assert "Warning" not in governance.policy.__all__
+    assert "Warning" not in governance.__all__
+    assert not hasattr(governance.policy, "Warning")
 
 
 def test_violation_type_values_are_their_names() -> None:

@@ -26,7 +26,7 @@ PUBLIC = [
     "HookDecision",
     "ConfigError",
     "Allowed",
-    "Warning",
+    "NearLimit",
     "Blocked",
     "LimitResult",
     "Violation",
