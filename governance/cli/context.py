@@ -69,6 +69,7 @@ def celery_app() -> Any:
         raise CliError(
             f"GOVERNANCE_APP must be 'module:attribute', got {spec!r}", ExitCode.INVALID_CONFIG
         )
+    named = f"{spec!r} (GOVERNANCE_APP)"
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # like `celery -A`, find a deployment module in the cwd
     try:
@@ -77,25 +78,38 @@ def celery_app() -> Any:
         # An app refuses to be created with an invalid policy: report the policy's own errors.
         load_policy()
         raise CliError(
-            f"cannot load the Celery app {spec!r}: {exc.code}", ExitCode.INVALID_CONFIG
+            f"cannot load the Celery app {named}: {exc.code}", ExitCode.INVALID_CONFIG
         ) from None
     except ImportError as exc:
         raise CliError(
-            f"cannot import the Celery app {spec!r}: {exc}", ExitCode.INVALID_CONFIG
+            f"cannot import the Celery app {named}: {exc}; set GOVERNANCE_APP to your app's "
+            "module:attribute (as `celery -A` takes it), from the directory that holds it",
+            ExitCode.INVALID_CONFIG,
         ) from None
     app = getattr(module, attr, None)
     if app is None:
-        raise CliError(f"module {module_name!r} has no attribute {attr!r}", ExitCode.INVALID_CONFIG)
+        raise CliError(
+            f"module {module_name!r} has no attribute {attr!r} (GOVERNANCE_APP={spec!r})",
+            ExitCode.INVALID_CONFIG,
+        )
     return app
 
 
 @cache
 def runtime() -> GovernanceRuntime:
-    """The governance runtime installed on the deployment's app (its settings and policy)."""
-    from governance.integration.runtime import runtime_for
+    """The governance runtime installed on the deployment's app (its settings and policy).
 
+    An app governed by its task class alone (``Celery(task_cls=GovernedTask)``) is governed
+    when its tasks are bound to it, which Celery does when the app is finalized: a worker does
+    it at start, and so does govctl here.
+    """
+    from governance.integration.runtime import installed_on, runtime_for
+
+    app = celery_app()
+    if installed_on(app) is None:
+        app.finalize(auto=True)
     try:
-        return runtime_for(celery_app())
+        return runtime_for(app)
     except RuntimeError as exc:
         raise CliError(str(exc), ExitCode.INVALID_CONFIG) from None
 

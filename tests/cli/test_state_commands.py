@@ -15,7 +15,7 @@ from governance.store.audit_seal import AuditSealer
 from governance.store.held import HeldStatus, HeldStore, HeldTask
 from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
-from tests.cli.conftest import Govctl
+from tests.cli.conftest import ROOT, Govctl
 
 AUDIT_KEY = b"cli-test-audit-key"
 
@@ -318,3 +318,24 @@ def test_approvals_with_the_broker_down_are_recorded_and_left_to_the_reconciler(
         assert "Retry (" not in result.stderr
         assert "Traceback" not in result.stderr
     assert json.loads(govctl("held", "show", task_id, "--json").stdout)["status"] == "released"
+
+
+def test_govctl_operates_an_app_governed_by_its_task_class_alone(
+    govctl: Govctl, redis_url: str
+) -> None:
+    """``Celery("own", task_cls=GovernedTask)`` (no ``govern(app)``): govctl finalizes the app
+    as a worker does, which governs it, and reads its state."""
+    own = {
+        "GOVERNANCE_APP": "tests.e2e.own_app:app",
+        "GOVERNANCE_CONFIG_PATH": str(ROOT / "tests" / "e2e" / "own-policy.yaml"),
+    }
+    for args in (("status",), ("held", "list"), ("audit", "verify")):
+        result = govctl(*args, env=own)
+        assert result.returncode == 0, (args, result.stderr)
+
+
+def test_an_app_that_cannot_be_imported_names_governance_app(govctl: Govctl) -> None:
+    result = govctl("status", env={"GOVERNANCE_APP": "no_such_module_here:app"})
+    assert result.returncode == 5
+    assert "'no_such_module_here:app' (GOVERNANCE_APP)" in result.stderr
+    assert "set GOVERNANCE_APP to your app's module:attribute" in result.stderr
