@@ -26,14 +26,9 @@ from governance.policy.actions import LLMCall, Message
 from governance.policy.context import ActionContext
 from governance.policy.long_running import PRESETS
 from governance.policy.usage import Usage
-from governance.store import (
-    AdmissionLimits,
-    Admitter,
-    BudgetCheck,
-    Period,
-    Rate,
-    StateStore,
-)
+from governance.store import Period, StateStore
+from governance.store.admission import Admitter
+from governance.store.limits import AdmissionLimits, BudgetCheck, Rate
 
 LIMITS = AdmissionLimits(
     concurrency=1_000,

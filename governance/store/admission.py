@@ -12,22 +12,41 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Required, TypedDict, Unpack
 
 from pydantic_core import to_json
 
 from governance.policy.actions import Action, LLMCall
 from governance.policy.context import ActionContext
-from governance.policy.limits import LimitWarning, NearLimit, Violation, ViolationType, check_limit
+from governance.policy.limits import (
+    LimitWarning,
+    NearLimit,
+    Violation,
+    ViolationType,
+    check_limit,
+)
 from governance.policy.usage import Usage
+from governance.store.audit import AuditEventType
 from governance.store.audit_seal import AuditSealer, begin_sealed_call
-from governance.store.keys import WINDOW_ORDER, ProviderKeys, TenantKeys
+from governance.store.direct import Args, Packed
+from governance.store.keys import ProviderKeys, TenantKeys
 from governance.store.limits import AdmissionLimits, BudgetCheck
+from governance.store.pending import Pending
 from governance.store.state import StateStore
+from governance.store.vocabulary import (
+    ADMISSION_TASK_PART,
+    PROVIDER_GATE,
+    RENEW,
+    SETTLEMENT_LIMITS_PART,
+    SETTLEMENT_TASK_PART,
+    limit_values,
+    template_values,
+)
 
 
 class AdmissionStatus(StrEnum):
@@ -73,6 +92,17 @@ class AdmissionTicket:
     #: The run and how long it stays in flight after this step, when the tenant limits runs in
     #: flight (the settlement counts from its end).
     run_in_flight: tuple[str, int] | None = None
+
+    @property
+    def template_args(self) -> Packed:
+        """The audit template as the scripts take it, packed once for the attempt's admission
+        and its settlement."""
+        # Kept by hand: functools.cached_property takes a lock per first read, on the hot path.
+        packed: Packed | None = self.__dict__.get("_template_args")
+        if packed is None:
+            packed = Packed(template_values(self.template))
+            object.__setattr__(self, "_template_args", packed)
+        return packed
 
     @classmethod
     def of(
@@ -220,6 +250,9 @@ def _list(raw: Any) -> list[Any]:
     return [] if isinstance(raw, Mapping) else list(raw or [])
 
 
+_FINISHED = {"type": AuditEventType.TASK_FINISHED.value, "decision": "allow"}
+
+
 class AdmissionRequest(TypedDict, total=False):
     """What :meth:`Admitter.admit` is asked: one delivery of one attempt of a task.
 
@@ -277,20 +310,21 @@ class Admitter:
     def __init__(self, state: StateStore, sealer: AuditSealer | None = None) -> None:
         self._state = state
         self._sealer = sealer
-        self._static: dict[int, tuple[AdmissionLimits, str]] = {}
+        self._static: dict[int, tuple[AdmissionLimits, Packed]] = {}
+        self._settle_static: dict[int, tuple[tuple[BudgetCheck, ...], int, Packed]] = {}
 
     def _begin(
         self,
         operation: str,
         script: Any,
         tenant: str,
-        keys: list[str],
-        body: str,
+        keys: Args,
+        request: list[Any],
         *,
         reclaim: bool = True,
-    ) -> Callable[[], dict[str, Any]]:
-        """Write one call of ``script`` now, with the seals this process owes ``tenant``'s chain
-        (in batches, see ``SEAL_BATCH``); the function returned reads its reply."""
+    ) -> Pending[dict[str, Any]]:
+        """Write one call of ``script`` now: its request, the settings, and the seals this
+        process owes ``tenant``'s chain (in batches, see ``SEAL_BATCH``)."""
         settings = self._state.script_settings(reclaim=reclaim)
         return begin_sealed_call(
             self._state,
@@ -299,7 +333,7 @@ class Admitter:
             script,
             tenant,
             keys,
-            lambda seals, writer: [body, settings, seals, writer],
+            lambda seals, writer: [*request, settings, seals, writer],
             batch=SEAL_BATCH,
             older_than_s=SEAL_AGE_S,
         )
@@ -307,19 +341,14 @@ class Admitter:
     def admit(self, **request: Unpack[AdmissionRequest]) -> Admission:
         """Admit one delivery of one attempt of a task, or say what it waits for (the request's
         fields: see :class:`AdmissionRequest`)."""
-        return self.begin_admit(**request)()
+        return self.begin_admit(**request).result()
 
-    def begin_admit(self, **request: Unpack[AdmissionRequest]) -> Callable[[], Admission]:
-        """:meth:`admit`, written now; the function returned (called on this thread) reads the
-        decision."""
+    def begin_admit(self, **request: Unpack[AdmissionRequest]) -> Pending[Admission]:
+        """:meth:`admit`, written now; the decision is read by ``result()`` (on this thread)."""
         ctx, action, task_id = request["ctx"], request["action"], request["task_id"]
         attempt, estimate, limits = request["attempt"], request["estimate"], request["limits"]
         holder = request.get("holder") or f"{task_id}:{attempt}"
-        handoff = request.get("handoff")
-        envelope = request.get("envelope")
-        template = request.get("template")
         outage = request.get("outage")
-        reclaim = request.get("reclaim", True)
         cost_alert_approved = request.get("cost_alert_approved")
         now = request.get("now")
         keys = TenantKeys(ctx.tenant)
@@ -329,64 +358,59 @@ class Admitter:
         day = int((now.timestamp() if now else time.time()) // 86_400)
         provider = action.provider if isinstance(action, LLMCall) else None
         record = keys.task(task_id)
-        template = dict(template or {"tenant": ctx.tenant, "task_id": task_id})
-        lr = limits.long_running
-        body = {
-            "id": task_id,
-            "a": attempt,
-            "holder": holder,
-            "handoff": handoff,
-            "hc": provider is not None,
-            "hp": provider is not None and limits.provider_rate is not None,
-            "pr": limits.provider_rate.as_args() if provider and limits.provider_rate else None,
-            "est": [
+        template = dict(request.get("template") or {"tenant": ctx.tenant, "task_id": task_id})
+        ticket = AdmissionTicket.of(ctx, task_id, attempt, holder, limits, template, windows)
+        gate: Mapping[str, Any] = _GO
+        shared = provider is not None and limits.shared_provider
+        if provider is not None and shared:
+            # The deployment's provider: its own slot, so its own call, first.
+            gate = self._provider_gate(provider, limits) or _GO
+        repetitions = limits.long_running.max_same_step_repetitions
+        task = ADMISSION_TASK_PART.args(
+            id=task_id,
+            attempt=attempt,
+            holder=holder,
+            handoff=request.get("handoff") or "",
+            run=ctx.run,
+            has_cooldown="1" if provider is not None and not shared else "",
+            has_provider_rate=(
+                "1" if provider is not None and limits.provider_rate is not None else ""
+            ),
+            est=(
                 estimate.steps,
                 estimate.tool_calls,
                 estimate.input_tokens,
                 estimate.output_tokens,
                 estimate.cost_micro_usd,
-            ],
-            "lr": [
-                ctx.discovery_depth,
-                _or_minus_one(lr.max_discovery_depth),
-                _or_minus_one(lr.max_discovered_steps),
-                -1 if lr.idle_timeout_s is None else round(lr.idle_timeout_s * 1000),
-                _or_minus_one(lr.max_same_step_repetitions),
-                # The step's identity, hashed only when repetitions are counted.
-                ""
-                if lr.max_same_step_repetitions is None
-                else f"{action.name}:{action.input_hash()}",
-            ],
-            "au": template,
-            "env": envelope,
-            "outage": list(outage) if outage else None,
-            "run": ctx.run,
-            "wend": (day + 1) * 86_400_000,
-        }
-        if cost_alert_approved is not None:
-            body["ack"] = cost_alert_approved
-        if provider is not None and limits.shared_provider:
-            # The deployment's provider: its own slot, so its own call, first.
-            body["hc"] = False
-            body["ext"] = self._provider_gate(provider, limits)
-        script_keys = [
-            *keys.shared(),
+            ),
+            depth=ctx.discovery_depth,
+            # The step's identity, hashed only when repetitions are counted.
+            step="" if repetitions is None else f"{action.name}:{action.input_hash()}",
+            envelope=request.get("envelope") or "",
+            outage=outage if outage else ("", ""),
+            window_end=(day + 1) * 86_400_000,
+            cost_alert_ack="" if cost_alert_approved is None else cost_alert_approved,
+            gate_turn=gate["turn"],
+            gate_violation=gate["v"],
+            gate_wait=gate["wait"],
+        )
+        script_keys: list[str | Packed] = [
+            _shared_keys(ctx.tenant),
             record,
             keys.cooldown(provider) if provider else keys.placeholder,
             keys.provider_rate(provider) if provider else keys.placeholder,
             *windows,
             keys.step_repetitions(ctx.run),
         ]
-        reply_of = self._begin(
+        reply = self._begin(
             "admission",
             self._state.scripts.admit,
             ctx.tenant,
             script_keys,
-            _with_static(body, self._static_json(limits)),
-            reclaim=reclaim,
+            [*task, ticket.template_args, self._limit_args(limits)],
+            reclaim=request.get("reclaim", True),
         )
-        ticket = AdmissionTicket.of(ctx, task_id, attempt, holder, limits, template, windows)
-        return lambda: _parse_admission(reply_of(), ticket, limits, provider)
+        return reply.then(lambda raw: _parse_admission(raw, ticket, limits, provider))
 
     def _provider_gate(self, provider: str, limits: AdmissionLimits) -> dict[str, Any] | None:
         """The deployment-wide cooldown and rate of ``provider``: None when the call may go
@@ -398,36 +422,34 @@ class Admitter:
             "provider gate",
             self._state.scripts.provider_gate,
             [keys.cooldown, keys.rate],
-            [json.dumps(rate.as_args()) if rate else ""],
+            PROVIDER_GATE.arrange({"rate": (rate.interval_ms, rate.burst) if rate else ("", "")}),
         )
         gate: dict[str, Any] = json.loads(raw)
         return gate if gate["turn"] else None
 
-    def _static_json(self, limits: AdmissionLimits) -> str:
-        """The parts of an admission request that only depend on the tenant's limits, encoded
-        once per limits object (the hot path encodes only what changes per task)."""
+    def _limit_args(self, limits: AdmissionLimits) -> Packed:
+        """The part of an admission request that only depends on the tenant's limits, encoded
+        and packed once per limits object (the hot path encodes only what changes per task)."""
         cached = self._static.get(id(limits))
         if cached is None or cached[0] is not limits:
-            static = {
-                "rw": limits.reserved_windows,
-                "conc": -1 if limits.concurrency is None else limits.concurrency,
-                "tr": limits.tenant_rate.as_args() if limits.tenant_rate else None,
-                "ttl": self._ttl(),
-                "checks": limits.check_args,
-                "max_wait": limits.max_wait_ms,
-                "rc": -1 if limits.run_concurrency is None else limits.run_concurrency,
-                "ri": limits.run_idle_ms,
-                "wall": (
-                    None
-                    if limits.wall_time_ms is None
-                    else [limits.wall_time_ms, limits.wall_time_grace_ms]
-                ),
-                "ca": -1 if limits.cost_alert_micro is None else limits.cost_alert_micro,
-                "warn": limits.warning_threshold_pct,
-            }
-            cached = (limits, json.dumps(static, separators=(",", ":")))
+            cached = (limits, Packed(limit_values(limits, self._ttl())))
             self._static[id(limits)] = cached
         return cached[1]
+
+    def _settlement_limits(self, ticket: AdmissionTicket) -> Packed:
+        """The part of a settlement that only depends on the tenant's limits (its budget checks
+        and warning threshold) and the store: encoded and packed once per checks."""
+        checks, warn = ticket.checks, ticket.warning_threshold_pct
+        cached = self._settle_static.get(id(checks))
+        if cached is None or cached[0] is not checks or cached[1] != warn:
+            values = {
+                "ttl": self._ttl(),
+                "checks": AdmissionLimits(budget_checks=checks).check_json or "",
+                "warn": warn,
+            }
+            cached = (checks, warn, Packed(SETTLEMENT_LIMITS_PART.arrange(values)))
+            self._settle_static[id(checks)] = cached
+        return cached[2]
 
     def _ttl(self) -> list[int]:
         ttl = self._state.ttl
@@ -437,7 +459,9 @@ class Admitter:
         """Extend the task's lease; returns the new expiry (ms), or 0 if the lease was lost."""
         keys = TenantKeys(ticket.tenant)
         script_keys = [keys.leases, keys.ledger, keys.task(ticket.task_id), ticket.windows[0]]
-        argv: list[str | int | float] = [ticket.attempt, self._state.lease_ms, ticket.holder]
+        argv = RENEW.arrange(
+            {"attempt": str(ticket.attempt), "lease": self._state.lease_ms, "holder": ticket.holder}
+        )
         return int(self._state.call("lease renewal", self._state.scripts.renew, script_keys, argv))
 
     def settle_killed(
@@ -457,55 +481,58 @@ class Admitter:
     ) -> Settlement:
         """Release the lease and count ``actual`` instead of the reservation (at most once;
         the options: see :class:`SettlementOptions`)."""
-        return self.begin_settle(ticket, actual, **options)()
+        return self.begin_settle(ticket, actual, **options).result()
 
     def begin_settle(
         self, ticket: AdmissionTicket, actual: Usage, **options: Unpack[SettlementOptions]
-    ) -> Callable[[], Settlement]:
-        """:meth:`settle`, written now; the function returned (called on this thread) reads
-        what it did. Nothing is settled twice if it is called again after a failure."""
-        entry = options.get("entry")
-        next_attempt = options.get("next_attempt")
+    ) -> Pending[Settlement]:
+        """:meth:`settle`, written now; what it did is read by ``result()`` (on this thread).
+        Nothing is settled twice if it is called again after a failure."""
+        entry = options.get("entry") or _FINISHED
+        nxt = options.get("next_attempt")
+        run = ticket.run_in_flight
+        detail = entry.get("detail")
         keys = TenantKeys(ticket.tenant)
-        record = keys.task(ticket.task_id)
-        body = {
-            "id": ticket.task_id,
-            "a": ticket.attempt,
-            "holder": ticket.holder,
-            "actual": [
+        request = SETTLEMENT_TASK_PART.args(
+            id=ticket.task_id,
+            attempt=ticket.attempt,
+            holder=ticket.holder,
+            force="1" if options.get("force", False) else "",
+            actual=(
                 actual.steps,
                 actual.tool_calls,
                 actual.input_tokens,
                 actual.output_tokens,
                 actual.cost_micro_usd,
-            ],
-            "ttl": self._ttl(),
-            "checks": [[WINDOW_ORDER.index(c.period) + 1, c.kind, c.limit] for c in ticket.checks],
-            "warn": ticket.warning_threshold_pct,
-            "au": dict(ticket.template),
-            "entry": dict(entry or {"type": "task_finished", "decision": "allow"}),
-            "run": list(ticket.run_in_flight) if ticket.run_in_flight else None,
-            "force": options.get("force", False),
-            "pv": options.get("policy_version"),
-            "next": (
-                {
-                    "msg": next_attempt.envelope_json,
-                    "due": next_attempt.due_ms,
-                    "park": next_attempt.parked,
-                }
-                if next_attempt
-                else None
             ),
-        }
-        reply_of = self._begin(
+            entry=(entry["type"], entry.get("decision", ""), entry.get("reason") or ""),
+            entry_detail=to_json(detail).decode() if detail else "",
+            run=run[0] if run else "",
+            run_idle_ms=run[1] if run else "",
+            policy_version=options.get("policy_version") or "",
+            next_msg=nxt.envelope_json if nxt else "",
+            next_due=nxt.due_ms if nxt else "",
+            next_parked="1" if nxt and nxt.parked else "",
+        )
+        reply = self._begin(
             "settlement",
             self._state.scripts.settle,
             ticket.tenant,
-            [*keys.shared(), record, *ticket.windows],
-            to_json(body).decode(),
+            [_shared_keys(ticket.tenant), keys.task(ticket.task_id), *ticket.windows],
+            [*request, ticket.template_args, self._settlement_limits(ticket)],
             reclaim=options.get("reclaim", True),
         )
-        return lambda: _parse_settlement(reply_of(), ticket)
+        return reply.then(lambda raw: _parse_settlement(raw, ticket))
+
+
+@lru_cache(maxsize=4096)
+def _shared_keys(tenant: str) -> Packed:
+    """The tenant's shared keys (``TenantKeys.shared``), packed once per tenant."""
+    return Packed(TenantKeys(tenant).shared())
+
+
+#: The answer of the deployment provider's gate when the call may go now.
+_GO: Mapping[str, Any] = {"turn": "", "v": "", "wait": ""}
 
 
 def _parse_settlement(reply: Mapping[str, Any], ticket: AdmissionTicket) -> Settlement:
@@ -529,15 +556,6 @@ def _parse_settlement(reply: Mapping[str, Any], ticket: AdmissionTicket) -> Sett
         warnings=tuple(warnings),
         publish=publications(reply.get("pub") or []),
     )
-
-
-def _with_static(body: dict[str, Any], static_json: str) -> str:
-    """``body`` as JSON, with the pre-encoded object ``static_json`` merged in."""
-    return to_json(body).decode()[:-1] + "," + static_json[1:]
-
-
-def _or_minus_one(value: int | None) -> int:
-    return -1 if value is None else value
 
 
 def _parse_admission(

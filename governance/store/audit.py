@@ -14,58 +14,21 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from governance.store.audit_seal import AuditSealer, begin_sealed_call, parse_written
+
+# The entry types and fields are declared in audit_types (a leaf the vocabulary shares); they are
+# this module's names too.
+from governance.store.audit_types import ENTRY_FIELDS as ENTRY_FIELDS
+from governance.store.audit_types import SEAL_TYPE as SEAL_TYPE
+from governance.store.audit_types import TEMPLATE_FIELDS as TEMPLATE_FIELDS
+from governance.store.audit_types import AuditEventType as AuditEventType
 from governance.store.keys import DEPLOYMENT_CHAIN, TenantKeys
-from governance.store.state import StateStore
+from governance.store.vocabulary import AUDIT_APPEND
 
-#: Fields an audit event may carry (besides ``seq`` and ``ts``, which the chain assigns).
-ENTRY_FIELDS = (
-    "type",
-    "tenant",
-    "agent",
-    "run",
-    "task_id",
-    "action",
-    "decision",
-    "reason",
-    "tier",
-    "policy_version",
-    "reviewer",
-    "detail",
-)
-
-
-class AuditEventType(StrEnum):
-    """Every kind of decision or step that leaves an audit entry."""
-
-    AUTHORIZATION_DENIED = "authorization_denied"
-    HELD = "held"
-    APPROVED = "approved"  # one reviewer's approval, before the quorum is reached
-    RELEASED = "released"
-    REJECTED = "rejected"
-    EXPIRED = "expired"
-    FORGED_RELEASE = "forged_release"
-    RELEASE_EXPIRED = "release_expired"  # genuine approvals, older than approval.valid_for
-    SUGGESTED = "suggested"
-    SHADOWED = "shadowed"
-    WAITING = "waiting"  # the first time an attempt waits (capacity, a rate turn, a cooldown)
-    ADMITTED = "admitted"
-    BUDGET_WARNING = "budget_warning"
-    LIMIT_WARNING = "limit_warning"  # a run's wall time at the warning threshold (once per run)
-    RUN_CLOSED = "run_closed"  # closed explicitly (govctl run close): its run slot is free
-    TASK_FINISHED = "task_finished"
-    TASK_FAILED = "task_failed"
-    RETRY_SCHEDULED = "retry_scheduled"
-    TASK_REVOKED = "task_revoked"  # revoked or expired: dropped by Celery, never run
-    TASK_LOST = "task_lost"
-    GRANT_CREATED = "grant_created"
-    GRANT_REVOKED = "grant_revoked"
-    NOTIFY_FAILED = "notify_failed"
-    POLICY_RELOADED = "policy_reloaded"  # a worker enforces a changed policy file
-    POLICY_INVALID = "policy_invalid"  # a worker found the changed file invalid: nothing changed
+if TYPE_CHECKING:
+    from governance.store.state import StateStore
 
 
 @dataclass(frozen=True)
@@ -137,7 +100,7 @@ class AuditEntry:
 
     @property
     def is_seal(self) -> bool:
-        return self.fields.get("type") == "seal"
+        return self.fields.get("type") == SEAL_TYPE
 
 
 def _text(value: bytes | str) -> str:
@@ -156,6 +119,11 @@ class AuditLog:
     def __init__(self, state: StateStore, sealer: AuditSealer) -> None:
         self._state = state
         self.sealer = sealer
+
+    @classmethod
+    def with_key(cls, state: StateStore, key: bytes) -> AuditLog:
+        """The chains of ``state``, sealed (and verified) with ``key``."""
+        return cls(state, AuditSealer(key))
 
     @property
     def state(self) -> StateStore:
@@ -200,7 +168,9 @@ class AuditLog:
     ) -> list[tuple[str, dict[str, str]]]:
         """One audit_append call: ``ending`` is (the ledger record to end, seconds to keep it)."""
         keys = TenantKeys(chain).shared() + ([ending[0]] if ending else [])
-        ttl: list[str | int | float] = [ending[1]] if ending else []
+        args = AUDIT_APPEND.arrange(
+            {"entries": entries_json, "record_ttl": ending[1] if ending else ""}
+        )
         reply = begin_sealed_call(
             self._state,
             self.sealer,
@@ -208,8 +178,8 @@ class AuditLog:
             self._state.scripts.audit_append,
             chain,
             keys,
-            lambda seals, writer: [entries_json, seals, writer, *ttl],
-        )()
+            lambda seals, writer: [*args, seals, writer],
+        ).result()
         return parse_written(reply["au"] or [])
 
     # -- reading ------------------------------------------------------------------------------

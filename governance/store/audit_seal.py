@@ -23,11 +23,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import from_json
 
-from governance.store.state import StateStore
+from governance.store.pending import Pending
+
+if TYPE_CHECKING:
+    from governance.store.state import StateStore
 
 SEAL_VERSION = "v1"
 
@@ -165,17 +168,17 @@ def begin_sealed_call(
     operation: str,
     script: Any,
     chain: str,
-    keys: Sequence[str],
-    args: Callable[[str, str], list[str | int | float]],
+    keys: Sequence[Any],
+    args: Callable[[str, str], Sequence[Any]],
     *,
     batch: int = 1,
     older_than_s: float = 0.0,
-) -> Callable[[], dict[str, Any]]:
+) -> Pending[dict[str, Any]]:
     """Write one call of a script that writes audit entries to ``chain``: ``args(seals,
     writer)`` are its arguments, carrying the seals this process owes the chain (taken as
-    :meth:`AuditSealer.take` says). The function returned (called on this thread) reads the
-    reply, a JSON object, and owes the seals of the entries it reports (``au``). If the call
-    fails, the seals it carried are owed again. Without a sealer the entries stay unsealed."""
+    :meth:`AuditSealer.take` says). Reading the reply (a JSON object; on this thread) owes the
+    seals of the entries it reports (``au``). If the call fails, the seals it carried are owed
+    again. Without a sealer the entries stay unsealed."""
     seals = sealer.take(chain, batch=batch, older_than_s=older_than_s) if sealer else "[]"
     writer = sealer.writer if sealer else "unsealed"
     try:
@@ -187,7 +190,7 @@ def begin_sealed_call(
 
     def reply() -> dict[str, Any]:
         try:
-            raw = raw_reply()
+            raw = raw_reply.result()
         except Exception:
             if sealer:
                 sealer.give_back(chain, seals)
@@ -199,4 +202,4 @@ def begin_sealed_call(
             sealer.wrote(chain, [] if isinstance(written, Mapping) else written or [])
         return parsed
 
-    return reply
+    return Pending(reply)

@@ -33,6 +33,7 @@ from typing import Any
 from governance.store.audit import AuditEntry, AuditLog, now_ms
 from governance.store.audit_seal import mark_mac, seal_mac
 from governance.store.keys import TenantKeys
+from governance.store.vocabulary import AUDIT_APPEND
 
 log_trim = logging.getLogger("governance.audit")
 
@@ -354,8 +355,9 @@ def adopt(
     seals = [[e.seq, seal_mac(key, chain, e.id, e.fields)] for e in orphans]
     writer = f"adopted by {log.sealer.writer}"
     keys = TenantKeys(chain).shared()
+    args = AUDIT_APPEND.arrange({"entries": "", "record_ttl": ""})
     log.state.call(
-        "audit adopt", log.state.scripts.audit_append, keys, ["[]", json.dumps(seals), writer]
+        "audit adopt", log.state.scripts.audit_append, keys, [*args, json.dumps(seals), writer]
     )
     return len(orphans), next_start
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from governance.store.keys import ProviderKeys, TenantKeys
 from governance.store.state import StateStore
+from governance.store.vocabulary import COOLDOWN
 
 
 def cooldown_key(tenant: str, provider: str, *, shared: bool) -> str:
@@ -28,7 +29,8 @@ def set_cooldown(
     if retry_after_ms < 0:
         raise ValueError(f"retry_after_ms must be >= 0, got {retry_after_ms}")
     keys = [cooldown_key(tenant, provider, shared=shared)]
-    return int(state.call("cooldown", state.scripts.cooldown, keys, [retry_after_ms]))
+    args = COOLDOWN.arrange({"wait_ms": retry_after_ms})
+    return int(state.call("cooldown", state.scripts.cooldown, keys, args))
 
 
 def cooldown_remaining_ms(

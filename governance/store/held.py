@@ -20,6 +20,7 @@ from typing import Any
 from governance.store.audit_seal import AuditSealer, begin_sealed_call
 from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
+from governance.store.vocabulary import GRANT_REVOKE, HELD_DECIDE, HELD_PUT, template_values
 
 
 class HeldStatus(StrEnum):
@@ -147,7 +148,9 @@ class HeldStore:
     def _status_keys(self, keys: TenantKeys) -> list[str]:
         return [keys.held_by_status(s.value) for s in STATUS_ORDER]
 
-    def _call(self, operation: str, script: Any, tenant: str, keys: list[str], *args: str) -> Any:
+    def _call(
+        self, operation: str, script: Any, tenant: str, keys: list[str], args: Sequence[Any]
+    ) -> Any:
         """Run a held-store script that writes audit entries: seals go with it."""
         return begin_sealed_call(
             self._state,
@@ -157,7 +160,7 @@ class HeldStore:
             tenant,
             keys,
             lambda seals, writer: [*args, seals, writer],
-        )()
+        ).result()
 
     def put(
         self,
@@ -189,18 +192,20 @@ class HeldStore:
             "call": task.call,
             "envelope": json.dumps(task.envelope),
         }
-        body = {
-            "id": task.task_id,
-            "status": task.status.value,
-            "requested_ms": task.requested_ms,
-            "expires_ms": task.expires_ms,
-            "fields": record,
-            "au": dict(audit),
-            "reason": task.reason,
-            "detail": dict(detail or {"expires_ms": task.expires_ms}),
-            "notify": json.dumps(notification) if notification else None,
-            "ttl": self._state.ttl.task_s,
-        }
+        args = HELD_PUT.arrange(
+            {
+                "id": task.task_id,
+                "status": task.status.value,
+                "requested_ms": task.requested_ms,
+                "expires_ms": task.expires_ms,
+                "task": json.dumps(record),
+                "au": template_values(audit),
+                "reason": task.reason,
+                "detail": json.dumps(dict(detail or {"expires_ms": task.expires_ms})),
+                "notify": json.dumps(notification) if notification else "",
+                "ttl": self._state.ttl.task_s,
+            }
+        )
         script_keys = [
             *keys.shared(),
             keys.held(task.task_id),
@@ -210,9 +215,7 @@ class HeldStore:
             keys.outbox,
             keys.notifications,
         ]
-        reply = self._call(
-            "hold", self._state.scripts.held_put, task.tenant, script_keys, json.dumps(body)
-        )
+        reply = self._call("hold", self._state.scripts.held_put, task.tenant, script_keys, args)
         return str(reply["outcome"])
 
     def get(self, tenant: str, task_id: str) -> HeldTask | None:
@@ -299,20 +302,24 @@ class HeldStore:
         """Record an approval, a rejection or an expiry atomically (see held_decide.lua)."""
         keys = TenantKeys(task.tenant)
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        body = {
-            "id": task.task_id,
-            "verdict": verdict,
-            "reviewer": reviewer,
-            "reason": reason,
-            "now": now,
-            "quorum": quorum,
-            "signed": dict(signed) if signed else None,
-            "seen": seen,
-            "release": release,
-            "grant": dict(grant) if grant else None,
-            "au": dict(audit),
-            "ttl": ttl_s,
-        }
+        args = HELD_DECIDE.arrange(
+            {
+                "id": task.task_id,
+                "verdict": verdict,
+                "reviewer": reviewer,
+                "reason": reason,
+                "now": now,
+                "quorum": quorum,
+                "signed": json.dumps(dict(signed)) if signed else "",
+                "seen": seen,
+                "release": release or "",
+                "grant_id": grant["id"] if grant else "",
+                "grant_json": grant["json"] if grant else "",
+                "grant_until_ms": grant.get("until_ms") or "" if grant else "",
+                "au": template_values(audit),
+                "ttl": ttl_s,
+            }
+        )
         script_keys = [
             *keys.shared(),
             keys.held(task.task_id),
@@ -326,8 +333,7 @@ class HeldStore:
             self._state.scripts.held_decide,
             task.tenant,
             script_keys,
-            json.dumps(body),
-            self._state.script_settings(),
+            [*args, self._state.script_settings()],
         )
         return Decided(str(reply["outcome"]), str(reply["status"]), int(reply["approvals"]))
 
@@ -345,13 +351,13 @@ class HeldStore:
 
     def revoke_grant(self, tenant: str, grant_id: str, audit: Mapping[str, str]) -> bool:
         keys = TenantKeys(tenant)
-        body = json.dumps({"id": grant_id, "au": dict(audit)})
+        args = GRANT_REVOKE.arrange({"id": grant_id, "au": template_values(audit)})
         reply = self._call(
             "grant revoke",
             self._state.scripts.grant_revoke,
             tenant,
             [*keys.shared(), keys.grants],
-            body,
+            args,
         )
         return int(reply["removed"]) == 1
 

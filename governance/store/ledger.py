@@ -12,7 +12,6 @@ twice.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from governance.store.admission import Publication, publications
 from governance.store.audit_seal import AuditSealer, begin_sealed_call
 from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
+from governance.store.vocabulary import SWEEP
 
 #: Where a task can be, as its record says.
 WHERE = ("queued", "parked", "waiting", "handed", "running", "held", "done")
@@ -129,10 +129,11 @@ class Ledger:
         ``policy_version``: the caller's policy; a waiting task that began to wait under another
         one is published for its own delivery to decide (see ``L.handoff``)."""
         keys = TenantKeys(tenant)
-        closing = (
-            json.dumps({"tenant": tenant, "run": close_run[0], "by": close_run[1]})
-            if close_run
-            else ""
+        args = SWEEP.arrange(
+            {
+                "close": (tenant, *close_run) if close_run else ("", "", ""),
+                "policy_version": policy_version,
+            }
         )
         settings = self._state.script_settings(reclaim=reclaim)
         reply = begin_sealed_call(
@@ -142,8 +143,8 @@ class Ledger:
             self._state.scripts.sweep,
             tenant,
             keys.shared(),
-            lambda seals, writer: [settings, seals, writer, closing, policy_version],
-        )()
+            lambda seals, writer: [*args, settings, seals, writer],
+        ).result()
         return SweepResult(
             publications(reply.get("pub") or []),
             bool(reply.get("more")),

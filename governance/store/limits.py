@@ -3,10 +3,13 @@
 The policy layer says *what* the limits are (rates, budgets per period, long-running presets);
 this module turns them into the flat, integer form the Lua scripts take: GCRA emission intervals,
 budget checks per usage window, cost in micro-USD. It is the only place that knows both shapes.
+How each limit travels to the scripts, and what it does there, is declared in
+:mod:`governance.store.vocabulary` (``LIMIT_KINDS``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -21,15 +24,67 @@ from governance.store.keys import WINDOW_ORDER, Period
 #: its long-running limits have no idle timeout.
 DEFAULT_RUN_IDLE_S = 1800
 
+#: The usage fields a window counts (and reserves as ``r_<field>``), in the scripts' order.
+USAGE_FIELDS = ("steps", "tool_calls", "input_tokens", "output_tokens", "cost")
+
+#: The fields of a usage window (a hash) that admission reads: what was used, what tasks in
+#: flight reserved, and what the run window also keeps: its last activity (ms), the steps
+#: discovered in it, its first admitted step (ms), the cost alert threshold reviewers moved it
+#: to (micro-USD), whether they stopped the run at its alert, whether its wall-time warning is
+#: audited.
+WINDOW_FIELDS = (
+    *USAGE_FIELDS,
+    *(f"r_{f}" for f in USAGE_FIELDS),
+    "last_ms",
+    "discovered",
+    "started_ms",
+    "alert_at",
+    "alert_stop",
+    "wall_warned",
+)
+
+
+@dataclass(frozen=True)
+class BudgetKind:
+    """What a budget limits: the usage fields it sums, and the violation it raises."""
+
+    name: str
+    sums: tuple[str, ...]
+    violation: ViolationType
+
+
+BUDGET_KIND_TABLE: tuple[BudgetKind, ...] = (
+    BudgetKind("steps", ("steps",), ViolationType.step_limit),
+    BudgetKind("tool_calls", ("tool_calls",), ViolationType.tool_call_limit),
+    BudgetKind("tokens", ("input_tokens", "output_tokens"), ViolationType.token_limit),
+    BudgetKind("input_tokens", ("input_tokens",), ViolationType.input_token_limit),
+    BudgetKind("output_tokens", ("output_tokens",), ViolationType.output_token_limit),
+    BudgetKind("cost", ("cost",), ViolationType.cost_limit),
+)
+
+
+def _check_budget_kinds() -> None:
+    for kind in BUDGET_KIND_TABLE:
+        at = [USAGE_FIELDS.index(f) for f in kind.sums]
+        if at != list(range(at[0], at[0] + len(at))):
+            raise ValueError(f"budget kind {kind.name}: its usage fields must be adjacent")
+
+
+_check_budget_kinds()
+
+
+def budget_check_args(window: int, kind: str, limit: int) -> list[int | str]:
+    """One budget check as the scripts take it (``vocabulary``'s ``checks``): [window 1..3,
+    limit, first and last usage field it sums (1-based, in ``USAGE_FIELDS``), violation]."""
+    budget = _BUDGET_KIND[kind]
+    first = USAGE_FIELDS.index(budget.sums[0]) + 1
+    return [window, limit, first, first + len(budget.sums) - 1, budget.violation.value]
+
+
+_BUDGET_KIND = {k.name: k for k in BUDGET_KIND_TABLE}
+
 #: Budget kinds the scripts understand, with the violation each one raises.
-BUDGET_KINDS: dict[str, ViolationType] = {
-    "steps": ViolationType.step_limit,
-    "tool_calls": ViolationType.tool_call_limit,
-    "tokens": ViolationType.token_limit,
-    "input_tokens": ViolationType.input_token_limit,
-    "output_tokens": ViolationType.output_token_limit,
-    "cost": ViolationType.cost_limit,
-}
+BUDGET_KINDS: dict[str, ViolationType] = {k.name: k.violation for k in BUDGET_KIND_TABLE}
 
 
 @dataclass(frozen=True)
@@ -104,8 +159,16 @@ class AdmissionLimits:
 
     @cached_property
     def check_args(self) -> list[list[int | str]]:
-        """The budget checks as the admission script takes them: [window 1..3, kind, limit]."""
-        return [[WINDOW_ORDER.index(c.period) + 1, c.kind, c.limit] for c in self.budget_checks]
+        """The budget checks as the scripts take them (``budget_check_args``)."""
+        return [
+            budget_check_args(WINDOW_ORDER.index(c.period) + 1, c.kind, c.limit)
+            for c in self.budget_checks
+        ]
+
+    @cached_property
+    def check_json(self) -> str | None:
+        """The budget checks as the scripts take them (one JSON text), or None without any."""
+        return json.dumps(self.check_args, separators=(",", ":")) if self.budget_checks else None
 
     @cached_property
     def reserved_windows(self) -> list[int]:

@@ -1,8 +1,13 @@
 """Loads the store's Lua scripts (package data) and registers each once per Redis client.
 
-Scripts that admit, settle, sweep or append to the audit chain share one library
-(``scripts/lib.lua``: the admission rules, the wait list and hand-off, the audit chain); it is
-prepended to each of them here, so every script stays one atomic call and each rule exists once.
+Each script's text starts with what ``vocabulary`` generates for it (the functions that read its
+arguments, the limit kinds and their phases), and the names of argument positions, audit entry
+types and violations in its source are replaced by what they stand for
+(``vocabulary.resolve_names``): the constants are part of the script as it is loaded, and
+nothing of them is sent, or built, per call. Scripts that admit,
+settle, sweep or append to the audit chain then share one library (``scripts/lib.lua``: the
+admission rules, the wait list and hand-off, the audit chain), prepended to each of them here,
+so every script stays one atomic call and each rule exists once.
 
 ``register_script`` keeps the SHA and sends EVALSHA, falling back to loading the script when the
 server does not know it yet (after a restart or failover), so callers never see NOSCRIPT.
@@ -15,6 +20,8 @@ from importlib import resources
 from typing import Any
 
 from redis.commands.core import Script
+
+from governance.store.vocabulary import resolve_names, script_prelude
 
 #: Scripts that run with lib.lua prepended, and the standalone ones.
 WITH_LIBRARY = (
@@ -39,9 +46,12 @@ def script_source(name: str) -> str:
     """The text that runs for ``scripts/<name>.lua`` (with the library, when it uses it)."""
     if name not in SCRIPT_NAMES:
         raise ValueError(f"unknown store script {name!r}; known: {', '.join(SCRIPT_NAMES)}")
+    own = f"-- ---- {name}.lua ----\n{_read(name)}"
     if name in WITH_LIBRARY:
-        return f"{_read('lib')}\n-- ---- {name}.lua ----\n{_read(name)}"
-    return _read(name)
+        source = f"{script_prelude(name)}-- ---- lib.lua ----\n{_read('lib')}\n{own}"
+    else:
+        source = f"{script_prelude(name)}{own}"
+    return resolve_names(name, source)
 
 
 class Scripts:

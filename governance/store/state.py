@@ -6,7 +6,6 @@ into :class:`StoreUnavailable`, so callers fail closed in one place.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,9 +15,11 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
-from governance.store.direct import DirectCalls
+from governance.store.direct import Args, DirectCalls, Packed, expand
 from governance.store.errors import StoreUnavailable
 from governance.store.lua import Scripts
+from governance.store.pending import Pending
+from governance.store.vocabulary import SETTINGS
 
 T = TypeVar("T")
 
@@ -76,57 +77,58 @@ class StateStore:
         self.lease_ms = lease_ms
         self.ttl = ttl or KeyTTL()
         self.timings = timings or LedgerTimings()
-        self._settings = {reclaim: self._settings_json(reclaim) for reclaim in (True, False)}
+        self._settings = {reclaim: self._settings_args(reclaim) for reclaim in (True, False)}
 
-    def _settings_json(self, reclaim: bool) -> str:
+    def _settings_args(self, reclaim: bool) -> Packed:
         t = self.timings
-        return json.dumps(
-            {
-                "lease": self.lease_ms,
-                "grace": t.grace_ms,
-                "grace_max": t.grace_max_ms,
-                "cdl": t.countdown_limit_ms,
-                "scan": t.scan,
-                "slack": t.slack_ms,
-                "limit": t.sweep_limit,
-                "reclaim": 1 if reclaim else 0,
-            },
-            separators=(",", ":"),
+        return Packed(
+            SETTINGS.arrange(
+                {
+                    "lease": self.lease_ms,
+                    "grace": t.grace_ms,
+                    "grace_max": t.grace_max_ms,
+                    "countdown_limit": t.countdown_limit_ms,
+                    "scan": t.scan,
+                    "slack": t.slack_ms,
+                    "sweep_limit": t.sweep_limit,
+                    "reclaim": "1" if reclaim else "",
+                }
+            )
         )
 
-    def script_settings(self, *, reclaim: bool = True) -> str:
-        """The settings argument of the admission, settlement and sweep scripts (JSON)."""
+    def script_settings(self, *, reclaim: bool = True) -> Packed:
+        """The settings arguments of the scripts that take them (``vocabulary.SETTINGS``),
+        packed once."""
         return self._settings[reclaim]
 
     def call(
         self,
         operation: str,
         script: Callable[..., Any],
-        keys: Sequence[str],
-        args: Sequence[str | int | float],
+        keys: Args,
+        args: Args,
     ) -> Any:
         """Run one registered script; any Redis failure becomes :class:`StoreUnavailable`."""
         direct = self._direct
         if direct is not None and isinstance(script, Script):
             return self.run(operation, lambda: direct.call(script, keys, args))
-        return self.run(operation, lambda: script(keys=list(keys), args=list(args)))
+        return self.run(operation, lambda: script(keys=expand(keys), args=expand(args)))
 
     def begin(
         self,
         operation: str,
         script: Callable[..., Any],
-        keys: Sequence[str],
-        args: Sequence[str | int | float],
-    ) -> Callable[[], Any]:
-        """Start one script call: written now, its reply read by the function returned (on this
-        thread), so the caller can do other work meanwhile. Against a cluster the call is made
-        at once. Any Redis failure, now or when the reply is read, is :class:`StoreUnavailable`."""
+        keys: Args,
+        args: Args,
+    ) -> Pending[Any]:
+        """Start one script call: written now, its reply read by ``result()`` (on this thread),
+        so the caller can do other work meanwhile. Against a cluster the call is made at once.
+        Any Redis failure, now or when the reply is read, is :class:`StoreUnavailable`."""
         direct = self._direct
         if direct is None or not isinstance(script, Script):
-            value = self.call(operation, script, keys, args)
-            return lambda: value
+            return Pending.ready(self.call(operation, script, keys, args))
         pending = self.run(operation, lambda: direct.send(script, keys, args))
-        return lambda: self.run(operation, pending.result)
+        return Pending(lambda: self.run(operation, pending.result))
 
     def transaction(self, operation: str, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run ``commands`` (``("HSET", key, ...)``, ...) in one ``MULTI``/``EXEC``, all keys in

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from governance.store import Admitter, StateStore
+from governance.store import StateStore
+from governance.store.admission import Admitter
 
 
 @pytest.fixture

@@ -7,17 +7,9 @@ import time
 from governance.policy.limits import ViolationType
 from governance.policy.long_running import LongRunningLimits
 from governance.policy.usage import Usage
-from governance.store import (
-    Admission,
-    AdmissionLimits,
-    AdmissionStatus,
-    Admitter,
-    BudgetCheck,
-    NextAttempt,
-    Period,
-    StateStore,
-    read_usage,
-)
+from governance.store import Period, StateStore, read_usage
+from governance.store.admission import Admission, AdmissionStatus, Admitter, NextAttempt
+from governance.store.limits import AdmissionLimits, BudgetCheck
 from tests.store.helpers import TOOL_STEP, ctx, envelope, llm, task_id, tokens, tool
 
 

@@ -13,16 +13,10 @@ from typing import Any
 import pytest
 import redis
 
-from governance.store import (
-    AuditEvent,
-    AuditEventType,
-    AuditLog,
-    AuditSealer,
-    StateStore,
-    audit_verify,
-)
-from governance.store.audit_seal import seal_mac
+from governance.store import AuditEvent, AuditEventType, AuditLog, StateStore, audit_verify
+from governance.store.audit_seal import AuditSealer, seal_mac
 from governance.store.keys import TenantKeys
+from governance.store.vocabulary import AUDIT_APPEND
 
 KEY = b"test-audit-key"
 STREAM = TenantKeys("acme").audit
@@ -277,7 +271,8 @@ def test_entries_of_a_killed_writer_are_pending_then_adopted(state: StateStore) 
     log = AuditLog(state, sealer)
     entries = '[{"type": "admitted", "tenant": "acme", "task_id": "orphan"}]'
     keys = TenantKeys("acme").shared()
-    state.call("audit append", state.scripts.audit_append, keys, [entries, "[]", "killed"])
+    args = AUDIT_APPEND.arrange({"entries": entries, "record_ttl": ""})
+    state.call("audit append", state.scripts.audit_append, keys, [*args, "[]", "killed"])
     # The writer died without sealing: young, the entry is pending; past the grace, unsealed.
     assert _verify(state).ok
     assert _verify(state).pending == 1
@@ -311,7 +306,8 @@ def test_chains_of_several_tenants_on_a_cluster(redis_cluster_client: object) ->
 
 
 def _admit_until_killed(url: str, ready: Any) -> None:
-    from governance.store import AdmissionLimits, Admitter
+    from governance.store.admission import Admitter
+    from governance.store.limits import AdmissionLimits
     from tests.store.helpers import TOOL_STEP, ctx, tool
 
     state = StateStore(redis.Redis.from_url(url))
@@ -364,7 +360,8 @@ def test_an_entry_edited_before_its_seal_went_out_is_named(
 ) -> None:
     """Seals are computed when they are taken, from the script's reply kept in memory: an edit
     made in Redis between the write and the seal still shows."""
-    from governance.store import AdmissionLimits, Admitter
+    from governance.store.admission import Admitter
+    from governance.store.limits import AdmissionLimits
     from tests.store.helpers import TOOL_STEP, ctx, tool
 
     sealer = AuditSealer(KEY)

@@ -21,23 +21,13 @@ from governance.embedded import EmbeddedRedis
 from governance.policy.config import RateLimit
 from governance.policy.limits import ViolationType
 from governance.policy.usage import Usage
-from governance.store import (
-    Admission,
-    AdmissionLimits,
-    AdmissionStatus,
-    Admitter,
-    BudgetCheck,
-    Ledger,
-    Period,
-    Publication,
-    Rate,
-    StateStore,
-    StoreUnavailable,
-    TenantKeys,
-    connect,
-    read_usage,
-    set_cooldown,
-)
+from governance.store import Period, StateStore, StoreUnavailable, connect, read_usage
+from governance.store.admission import Admission, AdmissionStatus, Admitter, Publication
+from governance.store.cooldown import set_cooldown
+from governance.store.keys import TenantKeys
+from governance.store.ledger import Ledger
+from governance.store.limits import AdmissionLimits, BudgetCheck, Rate
+from governance.store.vocabulary import ADMISSION
 from tests.polling import wait_until
 from tests.store.helpers import TOOL_STEP, ctx, envelope, llm, tokens, tool
 
@@ -238,7 +228,8 @@ def test_no_interleaving_of_admissions_and_settlements_records_over_the_budget(
 
 def _reserved(state: StateStore, task: str) -> int:
     raw = state.client.hget(f"gov:{{acme}}:task:{task}", "req")
-    return int(json.loads(raw)["est"][3]) if raw else 1
+    # The request a waiting task keeps: admit.lua's arguments, by the positions they have there.
+    return int(json.loads(raw)["args"][ADMISSION["est_output_tokens"] - 1]) if raw else 1
 
 
 def _hold_lease_forever(url: str, ready: Any) -> None:

@@ -10,10 +10,12 @@ import pytest
 import redis
 
 from governance.embedded import EmbeddedRedis
-from governance.store import AdmissionLimits, Admitter, Period, StateStore, read_usage
+from governance.store import Period, StateStore, read_usage
+from governance.store.admission import Admitter
 from governance.store.connection import connect
 from governance.store.direct import DirectCalls, pack_command
 from governance.store.errors import StoreUnavailable
+from governance.store.limits import AdmissionLimits
 from tests.store.helpers import TOOL_STEP, ctx, tool
 
 ECHO = "return {KEYS[1], ARGV[1]}"
@@ -101,7 +103,7 @@ def test_a_reply_lost_with_the_server_is_store_unavailable(redis_server: Embedde
     reply = state.begin("test call", state.client.register_script(ECHO), ["k"], ["v"])
     redis_server.stop()
     with pytest.raises(StoreUnavailable, match="test call"):
-        reply()
+        reply.result()
     with pytest.raises(StoreUnavailable, match="ledger record"):
         state.transaction("ledger record", [("SET", "x", "1")])
     state.close()
@@ -132,7 +134,7 @@ def test_a_settlement_whose_reply_is_lost_counts_once_when_sent_again(
     written = admitter.begin_settle(admission.ticket, TOOL_STEP)
     server.halt()
     with pytest.raises(StoreUnavailable):
-        written()
+        written.result()
     server.restart()
     admitter.settle(admission.ticket, TOOL_STEP)
     usage = read_usage(state, "acme", Period.RUN, run="run-1").used

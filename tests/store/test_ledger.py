@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-from governance.store import (
-    AdmissionLimits,
-    AdmissionStatus,
-    Admitter,
-    Ledger,
-    LedgerTimings,
-    StateStore,
-)
+from governance.store import StateStore
+from governance.store.admission import AdmissionStatus, Admitter
+from governance.store.ledger import Ledger
+from governance.store.limits import AdmissionLimits
+from governance.store.state import LedgerTimings
 from tests.store.helpers import TOOL_STEP, ctx, envelope, tool
 
 

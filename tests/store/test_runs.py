@@ -14,18 +14,11 @@ import redis
 from governance.policy.limits import ViolationType
 from governance.policy.long_running import LongRunningLimits
 from governance.policy.usage import Usage
-from governance.store import (
-    AdmissionLimits,
-    AdmissionStatus,
-    Admitter,
-    BudgetCheck,
-    Ledger,
-    Period,
-    StateStore,
-    TenantKeys,
-    read_usage,
-)
-from governance.store.admission import AdmissionTicket
+from governance.store import Period, StateStore, read_usage
+from governance.store.admission import AdmissionStatus, AdmissionTicket, Admitter
+from governance.store.keys import TenantKeys
+from governance.store.ledger import Ledger
+from governance.store.limits import AdmissionLimits, BudgetCheck
 from governance.store.usage import stop_run_at_cost_alert
 from tests.store.helpers import TOOL_STEP, ctx, envelope, llm, tool
 

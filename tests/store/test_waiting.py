@@ -7,22 +7,11 @@ import time
 from typing import Any
 
 from governance.policy.limits import ViolationType
-from governance.store import (
-    Admission,
-    AdmissionLimits,
-    AdmissionStatus,
-    Admitter,
-    AuditEvent,
-    AuditEventType,
-    AuditLog,
-    AuditSealer,
-    BudgetCheck,
-    Ledger,
-    Period,
-    Rate,
-    StateStore,
-    read_usage,
-)
+from governance.store import AuditEvent, AuditEventType, AuditLog, Period, StateStore, read_usage
+from governance.store.admission import Admission, AdmissionStatus, Admitter
+from governance.store.audit_seal import AuditSealer
+from governance.store.ledger import Ledger
+from governance.store.limits import AdmissionLimits, BudgetCheck, Rate
 from tests.store.helpers import TOOL_STEP, ctx, envelope, tool
 
 ONE_SLOT = AdmissionLimits(concurrency=1)
@@ -293,7 +282,7 @@ def test_a_task_that_waited_past_midnight_is_judged_against_todays_budget(
 def test_a_replayed_rejection_says_why_and_only_a_final_attempt_is_final(
     any_state: StateStore,
 ) -> None:
-    from governance.store import NextAttempt
+    from governance.store.admission import NextAttempt
 
     admitter = Admitter(any_state)
     tiny = AdmissionLimits(budget_checks=(BudgetCheck(Period.DAY, "steps", 0),))

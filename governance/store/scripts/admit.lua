@@ -13,23 +13,9 @@
 -- KEYS[11..13] usage of the run, day and month windows   HASH
 -- KEYS[14]    step repetitions of the run  HASH
 --
--- ARGV[1] the admission request (JSON):
---   id, a (attempt), holder (this delivery), handoff (token presented, or null), hc / hp (a
---   provider cooldown / rate applies: KEYS[9] / KEYS[10] are real), rw (windows with budgets,
---   where the estimate is reserved), conc (-1: none), tr / pr ([interval ms, burst] or null),
---   est ([steps, tool_calls, input_tokens, output_tokens, cost micro-USD]), lr ([depth,
---   max depth, max discovered, idle ms, max repetitions, step hash ('' when repetitions are
---   not counted)], -1: none), ttl ([run, day, month, task] seconds), checks ([[window 1..3,
---   kind, limit], ...]), max_wait (ms),
---   au (audit template: tenant, agent, run, task_id, action, tier, policy_version),
---   env (the message envelope, when the ledger may not have it), outage ([count, since ms]),
---   run (the run id), rc (runs in flight allowed, -1: no limit), ri (how long a run stays in
---   flight after a step, ms), wall ([wall-time limit ms, grace ms] or null), ca (the run's cost
---   alert, micro-USD, -1: none), ack (reviewers approved this call past its cost alert: the new
---   threshold, 0 for the policy's next step; absent otherwise), warn (warning threshold %)
--- ARGV[2] settings (JSON): lease, grace, grace_max, cdl (countdown limit), scan, reclaim, slack
--- ARGV[3] seals of this writer's earlier entries (JSON [[seq, mac], ...])
--- ARGV[4] the writer's id
+-- ARGV: the admission request (vocabulary.ADMISSION: `R`, read into `req` by read_request), the
+-- settings (`G`), the seals of this writer's earlier entries and the writer's id (`F.seals`,
+-- `F.writer`). What each field means is declared in governance/store/vocabulary.py.
 --
 -- Returns JSON {s = admitted | waiting | booked | rejected | alert | settled | duplicate | stale |
 --   early,
@@ -37,13 +23,15 @@
 --   attempt), au (audit entries written: [[stream id, [field, value, ...]], ...]),
 --   pub (tasks to publish: [{id, msg, token}])}
 
-local req = cjson.decode(ARGV[1])
-req.k = {rec = KEYS[8], cd = req.hc and KEYS[9] or '', pr = req.hp and KEYS[10] or '',
-  w = {KEYS[11], KEYS[12], KEYS[13]}, steps = KEYS[14]}
-local G = cjson.decode(ARGV[2])
-L.seal(ARGV[3], ARGV[4])
+local req = read_request(ARGV)
+req.k = {rec = KEYS[8], cd = req[R.has_cooldown] and KEYS[9] or '',
+  pr = req[R.has_provider_rate] and KEYS[10] or '', w = {KEYS[11], KEYS[12], KEYS[13]},
+  steps = KEYS[14]}
+local G = read_settings(ARGV)
+L.seal(ARGV[F.seals], ARGV[F.writer])
 local now = L.now_ms()
 local rec = req.k.rec
+local au = L.template(req, R.au)
 local written, publish = {}, {}
 
 local function reply(t)
@@ -57,22 +45,22 @@ local r = redis.call('HMGET', rec, 'attempt', 'where', 'settled', 'holder', 'lea
 local attempt, where, settled, holder, lease_exp = r[1], r[2], r[3], r[4], r[5]
 local handoff, turn, skip, wait_since, fail = r[6], r[7], r[8], r[9], r[10]
 local paused_since = r[11]
-local A = tostring(req.a)
-local same = attempt == A
+local A = req[R.attempt]
+local same = attempt == tostring(A)
 local live = lease_exp and tonumber(lease_exp) > now and redis.call('ZSCORE', L.T.leases, rec)
 
 -- `run` is the run window as the evaluation read it, when it did (else it is read here).
 local function admitted_entry(waited_since, run)
-  local detail = {attempt = req.a}
+  local detail = {attempt = A}
   if waited_since then detail.waited_ms = now - tonumber(waited_since) end
-  if req.outage and req.outage ~= cjson.null then
-    detail.outage_deferrals = req.outage[1]
-    detail.outage_since_ms = req.outage[2]
+  if req[R.outage_count] then
+    detail.outage_deferrals = req[R.outage_count]
+    detail.outage_since_ms = req[R.outage_since]
   end
-  L.task_entry(written, now, req.au, 'admitted', 'allow', '', detail)
+  L.task_entry(written, now, au, AT.admitted, 'allow', '', detail)
   -- The run's wall time at or over the warning threshold: audited once per run.
-  local wall = req.wall
-  if wall and wall ~= cjson.null and wall[1] > 0 then
+  local wall = req[R.wall_time_ms]
+  if wall and wall > 0 then
     local started, warned
     if run then
       started, warned = run.has_started and run.started_ms, run.wall_warned > 0
@@ -81,30 +69,30 @@ local function admitted_entry(waited_since, run)
       started, warned = w[1] and tonumber(w[1]), w[2] ~= false
     end
     local elapsed = started and (now - started) or 0
-    if not warned and elapsed * 100 >= (req.warn or 80) * wall[1] then
+    if not warned and elapsed * 100 >= (req[R.warn] or 80) * wall then
       redis.call('HSET', req.k.w[1], 'wall_warned', 1)
-      L.task_entry(written, now, req.au, 'limit_warning', 'allow', '', {
-        violation = 'wall_time_limit', current = elapsed, limit = wall[1],
-        percent = math.floor(elapsed * 100 / wall[1])})
+      L.task_entry(written, now, au, AT.limit_warning, 'allow', '', {
+        violation = V.wall_time_limit, current = elapsed, limit = wall,
+        percent = math.floor(elapsed * 100 / wall)})
     end
   end
 end
 
 local function finish_rejected(verdict, reason)
-  L.end_record(rec, now, req.ttl[4])
+  L.end_record(rec, now, req[R.ttl_task])
   -- `rejected` keeps the reason for a copy of this delivery (a replayed call whose reply was
   -- lost), so it ends the same way.
-  redis.call('HSET', rec, 'id', req.id, 'attempt', req.a, 'settled', 1, 'rejected', reason)
+  redis.call('HSET', rec, 'id', req[R.id], 'attempt', A, 'settled', 1, 'rejected', reason)
   local detail = L.violation_detail(verdict)
-  L.task_entry(written, now, req.au, 'task_failed', 'deny', reason, detail)
+  L.task_entry(written, now, au, AT.task_failed, 'deny', reason, detail)
   return reply({s = 'rejected', v = verdict.v, cur = verdict.cur, lim = verdict.lim,
     ci = verdict.ci or 0, cv = verdict.cv or {}, reason = reason})
 end
 
-if attempt and tonumber(attempt) > req.a then return reply({s = 'stale'}) end
+if attempt and tonumber(attempt) > A then return reply({s = 'stale'}) end
 -- A later attempt exists only when the attempt before it settled and scheduled it (a retry):
 -- a copy of a message with its attempt number raised (a replayed release, say) ends here.
-if attempt and not same and (tonumber(attempt) + 1 ~= req.a or settled ~= '1'
+if attempt and not same and (tonumber(attempt) + 1 ~= A or settled ~= '1'
     or where == 'done') then
   return reply({s = 'settled'})
 end
@@ -116,15 +104,15 @@ if same then
     return reply({s = 'settled', final = true, reason = redis.call('HGET', rec, 'rejected')})
   end
   if where == 'running' and live then
-    if holder == req.holder then return reply({s = 'admitted', le = tonumber(lease_exp)}) end
+    if holder == req[R.holder] then return reply({s = 'admitted', le = tonumber(lease_exp)}) end
     return reply({s = 'duplicate'})
   end
   if where == 'handed' and live then
-    if req.handoff ~= cjson.null and req.handoff == handoff then
+    if req[R.handoff] and req[R.handoff] == handoff then
       -- The message handed on from the wait list: this delivery takes the slot kept for it.
       local exp = now + G.lease
       redis.call('ZADD', L.T.leases, exp, rec)
-      redis.call('HSET', rec, 'holder', req.holder, 'where', 'running', 'since', now,
+      redis.call('HSET', rec, 'holder', req[R.holder], 'where', 'running', 'since', now,
         'lease_exp', exp)
       redis.call('HDEL', rec, 'handoff')
       redis.call('ZADD', L.T.ledger, exp, rec)
@@ -146,36 +134,38 @@ if same then
 end
 
 -- A fresh arrival.
+L.load_admission()
 if redis.call('ZCARD', L.T.waiting) > 0 then
-  L.handoff(now, G, {pub = publish, written = written}, req.au.policy_version)
+  L.load_admission(true)
+  L.handoff(now, G, {pub = publish, written = written}, req[R.au_policy_version])
 end
-if req.env and req.env ~= cjson.null then redis.call('HSETNX', rec, 'msg', req.env) end
+if req[R.envelope] then redis.call('HSETNX', rec, 'msg', req[R.envelope]) end
 
 local since = (same and wait_since) and tonumber(wait_since) or now
 -- The run's idle time ends when this step came: when it began to wait in line, or earlier, when
 -- it began to wait for its reviewers or for its retry's delay (`paused_since`).
 local came = paused_since and math.min(since, tonumber(paused_since)) or since
-local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim == 1, came)
+local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim, came)
 
-if verdict.kind == 'book' and verdict.turn - since > req.max_wait then
+if verdict.kind == 'book' and verdict.turn - since > req[R.max_wait] then
   verdict.kind = 'reject'
   return finish_rejected(verdict, string.format(
     '%s: the next turn is in %d ms, which would exceed the wait limit of %d ms',
-    verdict.v, verdict.turn - now, req.max_wait))
+    verdict.v, verdict.turn - now, req[R.max_wait]))
 end
 if verdict.kind == 'reject' then
   return finish_rejected(verdict,
     verdict.reason or L.violation_text(verdict.v, verdict.cur, verdict.lim))
 end
-if verdict.kind == 'alert' then
+if verdict.kind == 'hold' then
   -- The caller holds it for the reviewers (the held store records it, with its audit entry).
   return reply({s = 'alert', v = verdict.v, cur = verdict.cur, lim = verdict.lim})
 end
+if verdict.kind == 'wait' or verdict.kind == 'book' then L.load_admission(true) end
 if verdict.kind == 'wait' then
-  req.env = nil
-  local first, wait_start = L.enqueue(req, cjson.encode(req), now, verdict)
+  local first, wait_start = L.enqueue(req, L.kept_request(ARGV, req.k), now, verdict)
   if first then
-    L.task_entry(written, now, req.au, 'waiting', 'allow', verdict.v, L.violation_detail(verdict))
+    L.task_entry(written, now, au, AT.waiting, 'allow', verdict.v, L.violation_detail(verdict))
   end
   return reply({s = 'waiting', v = verdict.v, cur = verdict.cur, lim = verdict.lim,
     ci = verdict.ci, cv = verdict.cv, first = first, since = wait_start,
@@ -184,13 +174,13 @@ end
 if verdict.kind == 'book' then
   local first, parked = L.book(req, now, verdict, G)
   if first then
-    L.task_entry(written, now, req.au, 'waiting', 'allow', verdict.v, L.violation_detail(verdict))
+    L.task_entry(written, now, au, AT.waiting, 'allow', verdict.v, L.violation_detail(verdict))
   end
   return reply({s = 'booked', v = verdict.v, cur = verdict.cur, lim = verdict.lim,
     turn = verdict.turn, wait = verdict.wait, parked = parked, first = first, cv = verdict.cv})
 end
 
 local exp = now + G.lease
-L.commit(req, now, verdict, req.holder, 'running', exp, exp)
+L.commit(req, now, verdict, req[R.holder], 'running', exp, exp)
 admitted_entry(same and wait_since or nil, verdict.cache and verdict.cache[req.k.w[1]])
 return reply({s = 'admitted', le = exp, cv = verdict.cv})

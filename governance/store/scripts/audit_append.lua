@@ -9,20 +9,19 @@
 --            what it held or waited for and leaves the ledger, unless it is done already or a
 --            live delivery runs it (this one was a copy).
 --
--- ARGV[1] the entries (JSON [{field: value, ...}, ...])
--- ARGV[2] seals of this writer's earlier entries (JSON [[seq, mac], ...])
--- ARGV[3] the writer's id
--- ARGV[4] with KEYS[8]: seconds the ended record is kept
+-- ARGV (vocabulary.AUDIT_APPEND): the entries (JSON [{field: value, ...}, ...]), with KEYS[8] the
+-- seconds the ended record is kept; then the seals of this writer's earlier entries and the
+-- writer's id.
 --
 -- Returns JSON {au = [[stream id, [field, value, ...]], ...]}.
 
-L.seal(ARGV[2], ARGV[3])
+L.seal(ARGV[F.seals], ARGV[F.writer])
 local now = L.now_ms()
 local written = {}
-for _, fields in ipairs(cjson.decode(ARGV[1])) do L.audit(written, now, fields) end
+for _, fields in ipairs(json(ARGV[F.entries]) or {}) do L.audit(written, now, fields) end
 local rec = KEYS[8]
 if rec and redis.call('EXISTS', rec) == 1 and redis.call('HGET', rec, 'where') ~= 'done'
     and not L.running_live(rec, now) then
-  L.end_record(rec, now, tonumber(ARGV[4]))
+  L.end_record(rec, now, tonumber(ARGV[F.record_ttl]))
 end
 return cjson.encode({au = written})

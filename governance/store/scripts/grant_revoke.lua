@@ -3,21 +3,20 @@
 -- KEYS[1..7] the tenant's shared keys (see lib.lua)
 -- KEYS[8]    grants   HASH grant id -> JSON
 --
--- ARGV[1] JSON {id, au (audit fields: reviewer, reason, ...)}
--- ARGV[2] seals (JSON)   ARGV[3] the writer's id
+-- ARGV (vocabulary.GRANT_REVOKE): the grant's id, the audit fields of the entry (`F.au`: tenant,
+-- reviewer, policy version, ...); then the seals and the writer's id.
 --
 -- Returns JSON {removed = 0 | 1, au}.
 
-local P = cjson.decode(ARGV[1])
-L.seal(ARGV[2], ARGV[3])
+L.seal(ARGV[F.seals], ARGV[F.writer])
 local now = L.now_ms()
 local written = {}
-local removed = redis.call('HDEL', KEYS[8], P.id)
+local id = ARGV[F.id]
+local removed = redis.call('HDEL', KEYS[8], id)
 if removed == 1 then
-  local fields = {}
-  for name, value in pairs(P.au) do fields[name] = value end
-  fields.type = 'grant_revoked'
-  fields.detail = cjson.encode({grant = P.id})
+  local fields = L.template(ARGV, F.au)
+  fields.type = AT.grant_revoked
+  fields.detail = cjson.encode({grant = id})
   L.audit(written, now, fields)
 end
 return cjson.encode({removed = removed, au = written})

@@ -15,28 +15,30 @@
 -- KEYS[15]    the task's ledger record   HASH
 -- KEYS[16]    grants               HASH grant id -> JSON
 --
--- ARGV[1] JSON {id, verdict (approve|reject|expire), reviewer, reason, now (ms), quorum,
---         signed (the signed decision, or null), seen (approvals the release was built from),
---         release (the message to publish if this approval completes the quorum, or null),
---         grant ({id, json} or null), au (audit template), ttl (task record, seconds)}
--- ARGV[2] settings (JSON, see admit.lua)   ARGV[3] seals (JSON)   ARGV[4] the writer's id
+-- ARGV (vocabulary.HELD_DECIDE): id, verdict (approve|reject|expire), reviewer, reason, now (ms),
+-- quorum, signed (the signed decision, JSON; '': none), seen (approvals the release was built
+-- from), release (the message to publish if this approval completes the quorum), grant_id,
+-- grant_json, grant_until_ms (the grant its approvals asked for; '': none), au (the audit
+-- template, `F.au`), ttl (task record, seconds); then the settings (`G`), the seals and the
+-- writer's id.
 --
 -- Returns JSON {outcome, status, approvals, au}: outcome is one of recorded, released, rejected,
 -- expired, unknown, not_held, already_approved, not_due, stale (the approvals changed since the
 -- caller built its release: read again and retry).
 
 local STATUSES = {held = 9, suggested = 10, released = 11, rejected = 12, expired = 13}
-local D = cjson.decode(ARGV[1])
-local G = cjson.decode(ARGV[2])
-L.seal(ARGV[3], ARGV[4])
+local G = read_settings(ARGV)
+L.seal(ARGV[F.seals], ARGV[F.writer])
+local au = L.template(ARGV, F.au)
+local reason, quorum = ARGV[F.reason], tonumber(ARGV[F.quorum])
 local written = {}
 local function reply(outcome, status, approvals)
   return cjson.encode({outcome = outcome, status = status or '', approvals = approvals or 0,
     au = written})
 end
 
-local id, verdict, reviewer = D.id, D.verdict, D.reviewer
-local now = D.now
+local id, verdict, reviewer = ARGV[F.id], ARGV[F.verdict], ARGV[F.reviewer]
+local now = tonumber(ARGV[F.now])
 local status = redis.call('HGET', KEYS[8], 'status')
 if not status then return reply('unknown') end
 local approvals = tonumber(redis.call('HGET', KEYS[8], 'approvals') or '0')
@@ -49,7 +51,7 @@ if verdict == 'approve' then
       return reply('already_approved', status, approvals)
     end
   end
-  if approvals + 1 >= D.quorum and approvals + 1 ~= D.seen then
+  if approvals + 1 >= quorum and approvals + 1 ~= tonumber(ARGV[F.seen]) then
     return reply('stale', status, approvals)
   end
 end
@@ -65,40 +67,42 @@ local function move(to)
 end
 local function end_in_ledger()
   redis.call('HSET', KEYS[15], 'id', id)
-  L.end_record(KEYS[15], now, D.ttl)
+  L.end_record(KEYS[15], now, tonumber(ARGV[F.ttl]))
 end
 
-decisions[#decisions + 1] = {verdict = verdict, reviewer = reviewer, reason = D.reason,
-  at_ms = now, signed = D.signed}
+decisions[#decisions + 1] = {verdict = verdict, reviewer = reviewer, reason = reason,
+  at_ms = now, signed = json(ARGV[F.signed])}
 redis.call('HSET', KEYS[8], 'decisions', cjson.encode(decisions))
 if verdict == 'approve' then
   approvals = approvals + 1
   redis.call('HSET', KEYS[8], 'approvals', approvals)
-  if approvals < D.quorum then
-    L.task_entry(written, now, D.au, 'approved', 'hold', D.reason,
-      {approvals = approvals, quorum = D.quorum, reviewer = reviewer})
+  if approvals < quorum then
+    L.task_entry(written, now, au, AT.approved, 'hold', reason,
+      {approvals = approvals, quorum = quorum, reviewer = reviewer})
     return reply('recorded', status, approvals)
   end
   move('released')
-  redis.call('HSET', KEYS[15], 'id', id, 'where', 'queued', 'since', now, 'msg', D.release)
+  redis.call('HSET', KEYS[15], 'id', id, 'where', 'queued', 'since', now, 'msg',
+    ARGV[F.release])
   redis.call('PERSIST', KEYS[15])
   redis.call('ZADD', L.T.ledger, now + G.grace, KEYS[15])
-  L.task_entry(written, now, D.au, 'released', 'allow', D.reason,
-    {approvals = approvals, quorum = D.quorum, reviewer = reviewer})
-  if D.grant and D.grant ~= cjson.null then
-    redis.call('HSET', KEYS[16], D.grant.id, D.grant.json)
-    L.task_entry(written, now, D.au, 'grant_created', 'allow', D.reason,
-      {grant = D.grant.id, until_ms = D.grant.until_ms})
+  L.task_entry(written, now, au, AT.released, 'allow', reason,
+    {approvals = approvals, quorum = quorum, reviewer = reviewer})
+  local grant = text(ARGV[F.grant_id])
+  if grant then
+    redis.call('HSET', KEYS[16], grant, ARGV[F.grant_json])
+    L.task_entry(written, now, au, AT.grant_created, 'allow', reason,
+      {grant = grant, until_ms = tonumber(ARGV[F.grant_until_ms])})
   end
   return reply('released', 'released', approvals)
 end
 if verdict == 'reject' then
   move('rejected')
   end_in_ledger()
-  L.task_entry(written, now, D.au, 'rejected', 'deny', D.reason, {reviewer = reviewer})
+  L.task_entry(written, now, au, AT.rejected, 'deny', reason, {reviewer = reviewer})
   return reply('rejected', 'rejected', approvals)
 end
 move('expired')
 end_in_ledger()
-L.task_entry(written, now, D.au, 'expired', 'deny', D.reason, {})
+L.task_entry(written, now, au, AT.expired, 'deny', reason, {})
 return reply('expired', 'expired', approvals)

@@ -16,19 +16,19 @@
 -- KEYS[16]    notification outbox  ZSET notification id -> when to try (ms)
 -- KEYS[17]    notifications        HASH notification id -> JSON
 --
--- ARGV[1] JSON {id, status, requested_ms, expires_ms, fields: {name: value}, au (audit
---         template), reason, detail, notify (the notification's JSON, or null), ttl (seconds
---         an ended ledger record is kept)}
--- ARGV[2] seals (JSON)   ARGV[3] the writer's id
+-- ARGV (vocabulary.HELD_PUT): id, status, requested_ms, expires_ms, task (the held task's fields,
+-- JSON {name: value}), au (the audit template, `F.au`), reason, detail (JSON), notify (the
+-- notification's JSON; '': none), ttl (seconds an ended ledger record is kept); then the seals
+-- and the writer's id.
 --
 -- Returns JSON {outcome = created | waiting | reheld, status, au}.
 
 local STATUSES = {held = 9, suggested = 10, released = 11, rejected = 12, expired = 13}
-local P = cjson.decode(ARGV[1])
-L.seal(ARGV[2], ARGV[3])
+L.seal(ARGV[F.seals], ARGV[F.writer])
 local now = L.now_ms()
 local written = {}
-local id, status = P.id, P.status
+local id, status = ARGV[F.id], ARGV[F.status]
+local requested_ms, expires_ms = tonumber(ARGV[F.requested_ms]), tonumber(ARGV[F.expires_ms])
 local current = redis.call('HGET', KEYS[8], 'status')
 if current == 'held' or current == 'suggested' then
   return cjson.encode({outcome = 'waiting', status = current, au = written})
@@ -41,16 +41,16 @@ if current then
   redis.call('HDEL', KEYS[8], 'decided_ms')
 end
 local fields = {}
-for name, value in pairs(P.fields) do
+for name, value in pairs(json(ARGV[F.task])) do
   fields[#fields + 1] = name
   fields[#fields + 1] = value
 end
-redis.call('HSET', KEYS[8], 'status', status, 'requested_ms', P.requested_ms, 'expires_ms',
-  P.expires_ms, 'decisions', '[]', 'approvals', 0, unpack(fields))
-redis.call('ZADD', KEYS[STATUSES[status]], P.requested_ms, id)
+redis.call('HSET', KEYS[8], 'status', status, 'requested_ms', requested_ms, 'expires_ms',
+  expires_ms, 'decisions', '[]', 'approvals', 0, unpack(fields))
+redis.call('ZADD', KEYS[STATUSES[status]], requested_ms, id)
 local rec = KEYS[15]
 if status == 'held' then
-  redis.call('ZADD', KEYS[14], P.expires_ms, id)
+  redis.call('ZADD', KEYS[14], expires_ms, id)
   if not L.running_live(rec, now) then
     L.let_go(rec)
     redis.call('HSET', rec, 'id', id, 'where', 'held', 'since', now)
@@ -60,16 +60,17 @@ if status == 'held' then
     redis.call('ZREM', L.T.ledger, rec)
   end
 elseif redis.call('EXISTS', rec) == 1 and not L.running_live(rec, now) then
-  L.end_record(rec, now, P.ttl)
+  L.end_record(rec, now, tonumber(ARGV[F.ttl]))
 end
-local detail = P.detail or {}
+local detail = json(ARGV[F.detail]) or {}
 detail.outcome = outcome
-L.task_entry(written, now, P.au, status == 'held' and 'held' or 'suggested',
-  status == 'held' and 'hold' or 'suggest', P.reason, detail)
-if P.notify and P.notify ~= cjson.null then
+L.task_entry(written, now, L.template(ARGV, F.au), status == 'held' and AT.held or AT.suggested,
+  status == 'held' and 'hold' or 'suggest', ARGV[F.reason], detail)
+local notify = text(ARGV[F.notify])
+if notify then
   -- One notification per hold of the task (a task held again is notified again).
   local nid = id .. ':' .. (redis.call('HGET', KEYS[8], 'reheld') or '0')
-  redis.call('HSET', KEYS[17], nid, P.notify)
+  redis.call('HSET', KEYS[17], nid, notify)
   redis.call('ZADD', KEYS[16], now, nid)
 end
 return cjson.encode({outcome = outcome, status = status, au = written})

@@ -8,7 +8,7 @@
 --
 -- KEYS[1] provider cooldown   STRING until (ms)
 -- KEYS[2] provider rate       STRING theoretical arrival time (ms)
--- ARGV[1] rate ([interval ms, burst] as JSON) or '' for none
+-- ARGV (vocabulary.PROVIDER_GATE): rate_interval_ms, rate_burst ('': no provider-wide rate)
 --
 -- Returns JSON {turn = 0 (go now; token taken) | earliest ms, v = cooldown | rate_limit:provider,
 --   wait = ms}
@@ -20,10 +20,9 @@ local until_ms = tonumber(redis.call('GET', KEYS[1]) or '0')
 if until_ms > now then
   return cjson.encode({turn = until_ms, v = 'cooldown', wait = until_ms - now})
 end
-if ARGV[1] == '' then return cjson.encode({turn = 0}) end
+if ARGV[F.rate_interval_ms] == '' then return cjson.encode({turn = 0}) end
 
-local spec = cjson.decode(ARGV[1])
-local interval, burst = spec[1], spec[2]
+local interval, burst = tonumber(ARGV[F.rate_interval_ms]), tonumber(ARGV[F.rate_burst])
 local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
 -- GCRA, as the tenant's rates (lib.lua): the earliest conforming time of one more call.
 local at = math.max(now, tat + interval - burst * interval)

@@ -8,16 +8,16 @@
 -- KEYS[3]      task record         HASH
 -- KEYS[4]      run window usage    HASH
 --
--- ARGV[1] attempt    ARGV[2] lease ms    ARGV[3] holder
+-- ARGV (vocabulary.RENEW): attempt (compared as text), lease (ms), holder
 
 local r = redis.call('HMGET', KEYS[3], 'attempt', 'holder', 'where', 'settled')
-if r[1] ~= ARGV[1] or r[2] ~= ARGV[3] or r[3] ~= 'running' or r[4]
+if r[1] ~= ARGV[F.attempt] or r[2] ~= ARGV[F.holder] or r[3] ~= 'running' or r[4]
     or not redis.call('ZSCORE', KEYS[1], KEYS[3]) then
   return 0
 end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local expiry = now + tonumber(ARGV[2])
+local expiry = now + tonumber(ARGV[F.lease])
 redis.call('ZADD', KEYS[1], 'XX', expiry, KEYS[3])
 redis.call('ZADD', KEYS[2], 'XX', expiry, KEYS[3])
 redis.call('HSET', KEYS[3], 'lease_exp', expiry)

@@ -14,32 +14,32 @@
 --
 -- KEYS[1..7]  the tenant's shared keys (see lib.lua)
 --
--- ARGV[1] settings (JSON, see admit.lua) plus: limit (most entries per call), reclaim (1: leases
---         of dead workers may be reclaimed; 0 just after an outage of the state store)
--- ARGV[2] seals (JSON)    ARGV[3] the writer's id
--- ARGV[4] a run to close first (JSON {tenant, run, by}), or empty: its run slot is freed now
--- ARGV[5] the caller's policy version, or empty (see L.handoff)
+-- ARGV (vocabulary.SWEEP): a run to close first (`close_tenant`, `close_run`, `close_by`; '':
+-- none), its run slot freed now; the caller's policy version ('': any, see L.handoff); then the
+-- settings (`G`: `sweep_limit` entries per call at most; `reclaim`: leases of dead workers may be
+-- reclaimed, not just after an outage of the state store), the seals and the writer's id.
 --
 -- Returns JSON {pub = [{id, msg, token, again}], au = [...], more = 1 when due entries remain,
 --   closed = 1 when the run to close was in flight}.
 
-local G = cjson.decode(ARGV[1])
-L.seal(ARGV[2], ARGV[3])
+local G = read_settings(ARGV)
+L.seal(ARGV[F.seals], ARGV[F.writer])
+L.load_admission(true)
 local now = L.now_ms()
 local written, publish = {}, {}
 local closed = 0
 
-if ARGV[4] and ARGV[4] ~= '' then
-  local close = cjson.decode(ARGV[4])
-  local until_ms = tonumber(redis.call('ZSCORE', L.T.runs, close.run) or '0')
-  redis.call('ZREM', L.T.runs, close.run)
+local close_run = ARGV[F.close_run]
+if close_run ~= '' then
+  local until_ms = tonumber(redis.call('ZSCORE', L.T.runs, close_run) or '0')
+  redis.call('ZREM', L.T.runs, close_run)
   if until_ms > now then closed = 1 end
-  L.audit(written, now, {type = 'run_closed', tenant = close.tenant, run = close.run,
-    decision = 'allow', reviewer = close.by,
+  L.audit(written, now, {type = AT.run_closed, tenant = ARGV[F.close_tenant], run = close_run,
+    decision = 'allow', reviewer = ARGV[F.close_by],
     reason = closed == 1 and 'closed: its run slot is free' or 'closed (it was not in flight)'})
 end
 
-if G.reclaim == 1 then L.reclaim(now) end
+if G.reclaim then L.reclaim(now) end
 
 -- The grace before a published task counts as lost grows with each re-publication, so a long
 -- broker backlog costs a few duplicate messages (dropped by admission), not a storm.
@@ -50,7 +50,7 @@ local function again(rec)
   redis.call('ZADD', L.T.ledger, now + grace, rec)
 end
 
-local due = redis.call('ZRANGEBYSCORE', L.T.ledger, '-inf', now, 'LIMIT', 0, G.limit)
+local due = redis.call('ZRANGEBYSCORE', L.T.ledger, '-inf', now, 'LIMIT', 0, G.sweep_limit)
 for _, rec in ipairs(due) do
   local r = redis.call('HMGET', rec, 'id', 'where', 'lease_exp', 'msg', 'handoff', 'wait_since',
     'wait_for', 'req')
@@ -59,7 +59,7 @@ for _, rec in ipairs(due) do
     -- Nothing to publish it from (a record without a message): forget it, loudly.
     redis.call('ZREM', L.T.ledger, rec)
     if where and id then
-      L.audit(written, now, {type = 'task_lost', task_id = id,
+      L.audit(written, now, {type = AT.task_lost, task_id = id,
         reason = 'the ledger holds no message to publish this task again'})
     end
   elseif where == 'parked' then
@@ -72,8 +72,7 @@ for _, rec in ipairs(due) do
     publish[#publish + 1] = {id = id, msg = msg, again = 1}
   elseif where == 'handed' then
     local since = tonumber(r[6] or now)
-    local req = r[8] and cjson.decode(r[8]) or nil
-    local max_wait = req and req.max_wait or G.grace_max
+    local max_wait = L.kept_max_wait(r[8], G.grace_max)
     if now - since > max_wait and not redis.call('ZSCORE', L.T.leases, rec) then
       redis.call('HSET', rec, 'fail', string.format(
         'waited %d s for %s without starting (wait limit %d s)',
@@ -85,7 +84,7 @@ for _, rec in ipairs(due) do
       publish[#publish + 1] = {id = id, msg = msg, token = token, again = 1}
     end
   elseif where == 'running' then
-    if G.reclaim == 1 and tonumber(lease_exp or '0') <= now then
+    if G.reclaim and tonumber(lease_exp or '0') <= now then
       redis.call('HSET', rec, 'where', 'queued', 'since', now)
       redis.call('HDEL', rec, 'holder')
       again(rec)
@@ -94,12 +93,12 @@ for _, rec in ipairs(due) do
       redis.call('ZADD', L.T.ledger, math.max(now + G.grace, tonumber(lease_exp or now)), rec)
     end
   elseif where == 'waiting' then
-    local req = cjson.decode(r[8])
+    local max_wait = L.kept_max_wait(r[8], G.grace_max)
     local since = tonumber(r[6] or now)
     redis.call('ZREM', L.T.waiting, rec)
     redis.call('HSET', rec, 'fail', string.format(
       'waited %d s for %s without starting (wait limit %d s)',
-      math.floor((now - since) / 1000), r[7] or 'capacity', math.floor(req.max_wait / 1000)))
+      math.floor((now - since) / 1000), r[7] or 'capacity', math.floor(max_wait / 1000)))
     redis.call('HDEL', rec, 'req')
     L.requeue(rec, now, G)
     publish[#publish + 1] = {id = id, msg = msg}
@@ -109,7 +108,7 @@ for _, rec in ipairs(due) do
 end
 
 if redis.call('ZCARD', L.T.waiting) > 0 then
-  L.handoff(now, G, {pub = publish, written = written}, ARGV[5] ~= '' and ARGV[5] or nil)
+  L.handoff(now, G, {pub = publish, written = written}, text(ARGV[F.policy_version]))
 end
-local more = #due >= G.limit and 1 or 0
+local more = #due >= G.sweep_limit and 1 or 0
 return cjson.encode({pub = publish, au = written, more = more, closed = closed})
