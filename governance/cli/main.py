@@ -53,6 +53,7 @@ from governance.cli import (
     dev,
     grants,
     held,
+    mcp,
     policy,
     reviewers,
     runs,
@@ -95,6 +96,7 @@ app.command("status")(status.status)
 app.add_typer(audit.app, name="audit", no_args_is_help=True)
 app.add_typer(policy.app, name="policy")
 app.add_typer(dev.app, name="dev")
+app.add_typer(mcp.app, name="mcp")
 
 
 class _OneLineFormatter(logging.Formatter):
