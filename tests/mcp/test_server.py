@@ -97,10 +97,13 @@ def test_a_denied_call_is_a_tool_error_with_the_policy_reason(make_server: Serve
             ]
 
     fs, unlisted, hooked = run(scenario)
-    assert fs.is_error and "interns may not" in text(fs)
+    assert fs.is_error
+    assert "interns may not" in text(fs)
     assert text(fs).startswith("denied: ")
-    assert unlisted.is_error and "is not allowed for tenant 'acme'" in text(unlisted)
-    assert hooked.is_error and "no secrets, says the hook" in text(hooked)
+    assert unlisted.is_error
+    assert "is not allowed for tenant 'acme'" in text(unlisted)
+    assert hooked.is_error
+    assert "no secrets, says the hook" in text(hooked)
 
 
 def test_an_unknown_tool_is_a_protocol_error(make_server: ServerFactory) -> None:
@@ -218,7 +221,8 @@ def test_the_run_is_the_connections_unless_meta_names_one(
     own_id = own.meta[META_TASK_ID]
     assert gateway.published[own_id].ctx.run == f"mcp-{own_id}"
     assert gateway.published[named.meta[META_TASK_ID]].ctx.run == "conv-9"
-    assert bad.is_error and "governance/run" in text(bad)
+    assert bad.is_error
+    assert "governance/run" in text(bad)
 
 
 def test_cancelling_the_request_revokes_the_task(

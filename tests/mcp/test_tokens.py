@@ -57,7 +57,8 @@ def test_every_stored_hash_is_compared_in_constant_time(
 
     monkeypatch.setattr(tokens_module.hmac, "compare_digest", spy)
     found = file.lookup(made[0])
-    assert found is not None and found.agent == "agent-0"
+    assert found is not None
+    assert found.agent == "agent-0"
     assert len(compared) == 5  # no early exit on the match
     assert {a for a, _ in compared} == {token_hash(made[0]).encode()}
 
