@@ -49,8 +49,3 @@ class Pending(Generic[T]):
     def then(self, parse: Callable[[T], U]) -> Pending[U]:
         """The answer of this call, turned into something else when it is read."""
         return Pending(lambda: parse(self.result()))
-
-    def __call__(self) -> T:
-        # Integration (worker/delivery.py) still calls the pending answer as it called the bare
-        # function this type replaced; it will switch to .result(), and this goes then.
-        return self.result()

@@ -199,7 +199,6 @@ def test_a_pending_answer_is_read_once() -> None:
     pending = Pending(read).then(lambda value: value + 1)
     assert pending.result() == 42
     assert pending.result() == 42
-    assert pending() == 42  # the integration layer still calls it; it moves to result()
     assert reads == [1]
 
     def fail() -> int:

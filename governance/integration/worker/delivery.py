@@ -24,7 +24,6 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NoReturn
 
@@ -69,6 +68,7 @@ from governance.store.admission import Admission, AdmissionStatus
 from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.cooldown import set_cooldown
 from governance.store.errors import StoreUnavailable
+from governance.store.pending import Pending
 
 log = logging.getLogger("governance.lifecycle")
 
@@ -106,7 +106,7 @@ class Delivery:
         #: Who holds the attempt's lease while this delivery runs it (one id per delivery).
         self.holder = uuid.uuid4().hex
         #: The admission written ahead of the body (see ``start_admission``), and when.
-        self._early: tuple[GovernanceHeaders, Action, TenantPolicy, Callable[[], Admission]] | None
+        self._early: tuple[GovernanceHeaders, Action, TenantPolicy, Pending[Admission]] | None
         self._early = None
         self._admit_started = 0.0
         #: When this delivery reached the task (its broker's unacked clock started earlier).
@@ -311,7 +311,7 @@ class Delivery:
 
     def _begin_admit(
         self, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy
-    ) -> Callable[[], Admission]:
+    ) -> Pending[Admission]:
         """Write this delivery's admission; the function returned reads the decision."""
         runtime = self.runtime
         self._estimate = runtime.policy.estimate_usage(action)
@@ -338,13 +338,13 @@ class Delivery:
         headers: GovernanceHeaders,
         action: Action,
         tenant: TenantPolicy,
-        written: Callable[[], Admission] | None = None,
+        written: Pending[Admission] | None = None,
     ) -> Admission:
         try:
             if written is None:
                 written = self._begin_admit(headers, action, tenant)
             with self.runtime.health.call():
-                admission = written()
+                admission = written.result()
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
         self.runtime.publish_each(admission.publish)
@@ -355,6 +355,8 @@ class Delivery:
             self._hold_at_cost_alert(headers, action, admission)
         if status is AdmissionStatus.SETTLED and admission.final:
             self._store_a_lost_result(admission)
+        if admission.replayed and headers.approvals:
+            self._release_replayed(headers, action)
         if status.dropped:
             log.info(
                 "task %s attempt %s: %s, this copy is dropped",
@@ -382,6 +384,24 @@ class Delivery:
         self.task.update_state(state="DEFERRED", meta=meta)
         self._send_event("deferred", admission.reason, violation=violation)
         raise Acknowledged()
+
+    def _release_replayed(self, headers: GovernanceHeaders, action: Action) -> None:
+        """A release sent again as a later attempt that no settlement scheduled: dropped (the
+        release runs once, ever), and audited."""
+        ctx = headers.context
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.RELEASE_REPLAYED,
+                tenant=ctx.tenant,
+                agent=ctx.agent,
+                run=ctx.run,
+                task_id=self.task_id,
+                action=action.name,
+                decision="deny",
+                reason=f"a copy of a release as attempt {headers.attempt}, which no settlement "
+                "scheduled: dropped (a release runs once)",
+            )
+        )
 
     def _store_a_lost_result(self, admission: Admission) -> None:
         """A copy of a task that ended finds no result of it stored (its worker died between

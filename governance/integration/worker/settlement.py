@@ -28,11 +28,9 @@ from governance.integration.worker.overlap import defer_settlement, settling_aft
 from governance.policy.usage import Usage
 from governance.store.admission import AdmissionTicket, NextAttempt, Settlement
 from governance.store.errors import StoreUnavailable
+from governance.store.pending import Pending
 
 log = logging.getLogger("governance.lifecycle")
-
-#: The settlement call, written; calling it reads what it did.
-WrittenSettlement = Callable[[], Settlement]
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ class AttemptSettlement:
             next_envelope = self.envelope().with_retries(self.attempt + 1)
             next_attempt = NextAttempt(next_envelope.to_json(), due_ms, parked)
 
-        def write() -> WrittenSettlement:
+        def write() -> Pending[Settlement]:
             with self.runtime.health.call():
                 return self.runtime.admitter.begin_settle(
                     self.ticket,
@@ -72,10 +70,10 @@ class AttemptSettlement:
                     policy_version=self.runtime.policy.version,
                 )
 
-        def finish(written: WrittenSettlement | None = None) -> None:
+        def finish(written: Pending[Settlement] | None = None) -> None:
             read = written or write()
             with self.runtime.health.call():
-                settlement = read()
+                settlement = read.result()
             self.runtime.publish_each(settlement.publish)
             if next_attempt is not None and not next_attempt.parked:
                 self._publish_retry(outcome.retry_delay_ms or 0)
@@ -94,8 +92,8 @@ class AttemptSettlement:
 
     def _patiently(
         self,
-        finish: Callable[[WrittenSettlement | None], None],
-        written: WrittenSettlement | None,
+        finish: Callable[[Pending[Settlement] | None], None],
+        written: Pending[Settlement] | None,
     ) -> None:
         """``finish``, tried again while the store does not answer, never longer than half the
         broker's limit on an unacknowledged delivery; then owed (see the module doc)."""
