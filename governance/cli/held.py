@@ -21,6 +21,7 @@ from governance.cli.output import JsonFlag
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from governance.integration.approvals.held_call import HeldCall
     from governance.store.held import HeldStatus, HeldTask
 
 app = typer.Typer(
@@ -121,7 +122,7 @@ def list_(
     if as_json:
         output.emit_json(
             {
-                "tasks": [t.as_dict() for t in listing.tasks],
+                "tasks": [_listed(t) for t in listing.tasks],
                 "next_cursor": listing.next_cursor,
                 "total": listing.total,
             }
@@ -145,22 +146,80 @@ def list_(
         output.note(f"more: {' '.join(again)} --cursor {listing.next_cursor}")
 
 
+def _listed(task: HeldTask) -> dict[str, Any]:
+    """A held task in a listing: its secret-named values masked (``held show --reveal``)."""
+    from governance.integration.redaction import redact_for_review
+
+    shown = task.as_dict()
+    for field in ("args", "kwargs", "context", "action"):
+        shown[field] = redact_for_review(shown[field])
+    return shown
+
+
 @app.command("show")
 def show(
     task_id: Annotated[str, typer.Argument(help="The held task's id.", metavar="ID")],
+    reveal: Annotated[
+        bool,
+        typer.Option(
+            "--reveal",
+            help="Show secret-named values (an api_token, a password, ...) in full instead of "
+            "*** with a fingerprint and length; audited (secret_revealed), with your name.",
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Show one held task: the call, who asked, why it is held, and the decisions so far."""
-    task = context.reviewers().find(task_id)
+    """Show one held task as its message says it: the call (what a release runs), who asked,
+    why it is held, and the verified approvals so far.
+
+    Everything shown, signed and released comes from the held message; a record whose other
+    fields disagree with it was edited in the state Redis, and is refused (exit 1), audited.
+    """
+    reviewers = context.reviewers()
+    found = (
+        reviewers.reveal(task_id, context.operator()) if reveal else reviewers.find_call(task_id)
+    )
+    verified = reviewers.verified_approvals(found, found.task.signed_approvals())
     if as_json:
-        output.emit_json(task.as_dict())
+        output.emit_json(_shown(found, verified, reveal))
         return
-    _show_task(task)
+    _show_task(found, verified, reveal)
 
 
-def _show_task(task: HeldTask) -> None:
+def _shown(found: HeldCall, verified: tuple[str, ...], reveal: bool) -> dict[str, Any]:
+    """The JSON of ``held show``: the record's fields, its call from its message."""
+    from governance.integration.redaction import redact_for_review
+
+    task = found.task
+
+    def shown(value: Any) -> Any:
+        return value if reveal else redact_for_review(value)
+
+    return {
+        **task.as_dict(),
+        "args": shown(found.envelope.args),
+        "kwargs": shown(found.envelope.kwargs),
+        "context": shown(task.context),
+        "action": shown(task.action),
+        "call": shown(found.shown_input),
+        "call_hash": found.call,
+        "approvals": len(verified),
+        "approved_by": list(verified),
+    }
+
+
+def _approvals_text(verified: tuple[str, ...]) -> str:
+    names = f" ({', '.join(verified)})" if verified else ""
+    return f"{len(verified)} verified{names}"
+
+
+def _show_task(found: HeldCall, verified: tuple[str, ...], reveal: bool) -> None:
     import json
 
+    from governance.integration.redaction import redact_for_review
+
+    task = found.task
+    call = found.shown_input if reveal else redact_for_review(found.shown_input)
     rows: list[tuple[str, Any]] = [
         ("task", task.task_id),
         ("status", task.status.value),
@@ -170,11 +229,15 @@ def _show_task(task: HeldTask) -> None:
         ("requested by", task.user or "(unknown)"),
         ("task name", task.task_name),
         ("action", f"{task.action_name} ({task.action_class})"),
-        ("call", json.dumps(task.action.get("input", task.kwargs), sort_keys=True)),
+        ("call", json.dumps(call, sort_keys=True)),
+        ("call hash", found.call),
         ("tier", task.tier),
         ("reason", task.reason),
         ("requested", f"{output.when(task.requested_ms)} ({output.relative(task.requested_ms)})"),
-        ("approvals", task.approvals),
+        (
+            "approvals",
+            f"{len(verified)} verified" + (f" ({', '.join(verified)})" if verified else ""),
+        ),
     ]
     if task.status.value == "held":
         rows.insert(

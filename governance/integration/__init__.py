@@ -26,6 +26,7 @@ from governance.integration.errors import (
     ApprovalRejected,
     GovernanceError,
     LimitExceeded,
+    MessageRefused,
     ResultLost,
 )
 from governance.integration.execution import (
@@ -50,6 +51,7 @@ __all__ = [
     "GovernedTask",
     "HeaderError",
     "LimitExceeded",
+    "MessageRefused",
     "MissingContext",
     "ResultLost",
     "celery_conf",

@@ -41,6 +41,11 @@ class ApprovalRejected(GovernanceError):
     """A reviewer rejected the held action, or its hold expired without a decision."""
 
 
+class MessageRefused(GovernanceError):
+    """The worker could not read the task's message (its body or headers are malformed): it was
+    rejected without running, and the worker went on."""
+
+
 class ApprovalRefused(GovernanceError):
     """A reviewer's decision was refused: unknown task, not held, not a reviewer, self-approval,
     or the same reviewer twice. Raised to the reviewer (``govctl``), never ends a task."""
@@ -67,4 +72,5 @@ GOVERNANCE_ERRORS: tuple[type[GovernanceError], ...] = (
     LimitExceeded,
     ActionFailed,
     ApprovalRejected,
+    MessageRefused,
 )

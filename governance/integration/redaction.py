@@ -7,7 +7,9 @@ is shown as ``***`` there. The ledger and the held store keep the real value: it
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from typing import Any
 
@@ -46,3 +48,36 @@ def redact(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(redact(v) for v in value)
     return value
+
+
+def fingerprint(value: Any) -> str:
+    """A short fingerprint of a secret value (the first 8 hex digits of the SHA-256 of its
+    canonical JSON): two reviewers can tell whether they saw the same value, without seeing it.
+    Short on purpose, so it identifies a value without helping much to guess it."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def masked(value: Any) -> str:
+    """How a reviewer is shown a secret-named value: ``***`` with its fingerprint and length."""
+    length = len(value) if isinstance(value, str) else len(json.dumps(value, default=str))
+    return f"{REDACTED} (sha256:{fingerprint(value)}, {length} chars)"
+
+
+def redact_for_review(value: Any) -> Any:
+    """``value`` as a reviewer is shown it: like :func:`redact`, but each secret-named value
+    is :func:`masked`, so a reviewer can judge that it is there, and whether it changed,
+    without reading it (``govctl held show --reveal`` shows it, and is audited)."""
+    if isinstance(value, dict):
+        return {
+            k: masked(v) if isinstance(k, str) and is_secret_key(k) else redact_for_review(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(redact_for_review(v) for v in value)
+    return value
+
+
+def has_secrets(value: Any) -> bool:
+    """Whether ``value`` holds a secret-named value anywhere."""
+    return bool(redact(value) != value)

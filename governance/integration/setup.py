@@ -31,7 +31,8 @@ def celery_conf(app: Any, settings: GovernanceSettings) -> dict[str, Any]:
     arguments must survive a round trip through JSON); the broker's visibility timeout from the
     settings (a Redis broker redelivers an unacknowledged message after it, and the reconciler
     and the countdown limit are derived from it); task-sent and worker events, which Flower
-    shows. The other transport options of the app are kept.
+    shows; a consumer that rejects a message it cannot read instead of stopping the worker
+    (``worker.consumer``). The other transport options of the app are kept.
     """
     transport = dict(app.conf.broker_transport_options or {})
     transport["visibility_timeout"] = settings.visibility_timeout_s
@@ -43,6 +44,7 @@ def celery_conf(app: Any, settings: GovernanceSettings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
+        "worker_consumer": "governance.integration.worker.consumer:GovernedConsumer",
     }
 
 

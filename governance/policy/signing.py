@@ -232,6 +232,7 @@ class Release:
 
     ok: bool
     reason: str
+    #: The reviewers whose approvals verified (one per key), enough for the quorum or not.
     reviewers: tuple[str, ...] = ()
     payloads: tuple[DecisionPayload, ...] = ()
     #: Genuine approvals of the quorum, but the release is older than ``valid_for``.
@@ -302,7 +303,8 @@ def check_release(
         return Release(True, f"released by {', '.join(names)}", names, payloads)
     found = f"{len(approving)} valid approval(s) of {quorum} required"
     detail = "; ".join(dict.fromkeys(problems))
-    return Release(False, f"{found}" + (f": {detail}" if detail else ""))
+    names = tuple(sorted(p.reviewer for p in approving.values()))
+    return Release(False, f"{found}" + (f": {detail}" if detail else ""), names)
 
 
 @dataclass(frozen=True)

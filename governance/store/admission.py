@@ -162,6 +162,9 @@ class Admission:
     #: SETTLED: the attempt was the task's last, and the task is done (``reason``: why it was
     #: rejected, when it was).
     final: bool = False
+    #: SETTLED: a later attempt no settlement scheduled (its attempt number raised by a copy,
+    #: or no record of the task): it never runs.
+    replayed: bool = False
 
     @property
     def admitted(self) -> bool:
@@ -627,4 +630,5 @@ def _parse_admission(
         check_values=tuple(check_values),
         limits=limits,
         final=bool(reply.get("final")),
+        replayed=bool(reply.get("replayed")),
     )

@@ -46,6 +46,9 @@ class AuditEventType(StrEnum):
     EXPIRED = "expired"
     FORGED_RELEASE = "forged_release"
     RELEASE_EXPIRED = "release_expired"  # genuine approvals, older than approval.valid_for
+    RELEASE_REPLAYED = "release_replayed"  # a copy of a release whose task ended: dropped
+    HELD_TAMPERED = "held_tampered"  # a held record that disagrees with its message: refused
+    SECRET_REVEALED = "secret_revealed"  # a held call's secret-named values shown in full
     SUGGESTED = "suggested"
     SHADOWED = "shadowed"
     WAITING = "waiting"  # the first time an attempt waits (capacity, a rate turn, a cooldown)

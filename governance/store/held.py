@@ -171,7 +171,8 @@ class HeldStore:
         notification: Mapping[str, Any] | None = None,
     ) -> str:
         """Store ``task`` (status held or suggested) with its audit entry and notification;
-        returns created, waiting (it already was) or reheld."""
+        returns created, waiting (it already was), reheld, or ended (the task ended: a copy
+        of it is dropped, never held again; audited as ``release_replayed``)."""
         keys = TenantKeys(task.tenant)
         record = {
             "task_id": task.task_id,

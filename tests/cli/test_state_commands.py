@@ -264,6 +264,8 @@ def test_first_page_of_many_held_tasks_is_o_page(
     base = 1_700_000_000_000
     put(store, held_task("beta", 0, base - 1))  # a second tenant, for the all-tenants listing
     counts: dict[tuple[str, int], int] = {}
+    # Warm up: the first listing loads the scripts into the server, which the others need not.
+    assert govctl("held", "list", "--limit", "1").returncode == 0
     made = 0
     for total in (1_000, 10_000):
         started = time.monotonic()

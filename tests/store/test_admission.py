@@ -191,6 +191,30 @@ def test_an_attempt_nobody_scheduled_never_runs(any_state: StateStore) -> None:
     assert read_usage(any_state, "acme", Period.RUN, run="run-1").used.steps == 3
 
 
+def test_a_later_attempt_needs_the_marker_its_settlement_wrote(any_state: StateStore) -> None:
+    """Attack 2 at the store: "attempt + 1 of a settled record that is not done" is not enough
+    (a copy re-held the record, or someone wrote it so); only the settlement that scheduled the
+    retry lets it run, and a later attempt of a task with no record never runs."""
+    admitter = Admitter(any_state)
+    limits = AdmissionLimits()
+    first = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="reopened", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    admitter.settle(first.ticket, TOOL_STEP)
+    record = "gov:{acme}:task:reopened"
+    any_state.client.hset(record, mapping={"where": "held", "settled": 1})  # not done any more
+    replay = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="reopened", attempt=1, estimate=TOOL_STEP, limits=limits
+    )
+    assert replay.status is AdmissionStatus.SETTLED
+    assert replay.replayed
+    unknown = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="never-seen", attempt=3, estimate=TOOL_STEP, limits=limits
+    )
+    assert (unknown.status, unknown.replayed) == (AdmissionStatus.SETTLED, True)
+    assert read_usage(any_state, "acme", Period.RUN, run="run-1").used.steps == 1
+
+
 def test_settling_an_unknown_task_is_a_no_op(any_state: StateStore) -> None:
     admitter = Admitter(any_state)
     admitted = admitter.admit(

@@ -407,3 +407,37 @@ def test_a_new_runs_fan_out_does_not_hide_a_waiting_step_of_a_run_in_flight(
     (handed,) = admitter.settle(r1.ticket, TOOL_STEP).publish
     assert handed.task_id == "r1-s1"
     assert handed.handoff
+
+
+def test_a_task_that_ended_is_never_held_again(any_state: StateStore) -> None:
+    """Attack 2 at the store: a copy of a released task that already ran (a plain copy of its
+    message, or its release replayed) is not held again; the hold stays released, the copy is
+    audited as release_replayed. While the task has not ended, holding it again is allowed (a
+    release that expired while it waited)."""
+    from governance.store.audit import AuditLog
+    from governance.store.held import HeldStatus, HeldStore, HeldTask
+
+    def held(task: str) -> HeldTask:
+        now = int(time.time() * 1000)
+        return HeldTask(
+            task_id=task, tenant="acme", agent="agent", run="r", user="dana", task_name="t",
+            args=[], kwargs={}, context={}, action={}, action_name="t", action_class="t",
+            tier="act_with_approval", reason="held", call="0" * 64, requested_ms=now,
+            expires_ms=now + 3_600_000, envelope={"task": "t"},
+        )  # fmt: skip
+
+    store = HeldStore(any_state)
+    audit = {"tenant": "acme", "task_id": "x"}
+    for task in ("ran", "waits"):
+        assert store.put(held(task), audit={**audit, "task_id": task}) == "created"
+        any_state.client.hset(f"gov:{{acme}}:held:{task}", "status", "released")
+    any_state.client.hset("gov:{acme}:task:ran", mapping={"where": "done", "settled": 1})
+    any_state.client.hset("gov:{acme}:task:waits", mapping={"where": "waiting"})
+    assert store.put(held("ran"), audit={**audit, "task_id": "ran"}) == "ended"
+    assert store.get("acme", "ran").status is HeldStatus.RELEASED  # type: ignore[union-attr]
+    assert store.put(held("waits"), audit={**audit, "task_id": "waits"}) == "reheld"
+    types = [e.fields["type"] for e in AuditLog.with_key(any_state, b"k").records("acme")]
+    assert "release_replayed" in types
+    any_state.client.delete("gov:{acme}:task:waits")  # a record gone counts as ended
+    any_state.client.hset("gov:{acme}:held:waits", "status", "released")
+    assert store.put(held("waits"), audit={**audit, "task_id": "waits"}) == "ended"

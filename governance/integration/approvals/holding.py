@@ -90,9 +90,10 @@ class Holding:
         blocking: bool = True,
         kind: str = "hold",
         at_publish: bool = False,
-    ) -> HeldTask:
+    ) -> HeldTask | None:
         """Keep the call in the held store (or list it as a suggestion), tell the tenant's
-        notifiers and Flower.
+        notifiers and Flower; None when the task already ended (a copy of it: dropped, audited
+        as ``release_replayed``, its recorded outcome left as it is).
 
         ``at_publish``: held by the publisher, so Flower never saw the task on the broker; its
         event then gives the task its ``received`` time (else it would sort last).
@@ -132,7 +133,21 @@ class Holding:
             status=HeldStatus.HELD if blocking else HeldStatus.SUGGESTED,
             kind=kind,
         )
-        if blocking:  # first, so whoever sees the task held also sees the HELD result
+        notification = (
+            {"body": notification_body(task, tenant), "notifiers": len(tenant.notify)}
+            if tenant is not None and tenant.notify
+            else None
+        )
+        outcome = self.store.put(
+            task,
+            audit=audit_fields(task, self.runtime.policy.version),
+            detail={"expires_ms": task.expires_ms, "kind": kind},
+            notification=notification,
+        )
+        seal_now(self.runtime, task.tenant)
+        if outcome == "ended":
+            return None
+        if blocking:  # also for a copy of a task still held: Celery marked it STARTED
             meta = {
                 "reason": decision.reason,
                 "tenant": context.tenant,
@@ -140,24 +155,13 @@ class Holding:
                 "run": context.run,
                 "requested_by": context.user,
                 "action": action.name,
-                "call": task.action.get("input", task.kwargs),
+                # Read by anyone who can read results: secret-named values redacted.
+                "call": redact(task.action.get("input", task.kwargs)),
                 "expires_ms": task.expires_ms,
                 "govctl": f"govctl held approve {task.task_id} --key PATH",
                 "kind": kind,
             }
             self.app.backend.store_result(task.task_id, meta, "HELD")
-        notification = (
-            {"body": notification_body(task, tenant), "notifiers": len(tenant.notify)}
-            if tenant is not None and tenant.notify
-            else None
-        )
-        self.store.put(
-            task,
-            audit=audit_fields(task, self.runtime.policy.version),
-            detail={"expires_ms": task.expires_ms, "kind": kind},
-            notification=notification,
-        )
-        seal_now(self.runtime, task.tenant)
         if blocking:
             send_held_event(self.app, task, tenant, received=now_ms / 1000 if at_publish else None)
         return task

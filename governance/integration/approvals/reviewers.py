@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from governance.integration.approvals.gate import COST_ALERT, grant_verdict
+from governance.integration.approvals.held_call import HeldCall, HeldRecordTampered, held_call
 from governance.integration.approvals.holding import audit_fields, seal_now, send_held_event
 from governance.integration.errors import ApprovalRefused, ApprovalRejected
 from governance.integration.events import send_app_event
@@ -32,6 +33,7 @@ from governance.integration.messages import Envelope
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.signing import (
     DecisionPayload,
+    check_release,
     grant_until_ms,
     new_nonce,
     reviewer_of,
@@ -39,6 +41,7 @@ from governance.policy.signing import (
     verified,
 )
 from governance.policy.tenant import TenantPolicy
+from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.held import HeldStatus, HeldStore, HeldTask
 from governance.store.usage import stop_run_at_cost_alert
 
@@ -57,11 +60,6 @@ class ApprovalOutcome:
     quorum: int
     grant_id: str | None = None
     grant_until_ms: int | None = None
-
-
-def held_message(task: HeldTask) -> Envelope:
-    """The held message, to publish it once released (with its chain and options)."""
-    return Envelope.from_dict(task.envelope)
 
 
 class Reviewers:
@@ -86,6 +84,72 @@ class Reviewers:
             raise ApprovalRefused(f"unknown held task {task_id!r}")
         return task
 
+    def find_call(self, task_id: str) -> HeldCall:
+        """The held task ``task_id`` as its message says it (what is shown, signed and
+        released); a record edited in Redis is refused and audited."""
+        return self._call_of(self.find(task_id))
+
+    def _call_of(self, task: HeldTask) -> HeldCall:
+        try:
+            return held_call(task, self.app)
+        except HeldRecordTampered as exc:
+            self.runtime.audit(
+                AuditEvent(
+                    type=AuditEventType.HELD_TAMPERED,
+                    tenant=task.tenant,
+                    agent=task.agent,
+                    run=task.run,
+                    task_id=task.task_id,
+                    action=task.action_name,
+                    decision="deny",
+                    reason=str(exc),
+                )
+            )
+            raise
+
+    def reveal(self, task_id: str, by: str) -> HeldCall:
+        """The held call, its secret-named values to be shown in full: audited as revealed by
+        ``by`` (the operator), before anything is shown."""
+        found = self.find_call(task_id)
+        task = found.task
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.SECRET_REVEALED,
+                tenant=task.tenant,
+                agent=task.agent,
+                run=task.run,
+                task_id=task.task_id,
+                action=task.action_name,
+                decision="allow",
+                reason=f"the held call's secret-named values were shown to {by}",
+                reviewer=by,
+            )
+        )
+        seal_now(self.runtime, task.tenant)
+        return found
+
+    def verified_approvals(
+        self, found: HeldCall, approvals: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, ...]:
+        """The reviewers whose signed approvals of this exact call verify against the policy's
+        keys (never keys from Redis), one per key: what counts toward the quorum."""
+        tenant = self._tenant(found.task.tenant)
+        checked = check_release(
+            approvals,
+            reviewers=tenant.reviewers,
+            quorum=tenant.approval.quorum,
+            allow_self_approval=tenant.approval.allow_self_approval,
+            task_id=found.task.task_id,
+            call=found.call,
+            requester=found.context.user,
+            now_ms=int(time.time() * 1000),
+            valid_for=tenant.approval.valid_for,
+            collect_for=tenant.approval.expiry,
+            kind=found.task.kind,
+            tenant=tenant.name,
+        )
+        return checked.reviewers
+
     def reviewer_for(self, task: HeldTask, key: Ed25519PrivateKey) -> str:
         """The reviewer a key belongs to, for this task's tenant; refused if it is not listed."""
         tenant = self._tenant(task.tenant)
@@ -108,7 +172,7 @@ class Reviewers:
 
     def _signed(
         self,
-        task: HeldTask,
+        found: HeldCall,
         key: Ed25519PrivateKey,
         reviewer: str,
         verdict: str,
@@ -116,12 +180,13 @@ class Reviewers:
         grant_s: int | None,
         alert_to_micro: int | None = None,
     ) -> dict[str, Any]:
+        task = found.task
         payload = DecisionPayload(
             task_id=task.task_id,
-            tenant=task.tenant,
-            agent=task.agent,
+            tenant=found.context.tenant,
+            agent=found.context.agent,
             action=task.action_name,
-            call=task.call,
+            call=found.call,
             verdict="approve" if verdict == "approve" else "reject",
             reviewer=reviewer,
             reason=reason,
@@ -131,7 +196,7 @@ class Reviewers:
             at_ms=int(time.time() * 1000),
             kind=task.kind,
             alert_to_micro=alert_to_micro,
-            requester=task.user,
+            requester=found.context.user or "",
         )
         return sign(key, payload)
 
@@ -192,6 +257,7 @@ class Reviewers:
             task = self.find(task_id)
             reviewer = self.reviewer_for(task, key)
             self._check_open(task, "approve")
+            found = self._call_of(task)
             tenant = self._tenant(task.tenant)
             if task.user == reviewer and not tenant.approval.allow_self_approval:
                 raise ApprovalRefused(
@@ -209,12 +275,17 @@ class Reviewers:
                 )
             grant_s = int(grant_for.total_seconds()) if grant_for else None
             alert_to = None if alert_to_usd is None else round(alert_to_usd * 1_000_000)
-            signed = self._signed(task, key, reviewer, "approve", reason, grant_s, alert_to)
-            approvals: list[Mapping[str, Any]] = [*task.signed_approvals(), signed]
+            signed = self._signed(found, key, reviewer, "approve", reason, grant_s, alert_to)
+            stored = task.signed_approvals()
+            approvals: list[Mapping[str, Any]] = [*stored, signed]
             quorum = tenant.approval.quorum
+            counted = self.verified_approvals(found, approvals)
+            if len(counted) < len(approvals):
+                self._forged_approvals(found, approvals, counted)
+                approvals = [a for a in approvals if _reviewer(a) in counted]
             release = grant = None
-            if len(approvals) >= quorum:
-                message = held_message(task)
+            if len(counted) >= quorum:
+                message = found.envelope
                 # A call held at its cost alert still carries its tier's release, if it had one.
                 carried = json.loads(str(message.headers.get(APPROVALS) or "[]"))
                 release = message.with_headers(
@@ -231,7 +302,7 @@ class Reviewers:
                 reason=reason,
                 quorum=quorum,
                 signed=signed,
-                seen=len(approvals),
+                seen=len(stored) + 1,
                 release=release.to_json() if release else None,
                 grant=grant,
                 audit=audit_fields(task, self.runtime.policy.version, reviewer),
@@ -251,12 +322,38 @@ class Reviewers:
                 updated,
                 decided.outcome,
                 reviewer,
-                decided.approvals,
+                len(counted),
                 quorum,
                 grant["id"] if grant and released else None,
                 int(grant["until_ms"]) if grant and released else None,
             )
         raise ApprovalRefused(f"task {task_id} kept changing while approving it: try again")
+
+    def _forged_approvals(
+        self,
+        found: HeldCall,
+        approvals: Sequence[Mapping[str, Any]],
+        counted: Sequence[str],
+    ) -> None:
+        """Approvals in the held record that do not verify (written into Redis by someone):
+        not counted, and audited."""
+        task = found.task
+        forged = [a for a in approvals if _reviewer(a) not in counted]
+        names = ", ".join(sorted({_reviewer(a) or "?" for a in forged}))
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.FORGED_RELEASE,
+                tenant=task.tenant,
+                agent=task.agent,
+                run=task.run,
+                task_id=task.task_id,
+                action=task.action_name,
+                decision="hold",
+                reason=f"{len(forged)} approval(s) in the held record do not verify ({names}): "
+                "not counted",
+            )
+        )
+        log.warning("held task %s: %d approval(s) do not verify", task.task_id, len(forged))
 
     def _grant(
         self, task: HeldTask, tenant: TenantPolicy, approvals: list[Mapping[str, Any]]
@@ -294,7 +391,7 @@ class Reviewers:
         task = self.find(task_id)
         reviewer = self.reviewer_for(task, key)
         self._check_open(task, "reject")
-        signed = self._signed(task, key, reviewer, "reject", reason, None)
+        signed = self._signed(self._call_of(task), key, reviewer, "reject", reason, None)
         decided = self.store.decide(
             task,
             verdict="reject",
@@ -410,3 +507,9 @@ class Reviewers:
             reason=reason,
             reviewer=reviewer,
         )
+
+
+def _reviewer(signed: Mapping[str, Any]) -> str:
+    """The reviewer a signed decision names (unverified: only to tell decisions apart)."""
+    payload = signed.get("payload")
+    return str(payload.get("reviewer", "")) if isinstance(payload, Mapping) else ""

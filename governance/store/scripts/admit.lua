@@ -90,11 +90,12 @@ local function finish_rejected(verdict, reason)
 end
 
 if attempt and tonumber(attempt) > A then return reply({s = 'stale'}) end
--- A later attempt exists only when the attempt before it settled and scheduled it (a retry):
--- a copy of a message with its attempt number raised (a replayed release, say) ends here.
-if attempt and not same and (tonumber(attempt) + 1 ~= A or settled ~= '1'
-    or where == 'done') then
-  return reply({s = 'settled'})
+-- A later attempt runs only on the marker the settlement of the attempt before it wrote when
+-- it scheduled it (`next_attempt`, see settle.lua), never on its attempt number alone: a copy
+-- of a message with its number raised (a replayed release sent as "the next retry"), or a
+-- later attempt of a task with no record, ends here.
+if not same and A > 0 and redis.call('HGET', rec, 'next_attempt') ~= tostring(A) then
+  return reply({s = 'settled', replayed = true})
 end
 if same then
   if settled == '1' or where == 'done' then

@@ -3,7 +3,9 @@
 -- brings them to the quorum moves the task held -> released (exactly one caller sees
 -- 'released'), records it in the ledger as queued with the message to publish (which carries
 -- the signed approvals), and stores the grant its approvals asked for, if any. A rejection moves
--- held -> rejected, an expiry (when due) held -> expired; both end the task in the ledger.
+-- held -> rejected, an expiry (when due) held -> expired; both end the task in the ledger. The
+-- release itself is the caller's: it sends the message to publish only when the approvals it
+-- verified reach the quorum (without it, an approval is recorded, whatever the count says).
 --
 -- Whoever writes Redis could mark a task released here: it would not run, because the worker
 -- verifies the reviewers' signatures in the message, not this state.
@@ -76,7 +78,9 @@ redis.call('HSET', KEYS[8], 'decisions', cjson.encode(decisions))
 if verdict == 'approve' then
   approvals = approvals + 1
   redis.call('HSET', KEYS[8], 'approvals', approvals)
-  if approvals < quorum then
+  -- Only the caller decides a release, from the signatures it verified against the policy's
+  -- keys: a count in Redis (which anyone who writes it can raise) never releases by itself.
+  if approvals < quorum or not text(ARGV[F.release]) then
     L.task_entry(written, now, au, AT.approved, 'hold', reason,
       {approvals = approvals, quorum = quorum, reviewer = reviewer})
     return reply('recorded', status, approvals)

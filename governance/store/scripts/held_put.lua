@@ -1,8 +1,11 @@
 -- held_put.lua: record a task that waits for reviewers (status held) or a non-blocking
 -- suggestion (status suggested), with its audit entry and its notification, in one atomic call
 -- (lib.lua is prepended). Idempotent: a task already waiting is left as it is. A task whose hold
--- already ended (released, rejected, expired) and that shows up again (a copied message, a
--- forged release) is held again, with a fresh request and no decisions, never run.
+-- already ended (released, rejected, expired) and that shows up again is held again, with a
+-- fresh request and no decisions, only while the task itself has not ended (a release that
+-- expired while it waited, a call held at its run's cost alert after its release). A task that
+-- ended (its ledger record done, or gone) is never reopened: the copy (a plain copy of the
+-- message, a replayed release) is dropped, audited as `release_replayed`.
 -- The task's ledger record follows (unless a live delivery runs the task, a copy arriving
 -- meanwhile): a held task lets go of what it held or waited for (a hand-off's slot and
 -- reservation, its place in the wait list, the start of its wait) and leaves the ledger until
@@ -21,7 +24,7 @@
 -- notification's JSON; '': none), ttl (seconds an ended ledger record is kept); then the seals
 -- and the writer's id.
 --
--- Returns JSON {outcome = created | waiting | reheld, status, au}.
+-- Returns JSON {outcome = created | waiting | reheld | ended, status, au}.
 
 local STATUSES = {held = 9, suggested = 10, released = 11, rejected = 12, expired = 13}
 L.seal(ARGV[F.seals], ARGV[F.writer])
@@ -33,8 +36,16 @@ local current = redis.call('HGET', KEYS[8], 'status')
 if current == 'held' or current == 'suggested' then
   return cjson.encode({outcome = 'waiting', status = current, au = written})
 end
+local rec = KEYS[15]
 local outcome = 'created'
 if current then
+  local where = redis.call('HGET', rec, 'where')
+  if not where or where == 'done' then
+    L.task_entry(written, now, L.template(ARGV, F.au), AT.release_replayed, 'deny',
+      'a copy of a task that ended (its hold was ' .. current .. '): dropped, never held again',
+      {status = current, record = where or 'gone'})
+    return cjson.encode({outcome = 'ended', status = current, au = written})
+  end
   outcome = 'reheld'
   redis.call('ZREM', KEYS[STATUSES[current]], id)
   redis.call('HINCRBY', KEYS[8], 'reheld', 1)
@@ -48,7 +59,6 @@ end
 redis.call('HSET', KEYS[8], 'status', status, 'requested_ms', requested_ms, 'expires_ms',
   expires_ms, 'decisions', '[]', 'approvals', 0, unpack(fields))
 redis.call('ZADD', KEYS[STATUSES[status]], requested_ms, id)
-local rec = KEYS[15]
 if status == 'held' then
   redis.call('ZADD', KEYS[14], expires_ms, id)
   if not L.running_live(rec, now) then

@@ -125,8 +125,10 @@ if not late then
   if s[F.next_msg] then
     -- The retry's delay is not idle time of the run: it ends at this settlement.
     local parked = s[F.next_parked]
+    -- `next_attempt` is the marker the next attempt is admitted on: it names the one attempt
+    -- this settlement scheduled (a copy claiming any other later attempt is dropped).
     redis.call('HSET', rec, 'settled', 1, 'since', now, 'where', parked and 'parked' or 'queued',
-      'msg', s[F.next_msg], 'paused_since', now)
+      'msg', s[F.next_msg], 'paused_since', now, 'next_attempt', s[F.attempt] + 1)
     redis.call('ZADD', L.T.ledger, parked and s[F.next_due] or s[F.next_due] + G.grace, rec)
   else
     redis.call('HSET', rec, 'settled', 1, 'since', now, 'where', 'done')
