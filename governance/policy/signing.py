@@ -314,6 +314,9 @@ class GrantCheck:
     ok: bool
     reason: str
     until_ms: int = 0
+    #: Not a genuine grant at all (its signatures are not a quorum's for this tenant, or do not
+    #: say who requested the call): someone wrote or copied it into Redis.
+    forged: bool = False
 
 
 def grant_until_ms(payloads: Sequence[DecisionPayload], max_grant: timedelta) -> int | None:
@@ -337,12 +340,17 @@ def check_grant(
     agent: str,
     action_names: Iterable[str],
     now_ms: int,
+    requested_by: str | None = None,
 ) -> GrantCheck:
     """A grant lets ``agent`` of ``tenant`` take the action without approval until it ends, if
     the quorum of the tenant's reviewers signed it: the approvals of one held call of that
     tenant, agent and action, each asking for a grant. Everything it is judged on is signed
     (the tenant, the agent, the action, who requested the call): a grant written or copied into
-    Redis by anyone else is not one, nor is a grant of another tenant."""
+    Redis by anyone else is not one, nor is a grant of another tenant.
+
+    ``requested_by`` is who asks for the call the grant would lift now: a reviewer's approval
+    never counts for their own request, so a grant that needs theirs to reach the quorum does
+    not lift it (unless the tenant allows self-approval)."""
     decisions = [d for d in grant.get("decisions") or [] if isinstance(d, Mapping)]
     first = decisions[0].get("payload", {}) if decisions else {}
     first = first if isinstance(first, Mapping) else {}
@@ -357,6 +365,7 @@ def check_grant(
             False,
             "the grant's approvals do not sign who requested the call (self-approval could "
             "not be ruled out)",
+            forged=True,
         )
     release = check_release(
         decisions,
@@ -371,7 +380,15 @@ def check_grant(
         tenant=tenant,
     )
     if not release.ok:
-        return GrantCheck(False, f"grant not signed by a quorum: {release.reason}")
+        return GrantCheck(False, f"grant not signed by a quorum: {release.reason}", forged=True)
+    if requested_by and not allow_self_approval and requested_by in release.reviewers:
+        others = len(release.reviewers) - 1
+        if others < quorum:
+            return GrantCheck(
+                False,
+                f"the grant was signed by {requested_by!r}, who requests this call (a reviewer's "
+                f"approval never counts for their own request; {others} of {quorum} left)",
+            )
     payload = release.payloads[0]
     if payload.agent != agent or payload.action not in set(action_names):
         return GrantCheck(False, "the grant is for another agent or action")

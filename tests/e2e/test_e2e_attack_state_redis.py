@@ -1,6 +1,7 @@
-"""Attacks with write access to the state Redis (what every ``govctl`` user has), against a real
-worker and ``govctl``: what reviewers see is what runs, and counts they are told are verified
-(docs/trust.md, "The state Redis").
+"""Attacks with write access to the state Redis (what every ``govctl`` user has), and with a
+reviewer's key, against a real worker and ``govctl``: what reviewers see is what runs, counts
+they are told are verified, and a grant binds to its tenant and never serves its signer's own
+request (docs/trust.md, "The state Redis" and "A reviewer's key").
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from celery import Celery
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.headers import message_call
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
@@ -23,6 +26,7 @@ from governance.store.held import HeldStatus, HeldStore
 from governance.store.keys import TenantKeys
 from tests.e2e.conftest import audit_of, types_of
 from tests.e2e.test_e2e_govctl import govctl
+from tests.govctl_runner import run_govctl_process
 from workers.api import submit_tool
 
 pytestmark = pytest.mark.timeout(120)
@@ -162,3 +166,69 @@ def test_govctl_counts_only_approvals_it_verified(
     assert "2 of 2 approvals" in released.stdout
     held.get(timeout=30)
     assert (workspace / name).read_text() == "hello"
+
+
+def granted(
+    app: Celery, runtime: GovernanceRuntime, keys: dict[str, Ed25519PrivateKey]
+) -> tuple[str, dict[str, Any]]:
+    """A genuine grant of t-held (quorum 1): alice approves dana's held write with a grant."""
+    held = held_write(app, "t-held", f"grant-{uuid.uuid4().hex[:8]}.txt", "x")
+    outcome = Reviewers(app, runtime).approve(
+        held.id, keys["alice"], "fine", grant_for=timedelta(hours=1)
+    )
+    assert outcome.grant_id is not None
+    held.get(timeout=30)
+    raw = runtime.state.client.hget(TenantKeys("t-held").grants, outcome.grant_id)
+    return outcome.grant_id, json.loads(raw)
+
+
+def write_as(app: Celery, tenant: str, user: str) -> Any:
+    ctx = ActionContext(tenant=tenant, agent="cli-agent", run="run-attack", user=user)
+    return submit_tool(app, ctx, "write_file", path=f"w-{uuid.uuid4().hex[:8]}.txt", content="y")
+
+
+def test_a_grant_copied_into_another_tenant_lifts_nothing_there(
+    app: Celery, runtime: GovernanceRuntime, keys: dict[str, Ed25519PrivateKey]
+) -> None:
+    """Attack 7: t-held and t-expiry list the same reviewer keys (quorum 1 both); t-held's
+    genuine grant, copied into t-expiry's grants, must not lift t-expiry's call."""
+    grant_id, record = granted(app, runtime, keys)
+    assert write_as(app, "t-held", "dana").get(timeout=30)["path"]  # the grant works at home
+    runtime.state.client.hset(TenantKeys("t-expiry").grants, grant_id, json.dumps(record))
+    copied = write_as(app, "t-expiry", "dana")
+    assert copied.state == "HELD"
+    entries = [
+        e.fields
+        for e in runtime.audit_log.records("t-expiry")
+        if e.fields["type"] == "forged_release"
+    ]
+    assert any("signed for tenant 't-held', not 't-expiry'" in e["reason"] for e in entries)
+
+
+def test_a_reviewers_grant_never_lifts_her_own_request(
+    app: Celery, runtime: GovernanceRuntime, keys: dict[str, Ed25519PrivateKey]
+) -> None:
+    """Attack 8: alice's grant (given on dana's request) covers the agent's action for others,
+    never for a call alice herself requests, whatever the stored record says of the requester."""
+    grant_id, record = granted(app, runtime, keys)
+    runtime.state.client.hset(
+        TenantKeys("t-held").grants, grant_id, json.dumps({**record, "requester": ""})
+    )
+    assert write_as(app, "t-held", "erin").get(timeout=30)["path"]
+    assert write_as(app, "t-held", "alice").state == "HELD"
+
+
+def test_one_key_under_two_reviewer_names_is_refused_by_the_policy_check(
+    e2e_policy: Path, tmp_path: Path
+) -> None:
+    """Attack 9: the same public key listed under two names would count twice toward a quorum
+    of 2; the policy is refused, naming both (workers refuse to start with it, and the quorum
+    counts distinct keys anyway: tests/policy/test_policy_signing.py)."""
+    text = e2e_policy.read_text()
+    alice = text.split('alice: "', 1)[1].split('"', 1)[0]
+    doubled = text.replace('reviewers: {alice: "', f'reviewers: {{alias: "{alice}", alice: "', 1)
+    path = tmp_path / "doubled.yaml"
+    path.write_text(doubled)
+    checked = run_govctl_process("policy", "check", str(path))
+    assert checked.returncode == 5
+    assert "alias and alice are listed with the same key" in checked.stderr

@@ -273,3 +273,22 @@ def test_a_release_signed_for_another_tenant_does_not_release() -> None:
     verdict = release(other, tenant="acme")
     assert not verdict.ok
     assert "signed for tenant 'globex'" in verdict.reason
+
+
+def test_a_grant_never_lifts_a_call_requested_by_a_reviewer_who_signed_it() -> None:
+    """Attack 8, whatever the record or the payload says of the original requester: alice's
+    approval never counts for alice's own request, so her grant does not lift her calls."""
+    rules = {**GRANT_RULES, "quorum": 1}
+    grant = {
+        "agent": "bot",
+        "action": "shell",
+        "requester": "dana",
+        "decisions": [decision("alice", grant_s=3600, requester="")],
+    }
+    assert check_grant(grant, tenant="acme", **rules).forged
+    honest = {**grant, "decisions": [decision("alice", grant_s=3600, requester="dana")]}
+    assert check_grant(honest, tenant="acme", requested_by="dana", **rules).ok
+    own = check_grant(honest, tenant="acme", requested_by="alice", **rules)
+    assert not own.ok
+    assert "signed by 'alice', who requests this call" in own.reason
+    assert not own.forged

@@ -34,6 +34,10 @@ log = logging.getLogger("governance.approvals")
 #: The kind of a hold at a run's cost alert (an approval-tier hold is "hold").
 COST_ALERT = "cost_alert"
 
+#: Grants this process already audited as forged (each is audited once, not on every call it
+#: fails to lift); bounded.
+_FORGED_AUDITED: set[tuple[str, str]] = set()
+
 
 def kind_of(signed: Mapping[str, Any]) -> str:
     """The kind of hold a signed decision is about (``hold`` or ``cost_alert``)."""
@@ -47,9 +51,11 @@ def grant_verdict(
     agent: str,
     action_names: Iterable[str],
     now_ms: int,
+    requested_by: str | None = None,
 ) -> GrantCheck:
     """Whether a stored grant verifies under ``tenant``'s reviewers and approval rules, was
-    signed for this tenant, and covers ``agent`` taking one of ``action_names`` now."""
+    signed for this tenant, and covers ``agent`` taking one of ``action_names`` now, for a call
+    requested by ``requested_by``."""
     return check_grant(
         grant,
         reviewers=tenant.reviewers,
@@ -60,6 +66,7 @@ def grant_verdict(
         agent=agent,
         action_names=action_names,
         now_ms=now_ms,
+        requested_by=requested_by,
     )
 
 
@@ -78,7 +85,9 @@ class ApprovalGate:
         now_ms = int(time.time() * 1000)
         names = {action.name, decision.action_class or action.name}
         for grant_id, grant in self.store.grants(ctx.tenant).items():
-            verdict = grant_verdict(grant, tenant, ctx.agent, names, now_ms)
+            verdict = grant_verdict(grant, tenant, ctx.agent, names, now_ms, ctx.user)
+            if not verdict.ok and verdict.forged:
+                self._forged_grant(ctx, grant_id, action, verdict.reason)
             if verdict.ok:
                 reason = f"{decision.reason}; allowed by grant {grant_id} ({verdict.reason})"
                 return Decision(
@@ -91,6 +100,27 @@ class ApprovalGate:
                     decision.tier_level,
                 )
         return decision
+
+    def _forged_grant(self, ctx: ActionContext, grant_id: str, action: Action, reason: str) -> None:
+        """A stored grant that does not verify (copied from another tenant, its signatures
+        not a quorum's, ...): it lifts nothing, and is audited where it was first tried."""
+        if (ctx.tenant, grant_id) in _FORGED_AUDITED:
+            return
+        if len(_FORGED_AUDITED) > 1000:
+            _FORGED_AUDITED.clear()
+        _FORGED_AUDITED.add((ctx.tenant, grant_id))
+        self.runtime.audit(
+            AuditEvent(
+                type=AuditEventType.FORGED_RELEASE,
+                tenant=ctx.tenant,
+                agent=ctx.agent,
+                run=ctx.run,
+                action=action.name,
+                decision="hold",
+                reason=f"grant {grant_id} does not verify: {reason}",
+            )
+        )
+        log.warning("tenant %s: grant %s does not verify: %s", ctx.tenant, grant_id, reason)
 
     def release(
         self,
