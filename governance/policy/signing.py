@@ -34,6 +34,12 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+#: The longest a release may stay valid (``approval.valid_for`` plus the ``expiry`` its
+#: signatures may take to collect): the ledger remembers an ended task at least this long
+#: (``store.state.KeyTTL.task_s``), so a copied release finds the task ended, never fresh.
+RELEASE_HORIZON = timedelta(days=7)
+
+
 def call_hash(
     task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any], context: Mapping[str, Any]
 ) -> str:

@@ -34,7 +34,7 @@ from governance.policy.grants import Grant
 from governance.policy.hooks import Hook, HookLoadError
 from governance.policy.long_running import DEFAULT_PRESET, PRESETS, LongRunningLimits
 from governance.policy.retry import RetryPolicy
-from governance.policy.signing import parse_public_key, shared_keys
+from governance.policy.signing import RELEASE_HORIZON, parse_public_key, shared_keys
 from governance.policy.tiers import TierSource, TierTable
 
 BUILTIN = "built-in default"
@@ -231,6 +231,15 @@ def _build(
             b.problems.append((path, str(exc)))
 
     max_wait = b.replaced("max_wait") or DEFAULT_MAX_WAIT
+    if approval.valid_for + approval.expiry > RELEASE_HORIZON:
+        b.problems.append(
+            (
+                f"{prefix}.approval.valid_for",
+                f"valid_for ({approval.valid_for}) plus expiry ({approval.expiry}) is longer than "
+                f"the {RELEASE_HORIZON.days} days the ledger remembers an ended task: a release "
+                f"copied after that could run the call again{merged_note}",
+            )
+        )
     if retry is not None:
         budget = timedelta(seconds=-(-retry.budget_ms() // 1000))  # whole seconds, up
         if approval.valid_for < max_wait + budget:

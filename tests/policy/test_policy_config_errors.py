@@ -407,3 +407,11 @@ def test_a_release_valid_for_shorter_than_the_wait_and_retries_is_an_error(
     ) in str(error)
     fixed = text.replace("valid_for: 1h", "valid_for: 3h")
     assert Policy.from_file(write(tmp_path, fixed)).tenant("acme") is not None
+
+
+def test_a_release_valid_longer_than_the_ledger_remembers_a_task_is_an_error(
+    tmp_path: Path,
+) -> None:
+    text = GOOD_YAML + "    approval: {valid_for: 7d, expiry: 1d}\n"
+    error = load_error(tmp_path, text)
+    assert "longer than the 7 days the ledger remembers an ended task" in str(error)

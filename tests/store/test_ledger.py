@@ -147,3 +147,11 @@ def test_a_parked_task_is_published_when_due(redis_client: object) -> None:
     (published,) = ledger.sweep("acme").publish
     assert published.task_id == "later"
     assert ledger.where("acme", "later")["where"] == "queued"
+
+
+def test_the_ledger_remembers_an_ended_task_as_long_as_a_release_can_be_valid() -> None:
+    """A copied release must find its task ended, never fresh (policy.signing.RELEASE_HORIZON)."""
+    from governance.policy.signing import RELEASE_HORIZON
+    from governance.store.state import KeyTTL
+
+    assert KeyTTL().task_s >= RELEASE_HORIZON.total_seconds()
