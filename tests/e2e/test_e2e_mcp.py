@@ -37,7 +37,7 @@ from governance.mcp.catalog import CANCEL_TOOL, RESULT_TOOL
 from governance.mcp.server import META_CALL_KEY, META_RUN, META_TASK_ID, META_WAIT
 from governance.mcp.tokens import TokenFile
 from tests import govctl_runner as runner
-from tests.e2e.conftest import WorkerProcess, audit_of, types_of
+from tests.e2e.conftest import WorkerProcess, audit_of, types_of, verify_audit
 from tests.e2e.observer import ObserverServer
 from tests.polling import wait_until
 
@@ -132,6 +132,10 @@ def test_stdio_agent_lists_exactly_its_tools_calls_them_and_is_denied_with_the_r
     assert seen["intern_tools"] == {"echo", *TOOLS}
     assert seen["intern_write"].is_error
     assert "interns may not touch files" in text(seen["intern_write"])
+    # the denials the servers audited at publish time are sealed with the workers' key
+    denied = audit_of(runtime, seen["intern_write"].meta[META_TASK_ID])
+    assert types_of(denied) == ["authorization_denied"]
+    assert verify_audit(runtime) == []
 
 
 def test_stdio_held_call_answers_after_two_govctl_approvals_with_progress_meanwhile(
