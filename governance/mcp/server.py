@@ -15,7 +15,8 @@ a user, and the connection's run (fixed on stdio's command line, the MCP session
   task is and how to follow it. The task goes on regardless.
 - The first progress notification names the task id; the answers carry it in ``_meta``
   (``governance/task_id``). ``governance_result`` fetches a task's result by id (waiting as a
-  call does), ``governance_cancel`` cancels it: only for the tenant and agent that called it.
+  call does; cancelling it only stops the waiting), ``governance_cancel`` cancels it: only for
+  the tenant and agent that called it.
   ``_meta["governance/call_key"]`` makes a call idempotent: the same key (same tenant and agent)
   names the same task, so a client that lost its connection calls again and follows the task it
   started instead of starting another (or asks ``governance_result`` by ``call_key``).
@@ -23,7 +24,7 @@ a user, and the connection's run (fixed on stdio's command line, the MCP session
   2026-07-28 HTTP request) revokes its task if it has not started; a started task is stopped
   only with ``cancel_running = terminate``. A server that shuts down cancels nothing.
 
-The SDK version this is built on has no MCP Tasks (``tasks/*`` are absent from its method
+The SDK (``mcp`` 2.0 to 2.3) has no MCP Tasks (``tasks/*`` are absent from its method
 tables), hence the ``governance_result`` tool.
 """
 
@@ -336,9 +337,12 @@ class GovernedMcpServer:
         task_id: str,
         wait_s: float,
         opening: str,
+        *,
+        revoke_on_cancel: bool = True,
     ) -> types.CallToolResult:
         """Wait for the task up to ``wait_s``, reporting progress; answer with its result, or
-        with where it is. A cancellation by the client revokes a task that has not started."""
+        with where it is. The client cancelling a call (``revoke_on_cancel``; not a
+        ``governance_result``, which only stops waiting) revokes a task that has not started."""
         step = 0
 
         async def report(message: str) -> None:
@@ -358,9 +362,11 @@ class GovernedMcpServer:
             while True:
                 try:
                     view = await anyio.to_thread.run_sync(self.gateway.view, tenant, task_id)
-                except StoreUnavailable as exc:
+                except Exception as exc:  # an outage: say so, and look again
+                    log.warning("task %s: cannot read where it is: %s", task_id, exc)
+                    problem = "state store" if isinstance(exc, StoreUnavailable) else "results"
                     view = TaskView(
-                        task_id, view.state, view.where, f"state store unavailable: {exc}"
+                        task_id, view.state, view.where, f"{problem} unavailable, retrying: {exc}"
                     )
                 if view.done:
                     return done_answer(view)
@@ -373,7 +379,7 @@ class GovernedMcpServer:
                 await anyio.sleep(min(delay, remaining))
                 delay = min(delay * 1.5, self.settings.poll_s)
         except anyio.get_cancelled_exc_class():
-            if self._cancelled_by_client(ctx):
+            if revoke_on_cancel and self._cancelled_by_client(ctx):
                 with anyio.CancelScope(shield=True):
                     await self._revoke_on_cancel(tenant, task_id)
             raise
@@ -413,6 +419,10 @@ class GovernedMcpServer:
             task_id = call_key_task_id(caller.tenant, caller.agent, key)
         if not isinstance(task_id, str) or not task_id:
             raise ValueError("give the task_id (or the call_key) of the call")
+        try:
+            validate_identifier(task_id)
+        except ValueError as exc:
+            raise ValueError(f"task_id: {exc}") from None
         owner = await anyio.to_thread.run_sync(self.gateway.owner, caller.tenant, task_id)
         if owner != (caller.tenant, caller.agent):
             # The same answer whether it does not exist or belongs to someone else.
@@ -429,7 +439,9 @@ class GovernedMcpServer:
             wait_s = self._wait_s(arguments.get("wait_s"))
         except ValueError as exc:
             return tool_error(str(exc))
-        return await self._follow(ctx, caller.tenant, task_id, wait_s, "following")
+        return await self._follow(
+            ctx, caller.tenant, task_id, wait_s, "following", revoke_on_cancel=False
+        )
 
     async def _cancel(self, caller: Caller, arguments: Mapping[str, Any]) -> types.CallToolResult:
         try:

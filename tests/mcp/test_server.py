@@ -258,3 +258,20 @@ def test_cancel_running_terminate_is_passed_on(
 
     run(scenario)
     assert [terminate for _, terminate in gateway.cancelled] == [True]
+
+
+def test_cancelling_a_fetch_only_stops_waiting(
+    make_server: ServerFactory, gateway: FakeGateway
+) -> None:
+    async def scenario() -> Any:
+        async with Client(make_server().server, mode="legacy") as client:
+            pending = await client.call_tool("shell", {"command": ["ls"]}, meta={META_WAIT: 0})
+            with anyio.move_on_after(0.3):
+                await client.call_tool(RESULT_TOOL, {"task_id": pending.meta[META_TASK_ID]})
+            await anyio.sleep(0.2)
+            return await client.call_tool(RESULT_TOOL, {"task_id": "no{such}id"})
+
+    bad = run(scenario)
+    assert gateway.cancelled == []
+    assert bad.is_error
+    assert "task_id: may only contain" in text(bad)
