@@ -284,6 +284,7 @@ def serve(
     """
     if transport not in ("stdio", "http"):
         raise typer.BadParameter("stdio or http", param_hint="--transport")
+    _require_sdk()
     if cancel_running not in (None, "leave", "terminate"):
         raise typer.BadParameter("leave or terminate", param_hint="--cancel-running")
     settings = _mcp_settings(
@@ -303,6 +304,17 @@ def serve(
                     "http: each request's token names its tenant and agent", param_hint=option
                 )
         _serve_http(settings, as_json)
+
+
+def _require_sdk() -> None:
+    """Serving needs the MCP SDK, an optional dependency: say how to install it."""
+    try:
+        import mcp  # noqa: F401
+    except ImportError:
+        raise CliError(
+            "govctl mcp serve needs the MCP SDK: pip install 'celery-governance[mcp]'",
+            ExitCode.INVALID_CONFIG,
+        ) from None
 
 
 def _deployment() -> tuple[Any, Any]:

@@ -5,6 +5,7 @@ shows what an agent would list; ``serve`` refuses what cannot work; and ``govctl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,27 @@ def test_help_imports_neither_the_sdk_nor_celery_nor_redis(tmp_path: Path) -> No
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_without_the_sdk_says_how_to_install_it(env: dict[str, str]) -> None:
+    probe = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'mcp':\n"
+        "            raise ImportError('not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from governance.cli.main import main\n"
+        "main(['mcp', 'serve', '-t', 'acme', '-a', 'planner'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert result.returncode == 5
+    assert "pip install 'celery-governance[mcp]'" in result.stderr
