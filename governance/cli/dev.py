@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,15 +29,6 @@ app = typer.Typer(help="Development helpers: a local Redis for the project.", no
 
 DEFAULT_DIR = Path(".govredis")
 DEFAULT_PORT = 6379
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _audit_key(folder: Path) -> str:
@@ -95,9 +85,15 @@ def redis(
     """Run the bundled Redis in the foreground (AOF on, data in --dir) until Ctrl-C, and print
     the settings to use it as one `export` line (`--json`: one JSON object)."""
     from governance.embedded import EmbeddedRedis
-    from governance.embedded.redis_server import RedisBinaryNotFound, RedisStartError
+    from governance.embedded.redis_server import (
+        RedisBinaryNotFound,
+        RedisStartError,
+        port_is_free,
+    )
 
-    if port and not _port_free(port):
+    # Whether something listens there: the connections of a Redis stopped a moment ago
+    # (TIME_WAIT) do not count, so `make redis` starts again at once after a Ctrl-C.
+    if port and not port_is_free(port):
         raise CliError(
             f"port {port} on 127.0.0.1 is in use (another Redis?): pass --port N, or --port 0 "
             "for any free port",

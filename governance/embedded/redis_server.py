@@ -33,6 +33,7 @@ __all__ = [
     "RedisBinaryNotFound",
     "RedisStartError",
     "find_redis_binaries",
+    "port_is_free",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -153,10 +154,21 @@ def find_redis_binaries() -> RedisBinaries:
     )
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server could listen on ``host:port`` now.
+
+    The bind is tried with ``SO_REUSEADDR``, as Redis binds its own listening socket: the
+    connections a server just closed (``TIME_WAIT``, about a minute after a Ctrl-C) do not make
+    its port busy, only a socket bound to it does. And a port something answers on is busy.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        if probe.connect_ex((host, port)) == 0:
+            return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((LOOPBACK, port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
@@ -171,7 +183,7 @@ def _pick_free_port(*, with_cluster_bus: bool) -> int:
         if not with_cluster_bus:
             return port
         bus_port = port + CLUSTER_BUS_PORT_OFFSET
-        if bus_port <= _MAX_PORT and _port_is_free(bus_port):
+        if bus_port <= _MAX_PORT and port_is_free(bus_port):
             return port
     raise RedisStartError("could not find a free loopback port (with a free cluster-bus port)")
 

@@ -8,8 +8,10 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import redis
@@ -17,12 +19,12 @@ import redis
 from tests.cli.conftest import ROOT
 
 
-def start(data_dir: Path, *args: str) -> subprocess.Popen[str]:
+def start(data_dir: Path, *args: str, port: int = 0) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env["COLUMNS"] = "40"  # narrower than the export line: it must not wrap
     return subprocess.Popen(
         [sys.executable, "-m", "governance.cli.main", "dev", "redis", "--dir", str(data_dir),
-         "--port", "0", *args],
+         "--port", str(port), *args],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -106,3 +108,47 @@ def test_dev_redis_json_and_a_busy_port(tmp_path: Path) -> None:
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr
+
+
+def _time_wait_on(port: int) -> bool:
+    """Whether a TCP connection of local port ``port`` is in TIME_WAIT (``/proc/net/tcp``)."""
+    hex_port = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(row.split()[1].endswith(hex_port) and row.split()[3] == "06" for row in rows):
+            return True
+    return False
+
+
+def test_dev_redis_starts_again_at_once_after_ctrl_c_on_its_port(tmp_path: Path) -> None:
+    """Clients connected when Redis stops leave its port's connections in TIME_WAIT for about a
+    minute: nothing listens there, so the same command starts again at once (``make redis``
+    after a Ctrl-C), instead of calling the port busy."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    data_dir = tmp_path / "govredis"
+    first = start(data_dir, port=port)
+    try:
+        url = exports_of(first)["GOVERNANCE_STATE_REDIS_URL"]
+        clients = [redis.Redis.from_url(url) for _ in range(3)]
+        for client in clients:
+            client.ping()
+    finally:
+        code, stderr = stop(first)
+    assert code == 0, stderr
+    for client in clients:
+        client.close()
+    if not _time_wait_on(port):  # the kernel may not show it; the restart is checked anyway
+        time.sleep(0.1)
+    started = time.monotonic()
+    again = start(data_dir, port=port)
+    try:
+        assert exports_of(again)["GOVERNANCE_STATE_REDIS_URL"] == url
+    finally:
+        code, stderr = stop(again)
+    assert code == 0, stderr
+    assert time.monotonic() - started < 20
