@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -39,15 +40,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def exporter(redis_url: str, redis_client: redis.Redis) -> Iterator[str]:
+@contextlib.contextmanager
+def _exporter(state_url: str) -> Iterator[str]:
+    """``python -m governance.metrics`` on a free port, reading ``state_url``; its URL."""
     port = _free_port()
     env = {
         **os.environ,
-        "GOVERNANCE_STATE_REDIS_URL": redis_url,
-        "GOVERNANCE_BROKER_URL": redis_url,
+        "GOVERNANCE_STATE_REDIS_URL": state_url,
+        "GOVERNANCE_BROKER_URL": state_url,
         "GOVERNANCE_CONFIG_PATH": "config/governance.yaml",
         "GOVERNANCE_AUDIT_KEY": AUDIT_KEY,
+        "GOVERNANCE_STATE_TIMEOUT_S": "0.5",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "governance.metrics", "--port", str(port), "--address", "127.0.0.1"],
@@ -59,7 +62,7 @@ def exporter(redis_url: str, redis_client: redis.Redis) -> Iterator[str]:
     deadline = time.monotonic() + 20
     while True:
         try:
-            httpx.get(url, timeout=1)
+            httpx.get(url, timeout=5)
             break
         except httpx.TransportError:
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
@@ -72,6 +75,12 @@ def exporter(redis_url: str, redis_client: redis.Redis) -> Iterator[str]:
         process.wait(10)
         if process.stdout:
             process.stdout.close()
+
+
+@pytest.fixture
+def exporter(redis_url: str, redis_client: redis.Redis) -> Iterator[str]:
+    with _exporter(redis_url) as url:
+        yield url
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -155,6 +164,7 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
     assert running.admitted
 
     m = _scrape(exporter)
+    assert m[("governance_up", ())] == 1
     assert m[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 3
     assert m[("governance_decisions_total", (("outcome", "deny"), ("tenant", "acme")))] == 1
     assert m[("governance_decisions_total", (("outcome", "hold"), ("tenant", "acme")))] == 2
@@ -190,3 +200,19 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
     assert again[("governance_decisions_total", (("outcome", "hold"), ("tenant", "acme")))] == 3
     assert again[("governance_decisions_total", (("outcome", "allow"), ("tenant", "acme")))] == 3
     assert store.count("acme", HeldStatus.HELD) == 2
+
+
+def test_an_outage_of_the_state_redis_is_a_gauge_not_an_error() -> None:
+    """The state Redis does not answer: every scrape still answers 200, with ``governance_up``
+    0 (an exporter keeps answering, so an alert can say why), and no gauge read from it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = int(sock.getsockname()[1])  # nothing listens there once the socket is closed
+    with _exporter(f"redis://127.0.0.1:{closed}/1") as url:
+        for _ in range(3):
+            response = httpx.get(url, timeout=10)
+            assert response.status_code == 200, response.text
+            families = {f.name: f for f in text_string_to_metric_families(response.text)}
+            assert [s.value for s in families["governance_up"].samples] == [0]
+            assert "governance_held_tasks" not in families
+            assert "governance_decisions" in families  # the counters, as far as they got

@@ -6,6 +6,7 @@ Reads the same ``GOVERNANCE_*`` settings as the workers (state Redis, policy fil
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         "firewall or in a container network)",
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     settings = GovernanceSettings()
     try:
         policy = Policy.from_file(settings.config_path)

@@ -13,6 +13,7 @@ named in it. Every metric is listed in :data:`METRICS` (and in the README).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,9 +26,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 
 from governance.policy.engine import Policy
 from governance.store.audit import AuditLog
+from governance.store.errors import StoreUnavailable
 from governance.store.held import STATUS_ORDER, HeldStore
 from governance.store.keys import DEPLOYMENT_CHAIN, Period
 from governance.store.ledger import Ledger
@@ -35,10 +38,14 @@ from governance.store.limits import budget_checks
 from governance.store.state import StateStore
 from governance.store.usage import read_usage
 
+log = logging.getLogger("governance.metrics")
+
 OTHER = "other"
 
 #: Every metric this collector serves, with its help text (the README lists the same).
 METRICS = {
+    "governance_up": "Whether the state Redis answered this scrape (1) or not (0: the gauges "
+    "read from it are left out, the counters keep their last values).",
     "governance_decisions_total": "Authorization and admission decisions, by tenant and outcome.",
     "governance_waits_total": "Attempts that had to wait (first wait only), by tenant and limit.",
     "governance_audit_events_total": "Audit entries written, by event type.",
@@ -150,10 +157,34 @@ class GovernanceCollector(Collector):
             self._latency.observe("", float(detail["admit_ms"]) / 1000)
 
     def collect(self) -> Iterator[Metric]:
+        """Every metric; while the state Redis does not answer, ``governance_up`` is 0 and the
+        gauges read from it are left out, so a scrape still succeeds (and alerts can say why)."""
         with self._lock:
-            self._read_audit()
-            yield from self._counters()
-            yield from self._gauges()
+            try:
+                self._read_audit()
+                gauges = list(self._gauges())
+            except (StoreUnavailable, RedisError, OSError) as exc:
+                gauges = []
+                self._note_down(exc)
+            else:
+                self._note_up()
+            up = GaugeMetricFamily("governance_up", METRICS["governance_up"])
+            up.add_metric([], 0.0 if self._down else 1.0)
+            metrics = [up, *self._counters(), *gauges]
+        yield from metrics
+
+    _down = False
+
+    def _note_down(self, exc: BaseException) -> None:
+        """Log an outage once when it starts (not at every scrape)."""
+        if not self._down:
+            log.warning("the state Redis does not answer (%s): governance_up is 0", exc)
+        self._down = True
+
+    def _note_up(self) -> None:
+        if self._down:
+            log.warning("the state Redis answers again: governance_up is 1")
+        self._down = False
 
     def _counters(self) -> Iterator[Metric]:
         decisions = CounterMetricFamily(
