@@ -14,6 +14,7 @@ from typing import Any
 from celery import signals
 
 from governance.integration.runtime import installed_on, runtime_for
+from governance.integration.store_health import install_outage_log
 from governance.integration.worker import overlap, revoked
 from governance.integration.worker.maintenance import MaintenanceThread
 
@@ -45,6 +46,12 @@ def connect(app: Any) -> None:
         if runtime is not None:
             runtime.flush_owed_seals()
 
+    def quiet_outages(logger: Any = None, **_: Any) -> None:
+        # An outage of the state store is logged once when it starts, then at most every 30 s
+        # (see store_health), not by every thread at each of its rounds.
+        install_outage_log(logger)
+
+    signals.after_setup_logger.connect(quiet_outages, weak=False)
     signals.worker_ready.connect(start_pump, weak=False)
     signals.worker_shutdown.connect(stop_pump, weak=False)
     # A pool process that exits (recycled, or the worker's warm shutdown) seals its last entries.
