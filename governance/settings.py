@@ -159,6 +159,32 @@ class GovernanceSettings(BaseSettings):
     audit_checkpoint_s: float = Field(
         60.0, gt=0, description="How often the maintenance leader signs where each chain ends."
     )
+    audit_adopt_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often the maintenance leader seals (adopts) audit entries left "
+        "unsealed past the seal grace by a killed writer, and looks for a chain that ends "
+        "before an entry it saw (cut back). `govctl audit verify` reports an unsealed entry once "
+        "it is older than the grace plus this (or the leader lock's lapse, if longer).",
+    )
+    audit_anchors: str = Field(
+        "audit-anchors.txt",
+        min_length=1,
+        description="Where the maintenance leader appends each signed checkpoint (the anchors, "
+        "outside Redis), with GOVERNANCE_AUDIT_ANCHOR_KEY_FILE: a file on its host, or several "
+        "separated by ':' (e.g. a path every host shares); relative paths are from the worker's "
+        "directory. `govctl audit verify --anchors` reads them.",
+    )
+    audit_anchor_key_file: Path | None = Field(
+        None,
+        description="The workers' Ed25519 private key (a PEM file, as `govctl reviewers keygen` "
+        "writes) that signs the anchors; without it the leader does not anchor.",
+    )
+    audit_anchor_public_key: str | None = Field(
+        None,
+        description="The anchor key's public half (`ed25519:<base64>`), with which `govctl "
+        "audit verify --anchors` checks the anchors.",
+    )
     held_sweep_s: float = Field(
         5.0,
         gt=0,

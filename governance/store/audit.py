@@ -86,16 +86,28 @@ class AuditEntry:
 
     @property
     def seq(self) -> int:
-        return int(self.fields.get("seq", "0"))
+        """The entry's sequence number (0 when it has none: see :attr:`valid_seq`)."""
+        return self.valid_seq or 0
+
+    @property
+    def valid_seq(self) -> int | None:
+        """The entry's sequence number, or None when it has no valid one (a positive decimal
+        integer, as the scripts write it): an entry without one was not written by them."""
+        raw = self.fields.get("seq", "")
+        if not raw.isascii() or not raw.isdigit() or raw.startswith("0"):
+            return None
+        return int(raw)
 
     @property
     def ts_ms(self) -> int:
-        return int(self.fields.get("ts", "0"))
+        raw = self.fields.get("ts", "")
+        return int(raw) if raw.isascii() and raw.isdigit() else 0
 
     @property
     def written_ms(self) -> int:
         """When Redis wrote the entry: its stream id's time, which no field edit can move
-        (``ts`` is a field, and anyone who can write Redis can set it)."""
+        (``ts`` is a field, and anyone who can write Redis can set it). An id chosen by hand
+        (``XADD`` with an explicit id) may lie ahead of time: ``verify`` names one."""
         return int(self.id.split("-", 1)[0])
 
     @property
@@ -218,6 +230,26 @@ class AuditLog:
             newest += [e for e in entries if not e.is_seal][:count]
         newest.sort(key=lambda e: (e.ts_ms, e.chain, e.seq))
         return newest[-count:]
+
+    def first_id(self, chain: str) -> str | None:
+        """The stream id of the chain's oldest entry (seals included), None if it is empty."""
+        key = TenantKeys(chain).audit
+
+        def read() -> list[tuple[bytes, dict[bytes, bytes]]]:
+            return list(self._state.client.xrange(key, count=1))
+
+        page = self._state.run("audit read", read)
+        return _text(page[0][0]) if page else None
+
+    def entry(self, chain: str, entry_id: str) -> AuditEntry | None:
+        """The entry ``entry_id`` of ``chain``, if it is there."""
+        key = TenantKeys(chain).audit
+
+        def read() -> list[tuple[bytes, dict[bytes, bytes]]]:
+            return list(self._state.client.xrange(key, min=entry_id, max=entry_id, count=1))
+
+        page = self._state.run("audit read", read)
+        return _entry(chain, page[0][0], page[0][1]) if page else None
 
     def head_seq(self, chain: str) -> int:
         """The sequence number of the newest entry the chain's counter says was written."""

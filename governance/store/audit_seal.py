@@ -9,6 +9,12 @@ call to the same chain, as one ``seal`` entry for a batch of entries. A backgrou
 the seals of a chain that gets no next call soon. A writer killed before sealing leaves its last
 entries unsealed: the maintenance leader adopts them after a grace period (sealing what it reads,
 which it records).
+
+Each process also remembers, per chain, the newest entry it wrote (its ``seq`` and stream id). A
+later entry given a ``seq`` no higher than that means the chain's counter went back: entries
+were cut and the counter reset (or the state Redis lost writes). It logs an error, where whoever
+writes Redis cannot reach; the maintenance leader, which watches every chain, also records it in
+the chain (see :mod:`audit_verify`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import socket
 import threading
@@ -33,6 +40,23 @@ if TYPE_CHECKING:
     from governance.store.state import StateStore
 
 SEAL_VERSION = "v1"
+
+log = logging.getLogger("governance.audit")
+
+
+def key_id(key: bytes) -> str:
+    """A public name of an audit key (16 hex digits of an HMAC under it): it tells whether two
+    parties use the same key without revealing it (anchors carry it; see :mod:`audit_anchor`)."""
+    return hmac.new(key, b"governance audit key id v1", hashlib.sha256).hexdigest()[:16]
+
+
+def id_order(entry_id: str) -> tuple[int, int]:
+    """A stream id as a pair of numbers, to compare two ids ("1700000000000-3")."""
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
 
 
 def canonical_fields(fields: Mapping[str, str]) -> str:
@@ -85,6 +109,8 @@ class AuditSealer:
         self._key = key
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        #: Per chain, the newest entry this process wrote: (its stream id as numbers, its seq).
+        self._newest: dict[str, tuple[tuple[int, int], int]] = {}
         self._pid = os.getpid()
         self._writer = self._new_writer_id()
 
@@ -97,6 +123,7 @@ class AuditSealer:
         if os.getpid() != self._pid:
             self._pid = os.getpid()
             self._pending = {}
+            self._newest = {}
             self._writer = self._new_writer_id()
 
     @property
@@ -146,7 +173,38 @@ class AuditSealer:
             self._check_fork()
             pending = self._pending.setdefault(chain, _Pending([], time.monotonic()))
             pending.entries.extend(entries)
+            went_back = [self._went_back(chain, entry_id, f) for entry_id, f in entries]
+        for problem in went_back:
+            if problem:
+                log.error("%s", problem)
         return entries
+
+    def _went_back(self, chain: str, entry_id: str, fields: Mapping[str, str]) -> str:
+        """Whether the chain's counter went back since this process's newest entry: a problem
+        to log, or "". Replies may be read out of order (several threads), so the newest entry
+        is the one with the highest stream id, and the sign of both differences must agree."""
+        try:
+            seq = int(fields["seq"])
+        except (KeyError, ValueError):
+            return ""
+        order = id_order(entry_id)
+        newest = self._newest.get(chain)
+        if newest is None or order > newest[0]:
+            self._newest[chain] = (order, seq)
+        if newest is None or order == newest[0]:
+            return ""
+        newest_order, newest_seq = newest
+        if (order > newest_order and seq > newest_seq) or (
+            order < newest_order and seq < newest_seq
+        ):
+            return ""
+        earlier, later = sorted([(newest_order, newest_seq), (order, seq)])
+        return (
+            f"audit chain {chain!r}: this process wrote seq {earlier[1]} (entry "
+            f"{earlier[0][0]}-{earlier[0][1]}), then was given seq {later[1]} (entry "
+            f"{later[0][0]}-{later[0][1]}): the chain's counter went back (entries cut and the "
+            "counter reset, or the state Redis lost writes)"
+        )
 
     def owes(self, chain: str) -> bool:
         """Whether this process owes ``chain`` any seals."""

@@ -66,3 +66,6 @@ class AuditEventType(StrEnum):
     NOTIFY_FAILED = "notify_failed"
     POLICY_RELOADED = "policy_reloaded"  # a worker enforces a changed policy file
     POLICY_INVALID = "policy_invalid"  # a worker found the changed file invalid: nothing changed
+    #: The maintenance leader found the chain ending before an entry it had seen (entries cut and
+    #: the counter reset, or lost by the state Redis): ``govctl audit verify`` reports it.
+    AUDIT_ROLLED_BACK = "audit_rolled_back"

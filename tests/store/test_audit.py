@@ -398,3 +398,196 @@ def test_seals_taken_together_are_those_of_each_entry_as_written() -> None:
         [2, seal_mac(KEY, "acme", "1-1", {"seq": "2", "ts": "6", "type": "task_finished"})],
     ]
     assert sealer.take("acme") == "[]"  # taken once
+
+
+# -- no blind spots ---------------------------------------------------------------------------
+
+
+def _rebuild(client: redis.Redis, rows: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    """The stream rebuilt by hand from ``rows`` (id, fields): how anyone who can write Redis
+    edits a stream (it is append-only)."""
+    client.delete(STREAM)
+    for entry_id, fields in rows:
+        client.xadd(STREAM, fields, id=entry_id)
+
+
+def test_an_entry_without_a_seq_is_named_at_once(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 2)
+    for seq in (None, b"", b"01", b"x", b"-3"):
+        fields = {b"type": b"approved", b"tenant": b"acme", b"reviewer": b"alice"}
+        if seq is not None:
+            fields[b"seq"] = seq
+        forged = redis_client.xadd(STREAM, fields)
+        report = _verify(state)  # no grace for it: the scripts number every entry
+        assert report.broken_entry == forged.decode(), seq
+        assert "has no valid sequence number" in report.reason
+        assert "inserted" in report.reason
+        redis_client.xdel(STREAM, forged)
+    assert _verify(state).ok
+    # The leader never seals one.
+    redis_client.xadd(STREAM, {b"type": b"approved", b"tenant": b"acme"})
+    time.sleep(0.01)
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] == 0
+
+
+def test_an_entry_above_the_counter_is_named_once_older_than_the_grace(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 2)
+    forged = redis_client.xadd(STREAM, {b"seq": b"9", b"type": b"approved", b"tenant": b"acme"})
+    # Young, it may be an entry appended since the counter was read: not judged yet.
+    assert _verify(state).ok
+    time.sleep(0.02)
+    report = _verify(state, seal_grace_ms=10)
+    assert report.broken_entry == forged.decode()
+    assert "above the chain's counter (2)" in report.reason
+    # Nor is it adopted: no script wrote it.
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] == 0
+
+
+def test_an_entry_rewritten_under_a_future_id_is_named_and_never_pending(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 3)
+    rows = redis_client.xrange(STREAM)
+    last_id, last = _records(redis_client)[-1]
+    # The newest entry edited, put back under an id a year ahead, its seal left out: it would
+    # pass for "just written" for a year.
+    kept = [(i, f) for i, f in rows if i < last_id]
+    future = f"{int(time.time() * 1000) + 365 * 86_400_000}-0"
+    _rebuild(redis_client, [*kept, (future.encode(), {**last, b"reviewer": b"mallory"})])
+    report = _verify(state, seal_grace_ms=60_000, adoption_ms=60_000)
+    assert report.pending == 0
+    assert report.broken_entry == future
+    assert "ahead of the time: it was rewritten" in report.reason
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] == 0
+    # Entries written after it (the stream's id is in the future now) are sealed, and named
+    # once: their ages cannot be trusted.
+    _fill(state, 2)
+    reasons = [b.reason for b in _verify(state).breaks]
+    assert any("ahead of the time: it was rewritten" in r for r in reasons)
+    assert any("1 after it have stream ids ahead of the time" in r for r in reasons), reasons
+
+
+def test_an_unsealed_entry_is_pending_for_the_grace_and_the_adoption_time(
+    state: StateStore,
+) -> None:
+    entries = '[{"type": "admitted", "tenant": "acme", "task_id": "orphan"}]'
+    keys = TenantKeys("acme").shared()
+    args = AUDIT_APPEND.arrange({"entries": entries, "record_ttl": ""})
+    state.call("audit append", state.scripts.audit_append, keys, [*args, "[]", "killed"])
+    time.sleep(0.05)
+    # Past the grace, but within the time the leader may take to adopt it: pending.
+    report = _verify(state, seal_grace_ms=10, adoption_ms=60_000)
+    assert report.ok
+    assert report.pending == 1
+    assert "no valid seal" in _verify(state, seal_grace_ms=10, adoption_ms=10).reason
+
+
+def test_a_wrong_key_reads_as_a_key_mismatch_and_replaced_seals_as_tampering(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 3)
+    assert audit_verify.checkpoint(_log(state), KEY, "acme") == 3
+    right = _verify(state)
+    assert (right.macs_ok, right.macs_bad, right.key_mismatch) == (4, 0, False)
+    wrong = audit_verify.verify(_log(state), b"another-key", "acme")
+    assert (wrong.macs_ok, wrong.macs_bad, wrong.key_mismatch) == (0, 4, True)
+    # The right key over a chain whose every seal was replaced looks the same from this chain
+    # alone: govctl tells them apart across chains and with the anchors.
+    rows = [
+        (i, {**f, b"seals": b'[[1,"00"],[2,"00"],[3,"00"]]'} if f[b"type"] == b"seal" else f)
+        for i, f in redis_client.xrange(STREAM)
+    ]
+    _rebuild(redis_client, rows)
+    assert _verify(state).checked == 0
+    assert _verify(state).macs_ok == 1  # the checkpoint still verifies: the key is right
+
+
+def test_the_leader_watch_tells_a_cut_from_a_wipe(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    log = _log(state)
+    _fill(state, 5)
+    seen, rolled_back = audit_verify.watch(log, "acme", None)
+    assert rolled_back is None
+    assert seen is not None
+    assert seen.seq == 5
+    assert audit_verify.watch(log, "acme", seen) == (seen, None)
+    # Cut to seq 3 with the counter reset: older entries are still there.
+    for entry_id, _ in redis_client.xrange(STREAM, min=_records(redis_client)[3][0]):
+        redis_client.xdel(STREAM, entry_id)
+    redis_client.hset(TenantKeys("acme").meta, "audit_seq", 3)
+    after, rolled_back = audit_verify.watch(log, "acme", seen)
+    assert rolled_back is not None
+    assert rolled_back.cut
+    assert "ends at seq 3, but seq 5" in rolled_back.message
+    assert after is not None
+    assert after.seq == 3
+    # Wiped whole, and started again: a new chain, not a cut.
+    redis_client.delete(STREAM, TenantKeys("acme").meta, TenantKeys("acme").audit_marks)
+    _fill(state, 1)
+    again, rolled_back = audit_verify.watch(log, "acme", after)
+    assert rolled_back is not None
+    assert not rolled_back.cut
+    assert "was wiped" in rolled_back.message
+    assert again is not None
+    assert again.seq == 1
+
+
+def test_a_recorded_rollback_is_a_break(state: StateStore) -> None:
+    _fill(state, 2)
+    _log(state).append(
+        AuditEvent(
+            type=AuditEventType.AUDIT_ROLLED_BACK,
+            tenant="acme",
+            reason="the maintenance leader found the chain cut back",
+        )
+    )
+    report = _verify(state)
+    assert report.checked == 3
+    assert "the maintenance leader found the chain cut back" in report.reason
+
+
+def test_a_writer_logs_a_counter_that_went_back_and_not_replies_read_out_of_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sealer = AuditSealer(KEY)
+
+    def wrote(entry_id: str, seq: int) -> None:
+        sealer.wrote("acme", [[entry_id, ["seq", str(seq), "ts", "1", "type", "admitted"]]])
+
+    with caplog.at_level("ERROR", logger="governance.audit"):
+        wrote("10-0", 1)
+        wrote("12-0", 3)
+        wrote("11-0", 2)  # a reply read late, by another thread: fine
+        assert not caplog.records
+        wrote("13-0", 2)  # written after seq 3, numbered 2: the counter went back
+    (record,) = caplog.records
+    assert "wrote seq 3 (entry 12-0), then was given seq 2 (entry 13-0)" in record.getMessage()
+
+
+def test_tail_marks_entries_without_a_valid_seal(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 2)
+    forged = redis_client.xadd(
+        STREAM, {b"seq": b"3", b"type": b"approved", b"tenant": b"acme", b"reviewer": b"alice"}
+    )
+    redis_client.hincrby(TenantKeys("acme").meta, "audit_seq", 1)
+    log = _log(state)
+    tail = log.tail(["acme"], 10)
+    assert audit_verify.seal_states(log, KEY, tail, unsealed_after_ms=60_000)[forged.decode()] == (
+        audit_verify.PENDING
+    )
+    time.sleep(0.01)
+    states = audit_verify.seal_states(log, KEY, tail, unsealed_after_ms=5)
+    assert sorted(states.items()) == sorted(
+        (e.id, "unsealed" if e.id == forged.decode() else "sealed") for e in tail
+    )
+    sealed = next(e.id for e in tail if e.id != forged.decode())
+    assert audit_verify.seal_states(log, b"other", tail, unsealed_after_ms=5)[sealed] == (
+        audit_verify.ALTERED
+    )

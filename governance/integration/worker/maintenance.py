@@ -10,9 +10,15 @@ by and take over within a few seconds when it dies). Each round, the leader:
 - every ``held_sweep_s``, rejects held tasks whose hold expired;
 - (in a thread of its own, so a slow webhook delays nothing else) sends the notifications of
   held tasks to the tenants' reviewers;
-- every ``audit_checkpoint_s``, signs where each audit chain ends, seals (adopts) entries whose
-  writer was killed before sealing them, and trims entries older than the policy's
-  ``audit.retention`` (after a signed record of where the chain now starts).
+- every ``audit_adopt_s``, seals (adopts) audit entries whose writer was killed before sealing
+  them, and looks for a chain that ends before an entry it saw (cut back, or wiped): an error in
+  its log, and for a cut an ``audit_rolled_back`` entry in the chain, which ``govctl audit
+  verify`` reports;
+- every ``audit_checkpoint_s``, signs where each audit chain ends, appends that checkpoint,
+  signed with the anchor key, to the anchor files outside Redis (with
+  ``audit_anchor_key_file``), and trims entries older than the policy's ``audit.retention``
+  (after a signed record of where the chain now starts). A leader that takes over reads the
+  anchors first: what it looks for starts from there, not from nothing.
 
 Every worker, leader or not, also checks the policy file each round (a changed one is enforced at
 once, an invalid one changes nothing and is audited) and reports every ``POLICY_REPORT_S`` the
@@ -31,14 +37,18 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from governance.integration.approvals.notify import NotifierThread
 from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
-from governance.store import audit_verify
+from governance.settings import GovernanceSettings
+from governance.store import audit_anchor, audit_verify
 from governance.store.admission import Publication
 from governance.store.audit import AuditEvent, AuditEventType
+from governance.store.audit_anchor import AnchorKeyError, AnchorRecord, AnchorSigner
+from governance.store.audit_seal import key_id
 from governance.store.errors import StoreUnavailable
 from governance.store.keys import DEPLOYMENT_CHAIN, DeploymentKeys
 from governance.store.leader import LeaderLock
@@ -47,10 +57,26 @@ log = logging.getLogger("governance.maintenance")
 
 #: Tenants with waiting tasks are swept this often even when nothing in their ledger is due.
 WAITING_SWEEP_S = 5.0
-#: Audit entries left unsealed are adopted only within this many checkpoint rounds after their
-#: seal grace (an orphan is adopted in the first of them): an older one lost its seal to
-#: someone's edit, and verify names it rather than the leader sealing it.
+#: Audit entries left unsealed are adopted only within this many rounds (checkpoint or adoption
+#: rounds, the longer) after their seal grace (an orphan is adopted in the first of them): an
+#: older one lost its seal to someone's edit, and verify names it rather than the leader sealing
+#: it.
 ADOPTION_ROUNDS = 10
+
+
+def leader_ttl_ms(settings: GovernanceSettings) -> int:
+    """The leader lock's lifetime: it lapses this long after a leader's last round."""
+    return max(3000, int(settings.sweep_poll_s * 6000))
+
+
+def adoption_allowance_ms(settings: GovernanceSettings) -> int:
+    """How long after the seal grace an entry a killed writer left unsealed may wait for its
+    adoption: the next adoption round, or, when the leader died too, the lock's lapse and the
+    next leader's first round; and one round's work. ``govctl audit verify`` names an unsealed
+    entry only once it is older than the grace plus this."""
+    longest = max(settings.audit_adopt_s * 1000, leader_ttl_ms(settings))
+    return round(longest + settings.sweep_poll_s * 1000)
+
 
 #: How often each worker reports the policy version it enforces.
 POLICY_REPORT_S = 5.0
@@ -71,10 +97,20 @@ class MaintenanceThread:
         self._next_held = 0.0
         self._next_waiting = 0.0
         self._next_audit = 0.0
+        self._next_adopt = 0.0
         self._adopt_from: dict[str, str] = {}
         #: The highest seq this leader signed per chain (in memory, out of reach of whoever can
         #: write Redis): a chain that ends before it later was rolled back, and is logged.
         self._signed: dict[str, int] = {}
+        #: Where each chain ended when this leader last looked (its memory, and the anchors'
+        #: when it takes over): a chain that ends before it was cut back or wiped.
+        self._seen: dict[str, audit_verify.Head] = {}
+        #: The seq of each chain's last anchored checkpoint.
+        self._anchored: dict[str, int] = {}
+        #: Whether the anchors are to be read (again) before the next audit round: at start,
+        #: and whenever this process takes the lead again.
+        self._read_anchors = True
+        self._signer: AnchorSigner | None = None
         self.republished = 0
         #: Whether this process held the leader lock at its last round.
         self.leading = False
@@ -91,7 +127,7 @@ class MaintenanceThread:
 
     def _lead(self) -> bool:
         """Take or keep the leader lock (it lapses after a few rounds without renewal)."""
-        ttl_ms = max(3000, int(self._runtime.settings.sweep_poll_s * 6000))
+        ttl_ms = leader_ttl_ms(self._runtime.settings)
         return LeaderLock(self._runtime.state, self._me, ttl_ms).take_or_keep()
 
     def run_once(self) -> None:
@@ -101,6 +137,7 @@ class MaintenanceThread:
             self._watch_policy()
             self.leading = self._lead()
             if not self.leading:
+                self._read_anchors = True
                 return
             now = time.monotonic()
             tenants = runtime.policy.tenant_names
@@ -112,9 +149,12 @@ class MaintenanceThread:
             if now >= self._next_held:
                 self._next_held = now + runtime.settings.held_sweep_s
                 Reviewers(self._app, runtime).expire_due()
-            if now >= self._next_audit:
-                self._next_audit = now + runtime.settings.audit_checkpoint_s
-                self._audit_round((*tenants, DEPLOYMENT_CHAIN))
+            if now >= self._next_audit or now >= self._next_adopt:
+                checkpoint = now >= self._next_audit
+                if checkpoint:
+                    self._next_audit = now + runtime.settings.audit_checkpoint_s
+                self._next_adopt = now + runtime.settings.audit_adopt_s
+                self._audit_round((*tenants, DEPLOYMENT_CHAIN), checkpoint=checkpoint)
 
     def _watch_policy(self) -> None:
         """Pick up a changed policy file now, audit what happened, report what is enforced."""
@@ -174,19 +214,31 @@ class MaintenanceThread:
                 self.republished += 1
                 log.info("reconciler published task %s again", publication.task_id)
 
-    def _audit_round(self, chains: tuple[str, ...]) -> None:
+    def _audit_round(self, chains: tuple[str, ...], *, checkpoint: bool = True) -> None:
+        """Each chain: look for a rollback, adopt orphans; with ``checkpoint``, sign where it
+        ends, anchor that outside Redis, and trim it to the retention."""
         runtime = self._runtime
-        key = runtime.settings.audit_key.get_secret_value().encode()
-        grace_ms = round(runtime.settings.seal_grace_s * 1000)
+        settings = runtime.settings
+        key = settings.audit_key.get_secret_value().encode()
+        grace_ms = round(settings.seal_grace_s * 1000)
+        window_ms = round(
+            ADOPTION_ROUNDS * max(settings.audit_checkpoint_s, settings.audit_adopt_s) * 1000
+        )
         log_ = runtime.audit_log
+        signer = self._anchor_signer() if checkpoint or self._read_anchors else self._signer
+        if self._read_anchors:
+            self._read_anchors = False
+            self._remember_anchors(signer)
+        anchors: list[AnchorRecord] = []
         for chain in chains:
+            self._watch(chain)
             adopted, self._adopt_from[chain] = audit_verify.adopt(
                 log_,
                 key,
                 chain,
                 grace_ms=grace_ms,
                 start=self._adopt_from.get(chain, "-"),
-                window_ms=round(ADOPTION_ROUNDS * runtime.settings.audit_checkpoint_s * 1000),
+                window_ms=window_ms,
             )
             if adopted:
                 log.warning(
@@ -194,6 +246,8 @@ class MaintenanceThread:
                     adopted,
                     chain,
                 )
+            if not checkpoint:
+                continue
             try:
                 signed = audit_verify.checkpoint(
                     log_, key, chain, at_least=self._signed.get(chain, 0)
@@ -201,10 +255,14 @@ class MaintenanceThread:
             except audit_verify.ChainRolledBack as exc:
                 # Redis lost or had removed what this leader signed: say so where Redis cannot
                 # reach (its log), then sign the chain as it is now, so verify judges what
-                # comes next. Only an anchor outside Redis could prove more.
+                # comes next; the anchors keep what was signed before.
                 log.error("%s", exc)
                 signed = audit_verify.checkpoint(log_, key, chain)
             self._signed[chain] = signed
+            if signer is not None and signed and self._anchored.get(chain) != signed:
+                record = audit_verify.anchor_of(log_, key, chain)
+                if record is not None:
+                    anchors.append(record)
             retention = runtime.policy.config.audit.retention
             if retention is not None:
                 trimmed = audit_verify.trim(
@@ -214,6 +272,95 @@ class MaintenanceThread:
                     log.info(
                         "trimmed %d audit entries of %s (retention %s)", trimmed, chain, retention
                     )
+        if signer is not None and anchors:
+            self._anchor(signer, anchors)
+
+    def _watch(self, chain: str) -> None:
+        """Look for ``chain`` ending before where it ended when this leader last looked: an
+        error in the log (out of reach of whoever writes Redis); for a cut (older entries are
+        still there), an ``audit_rolled_back`` entry too, which verify reports. A chain wiped
+        whole is logged only: what remains of it is a new chain."""
+        seen, rolled_back = audit_verify.watch(
+            self._runtime.audit_log, chain, self._seen.get(chain)
+        )
+        if seen is None:
+            self._seen.pop(chain, None)
+        else:
+            self._seen[chain] = seen
+        if rolled_back is None:
+            return
+        log.error("%s", rolled_back.message)
+        self._signed[chain] = 0
+        self._anchored.pop(chain, None)
+        if rolled_back.cut:
+            self._runtime.audit(
+                AuditEvent(
+                    type=AuditEventType.AUDIT_ROLLED_BACK,
+                    tenant="" if chain == DEPLOYMENT_CHAIN else chain,
+                    decision="deny",
+                    reason=(
+                        f"the maintenance leader found the chain cut back: it had seen seq "
+                        f"{rolled_back.seen.seq} (entry {rolled_back.seen.id}), and it ends at "
+                        f"seq {rolled_back.now_seq}: entries were removed and the counter reset "
+                        "(or the state Redis lost writes)"
+                    ),
+                    detail={
+                        "node": self.node,
+                        "seen_seq": rolled_back.seen.seq,
+                        "seen_entry": rolled_back.seen.id,
+                        "ends_at": rolled_back.now_seq,
+                    },
+                )
+            )
+
+    def _anchor_signer(self) -> AnchorSigner | None:
+        """The anchor key (read once), or None without one: no anchors. A key that cannot be
+        read is logged at every checkpoint round until it can."""
+        path = self._runtime.settings.audit_anchor_key_file
+        if path is None or self._signer is not None:
+            return self._signer
+        try:
+            self._signer = AnchorSigner.from_file(path)
+        except AnchorKeyError as exc:
+            log.error("audit checkpoints are not anchored: %s", exc)
+        return self._signer
+
+    def _anchor_paths(self) -> list[Path]:
+        return audit_anchor.parse_paths(self._runtime.settings.audit_anchors)
+
+    def _remember_anchors(self, signer: AnchorSigner | None) -> None:
+        """Start from the anchors (this leader may be new): where each chain ended when it was
+        last anchored, so a chain rolled back or wiped while no leader remembered is found."""
+        if signer is None:
+            return
+        paths = [p for p in self._anchor_paths() if p.exists()]
+        try:
+            found = audit_anchor.read_anchors(paths, signer.verifier)
+        except OSError as exc:
+            log.error("cannot read the audit anchors: %s", exc)
+            return
+        mine = key_id(self._runtime.settings.audit_key.get_secret_value().encode())
+        for chain, record in found.newest().items():
+            if record.key != mine:
+                continue
+            self._anchored[chain] = record.seq
+            seen = self._seen.get(chain)
+            if seen is None or record.seq > seen.seq:
+                self._seen[chain] = audit_verify.Head(record.seq, record.id)
+
+    def _anchor(self, signer: AnchorSigner, records: list[AnchorRecord]) -> None:
+        """Append ``records`` to every anchor file; remembered once all have them (a file that
+        failed gets them again next round)."""
+        ok = True
+        for path in self._anchor_paths():
+            try:
+                audit_anchor.append_anchors(path, signer, records)
+            except OSError as exc:
+                ok = False
+                log.error("cannot append audit anchors to %s: %s", path, exc)
+        if ok:
+            for record in records:
+                self._anchored[record.chain] = record.seq
 
     def _loop(self) -> None:
         while not self._stop.wait(self._runtime.settings.sweep_poll_s):
