@@ -344,6 +344,25 @@ class TenantSettings(_Model):
     max_wait: PositiveDuration | None = None
     step_timeout: PositiveDuration | None = None
     step_timeout_error: Literal["transient", "permanent"] | None = None
+    #: The tenant's share of a saturated worker pool, relative to the others' (default 1).
+    weight: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False, strict=True)] | None = None
+
+
+class FairnessSettings(_Model):
+    """How a saturated worker pool is shared between tenants (see docs/design.md, fair
+    dispatch): what a tenant is charged for (`by`: worker `time`, `tasks`, or `tokens`, where a
+    tool call costs `tool_call_tokens`), what a task is assumed to cost before its tenant has a
+    history (`default_estimate`), how much estimated work per pool process the broker may hold
+    beyond the tasks running (`slack`), and, per queue, a fixed pool capacity instead of the sum
+    of the live workers' pool sizes (`capacity`)."""
+
+    by: Literal["time", "tasks", "tokens"] = "time"
+    slack: PositiveDuration = timedelta(milliseconds=100)
+    default_estimate: PositiveDuration = timedelta(seconds=1)
+    tool_call_tokens: PositiveInt = 1000
+    capacity: dict[Annotated[str, Field(min_length=1, max_length=200)], PositiveInt] = Field(
+        default_factory=dict
+    )
 
 
 class AuditSettings(_Model):
@@ -358,6 +377,7 @@ class GovernanceConfig(_Model):
 
     version: Literal[1]
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     tools: dict[Identifier, ToolEntry] = Field(default_factory=dict)
     providers: dict[Identifier, ProviderSpec] = Field(default_factory=dict)
     defaults: TenantSettings = Field(default_factory=TenantSettings)

@@ -35,6 +35,10 @@ class ViolationType(StrEnum):
     run_concurrency_limit = "run_concurrency_limit"
     cost_alert = "cost_alert"
     step_timeout = "step_timeout"
+    #: The tenant is paused by an operator (govctl tenants pause): its tasks wait.
+    paused = "paused"
+    #: The worker pool of the task's queue is saturated: it waits for its tenant's fair share.
+    pool_saturated = "pool_saturated"
 
 
 def percent_of(current: Number, limit: Number) -> int:

@@ -105,6 +105,8 @@ class TenantPolicy:
     #: a step that ran out of time may be retried ("transient") or fails ("permanent").
     step_timeout: timedelta | None = None
     step_timeout_error: str = "transient"
+    #: The tenant's share of a saturated worker pool, relative to the others'.
+    weight: float = 1.0
 
     def budget(self, period: str) -> Budget | None:
         """The budget of `period` ("run", "day" or "month"), if one is configured."""
@@ -291,6 +293,7 @@ def _build(
         warning_threshold_pct=DEFAULT_WARNING_THRESHOLD_PCT if threshold is None else threshold,
         step_timeout=b.replaced("step_timeout"),
         step_timeout_error=b.replaced("step_timeout_error") or "transient",
+        weight=b.replaced("weight") or 1.0,
         sources=MappingProxyType(dict(b.sources)),
     )
     return policy, []

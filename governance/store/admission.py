@@ -69,6 +69,10 @@ class AdmissionStatus(StrEnum):
     EARLY = "early"
     #: Its run's cost reached the cost alert: the caller holds it for the reviewers.
     COST_ALERT = "alert"
+    #: At publication: it may run now; a slot is kept for its message (``token``).
+    HANDED = "handed"
+    #: At publication: its delivery decides (a turn to book, a limit that rejects, an alert).
+    SEND = "send"
 
     @property
     def dropped(self) -> bool:
@@ -165,6 +169,11 @@ class Admission:
     #: SETTLED: a later attempt no settlement scheduled (its attempt number raised by a copy,
     #: or no record of the task): it never runs.
     replayed: bool = False
+    #: HANDED: the token its message carries, to take the slot kept for it.
+    token: str = ""
+    #: How long the message waited in the broker before this delivery received it (ms), when
+    #: it came straight from a publisher: a long wait means the worker pool is backlogged.
+    queued_ms: int | None = None
 
     @property
     def admitted(self) -> bool:
@@ -206,6 +215,10 @@ class Settlement:
     late: bool = False
     warnings: tuple[LimitWarning, ...] = field(default=())
     publish: tuple[Publication, ...] = ()
+    #: The grant of a task fair dispatch handed on: given back to its pool.
+    pool_grant: str = ""
+    #: Tasks of the tenant still waiting.
+    waiting: int = 0
 
 
 def _micro_to_usd(value: float) -> float:
@@ -266,6 +279,11 @@ class AdmissionRequest(TypedDict, total=False):
     renew their leases before anyone takes them. ``cost_alert_approved``: reviewers' verified
     signatures let this call go past its run's cost alert, up to this new threshold (micro-USD;
     0: the policy's next step). ``now`` picks the day and month windows (default: now).
+    Fair dispatch: ``at_publish``: asked by the publisher before it sends anything (the task
+    waits from here, or is handed a slot, or its delivery decides: ``WAITING``, ``HANDED``,
+    ``SEND``); ``pool_wait``: the worker pool is saturated, so a task that could run waits for
+    its tenant's share; ``pool_gated``: capacity is the pool's to give, this call hands nothing
+    on.
     """
 
     ctx: Required[ActionContext]
@@ -282,6 +300,9 @@ class AdmissionRequest(TypedDict, total=False):
     reclaim: bool
     cost_alert_approved: int | None
     now: datetime | None
+    at_publish: bool
+    pool_wait: bool
+    pool_gated: bool
 
 
 class SettlementOptions(TypedDict, total=False):
@@ -292,13 +313,17 @@ class SettlementOptions(TypedDict, total=False):
     ``reclaim``: handing the freed slot on may take expired leases (default True; False right
     after an outage of the store, whose leases only look expired). ``policy_version``: the
     settling process's policy; a waiting task that began to wait under another one is published
-    for its own delivery to decide, not handed the slot under the old limits."""
+    for its own delivery to decide, not handed the slot under the old limits. ``run_ms``: how
+    long the body ran (the tenant's worker time); ``pool_gated``: the worker pool is saturated,
+    the freed capacity is the pool's to give (fair dispatch)."""
 
     entry: Mapping[str, Any] | None
     next_attempt: NextAttempt | None
     force: bool
     reclaim: bool
     policy_version: str
+    run_ms: float
+    pool_gated: bool
 
 
 #: The hot path carries seals in batches of this many (or once they are this old); the
@@ -396,6 +421,9 @@ class Admitter:
             gate_turn=gate["turn"],
             gate_violation=gate["v"],
             gate_wait=gate["wait"],
+            at_publish="1" if request.get("at_publish") else "",
+            pool_wait="1" if request.get("pool_wait") else "",
+            pool_gated="1" if request.get("pool_gated") else "",
         )
         script_keys: list[str | Packed] = [
             _shared_keys(ctx.tenant),
@@ -404,6 +432,7 @@ class Admitter:
             keys.provider_rate(provider) if provider else keys.placeholder,
             *windows,
             keys.step_repetitions(ctx.run),
+            keys.queued,
         ]
         reply = self._begin(
             "admission",
@@ -516,6 +545,8 @@ class Admitter:
             next_msg=nxt.envelope_json if nxt else "",
             next_due=nxt.due_ms if nxt else "",
             next_parked="1" if nxt and nxt.parked else "",
+            run_ms=round(options.get("run_ms", 0)),
+            pool_gated="1" if options.get("pool_gated") else "",
         )
         reply = self._begin(
             "settlement",
@@ -558,6 +589,8 @@ def _parse_settlement(reply: Mapping[str, Any], ticket: AdmissionTicket) -> Sett
         late=outcome == "late",
         warnings=tuple(warnings),
         publish=publications(reply.get("pub") or []),
+        pool_grant=str(reply.get("pool") or ""),
+        waiting=int(reply.get("waiting") or 0),
     )
 
 
@@ -631,4 +664,6 @@ def _parse_admission(
         limits=limits,
         final=bool(reply.get("final")),
         replayed=bool(reply.get("replayed")),
+        token=str(reply.get("token") or ""),
+        queued_ms=None if reply.get("queued_ms") is None else int(reply["queued_ms"]),
     )

@@ -8,6 +8,8 @@ cluster. Nothing else in the code base builds a key string.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -86,7 +88,9 @@ class TenantKeys:
 
     @property
     def meta(self) -> str:
-        """Hash of the tenant's counters: the wait-list position and the audit sequence."""
+        """Hash of the tenant's counters (the wait-list position, the audit sequence, worker
+        time per minute ``busy:<minute>``) and of what operators set on it at run time, read by
+        the scripts (``CONTROL_FIELDS``: paused, a concurrency and a weight until a time)."""
         return f"{self._base}:meta"
 
     @property
@@ -176,6 +180,13 @@ class TenantKeys:
         approvals that justify it (JSON)."""
         return f"{self._base}:grants"
 
+    @property
+    def queued(self) -> str:
+        """Sorted set of the tenant's tasks published to the broker and not yet received by a
+        worker: member = record key, score = when published (ms). With the leases, what the
+        publisher counts against the tenant's concurrency."""
+        return f"{self._base}:queued"
+
     def step_repetitions(self, run: str) -> str:
         """Hash of a run: input hash of a step -> how many times that exact step was admitted."""
         return f"{self._base}:steps:{run}"
@@ -201,6 +212,73 @@ class ProviderKeys:
         return f"{self._base}:rate"
 
 
+#: The fields of a tenant's meta hash that operators set (govctl tenants pause, govctl limits
+#: override): whether it is paused, and a concurrency and a weight in force until a time (ms).
+CONTROL_FIELDS = (
+    "ctl_paused",
+    "ctl_concurrency",
+    "ctl_concurrency_until",
+    "ctl_weight",
+    "ctl_weight_until",
+)
+
+_PLAIN_QUEUE = re.compile(r"[A-Za-z0-9._:@-]{1,120}")
+
+
+def queue_tag(queue: str) -> str:
+    """A queue's name as it appears in its pool's hash tag: itself when plain, else a digest
+    (so no name can break the tag)."""
+    if _PLAIN_QUEUE.fullmatch(queue):
+        return queue
+    return "h-" + hashlib.sha256(queue.encode()).hexdigest()[:24]
+
+
+class PoolKeys:
+    """The worker pool of one queue: its capacity and its fair-share state, in a cluster slot of
+    its own (``gov:{pool:QUEUE}:...``). It holds scheduling state only, never a task: tasks live
+    in their tenants' slots, and a script touches either the pool or one tenant."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self._base = f"{PREFIX}:{{pool:{queue_tag(queue)}}}"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker node -> "<pool size>:<expires ms>" (its heartbeat)."""
+        return f"{self._base}:workers"
+
+    @property
+    def ready(self) -> str:
+        """Sorted set of tenants with tasks waiting for the pool: tenant -> start tag."""
+        return f"{self._base}:ready"
+
+    @property
+    def tenants(self) -> str:
+        """Hash: "<tenant>:<field>" -> value, per tenant: finish tag (f), weight (w), running
+        means of run time (ms) and cost (c)."""
+        return f"{self._base}:tenants"
+
+    @property
+    def grants(self) -> str:
+        """Sorted set of dispatches in flight: grant token -> backstop expiry (ms)."""
+        return f"{self._base}:grants"
+
+    @property
+    def grant_info(self) -> str:
+        """Hash: grant token -> "<tenant>|<estimated cost>"."""
+        return f"{self._base}:grant-info"
+
+    @property
+    def state(self) -> str:
+        """Hash: vtime (the pool's virtual time), saturated (1 while tenants wait for it),
+        seq (grant counter)."""
+        return f"{self._base}:state"
+
+    def all(self) -> list[str]:
+        """Every key of the pool, in the order pool_dispatch.lua takes them."""
+        return [self.workers, self.ready, self.tenants, self.grants, self.grant_info, self.state]
+
+
 class DeploymentKeys:
     """Keys shared by the whole deployment, each with its own hash tag; none is on the path of a
     governed task."""
@@ -209,3 +287,7 @@ class DeploymentKeys:
     maintenance_leader = f"{PREFIX}:{{maintenance}}:leader"
     #: What each worker enforces: node name -> JSON (policy version, loaded at, error, seen at).
     policy_reports = f"{PREFIX}:{{policy}}:workers"
+    #: That this Redis holds a deployment's governance state: JSON (which worker wrote it
+    #: first and last, and when), written by workers as they start and while they run. govctl
+    #: refuses to answer from a Redis without it (say, the broker's database 0).
+    marker = f"{PREFIX}:{{deployment}}:marker"

@@ -12,8 +12,9 @@ twice.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from governance.store.admission import Publication, publications
 from governance.store.audit_seal import AuditSealer, begin_sealed_call
 from governance.store.keys import TenantKeys
 from governance.store.state import StateStore
-from governance.store.vocabulary import SWEEP
+from governance.store.vocabulary import DISPATCH, SWEEP
 
 #: Where a task can be, as its record says.
 WHERE = ("queued", "parked", "waiting", "handed", "running", "held", "done")
@@ -35,6 +36,45 @@ class SweepResult:
     more: bool
     #: A run closed by this round was in flight (see ``sweep(close_run=...)``).
     closed: bool = False
+
+
+@dataclass(frozen=True)
+class TenantLoad:
+    """What a publisher sees of its tenant when it records a task (in the same transaction):
+    tasks running (live leases), published and not yet received (this one included), waiting,
+    and what operators set (paused, a concurrency override in force). It says whether the task
+    should wait from publication instead of entering the broker (the worker's admission decides
+    exactly all the same: this only keeps work that cannot run now out of the broker)."""
+
+    running: int
+    queued: int
+    waiting: int
+    paused: bool = False
+    concurrency_override: int | None = None
+
+    def must_wait(self, concurrency: int | None) -> bool:
+        """Whether the task waits from publication: the tenant is paused, others wait before
+        it (first come, first served), or its running and queued tasks reach its concurrency."""
+        limit = self.concurrency_override if self.concurrency_override is not None else concurrency
+        if self.paused or self.waiting > 0:
+            return True
+        return limit is not None and self.running + self.queued > limit
+
+
+#: A task published and not received after this long no longer counts as queued for the
+#: publication's check (the reconciler publishes it again anyway).
+QUEUED_HORIZON_MS = 60_000
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """Fair dispatch at one tenant: what it handed on, how many grants it used (in order), how
+    many tasks still wait, and whether a limit of its own stopped it."""
+
+    publish: tuple[Publication, ...]
+    used: int
+    left: int
+    blocked: bool
 
 
 @dataclass(frozen=True)
@@ -75,16 +115,22 @@ class Ledger:
         *,
         due_ms: int | None = None,
         parked: bool = False,
-    ) -> None:
+    ) -> TenantLoad:
         """Record a task that a publisher sends now (``queued``) or keeps for ``due_ms``
-        (``parked``: the reconciler publishes it then, no broker countdown)."""
+        (``parked``: the reconciler publishes it then, no broker countdown); returns what the
+        publisher sees of its tenant, read in the same transaction (see :class:`TenantLoad`)."""
         keys = TenantKeys(tenant)
         record = keys.task(task_id)
         now = int(time.time() * 1000)
         due = due_ms or now
         score = due if parked else due + self._state.timings.grace_ms
-
-        self._state.transaction(
+        queued: list[tuple[Any, ...]] = []
+        if not parked:
+            queued = [
+                ("ZREMRANGEBYSCORE", keys.queued, "-inf", now - QUEUED_HORIZON_MS),
+                ("ZADD", keys.queued, now, record),
+            ]
+        replies = self._state.transaction(
             "ledger record",
             [
                 (
@@ -100,7 +146,23 @@ class Ledger:
                     envelope_json,
                 ),
                 ("ZADD", keys.ledger, score, record),
+                *queued,
+                ("ZCOUNT", keys.leases, now, "+inf"),
+                ("ZCARD", keys.queued),
+                ("ZCARD", keys.waiting),
+                ("HMGET", keys.meta, "ctl_paused", "ctl_concurrency", "ctl_concurrency_until"),
             ],
+        )
+        running, queued_n, waiting, control = replies[-4:]
+        override = None
+        if control[1] is not None and int(control[2] or 0) > now:
+            override = int(control[1])
+        return TenantLoad(
+            running=int(running),
+            queued=int(queued_n),
+            waiting=int(waiting),
+            paused=control[0] in (b"1", "1"),
+            concurrency_override=override,
         )
 
     def mark_held(self, tenant: str, task_id: str) -> None:
@@ -123,6 +185,7 @@ class Ledger:
         reclaim: bool = True,
         close_run: tuple[str, str] | None = None,
         policy_version: str = "",
+        pool_gated: bool = False,
     ) -> SweepResult:
         """One reconciler round for ``tenant`` (see ``scripts/sweep.lua``); ``close_run``
         (run, by whom) closes that run first, so its run slot goes to the waiting tasks now.
@@ -133,6 +196,7 @@ class Ledger:
             {
                 "close": (tenant, *close_run) if close_run else ("", "", ""),
                 "policy_version": policy_version,
+                "pool_gated": "1" if pool_gated else "",
             }
         )
         settings = self._state.script_settings(reclaim=reclaim)
@@ -149,6 +213,33 @@ class Ledger:
             publications(reply.get("pub") or []),
             bool(reply.get("more")),
             closed=bool(reply.get("closed")),
+        )
+
+    def dispatch(
+        self, tenant: str, grants: Sequence[str], *, policy_version: str = ""
+    ) -> DispatchResult:
+        """Fair dispatch reached ``tenant``: hand its oldest waiting tasks that fit one grant
+        each (see ``scripts/dispatch.lua``); the caller publishes them and gives the unused
+        grants back to the pool."""
+        keys = TenantKeys(tenant)
+        args = DISPATCH.arrange(
+            {"grants": json.dumps(list(grants)), "policy_version": policy_version}
+        )
+        settings = self._state.script_settings()
+        reply = begin_sealed_call(
+            self._state,
+            self._sealer,
+            "fair dispatch",
+            self._state.scripts.dispatch,
+            tenant,
+            keys.shared(),
+            lambda seals, writer: [*args, settings, seals, writer],
+        ).result()
+        return DispatchResult(
+            publications(reply.get("pub") or []),
+            int(reply.get("used") or 0),
+            int(reply.get("left") or 0),
+            bool(reply.get("blocked")),
         )
 
     def tenants_due(self, tenants: Iterable[str], *, waiting_too: bool) -> list[str]:

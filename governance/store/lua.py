@@ -32,8 +32,9 @@ WITH_LIBRARY = (
     "held_put",
     "held_decide",
     "grant_revoke",
+    "dispatch",
 )
-STANDALONE = ("renew", "cooldown", "provider_gate")
+STANDALONE = ("renew", "cooldown", "provider_gate", "pool_dispatch", "pool_worker")
 SCRIPT_NAMES = WITH_LIBRARY + STANDALONE
 
 
@@ -68,3 +69,6 @@ class Scripts:
         self.held_put: Script = client.register_script(script_source("held_put"))
         self.held_decide: Script = client.register_script(script_source("held_decide"))
         self.grant_revoke: Script = client.register_script(script_source("grant_revoke"))
+        self.dispatch: Script = client.register_script(script_source("dispatch"))
+        self.pool_dispatch: Script = client.register_script(script_source("pool_dispatch"))
+        self.pool_worker: Script = client.register_script(script_source("pool_worker"))

@@ -365,6 +365,13 @@ LIMIT_KINDS: tuple[LimitKind, ...] = (
         lambda limits: (limits.cost_alert_micro,),
     ),
     LimitKind(
+        "paused",
+        (ViolationType.paused,),
+        Phase.WAIT,
+        Handoff.STOP,
+        "the tenant paused by an operator (its control hash): nothing of it starts",
+    ),
+    LimitKind(
         "budget_in_flight",
         tuple(k.violation for k in BUDGET_KIND_TABLE),
         Phase.WAIT,
@@ -498,6 +505,25 @@ ADMISSION_TASK: tuple[Item, ...] = (
     ),
     Field("gate_violation", Kind.TEXT, "what the gate waits for: cooldown or rate_limit:provider"),
     Field("gate_wait", Kind.INT, "how long from now (ms)"),
+    Field(
+        "at_publish",
+        Kind.FLAG,
+        "asked by the publisher, before any broker message: a task that must wait waits from "
+        "here; one that may run is handed a slot (its message carries the token); anything else "
+        "is left to its delivery",
+    ),
+    Field(
+        "pool_wait",
+        Kind.FLAG,
+        "the worker pool is saturated: at publication the task waits for its tenant's fair "
+        "share even when its tenant's limits would let it run",
+    ),
+    Field(
+        "pool_gated",
+        Kind.FLAG,
+        "the worker pool is saturated: freed capacity goes through the pool (fair dispatch), "
+        "so this call hands nothing on itself",
+    ),
 )
 
 #: The audit fields every entry about one task shares (its "template"): the same for the
@@ -548,6 +574,8 @@ SETTLEMENT_TASK: tuple[Item, ...] = (
     Field("next_msg", Kind.TEXT, "the retry's message; '': no retry follows"),
     Field("next_due", Kind.INT, "when the retry is due (ms)"),
     Field("next_parked", Kind.FLAG, "the retry is parked (not a broker countdown)"),
+    Field("run_ms", Kind.INT, "how long the body ran (ms): the tenant's worker time"),
+    Field("pool_gated", Kind.FLAG, "the worker pool is saturated: hand nothing on (see admit)"),
 )
 
 #: The part of the settlement that depends on the tenant's limits (and the store) only.
@@ -600,6 +628,55 @@ SWEEP = Record(
     (
         Group("close", ("tenant", "run", "by"), Kind.TEXT, "a run to close first; '': none"),
         Field("policy_version", Kind.TEXT, "the caller's policy (see L.handoff); '': any"),
+        Field("pool_gated", Kind.FLAG, "the worker pool is saturated: hand nothing on"),
+    ),
+)
+
+DISPATCH = Record(
+    "dispatch",
+    "the pool gave the tenant capacity: hand it to the tenant's oldest waiting tasks "
+    "(dispatch.lua)",
+    (
+        Field("grants", Kind.JSON, "the pool's grant tokens, one per task it may hand on"),
+        Field("policy_version", Kind.TEXT, "the caller's policy (see L.handoff); '': any"),
+    ),
+)
+
+POOL_DISPATCH = Record(
+    "pool dispatch",
+    "the pool of a queue learns what ended, who waits, and gives freed capacity to the tenant "
+    "furthest below its fair share (pool_dispatch.lua)",
+    (
+        Field("completed", Kind.TEXT, "the grant of a dispatched task that ended; '': none"),
+        Field("completed_tenant", Kind.TEXT, "the tenant of a task that ended; '': none"),
+        Field("completed_cost", Kind.INT, "what it is charged (ms, tasks or tokens)"),
+        Field("completed_run_ms", Kind.INT, "how long it ran (ms)"),
+        Field("returned", Kind.JSON, "grant tokens a tenant could not use; '': none"),
+        Field("returned_tenant", Kind.TEXT, "their tenant; '': none"),
+        Field("returned_done", Kind.FLAG, "that tenant has nothing the pool can give capacity to"),
+        Field(
+            "register",
+            Kind.JSON,
+            "tenants with tasks waiting for the pool: [[tenant, weight], ...]; '': none",
+        ),
+        Field("saturate", Kind.FLAG, "the broker is backlogged: tasks wait for the pool from now"),
+        Field("dispatch", Kind.FLAG, "give freed capacity to a tenant (else: only take note)"),
+        Field("capacity", Kind.INT, "the pool's capacity set by the policy; '': its live workers'"),
+        Field("prefetch", Kind.INT, "messages a pool process prefetches"),
+        Field("slack_ms", Kind.INT, "estimated work per pool process the broker may hold (ms)"),
+        Field("default_run_ms", Kind.INT, "a task's run time, before its tenant has a history"),
+        Field("default_cost", Kind.INT, "a task's cost, before its tenant has a history"),
+        Field("grant_ttl_ms", Kind.INT, "when a grant whose task never ends is given back (ms)"),
+    ),
+)
+
+POOL_WORKER = Record(
+    "pool worker",
+    "a worker of the pool says it is alive, and its pool size (pool_worker.lua)",
+    (
+        Field("node", Kind.TEXT, "the worker's node name"),
+        Field("concurrency", Kind.INT, "its pool size; 0: it leaves"),
+        Field("ttl_ms", Kind.INT, "until its next heartbeat (ms)"),
     ),
 )
 
@@ -708,6 +785,9 @@ SCRIPT_ARGS: dict[str, ScriptArgs] = {
         ScriptArgs("admit", (ADMISSION, SETTINGS, SEALS), library=True),
         ScriptArgs("settle", (SETTLEMENT, SETTINGS, SEALS), library=True),
         ScriptArgs("sweep", (SWEEP, SETTINGS, SEALS), library=True),
+        ScriptArgs("dispatch", (DISPATCH, SETTINGS, SEALS), library=True),
+        ScriptArgs("pool_dispatch", (POOL_DISPATCH,), library=False),
+        ScriptArgs("pool_worker", (POOL_WORKER,), library=False),
         ScriptArgs("audit_append", (AUDIT_APPEND, SEALS), library=True),
         ScriptArgs("held_put", (HELD_PUT, SEALS), library=True),
         ScriptArgs("held_decide", (HELD_DECIDE, SETTINGS, SEALS), library=True),

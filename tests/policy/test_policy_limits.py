@@ -107,7 +107,7 @@ def test_the_seeds_name_of_near_limit_is_deprecated_and_not_exported() -> None:
 def test_violation_type_values_are_their_names() -> None:
     assert {v.value for v in ViolationType} == {v.name for v in ViolationType}
     assert str(ViolationType.same_step_loop) == "same_step_loop"
-    assert len(ViolationType) == 17
+    assert len(ViolationType) == 19
 
 
 def test_presets_match_the_seed() -> None:

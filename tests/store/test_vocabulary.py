@@ -89,6 +89,7 @@ def test_every_limit_kind_declares_its_phase_hand_off_and_fields() -> None:
     )
     waits = {k.name: k.handoff for k in LIMIT_KINDS if k.phase is Phase.WAIT}
     assert waits == {
+        "paused": Handoff.STOP,
         "budget_in_flight": Handoff.SKIP,
         "concurrency": Handoff.STOP,
         "run_concurrency": Handoff.PASS,
@@ -121,20 +122,16 @@ def test_the_limits_part_has_a_value_per_field() -> None:
 
 
 def test_arguments_are_arranged_by_name_and_checked() -> None:
-    assert SWEEP.arrange({"close": ("t", "r", "by"), "policy_version": "v"}) == [
-        "t",
-        "r",
-        "by",
-        "v",
-    ]
+    given = {"close": ("t", "r", "by"), "policy_version": "v", "pool_gated": "1"}
+    assert SWEEP.arrange(given) == ["t", "r", "by", "v", "1"]
     with pytest.raises(ValueError, match="missing"):
-        SWEEP.arrange({"close": ("t", "r", "by")})
+        SWEEP.arrange({"close": ("t", "r", "by"), "policy_version": "v"})
     with pytest.raises(ValueError, match="unknown"):
-        SWEEP.arrange({"close": ("t", "r", "by"), "policy_version": "", "extra": 1})
+        SWEEP.arrange({**given, "extra": 1})
     with pytest.raises(ValueError, match="close"):
-        SWEEP.arrange({"close": ("t", "r"), "policy_version": ""})
-    with pytest.raises(ValueError, match="4 values"):
-        SWEEP.args(close=("t", "r"), policy_version="")
+        SWEEP.arrange({**given, "close": ("t", "r")})
+    with pytest.raises(ValueError, match="5 values"):
+        SWEEP.args(close=("t", "r"), policy_version="", pool_gated="")
 
 
 def test_an_audit_template_with_an_undeclared_field_is_refused(admitter: Admitter) -> None:

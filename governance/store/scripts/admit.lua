@@ -12,21 +12,30 @@
 -- KEYS[10]    provider rate          STRING (or a placeholder key of the tenant)
 -- KEYS[11..13] usage of the run, day and month windows   HASH
 -- KEYS[14]    step repetitions of the run  HASH
+-- KEYS[15]    the tenant's tasks published to the broker, not yet received   ZSET
 --
 -- ARGV: the admission request (vocabulary.ADMISSION: `R`, read into `req` by read_request), the
 -- settings (`G`), the seals of this writer's earlier entries and the writer's id (`F.seals`,
 -- `F.writer`). What each field means is declared in governance/store/vocabulary.py.
 --
+-- At publication (`at_publish`, fair dispatch): the publisher asks before sending anything. A
+-- task that must wait (its tenant's limits, or the saturated pool: `pool_wait`) waits from
+-- here, never entering the broker; one that may run now is handed a slot (`handed`, with the
+-- token its message carries); for anything else (a turn to book, a limit that rejects, a cost
+-- alert) its delivery decides (`send`).
+--
 -- Returns JSON {s = admitted | waiting | booked | rejected | alert | settled | duplicate | stale |
---   early,
+--   early | handed | send,
 --   v, cur, lim, ci, cv, le (lease expiry), turn, wait, parked, first (first wait of the
---   attempt), au (audit entries written: [[stream id, [field, value, ...]], ...]),
+--   attempt), token (handed), queued_ms (how long the message waited in the broker),
+--   au (audit entries written: [[stream id, [field, value, ...]], ...]),
 --   pub (tasks to publish: [{id, msg, token}])}
 
 local req = read_request(ARGV)
 req.k = {rec = KEYS[8], cd = req[R.has_cooldown] and KEYS[9] or '',
   pr = req[R.has_provider_rate] and KEYS[10] or '', w = {KEYS[11], KEYS[12], KEYS[13]},
   steps = KEYS[14]}
+local at_publish = req[R.at_publish]
 local G = read_settings(ARGV)
 L.seal(ARGV[F.seals], ARGV[F.writer])
 local now = L.now_ms()
@@ -34,17 +43,24 @@ local rec = req.k.rec
 local au = L.template(req, R.au)
 local written, publish = {}, {}
 
+local queued_ms
 local function reply(t)
   t.au = written
   t.pub = publish
+  t.queued_ms = queued_ms
   return cjson.encode(t)
 end
 
 local r = redis.call('HMGET', rec, 'attempt', 'where', 'settled', 'holder', 'lease_exp',
-  'handoff', 'turn', 'skip', 'wait_since', 'fail', 'paused_since')
+  'handoff', 'turn', 'skip', 'wait_since', 'fail', 'paused_since', 'since')
 local attempt, where, settled, holder, lease_exp = r[1], r[2], r[3], r[4], r[5]
 local handoff, turn, skip, wait_since, fail = r[6], r[7], r[8], r[9], r[10]
 local paused_since = r[11]
+-- A message received: it is no longer in the broker (and how long it waited there says whether
+-- the worker pool is backlogged).
+if redis.call('ZREM', KEYS[15], rec) == 1 and where == 'queued' and r[12] and not at_publish then
+  queued_ms = now - tonumber(r[12])
+end
 local A = req[R.attempt]
 local same = attempt == tostring(A)
 local live = lease_exp and tonumber(lease_exp) > now and redis.call('ZSCORE', L.T.leases, rec)
@@ -136,7 +152,9 @@ end
 
 -- A fresh arrival.
 L.load_admission()
-if redis.call('ZCARD', L.T.waiting) > 0 then
+-- Waiting tasks go first (the hand-off), unless capacity is the pool's to give (fair dispatch,
+-- `pool_gated`) or nothing was received yet (at publication).
+if not at_publish and not req[R.pool_gated] and redis.call('ZCARD', L.T.waiting) > 0 then
   L.load_admission(true)
   L.handoff(now, G, {pub = publish, written = written}, req[R.au_policy_version])
 end
@@ -147,6 +165,25 @@ local since = (same and wait_since) and tonumber(wait_since) or now
 -- it began to wait for its reviewers or for its retry's delay (`paused_since`).
 local came = paused_since and math.min(since, tonumber(paused_since)) or since
 local verdict = L.evaluate(req, now, same and skip or '', nil, G.reclaim, came)
+
+if at_publish then
+  if verdict.kind == 'admit' and req[R.pool_wait] then
+    verdict = {kind = 'wait', limit = 'pool', v = V.pool_saturated, cur = 0, lim = 0, ci = 0,
+      cv = verdict.cv}
+  elseif verdict.kind == 'admit' then
+    -- It may run now: a slot is kept for its message, which carries the token.
+    L.load_admission(true)
+    local n = redis.call('HINCRBY', rec, 'handoffs', 1)
+    local token = req[R.id] .. ':' .. A .. ':' .. n
+    L.commit(req, now, verdict, token, 'handed', now + G.grace, now + G.grace)
+    redis.call('HSET', rec, 'handoff', token)
+    return reply({s = 'handed', token = token, le = now + G.grace})
+  elseif verdict.kind ~= 'wait' then
+    -- A turn to book, a limit that rejects, a cost alert: its delivery decides.
+    redis.call('ZADD', KEYS[15], now, rec)
+    return reply({s = 'send'})
+  end
+end
 
 if verdict.kind == 'book' and verdict.turn - since > req[R.max_wait] then
   verdict.kind = 'reject'

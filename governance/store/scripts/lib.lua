@@ -12,7 +12,9 @@
 --   KEYS[1] leases      ZSET  record key -> lease expiry (ms): a member per running (or handed) task
 --   KEYS[2] waiting     ZSET  record key -> wait position: the tenant's FIFO wait list
 --   KEYS[3] ledger      ZSET  record key -> when the reconciler must look at the task again (ms)
---   KEYS[4] meta        HASH  wait_seq, audit_seq (counters of the tenant)
+--   KEYS[4] meta        HASH  wait_seq, audit_seq, busy:<minute> (counters of the tenant), and
+--                             what operators set (ctl_paused, ctl_concurrency[_until],
+--                             ctl_weight[_until]: keys.CONTROL_FIELDS)
 --   KEYS[5] audit       STREAM the tenant's audit chain (entries and seals)
 --   KEYS[6] tenant rate STRING GCRA theoretical arrival time (ms)
 --   KEYS[7] runs        ZSET  run id -> when the run stops being in flight (ms)
@@ -346,9 +348,27 @@ local function define_admission()
     if run.cost >= threshold and not x.req[R.cost_alert_ack] then return {run.cost, threshold} end
   end
 
-  -- Concurrency: one lease per running task of the tenant.
+  -- What operators set on the tenant now (read by every evaluation, never cached: a pause or an
+  -- override takes effect at the next call): paused, and the concurrency in force.
+  function L.control(x)
+    if not x.control then
+      local c = redis.call('HMGET', L.T.meta, 'ctl_paused', 'ctl_concurrency',
+        'ctl_concurrency_until')
+      x.control = {paused = c[1] == '1', concurrency = x.req[R.concurrency]}
+      if c[2] and tonumber(c[3] or '0') > x.now then x.control.concurrency = tonumber(c[2]) end
+    end
+    return x.control
+  end
+
+  -- Paused by an operator: nothing of the tenant starts; its tasks wait (and keep their place).
+  function C.paused(x)
+    if L.control(x).paused then return {1, 0} end
+  end
+
+  -- Concurrency: one lease per running task of the tenant (an operator's override, while it
+  -- lasts, in place of the policy's).
   function C.concurrency(x)
-    local limit = x.req[R.concurrency]
+    local limit = L.control(x).concurrency
     if not limit or redis.call('ZSCORE', L.T.leases, x.req.k.rec) then return nil end
     local running = redis.call('ZCARD', L.T.leases)
     if running >= limit and x.reclaim and L.reclaim(x.now) > 0 then
@@ -671,11 +691,16 @@ local function define_wait_list()
   -- over and, from then on, passes over without counting the tasks that need the same (runs in
   -- flight: one run's fan-out must not hide the steps of runs in flight behind it). The walk ends
   -- after `scan` tasks skipped, after `sweep_limit` tasks moved on, or after `scan * 16` looked at.
+  -- With `out.grants` (fair dispatch: the pool's grants), it admits at most one task per grant,
+  -- each recording its grant (`pool`), and `out.blocked` says a limit of the tenant stopped it.
+  -- Returns how many tasks it admitted.
   function L.handoff(now, G, out, pv)
     local cache = {}
-    local skipped, handled, start, looked = 0, 0, 0, 0
+    local skipped, handled, start, looked, admitted = 0, 0, 0, 0, 0
     local full = {}
-    while skipped < G.scan and handled < G.sweep_limit and looked < G.scan * 16 do
+    local grants = out.grants
+    while skipped < G.scan and handled < G.sweep_limit and looked < G.scan * 16
+        and (not grants or admitted < #grants) do
       local rec = redis.call('ZRANGE', L.T.waiting, start, start)[1]
       if not rec then break end
       looked = looked + 1
@@ -724,7 +749,10 @@ local function define_wait_list()
           start = start + 1
         elseif verdict.kind == 'wait' then
           local effect = HANDOFF[verdict.limit]
-          if effect == 'stop' then break end
+          if effect == 'stop' then
+            out.blocked = true
+            break
+          end
           if effect == 'pass' then full[verdict.limit] = true end
           skipped = skipped + 1
           start = start + 1
@@ -732,12 +760,14 @@ local function define_wait_list()
           handled = handled + 1
           redis.call('ZREM', L.T.waiting, rec)
           if verdict.kind == 'admit' then
+            admitted = admitted + 1
             local n = redis.call('HINCRBY', rec, 'handoffs', 1)
             local token = id .. ':' .. req[R.attempt] .. ':' .. n
             local since = tonumber(redis.call('HGET', rec, 'wait_since') or now)
             local lease_exp = math.max(since + req[R.max_wait], now + G.lease)
             L.commit(req, now, verdict, token, 'handed', lease_exp, now + G.grace)
             redis.call('HSET', rec, 'handoff', token, 'msg', msg)
+            if grants then redis.call('HSET', rec, 'pool', grants[admitted]) end
             out.pub[#out.pub + 1] = {id = id, msg = msg, token = token}
             cache = {}
           else
@@ -750,6 +780,7 @@ local function define_wait_list()
         end
       end
     end
+    return admitted
   end
 
 end

@@ -14,7 +14,14 @@
 -- ARGV: the settlement (vocabulary.SETTLEMENT, read into `s` by read_settlement: `s[F.holder]`),
 -- the settings (`G`), the seals of this writer's earlier entries and the writer's id.
 --
--- Returns JSON {s = settled | late | noop, before, after (check values), au, pub}.
+-- With `pool_gated` (the worker pool is saturated: fair dispatch) the freed capacity is not
+-- handed on here: the caller tells the pool (pool_dispatch.lua), which gives it to the tenant
+-- furthest below its fair share. The attempt's worker time is counted per minute in the
+-- tenant's meta (`busy:<minute>`), for its share of the pool.
+--
+-- Returns JSON {s = settled | late | noop, before, after (check values), au, pub,
+--   pool (the grant of a task fair dispatch handed on: given back by the caller),
+--   waiting (tasks of the tenant still waiting)}.
 
 local s = read_settlement(ARGV)
 local G = read_settings(ARGV)
@@ -136,10 +143,22 @@ if not late then
     redis.call('EXPIRE', rec, s[F.ttl_task])
   end
   redis.call('HDEL', rec, 'wait_since', 'wait_seq', 'wait_for', 'handoffs', 'turn', 'skip', 'fail')
-  if redis.call('ZCARD', L.T.waiting) > 0 then
+  if not s[F.pool_gated] and redis.call('ZCARD', L.T.waiting) > 0 then
     L.load_admission(true)
     L.handoff(now, G, {pub = publish, written = written}, s[F.policy_version])
   end
 end
 
-return reply({s = late and 'late' or 'settled', before = before, after = after})
+-- The tenant's worker time, per minute (its share of the pool, over the last minute).
+local run_ms = s[F.run_ms]
+if run_ms and run_ms > 0 then
+  local minute = math.floor(now / 60000)
+  redis.call('HINCRBY', L.T.meta, 'busy:' .. minute, math.floor(run_ms))
+  redis.call('HDEL', L.T.meta, 'busy:' .. (minute - 2))
+end
+-- The grant of a task fair dispatch handed on ends with it (not with a late holder's: the
+-- delivery that took its lease over still runs under it).
+local grant = not late and redis.call('HGET', rec, 'pool') or nil
+if grant then redis.call('HDEL', rec, 'pool') end
+return reply({s = late and 'late' or 'settled', before = before, after = after,
+  pool = grant or nil, waiting = redis.call('ZCARD', L.T.waiting)})

@@ -10,7 +10,10 @@
 --                    own delivery ends it (a task always ends on a worker, with its result);
 --   held, done       nothing to do (held tasks have their own expiry).
 -- Then it hands free capacity to the oldest waiting tasks that fit (capacity freed by a lease
--- reclaimed from a dead worker, a run closed, a policy change).
+-- reclaimed from a dead worker, a run closed, a policy change), unless the worker pool is
+-- saturated (`pool_gated`: fair dispatch gives capacity). A paused tenant's tasks are not
+-- failed for waiting past their limit while it is paused, and their limit counts again from
+-- when it was resumed (`ctl_resumed_at`).
 --
 -- KEYS[1..7]  the tenant's shared keys (see lib.lua)
 --
@@ -92,6 +95,14 @@ for _, rec in ipairs(due) do
     else
       redis.call('ZADD', L.T.ledger, math.max(now + G.grace, tonumber(lease_exp or now)), rec)
     end
+  elseif where == 'waiting' and redis.call('HGET', L.T.meta, 'ctl_paused') == '1' then
+    -- Paused by an operator: waiting is not failed meanwhile; looked at again later.
+    redis.call('ZADD', L.T.ledger, now + G.grace, rec)
+  elseif where == 'waiting' and now - math.max(tonumber(r[6] or now),
+      tonumber(redis.call('HGET', L.T.meta, 'ctl_resumed_at') or '0'))
+      <= L.kept_max_wait(r[8], G.grace_max) then
+    -- Its wait began again when its tenant was resumed: not past its limit yet.
+    redis.call('ZADD', L.T.ledger, now + G.grace, rec)
   elseif where == 'waiting' then
     local max_wait = L.kept_max_wait(r[8], G.grace_max)
     local since = tonumber(r[6] or now)
@@ -107,7 +118,7 @@ for _, rec in ipairs(due) do
   end
 end
 
-if redis.call('ZCARD', L.T.waiting) > 0 then
+if ARGV[F.pool_gated] ~= '1' and redis.call('ZCARD', L.T.waiting) > 0 then
   L.handoff(now, G, {pub = publish, written = written}, text(ARGV[F.policy_version]))
 end
 local more = #due >= G.sweep_limit and 1 or 0
