@@ -256,6 +256,7 @@ def status(
         settings.state_url, cluster=settings.state_redis_cluster, timeout_s=settings.state_timeout_s
     )
     state = StateStore(client)
+    context.check_deployment(state, settings)
     raw = state.run("policy reports", lambda: client.hgetall(DeploymentKeys.policy_reports))
     now = time.time()
     workers = []

@@ -237,6 +237,7 @@ def _json_arg(raw: str) -> Any:
 def _publish(celery_app: Any, task: Any, ctx: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
     from governance.integration import submit
 
+    context.runtime()  # the deployment's runtime: the state Redis it records the task in is one
     _check_call(task, args, kwargs)
     _reachable(celery_app)
     return submit(task, ctx, *args, **kwargs)

@@ -7,21 +7,92 @@ validated before anything else: a valid one replaces the policy at once, so the 
 its audit entry carry its version; an invalid one changes nothing, and its error (the file, the
 field, the reason) is logged, kept for the worker's report (``govctl policy status``) and
 audited by the worker's maintenance thread.
+
+**The last valid version.** Whenever a process loads a valid file (at start, or a change), it
+keeps a copy of that file beside it, ``.<name>.last-valid`` (:func:`last_valid_path`), written
+atomically. While the file is invalid, ``govctl`` reads state and decides held tasks with that
+copy, which is what the running workers still enforce. A directory it may not write to is
+logged once, and the process goes on without a copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from governance.policy.engine import Policy
-from governance.policy.loader import ConfigError
+from governance.policy.loader import ConfigError, load_yaml
 
 log = logging.getLogger("governance")
+
+#: The suffix of the copy of a policy file's last valid version, kept beside it.
+LAST_VALID_SUFFIX = ".last-valid"
+
+_unwritable: set[Path] = set()
+
+
+def last_valid_path(path: Path) -> Path:
+    """Where the last valid version of the policy file ``path`` is kept: beside it, hidden,
+    e.g. ``config/.governance.yaml.last-valid``."""
+    return path.with_name(f".{path.name}{LAST_VALID_SUFFIX}")
+
+
+def is_last_valid_copy(path: Path) -> bool:
+    """Whether ``path`` is itself such a copy (a process using it keeps no copy of a copy)."""
+    return path.name.startswith(".") and path.name.endswith(LAST_VALID_SUFFIX)
+
+
+def keep_last_valid(policy: Policy, path: Path) -> Path | None:
+    """Keep the text of ``path`` beside it as its last valid version, if it is ``policy`` (the
+    file may have changed since it was loaded: then nothing is written, the next check loads
+    it). Atomic: a temporary file in the same directory, then ``os.replace``. Returns the copy,
+    or None when nothing was written."""
+    if is_last_valid_copy(path):
+        return None
+    copy = last_valid_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if copy.is_file() and copy.read_text(encoding="utf-8") == text:
+            return copy
+        data = load_yaml(text, str(path))
+        loaded = Policy.from_dict(data, source=str(path), hook_loader=policy.hook_loader)
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+    if loaded.version != policy.version:
+        return None
+    try:
+        fd, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", text=True
+        )
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
+            os.replace(temporary, copy)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError as exc:
+        if copy not in _unwritable:
+            _unwritable.add(copy)
+            log.warning(
+                "cannot keep the last valid policy as %s (%s): while %s is invalid, govctl has "
+                "no version to fall back on",
+                copy,
+                exc.strerror or exc,
+                path,
+            )
+        return None
+    return copy
+
 
 FileSignature = tuple[int, int, int, int] | None
 
@@ -59,6 +130,8 @@ class WatchedPolicy:
         #: The error of the last invalid file, until a valid one is loaded.
         self.error: str | None = None
         self.loaded_at = time.time()
+        if self._path is not None:
+            keep_last_valid(policy, self._path)
 
     @property
     def path(self) -> Path | None:
@@ -93,6 +166,7 @@ class WatchedPolicy:
                 )
                 return PolicyChange(old.version, None, self.error)
             self.error = None
+            keep_last_valid(new, self._path)
             if new.version == old.version:
                 return None
             self._policy = new

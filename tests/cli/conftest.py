@@ -22,6 +22,7 @@ from governance.policy.signing import (
     private_key_pem,
     public_key_text,
 )
+from governance.store.deployment import write_marker
 from governance.store.state import StateStore
 from tests.govctl_runner import ROOT, run_govctl, run_govctl_process
 
@@ -58,7 +59,9 @@ def cli_config(tmp_path: Path, reviewer_keys: dict[str, Path]) -> Path:
 def cli_env(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, cli_config: Path
 ) -> dict[str, str]:
-    """govctl's settings on the (flushed) session Redis: broker and state alike."""
+    """govctl's settings on the (flushed) session Redis: broker and state alike, marked as a
+    deployment's state as a worker marks it."""
+    write_marker(StateStore(redis_client), "cli-test-worker@host")
     return {
         "GOVERNANCE_BROKER_URL": redis_url,
         "GOVERNANCE_STATE_REDIS_URL": redis_url,

@@ -1,5 +1,7 @@
-"""Celery signal handlers of the worker: the maintenance thread of every worker, started and
-stopped with it, the ``task_prerun``/``task_postrun`` hooks of
+"""Celery signal handlers of the worker: the maintenance thread of every worker, and the
+deployment marker it keeps in the state Redis (:mod:`governance.integration.worker.marker`),
+started and stopped with it; the outage filter of its log handlers
+(:mod:`governance.integration.store_health`); the ``task_prerun``/``task_postrun`` hooks of
 :mod:`governance.integration.worker.overlap`, ``task_revoked``
 (:mod:`governance.integration.worker.revoked`), and the owed audit seals of an exiting process.
 
@@ -17,9 +19,11 @@ from governance.integration.runtime import installed_on, runtime_for
 from governance.integration.store_health import install_outage_log
 from governance.integration.worker import overlap, revoked
 from governance.integration.worker.maintenance import MaintenanceThread
+from governance.integration.worker.marker import MarkerKeeper
 
 _connected: set[int] = set()
 _pumps: dict[int, Any] = {}
+_markers: dict[int, MarkerKeeper] = {}
 
 
 def connect(app: Any) -> None:
@@ -32,7 +36,12 @@ def connect(app: Any) -> None:
 
     def start_pump(sender: Any = None, **_: Any) -> None:
         node = getattr(sender, "hostname", None)
-        pump = MaintenanceThread(app, runtime_for(app), node=node)
+        runtime = runtime_for(app)
+        # This Redis holds the deployment's state: govctl checks for the mark.
+        marker = MarkerKeeper(runtime, node or "worker")
+        marker.start()
+        _markers[id(app)] = marker
+        pump = MaintenanceThread(app, runtime, node=node)
         pump.start()
         _pumps[id(app)] = pump
 
@@ -40,6 +49,9 @@ def connect(app: Any) -> None:
         pump = _pumps.pop(id(app), None)
         if pump is not None:
             pump.stop()
+        marker = _markers.pop(id(app), None)
+        if marker is not None:
+            marker.stop()
 
     def flush_owed_seals(**_: Any) -> None:
         runtime = installed_on(app)
