@@ -291,7 +291,3 @@ class DeploymentKeys:
     #: first and last, and when), written by workers as they start and while they run. govctl
     #: refuses to answer from a Redis without it (say, the broker's database 0).
     marker = f"{PREFIX}:{{deployment}}:marker"
-    #: That this Redis holds a deployment's governance state: JSON (which worker wrote it
-    #: first and last, and when), written by workers as they start and while they run. govctl
-    #: refuses to answer from a Redis without it (say, the broker's database 0).
-    marker = f"{PREFIX}:{{deployment}}:marker"
