@@ -236,7 +236,7 @@ def _anchor_paths(settings: GovernanceSettings, given: list[Path] | None) -> lis
 
     if given:
         return [p for path in given for p in parse_paths(str(path))]
-    if settings.audit_anchor_public_key is None:
+    if not settings.audit_anchor_public_key:
         return None
     return [p for p in parse_paths(settings.audit_anchors) if p.exists()] or None
 

@@ -193,11 +193,10 @@ def verify(
     macs_at: dict[int, str] = {}
     future: list[AuditEntry] = []
     rolled_back: list[AuditEntry] = []
-    entries_seen = 0
+    numbered = 0  # entries other than seals
     checked = adopted = 0
     last_seq = first_expected - 1
     for entry in log.entries(chain):
-        entries_seen += 1
         if entry.is_seal:
             adopted_by = entry.fields.get("by", "").startswith("adopted")
             for sealed_seq, mac in _seals(entry):
@@ -218,6 +217,7 @@ def verify(
                     checked += 1
                     adopted += adopted_by
             continue
+        numbered += 1
         if entry.written_ms > future_limit:
             future.append(entry)
         seq = entry.valid_seq
@@ -304,7 +304,7 @@ def verify(
                     entry.id,
                     f"entry {entry.id} (seq {seq}) has no valid seal and a stream id "
                     f"{(entry.written_ms - now) // 1000} s ahead of the time: it was rewritten "
-                    "under an id chosen by hand (to pass for pending)",
+                    "under an id chosen by hand (to pass for pending), or came after one",
                 )
             )
         elif entry.written_ms >= unsealed_cutoff:
@@ -367,7 +367,7 @@ def verify(
         macs_at,
         ids_by_seq,
         last_seq,
-        empty=entries_seen == 0 and head == 0,
+        empty=numbered == 0 and head == 0,  # (seals a writer still owed may remain)
     )
     return VerifyReport(
         chain,
@@ -656,8 +656,12 @@ def watch(log: AuditLog, chain: str, seen: Head | None) -> tuple[Head | None, Ro
     """Where ``chain`` ends now, and whether it went back since ``seen`` (the watcher's own
     memory, out of reach of whoever writes Redis). A chain whose oldest entry is older than
     the entry seen was cut; one whose entries are all newer (or none) was wiped and maybe
-    started again. After a rollback, what it ends at now is the new memory."""
+    started again. After a rollback, what it ends at now is the new memory. An entry whose id
+    is ahead of the time is never remembered (its order with later ones means nothing)."""
     head = log.head_seq(chain)
+    ahead = now_ms() + CLOCK_SKEW_MS
+    if seen is not None and id_order(seen.id)[0] > ahead:
+        seen = None  # an id moved ahead of the time (verify names it) tells nothing
     if seen is not None and head == seen.seq:
         return seen, None
     rolled_back = None
@@ -668,7 +672,7 @@ def watch(log: AuditLog, chain: str, seen: Head | None) -> tuple[Head | None, Ro
     if head == 0:
         return None, rolled_back
     entry_id = _id_of(log, chain, head)
-    if entry_id is None:
+    if entry_id is None or id_order(entry_id)[0] > ahead:
         return (None if rolled_back else seen), rolled_back  # being written: next time
     return Head(head, entry_id), rolled_back
 
