@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 PACKAGES := governance $(wildcard workers)
 PYTEST_ARGS ?=
 
-.PHONY: help install lint format test demo bench stress redis clean
+.PHONY: help install lint format test demo bench stress stress-audit redis clean
 
 help:
 	@echo "make demo     the main job end to end: Redis, a worker, Flower, a scripted scenario"
@@ -19,7 +19,10 @@ help:
 	@echo "make format   apply ruff's fixes and formatting"
 	@echo "make bench    governed vs plain Celery throughput, a backlog next to another tenant,"
 	@echo "              and the store micro-benchmark"
-	@echo "make stress   the worker-kill scenario 20 times in a row (STRESS_RUNS=N to change)"
+	@echo "make stress   the worker-kill scenario 20 times in a row (STRESS_RUNS=N to change),"
+	@echo "              then make stress-audit"
+	@echo "make stress-audit  a worker SIGKILLed, then audit verify every 0.2 s for 90 s at the"
+	@echo "              default audit settings: never a false alarm"
 	@echo "make redis    a Redis for development in the foreground (AOF, data in .govredis);"
 	@echo "              it prints the export line to use it (REDIS_ARGS='--port 6380')"
 	@echo "make install  create $(VENV) and install the project with its dev extras"
@@ -70,6 +73,14 @@ stress: $(STAMP)
 		echo "stress run $$i/$(STRESS_RUNS)"; \
 		$(BIN)/pytest -q -p no:cacheprovider $(STRESS_TEST) || exit 1; \
 	done; echo "all $(STRESS_RUNS) runs passed"
+	$(MAKE) stress-audit
+
+STRESS_AUDIT_TEST := tests/e2e/test_e2e_attack_audit.py::test_no_false_alarm_after_a_worker_is_killed_at_the_default_settings
+
+# No false alarm from `govctl audit verify` after a worker's SIGKILL, at the default audit
+# settings (grace 30 s, adoption every 10 s): three graces of verify every 0.2 s (about 2 min).
+stress-audit: $(STAMP)
+	GOVERNANCE_STRESS_AUDIT=1 $(BIN)/pytest -q -p no:cacheprovider -rs $(STRESS_AUDIT_TEST)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
