@@ -37,17 +37,28 @@ from kombu.exceptions import OperationalError
 
 from governance.integration.approvals.gate import ApprovalGate
 from governance.integration.approvals.holding import Holding
+from governance.integration.audit_fields import audit_template
 from governance.integration.errors import ActionDenied, GovernanceError
 from governance.integration.events import call_fields, event_fields, send_app_event
 from governance.integration.execution import current_execution
 from governance.integration.governed import Governable, is_governed
-from governance.integration.headers import CONTEXT, LEDGER, context_json, header_value, read_context
+from governance.integration.headers import (
+    CONTEXT,
+    HANDOFF,
+    LEDGER,
+    context_json,
+    header_value,
+    read_context,
+)
 from governance.integration.messages import RawSend, envelope_from_options
+from governance.integration.pool_view import queue_of
 from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
 from governance.policy.tiers import Outcome
+from governance.store.admission import AdmissionStatus
 from governance.store.audit import AuditEvent, AuditEventType
 
 log = logging.getLogger("governance.publish")
@@ -190,11 +201,22 @@ def publish_governed(
         )
         return result_cls(task_id)
     parked = countdown is not None and countdown > runtime.settings.countdown_limit_s
-    runtime.ledger.record_published(
+    load = runtime.ledger.record_published(
         ctx.tenant, task_id, envelope.to_json(), due_ms=due_ms, parked=parked
     )
     if parked:
         return result_cls(task_id)
+    if not countdown:
+        # Work that cannot run now waits in Redis from here, never in the broker (fair dispatch):
+        # over its tenant's concurrency, behind its tenant's waiting tasks, or beyond the pool.
+        queue = queue_of(app, name, options)
+        saturated = runtime.pool_view.saturated(queue)
+        if saturated or load.must_wait(tenant.concurrency):
+            token = _wait_or_hand(app, runtime, ctx, task_id, action, decision, queue, saturated)
+            if token is None:
+                return result_cls(task_id)
+            if token:
+                headers[HANDOFF] = token
     try:
         return runtime.send_raw(name, args, kwargs, task_id=task_id, headers=headers, **options)
     except OperationalError as exc:
@@ -208,6 +230,66 @@ def publish_governed(
             runtime.settings.reconcile_after_s,
         )
         return result_cls(task_id)
+
+
+#: A publisher registers a tenant whose tasks wait for a pool at most this often (the pool keeps
+#: it until it has nothing left; settlements and the maintenance leader register it too).
+REGISTER_EVERY_S = 0.25
+_registered: dict[tuple[str, str], float] = {}
+
+
+def _wait_or_hand(
+    app: Any,
+    runtime: GovernanceRuntime,
+    ctx: ActionContext,
+    task_id: str,
+    action: Action,
+    decision: Decision,
+    queue: str,
+    saturated: bool,
+) -> str | None:
+    """Admit the task at publication (see ``admit.lua``): None when it waits (in its tenant's
+    wait list; its result says DEFERRED, and a saturated pool learns its tenant waits); a
+    hand-off token when a slot is kept for it; "" when its delivery decides."""
+    tenant = runtime.policy.tenant(ctx.tenant)
+    assert tenant is not None
+    admission = runtime.admitter.admit(
+        ctx=ctx,
+        action=action,
+        task_id=task_id,
+        attempt=0,
+        estimate=runtime.policy.estimate_usage(action),
+        limits=runtime.limits_for(tenant, action),
+        holder=f"publish:{task_id}",
+        template=audit_template(ctx, task_id, action, runtime.policy.version, _tier(decision)),
+        reclaim=runtime.health.may_reclaim,
+        at_publish=True,
+        pool_wait=saturated,
+        queue=queue,
+    )
+    runtime.publish_each(admission.publish)
+    if admission.status is AdmissionStatus.HANDED:
+        return admission.token
+    if admission.status is not AdmissionStatus.WAITING:
+        return ""
+    violation = admission.violation.type.value if admission.violation else "capacity"
+    meta = {
+        "reason": admission.reason,
+        "violation": violation,
+        "waiting": "wait list",
+        "ahead": admission.ahead,
+        "at": "publish",
+    }
+    app.backend.store_result(task_id, meta, "DEFERRED")
+    if saturated:
+        now = time.monotonic()
+        if now - _registered.get((queue, ctx.tenant), -REGISTER_EVERY_S) >= REGISTER_EVERY_S:
+            _registered[(queue, ctx.tenant)] = now
+            grant = runtime.pool_view.pools.dispatch(
+                queue, register=[(ctx.tenant, tenant.weight)], give=False
+            )
+            runtime.pool_view.noted(queue, grant.saturated)
+    return None
 
 
 def _redacted_reprs(args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any]) -> None:

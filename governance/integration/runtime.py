@@ -26,6 +26,7 @@ from governance.integration.ignored import IgnoredDeliveries
 from governance.integration.leases import LeaseKeeper
 from governance.integration.messages import Envelope, RawSend, publish
 from governance.integration.policy_watch import WatchedPolicy
+from governance.integration.pool_view import PoolView
 from governance.integration.store_health import StoreHealth
 from governance.integration.unsettled import UnsettledAttempts
 from governance.policy.actions import Action, LLMCall
@@ -93,6 +94,8 @@ class GovernanceRuntime:
         self._limits: dict[tuple[str, str | None], tuple[TenantPolicy, AdmissionLimits]] = {}
         self._raw_send: RawSend | None = None
         self.health = StoreHealth(settings.lease_ms / 1000, settings.heartbeat_interval_s)
+        #: The worker pools as this process sees them (fair dispatch).
+        self.pool_view = PoolView(lambda: self.state, lambda: self.policy)
         atexit.register(_flush_at_exit, weakref.ref(self))
         warn_development_secrets(settings)
 

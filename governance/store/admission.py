@@ -283,7 +283,8 @@ class AdmissionRequest(TypedDict, total=False):
     waits from here, or is handed a slot, or its delivery decides: ``WAITING``, ``HANDED``,
     ``SEND``); ``pool_wait``: the worker pool is saturated, so a task that could run waits for
     its tenant's share; ``pool_gated``: capacity is the pool's to give, this call hands nothing
-    on.
+    on; ``queue``: the queue the task goes to (its pool: fair dispatch hands a pool's capacity to
+    its tasks only).
     """
 
     ctx: Required[ActionContext]
@@ -303,6 +304,7 @@ class AdmissionRequest(TypedDict, total=False):
     at_publish: bool
     pool_wait: bool
     pool_gated: bool
+    queue: str
 
 
 class SettlementOptions(TypedDict, total=False):
@@ -421,6 +423,7 @@ class Admitter:
             gate_turn=gate["turn"],
             gate_violation=gate["v"],
             gate_wait=gate["wait"],
+            queue=request.get("queue") or "",
             at_publish="1" if request.get("at_publish") else "",
             pool_wait="1" if request.get("pool_wait") else "",
             pool_gated="1" if request.get("pool_gated") else "",

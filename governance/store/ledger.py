@@ -216,14 +216,14 @@ class Ledger:
         )
 
     def dispatch(
-        self, tenant: str, grants: Sequence[str], *, policy_version: str = ""
+        self, tenant: str, grants: Sequence[str], *, queue: str = "", policy_version: str = ""
     ) -> DispatchResult:
         """Fair dispatch reached ``tenant``: hand its oldest waiting tasks that fit one grant
         each (see ``scripts/dispatch.lua``); the caller publishes them and gives the unused
         grants back to the pool."""
         keys = TenantKeys(tenant)
         args = DISPATCH.arrange(
-            {"grants": json.dumps(list(grants)), "policy_version": policy_version}
+            {"grants": json.dumps(list(grants)), "queue": queue, "policy_version": policy_version}
         )
         settings = self._state.script_settings()
         reply = begin_sealed_call(

@@ -505,6 +505,7 @@ ADMISSION_TASK: tuple[Item, ...] = (
     ),
     Field("gate_violation", Kind.TEXT, "what the gate waits for: cooldown or rate_limit:provider"),
     Field("gate_wait", Kind.INT, "how long from now (ms)"),
+    Field("queue", Kind.TEXT, "the queue the task goes to (its worker pool); '': the default"),
     Field(
         "at_publish",
         Kind.FLAG,
@@ -638,6 +639,7 @@ DISPATCH = Record(
     "(dispatch.lua)",
     (
         Field("grants", Kind.JSON, "the pool's grant tokens, one per task it may hand on"),
+        Field("queue", Kind.TEXT, "the pool's queue: only tasks that go to it are handed on"),
         Field("policy_version", Kind.TEXT, "the caller's policy (see L.handoff); '': any"),
     ),
 )

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from celery.exceptions import Retry
 
+from governance.integration.audit_fields import audit_template
 from governance.integration.errors import RETRIES_EXHAUSTED, GovernedRetry
 from governance.integration.worker.outcome import (
     FAILED,
@@ -21,7 +22,6 @@ from governance.integration.worker.outcome import (
     RETRY_SCHEDULED,
     AttemptOutcome,
     attempt_outcome,
-    audit_template,
     base_usage,
     counted_usage,
     step_timeout_error,

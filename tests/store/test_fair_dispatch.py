@@ -138,8 +138,8 @@ def test_a_tenant_with_nothing_left_leaves_and_the_pool_stops_being_saturated(
     any_state: StateStore,
 ) -> None:
     pool = pools(any_state, capacity={QUEUE: 4})
-    grant = pool.dispatch(QUEUE, register=[("a", 1.0)], saturate=True)
-    assert grant.saturated
+    grant = pool.dispatch(QUEUE, register=[("a", 1.0)])
+    assert grant.saturated  # a tenant waits for it
     assert grant.tenant == "a"
     done = pool.dispatch(QUEUE, returned=Returned("a", grant.grants, done=True), give=False)
     assert not done.saturated
@@ -172,7 +172,7 @@ def test_a_task_waits_from_publication_and_is_handed_on_with_a_grant(
     assert not load.must_wait(8)
     waited = admitter.admit(
         ctx=ctx(), action=tool(), task_id="p1", attempt=0, estimate=TOOL_STEP, limits=limits,
-        at_publish=True, pool_wait=True,
+        at_publish=True, pool_wait=True, queue=QUEUE,
     )  # fmt: skip
     assert waited.status is AdmissionStatus.WAITING
     assert waited.violation is not None
@@ -181,7 +181,7 @@ def test_a_task_waits_from_publication_and_is_handed_on_with_a_grant(
     assert any_state.client.zcard(keys.queued) == 0  # not in the broker
     grant = pool.dispatch(QUEUE, register=[("acme", 1.0)], saturate=True)
     assert grant.tenant == "acme"
-    dispatched = ledger.dispatch("acme", grant.grants)
+    dispatched = ledger.dispatch("acme", grant.grants, queue=QUEUE)
     assert dispatched.used == 1
     (handed,) = dispatched.publish
     assert handed.handoff
@@ -303,3 +303,37 @@ def test_one_dispatch_is_the_same_few_commands_whatever_the_number_of_waiting_te
     assert grant.tenant is not None
     # The script's own commands, plus EVALSHA and INFO: independent of the tenants waiting.
     assert after - before < 40, after - before
+
+
+def test_a_backlogged_broker_keeps_the_pool_saturated_for_a_while(any_state: StateStore) -> None:
+    """A delivery that found the broker backlogged saturates the pool before anything waits
+    for it (publishers then keep tasks out of the broker), for a couple of seconds."""
+    pool = pools(any_state, capacity={QUEUE: 4})
+    assert not pool.dispatch(QUEUE, give=False).saturated
+    assert pool.dispatch(QUEUE, saturate=True, give=False).saturated
+    assert pool.dispatch(QUEUE, give=True).saturated  # nothing waits, but the backlog holds
+    assert pool.saturated([QUEUE]) == {QUEUE: True}
+
+
+def test_at_publication_tasks_already_in_the_broker_hold_their_slots(
+    any_state: StateStore,
+) -> None:
+    """First come, first served: a task published while an earlier one of its tenant is still in
+    the broker (not received yet) waits from publication when they would exceed its concurrency,
+    instead of taking the slot before the earlier one arrives."""
+    admitter, ledger = Admitter(any_state), Ledger(any_state)
+    limits = AdmissionLimits(concurrency=1)
+    assert not ledger.record_published("acme", "first", envelope("first")).must_wait(1)
+    load = ledger.record_published("acme", "second", envelope("second"))
+    assert load.must_wait(1)
+    second = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="second", attempt=0, estimate=TOOL_STEP,
+        limits=limits, at_publish=True,
+    )  # fmt: skip
+    assert second.status is AdmissionStatus.WAITING
+    first = admitter.admit(
+        ctx=ctx(), action=tool(), task_id="first", attempt=0, estimate=TOOL_STEP, limits=limits
+    )
+    assert first.admitted
+    (handed,) = admitter.settle(first.ticket, TOOL_STEP).publish
+    assert handed.task_id == "second"

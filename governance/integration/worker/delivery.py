@@ -32,6 +32,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from governance.integration.approvals.gate import COST_ALERT, ApprovalGate
 from governance.integration.approvals.holding import Holding
+from governance.integration.audit_fields import audit_template
 from governance.integration.errors import (
     ActionDenied,
     ActionFailed,
@@ -48,11 +49,11 @@ from governance.integration.headers import (
     read_headers,
 )
 from governance.integration.messages import Envelope, envelope_from_request
+from governance.integration.pool_view import queue_of_delivery
 from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.integration.worker.outcome import (
     attempt_outcome,
-    audit_template,
     base_usage,
     counted_usage,
     step_timeout_error,
@@ -100,6 +101,8 @@ class Delivery:
         self.decision: Decision | None = None
         self._envelope: Envelope | None = None
         self._call: str | None = None
+        #: The queue the message came from: its worker pool's (fair dispatch).
+        self.queue = queue_of_delivery(task)
         #: What admission reserved for this attempt (the policy's estimate of the action).
         self._estimate = Usage()
         self._admit_ms = 0.0
@@ -179,8 +182,16 @@ class Delivery:
         if outcome.cooldown is not None:
             self._record_cooldown(headers, action, outcome.cooldown)
         AttemptSettlement(
-            self.runtime, self.task, admission.ticket, self.envelope, headers.attempt, self._started
-        ).settle(counted, outcome)
+            self.runtime,
+            self.task,
+            admission.ticket,
+            self.envelope,
+            headers.attempt,
+            self._started,
+            queue=self.queue,
+            action=action,
+            weight=tenant.weight,
+        ).settle(counted, outcome, run_ms)
         if outcome.error is None:
             return result
         if outcome.retry_delay_ms is not None:
@@ -331,6 +342,8 @@ class Delivery:
                 outage=headers.outage,
                 reclaim=runtime.health.may_reclaim,
                 cost_alert_approved=alert_approved,
+                pool_gated=runtime.pool_view.saturated(self.queue),
+                queue=self.queue,
             )
 
     def _admit(
@@ -348,6 +361,7 @@ class Delivery:
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
         self.runtime.publish_each(admission.publish)
+        self.runtime.pool_view.backlogged(self.queue, admission.queued_ms)
         status = admission.status
         if status is AdmissionStatus.ADMITTED:
             return admission

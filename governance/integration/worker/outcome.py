@@ -20,7 +20,6 @@ from celery.exceptions import Retry
 
 from governance.integration.errors import RETRIES_EXHAUSTED, GovernedRetry
 from governance.policy.actions import Action, ToolCall
-from governance.policy.context import ActionContext
 from governance.policy.errors import ActionError, ErrorKind
 from governance.policy.retry import RetryPolicy
 from governance.policy.usage import Usage
@@ -34,23 +33,6 @@ RETRY_SCHEDULED = AuditEventType.RETRY_SCHEDULED.value
 def base_usage(action: Action) -> Usage:
     """What every attempt counts before the body reports more: one step (and one tool call)."""
     return Usage(steps=1, tool_calls=1 if isinstance(action, ToolCall) else 0)
-
-
-def audit_template(
-    ctx: ActionContext, task_id: str, action: Action, policy_version: str, tier: str | None = None
-) -> dict[str, str]:
-    """The fields every audit entry about one task carries (the store scripts add the rest)."""
-    template = {
-        "tenant": ctx.tenant,
-        "agent": ctx.agent,
-        "run": ctx.run,
-        "task_id": task_id,
-        "action": action.name,
-        "policy_version": policy_version,
-    }
-    if tier is not None:
-        template["tier"] = tier
-    return template
 
 
 @dataclass(frozen=True)

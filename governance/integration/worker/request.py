@@ -13,8 +13,15 @@ reservation released, the reservation counted as spent, a ``task_failed`` audit 
 **Flower.** Celery reports every exception as ``task-failed``; a denial is not a crash, so this
 request reports a task that ended with :class:`ActionDenied` as ``task-denied`` (state DENIED in
 Flower), and one that ended with :class:`ApprovalRejected` as ``task-rejected``, each with the
-reason in ``result`` too (the column Flower's task list shows for every governance state). The
-result backend still says FAILURE with the reason, as callers expect.
+reason in ``result`` too (the column Flower's task list shows for every governance state). Any
+other failure keeps ``task-failed`` (FAILURE) with its reason in ``result`` as well: a limit
+names the policy setting behind it (``limit: same_step_loop exceeded: 4 / 3 (133%) (policy:
+long_running.max_same_step_repetitions)``). The result backend still says FAILURE with the
+reason, as callers expect.
+
+**Secrets.** The worker's events (``task-received``: Flower's args and kwargs) and its log
+lines show a message's ``argsrepr``/``kwargsrepr``; for a governed task whose call has
+secret-named values, they are the call with those values redacted, whoever published it.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from typing import Any
 
 from celery.worker.request import Request
 
+from governance.integration.audit_fields import audit_template
+from governance.integration.events import failure_summary
 from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, header_value, read_context
+from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, runtime_for
-from governance.integration.worker.outcome import audit_template
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.tenant import TenantPolicy
@@ -69,6 +78,7 @@ class _Step:
 class GovernedRequest(Request):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._redact_reprs()
         # The pool applies ``time_limits`` (Celery's request class for each task reads them
         # when it hands the task to the pool).
         step = self._step(only_with_timeouts=True)
@@ -77,6 +87,19 @@ class GovernedRequest(Request):  # type: ignore[misc]
             soft = min(x for x in (soft, self.task.soft_time_limit, step.timeout_s) if x)
             killed_at = soft + HARD_LIMIT_GRACE_S
             self.time_limits = (min(hard, killed_at) if hard else killed_at, soft)
+
+    def _redact_reprs(self) -> None:
+        """The call as events and logs show it: secret-named values redacted (the publisher
+        does the same for the messages it sends; this covers any other)."""
+        if not is_governed(self.task):
+            return
+        for field, value in (("argsrepr", self._args), ("kwargsrepr", self._kwargs)):
+            if not isinstance(value, list | tuple | dict):
+                continue
+            redacted = redact(list(value) if isinstance(value, tuple) else value)
+            if redacted != value:
+                setattr(self, f"_{field}", repr(redacted))
+                self._request_dict[field] = repr(redacted)
 
     def _step(self, only_with_timeouts: bool = False) -> _Step | None:
         """The policy's view of this request, or None when it is not governed or its
@@ -146,4 +169,6 @@ class GovernedRequest(Request):  # type: ignore[misc]
             if renamed is not None:
                 type = renamed
                 fields.setdefault("result", f"{renamed[5:]}: {reason_of(exception)}")
+            else:
+                fields.setdefault("result", failure_summary(exception, reason_of(exception)))
         super().send_event(type, **fields)

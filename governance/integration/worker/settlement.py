@@ -23,8 +23,10 @@ from typing import Any
 
 from governance.integration.messages import Envelope
 from governance.integration.runtime import GovernanceRuntime
+from governance.integration.worker.dispatch import completion, dispatch
 from governance.integration.worker.outcome import AttemptOutcome
 from governance.integration.worker.overlap import defer_settlement, settling_after_result
+from governance.policy.actions import Action
 from governance.policy.usage import Usage
 from governance.store.admission import AdmissionTicket, NextAttempt, Settlement
 from governance.store.errors import StoreUnavailable
@@ -49,9 +51,15 @@ class AttemptSettlement:
     envelope: Callable[[], Envelope]
     attempt: int
     started: float
+    #: The queue the task came from, its action and its tenant's weight (fair dispatch).
+    queue: str = ""
+    action: Action | None = None
+    weight: float = 1.0
 
-    def settle(self, actual: Usage, outcome: AttemptOutcome) -> None:
-        """Record ``outcome`` with ``actual`` usage, then publish what follows."""
+    def settle(self, actual: Usage, outcome: AttemptOutcome, run_ms: float = 0.0) -> None:
+        """Record ``outcome`` with ``actual`` usage, then publish what follows; in a saturated
+        pool, the capacity it frees goes through fair dispatch (see ``worker.dispatch``)."""
+        gated = self.runtime.pool_view.saturated(self.queue) if self.queue else False
         next_attempt = None
         if outcome.retry_delay_ms is not None:
             due_ms = int(time.time() * 1000) + outcome.retry_delay_ms
@@ -68,6 +76,8 @@ class AttemptSettlement:
                     next_attempt=next_attempt,
                     reclaim=self.runtime.health.may_reclaim,
                     policy_version=self.runtime.policy.version,
+                    run_ms=run_ms,
+                    pool_gated=gated,
                 )
 
         def finish(written: Pending[Settlement] | None = None) -> None:
@@ -77,6 +87,17 @@ class AttemptSettlement:
             self.runtime.publish_each(settlement.publish)
             if next_attempt is not None and not next_attempt.parked:
                 self._publish_retry(outcome.retry_delay_ms or 0)
+            if (gated or settlement.pool_grant) and self.action is not None:
+                tenant = self.ticket.tenant
+                dispatch(
+                    self.runtime,
+                    self.queue,
+                    completed=completion(
+                        self.runtime, tenant, self.action, actual, run_ms, settlement.pool_grant
+                    ),
+                    register=(tenant, self.weight) if settlement.waiting else None,
+                    give=gated,
+                )
 
         if settling_after_result(self.task):
             # Written now, read once Celery has stored the result (its round trip overlaps

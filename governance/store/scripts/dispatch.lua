@@ -7,7 +7,8 @@
 --
 -- KEYS[1..7]  the tenant's shared keys (see lib.lua)
 --
--- ARGV (vocabulary.DISPATCH): grants (JSON list), the caller's policy version; then the
+-- ARGV (vocabulary.DISPATCH): grants (JSON list), the pool's queue (only its tasks are handed
+-- on), the caller's policy version; then the
 -- settings (`G`), the seals and the writer's id.
 --
 -- Returns JSON {pub = [{id, msg, token}], au = [...], used (grants used, in order), left (tasks
@@ -18,7 +19,7 @@ L.seal(ARGV[F.seals], ARGV[F.writer])
 local now = L.now_ms()
 local written, publish = {}, {}
 local grants = json(ARGV[F.grants]) or {}
-local out = {pub = publish, written = written, grants = grants}
+local out = {pub = publish, written = written, grants = grants, queue = ARGV[F.queue]}
 local used = 0
 if #grants > 0 and redis.call('ZCARD', L.T.waiting) > 0 then
   L.load_admission(true)

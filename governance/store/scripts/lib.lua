@@ -370,9 +370,13 @@ local function define_admission()
   function C.concurrency(x)
     local limit = L.control(x).concurrency
     if not limit or redis.call('ZSCORE', L.T.leases, x.req.k.rec) then return nil end
-    local running = redis.call('ZCARD', L.T.leases)
+    -- At publication the tasks already in the broker, on their way to a slot, count too (they
+    -- were published first: first come, first served).
+    local queued = 0
+    if x.req[R.at_publish] and x.req.k.q then queued = redis.call('ZCARD', x.req.k.q) end
+    local running = redis.call('ZCARD', L.T.leases) + queued
     if running >= limit and x.reclaim and L.reclaim(x.now) > 0 then
-      running = redis.call('ZCARD', L.T.leases)
+      running = redis.call('ZCARD', L.T.leases) + queued
       x.cache = {}  -- reclaimed reservations changed the windows: read them again if needed
     end
     if running >= limit then return {running + 1, limit} end
@@ -606,6 +610,8 @@ local function define_wait_list()
     local args = {}
     for i = 1, R_SIZE do args[i] = argv[i] end
     args[R.envelope] = ''
+    -- How this call was made (at publication, in a saturated pool) is not the waiting task's.
+    args[R.at_publish], args[R.pool_wait], args[R.pool_gated] = '', '', ''
     return cjson.encode({args = args, keys = keys})
   end
 
@@ -692,7 +698,8 @@ local function define_wait_list()
   -- flight: one run's fan-out must not hide the steps of runs in flight behind it). The walk ends
   -- after `scan` tasks skipped, after `sweep_limit` tasks moved on, or after `scan * 16` looked at.
   -- With `out.grants` (fair dispatch: the pool's grants), it admits at most one task per grant,
-  -- each recording its grant (`pool`), and `out.blocked` says a limit of the tenant stopped it.
+  -- each recording its grant (`pool`), only tasks of the pool's queue (`out.queue`), and
+  -- `out.blocked` says a limit of the tenant stopped it.
   -- Returns how many tasks it admitted.
   function L.handoff(now, G, out, pv)
     local cache = {}
@@ -721,6 +728,8 @@ local function define_wait_list()
         local passed = false
         if req then
           for name in pairs(full) do passed = passed or L.needs[name](req, now) end
+          -- Fair dispatch gives one pool's capacity: a task of another queue is not for it.
+          if grants and out.queue and (req[R.queue] or '') ~= out.queue then passed = true end
         end
         local stored_pv = req and req[R.au_policy_version]
         local reloaded = not req or (pv and stored_pv and stored_pv ~= pv)

@@ -20,7 +20,9 @@
 --                           ":c" mean cost
 -- KEYS[4] grants      ZSET  grant -> backstop expiry (ms): dispatched tasks in flight
 -- KEYS[5] grant info  HASH  grant -> "<tenant>|<estimated cost>"
--- KEYS[6] state       HASH  vtime, saturated (1 while tasks wait for the pool), seq
+-- KEYS[6] state       HASH  vtime, saturated (1 while tasks wait for the pool, or the broker
+--                           was found backlogged less than BACKLOG_HOLD_MS ago), backlog_until,
+--                           seq
 --
 -- ARGV (vocabulary.POOL_DISPATCH): what ended, what was given back, who waits, whether to
 -- saturate and to dispatch, and the pool's parameters (see there).
@@ -31,6 +33,8 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local MEAN_ALPHA = 0.2
+-- How long a pool stays saturated after a delivery found the broker backlogged (ms).
+local BACKLOG_HOLD_MS = 2000
 
 local function num(key, field, default)
   return tonumber(redis.call('HGET', key, field) or '') or default
@@ -95,13 +99,15 @@ end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 64)
 for _, grant in ipairs(expired) do end_grant(grant, false, nil) end
 
+-- Saturated while tenants wait for the pool, and for a while after a delivery found the broker
+-- backlogged (so that publishers, which read this flag now and then, start keeping tasks out of
+-- the broker before anything waits).
 local waiting = redis.call('ZCARD', KEYS[2])
-if ARGV[F.saturate] == '1' or waiting > 0 then
-  redis.call('HSET', KEYS[6], 'saturated', 1)
-else
-  redis.call('HSET', KEYS[6], 'saturated', 0)
+if ARGV[F.saturate] == '1' then
+  redis.call('HSET', KEYS[6], 'backlog_until', now + BACKLOG_HOLD_MS)
 end
-local saturated = tonumber(redis.call('HGET', KEYS[6], 'saturated'))
+local saturated = (waiting > 0 or num(KEYS[6], 'backlog_until', 0) > now) and 1 or 0
+redis.call('HSET', KEYS[6], 'saturated', saturated)
 
 -- The pool's capacity: the policy's, or its live workers' pool sizes.
 local capacity = tonumber(ARGV[F.capacity])
