@@ -147,7 +147,9 @@ def list_(
 
 
 def _listed(task: HeldTask) -> dict[str, Any]:
-    """A held task in a listing: its secret-named values masked (``held show --reveal``)."""
+    """A held task as every command prints it (listed, approved, rejected, expired): its
+    secret-named values masked, ``*** (sha256:..., N chars)`` (``held show --reveal`` shows
+    them, audited)."""
     from governance.integration.redaction import redact_for_review
 
     shown = task.as_dict()
@@ -320,7 +322,7 @@ def approve(
                     if outcome.grant_id
                     else None
                 ),
-                "task": outcome.task.as_dict(),
+                "task": _listed(outcome.task),
             }
         )
         return
@@ -369,7 +371,7 @@ def reject(
     task = context.reviewers().reject(task_id, private, reason)
     who = task.decisions[-1].reviewer if task.decisions else "?"
     if as_json:
-        output.emit_json({"task_id": task_id, "outcome": "rejected", "task": task.as_dict()})
+        output.emit_json({"task_id": task_id, "outcome": "rejected", "task": _listed(task)})
         return
     output.show(f"rejected task {task_id} ({who}): {reason}")
 
@@ -379,7 +381,7 @@ def expire(as_json: JsonFlag = False) -> None:
     """Reject, as expired, every held task whose hold has run out (workers sweep too)."""
     expired = context.reviewers().expire_due()
     if as_json:
-        output.emit_json({"expired": [t.as_dict() for t in expired]})
+        output.emit_json({"expired": [_listed(t) for t in expired]})
         return
     if not expired:
         output.show("no held task has expired")

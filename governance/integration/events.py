@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,18 +40,77 @@ def event_fields(
     return fields
 
 
+#: Events of a task that waits: it has not started (Flower shows no Started time until the
+#: task-started of the run that follows).
+WAITING_KINDS = frozenset({"deferred", "held"})
+
+
 def flower_fields(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Fields Flower shows: the state itself and a readable ``result``.
 
     Flower ignores a state that ranks below the current one (``celery.states.PRECEDENCE``):
     REJECTED, a built-in state, ranks below HELD. Carrying ``state`` in the event sets it anyway.
     Flower's API only returns Celery's own task fields, so the reason goes into ``result``
-    (unless the caller wrote a fuller one).
+    (unless the caller wrote a fuller one): for a task that waits, with its place in line
+    (``ahead``) or its booked turn (``turn_ms``) when the event carries them. A task that waits
+    is not running: the event clears the Started time and run time an earlier delivery set, and
+    says since when it waits (``waiting_since``: a ``task-started`` of that delivery arriving
+    after it, from another process, is older; :func:`governance.flower.format_task`).
     """
     summary = f"{kind}: {fields.get('reason', '')}"
     if fields.get("tenant"):
         summary += f" (tenant {fields['tenant']}, action {fields.get('action', '')})"
-    return {"state": kind.upper(), "result": summary, **fields}
+    if fields.get("turn_ms"):
+        summary += f"; its turn: {iso(int(fields['turn_ms']))}"
+    elif fields.get("ahead") is not None and kind == "deferred":
+        summary += f"; {int(fields['ahead'])} ahead of it in line"
+    shown = {"state": kind.upper(), "result": summary, **fields}
+    if kind in WAITING_KINDS:
+        shown.update(started=None, runtime=None, waiting_since=time.time())
+    return shown
+
+
+#: The policy setting behind each limit a task can fail on, by the violation that names it
+#: first in a ``LimitExceeded`` reason (``same_step_loop exceeded: 4 / 3 (133%)``).
+LIMIT_SETTINGS = {
+    "step_limit": "budgets[].steps",
+    "token_limit": "budgets[].tokens",
+    "input_token_limit": "budgets[].input_tokens",
+    "output_token_limit": "budgets[].output_tokens",
+    "tool_call_limit": "budgets[].tool_calls",
+    "cost_limit": "budgets[].cost_usd",
+    "wall_time_limit": "long_running.max_wall_time_s",
+    "discovered_step_limit": "long_running.max_discovered_steps",
+    "discovery_depth_limit": "long_running.max_discovery_depth",
+    "idle_timeout": "long_running.idle_timeout_s",
+    "same_step_loop": "long_running.max_same_step_repetitions",
+    "cost_alert": "long_running.cost_alert_usd",
+    "step_timeout": "step_timeout",
+}
+
+
+def limit_setting(reason: str) -> str | None:
+    """The policy setting a limit failure's ``reason`` is about, or None: the violation that
+    starts it (``same_step_loop exceeded: ...``), or a wait that ran out (``waited 612 s for
+    concurrency_limit ...``: ``max_wait``)."""
+    if reason.startswith("waited "):
+        return "max_wait"
+    first = reason.split(" ", 1)[0].rstrip(":")
+    return LIMIT_SETTINGS.get(first)
+
+
+def failure_summary(exception: str, reason: str) -> str:
+    """The ``result`` Flower's list shows for a governed task that failed: what failed, its
+    reason, and for a limit the policy setting behind it (the ``long_running`` presets set
+    some of them for every tenant that says nothing)."""
+    name = exception.split("(", 1)[0]
+    if name == "LimitExceeded":
+        setting = limit_setting(reason)
+        where = f" (policy: {setting})" if setting else ""
+        return f"limit: {reason}{where}"
+    if name == "ActionFailed":
+        return f"failed: {reason}"
+    return f"failed: {exception}"
 
 
 def iso(ms: int) -> str:

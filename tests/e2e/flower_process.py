@@ -31,13 +31,19 @@ def free_port() -> int:
 
 
 class FlowerProcess:
-    """`celery flower` on a free local port; read its HTTP API with :meth:`client`."""
+    """`celery flower` on a free local port; read its HTTP API with :meth:`client`.
+
+    ``app_module`` is the ``-A`` it is started with (Flower shows every worker's events on the
+    broker, whatever the app)."""
 
     user = "admin"
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, app_module: str = "workers.app"
+    ) -> None:
         self.env = env
         self.log_path = log_path
+        self.app_module = app_module
         self.password = secrets.token_urlsafe(16)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -55,7 +61,7 @@ class FlowerProcess:
             [
                 CELERY,
                 "-A",
-                "workers.app",
+                self.app_module,
                 "flower",
                 f"--conf={FLOWER_CONFIG}",
                 f"--port={self.port}",
@@ -102,6 +108,16 @@ class FlowerProcess:
         (the Workers page lists the same)."""
         workers: dict[str, bool] = self.get_json("/api/workers", status="true")
         return workers
+
+    def datatable(self, search: str = "", length: int = 100) -> list[dict[str, Any]]:
+        """The rows of the task list (``/tasks/datatable``, what its page draws), newest first;
+        ``search`` as typed in its search box (``state:HELD``)."""
+        params = {
+            "draw": "1", "start": "0", "length": str(length), "search[value]": search,
+            "order[0][column]": "0", "order[0][dir]": "desc", "columns[0][data]": "received",
+        }  # fmt: skip
+        rows: list[dict[str, Any]] = self.get_json("/tasks/datatable", **params)["data"]
+        return rows
 
     def task_page(self, task_id: str) -> str:
         """The task's HTML page (``/task/<id>``), as an operator sees it."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from governance.integration.redaction import redact_for_review
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.config import Notifier
 from governance.policy.tenant import TenantPolicy
@@ -31,7 +32,11 @@ TIMEOUT_S = 5.0
 
 
 def notification_body(task: HeldTask, tenant: TenantPolicy) -> dict[str, Any]:
-    """What a webhook receives (JSON): the task, the call, why, who may decide, and how."""
+    """What a webhook receives (JSON): the task, the call, why, who may decide, and how.
+
+    The call's secret-named values are masked as a reviewer sees them in ``govctl held show``
+    (``*** (sha256:..., N chars)``): the body is kept in the outbox in Redis, then sent to a
+    third party (Slack, a webhook)."""
     expires = datetime.fromtimestamp(task.expires_ms / 1000, UTC).isoformat()
     event = "held" if task.blocking else "suggested"
     commands = {"show": f"govctl held show {task.task_id}"}
@@ -47,7 +52,7 @@ def notification_body(task: HeldTask, tenant: TenantPolicy) -> dict[str, Any]:
         "requested_by": task.user or None,
         "action": task.action_name,
         "action_class": task.action_class,
-        "call": task.action,
+        "call": redact_for_review(task.action),
         "reason": task.reason,
         "kind": task.kind,
         "reviewers": sorted(tenant.reviewers),

@@ -1,8 +1,9 @@
 """Celery signal handlers of the worker: the maintenance thread of every worker, and the
 deployment marker it keeps in the state Redis (:mod:`governance.integration.worker.marker`),
 started and stopped with it; the outage filter of its log handlers
-(:mod:`governance.integration.store_health`); the ``task_prerun``/``task_postrun`` hooks of
-:mod:`governance.integration.worker.overlap`, ``task_revoked``
+(:mod:`governance.integration.store_health`); the app's result backends, which store governed
+calls redacted (:mod:`governance.integration.worker.results`); the ``task_prerun``/
+``task_postrun`` hooks of :mod:`governance.integration.worker.overlap`, ``task_revoked``
 (:mod:`governance.integration.worker.revoked`), and the owed audit seals of an exiting process.
 
 Publishing needs no signal: the app's ``send_task`` is wrapped by ``setup.install`` (see
@@ -20,6 +21,7 @@ from governance.integration.store_health import install_outage_log
 from governance.integration.worker import overlap, revoked
 from governance.integration.worker.maintenance import MaintenanceThread
 from governance.integration.worker.marker import MarkerKeeper
+from governance.integration.worker.results import redact_stored_calls
 
 _connected: set[int] = set()
 _pumps: dict[int, Any] = {}
@@ -33,6 +35,8 @@ def connect(app: Any) -> None:
     _connected.add(id(app))
     overlap.connect()
     revoked.connect()
+    # Stored results (result_extended) keep no secret-named argument of a governed call.
+    redact_stored_calls(app)
 
     def start_pump(sender: Any = None, **_: Any) -> None:
         node = getattr(sender, "hostname", None)

@@ -1,0 +1,172 @@
+"""How Flower shows governed tasks, beyond what its options say: loaded by the shipped
+``config/flowerconfig.py`` (``celery -A APP flower --conf=config/flowerconfig.py``).
+
+Flower's own pages show governance states (every governed outcome is a task event), but not
+well: its task list cuts the result column at 400 px (~45 characters of a reason), a task held
+or denied at publish time names the publisher as its worker (a worker page that does not
+exist), REJECTED shows its time as a raw epoch, and the state filters know only Celery's states.
+This module gives Flower:
+
+- :func:`format_task` (Flower's ``format_task`` option), applied to every task its task list
+  and task pages show: no worker for an event sent by a publisher or ``govctl``
+  (:data:`~governance.integration.events.PUBLISHER_NODE`), and a readable ``rejected`` time;
+- :func:`use_governance_templates`: Flower's templates, with the task list extended: its result
+  column shows a governed task's reason in full (the first line of the result, wrapped; the
+  rest in its tooltip), the state badges of the governance states have colours, and there are
+  filters for them (HELD, DEFERRED, DENIED, REJECTED, SHADOWED, SUGGESTED).
+
+A task that waits (DEFERRED, HELD) has no Started time until it runs: the event that says it
+waits clears it (:func:`governance.integration.events.flower_fields`).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from tornado.template import Loader, Template
+
+from governance.integration.events import PUBLISHER_NODE
+
+#: The governance states, as Flower's filters offer them.
+GOVERNANCE_STATES = ("HELD", "DEFERRED", "DENIED", "REJECTED", "SHADOWED", "SUGGESTED")
+
+#: The states of a task that waits: it shows no Started time until it runs.
+WAITING_STATES = frozenset({"DEFERRED", "HELD"})
+
+#: The name under which our task list template reaches Flower's own ``tasks.html``.
+_FLOWER_TASKS = "flower-tasks.html"
+
+_PUBLISHER_PREFIX = PUBLISHER_NODE.split("@", 1)[0] + "@"
+
+
+def _readable(timestamp: Any) -> Any:
+    if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
+        return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return timestamp
+
+
+def format_task(task: Any) -> Any:
+    """Flower's ``format_task``: ``task`` (a copy of Flower's) as its pages should show it."""
+    started = getattr(task, "started", None)
+    since = getattr(task, "waiting_since", None)
+    if (
+        getattr(task, "state", None) in WAITING_STATES
+        and started is not None
+        and (since is None or started <= since)
+    ):
+        # The start of the delivery that found it must wait, not of a run: not started yet.
+        task.started = None
+        task.runtime = None
+    worker = getattr(task, "worker", None)
+    hostname = str(getattr(worker, "hostname", "") or "")
+    if hostname.startswith(_PUBLISHER_PREFIX):
+        task.worker = None  # sent by a publisher or govctl, never run by a worker
+    if getattr(task, "rejected", None) is not None:
+        task.rejected = _readable(task.rejected)
+    return task
+
+
+# The task list: Flower's tasks.html, and after its scripts, ours.
+_TASKS_HTML = (
+    '{% extends "' + _FLOWER_TASKS + '" %}\n'
+    "{% block extra_scripts %}\n"
+    """<style>
+  /* The reason of a governed task, in full: Flower cuts this column at 400px. */
+  #tasks-table td.governance-reason {
+    max-width: 44rem; min-width: 18rem; white-space: normal; overflow-wrap: anywhere;
+    text-overflow: clip;
+  }
+  .task-state-filter.governance-state { font-style: italic; }
+</style>
+<script>
+(function ($) {
+  "use strict";
+  var STATES = """
+    + repr(list(GOVERNANCE_STATES)).replace("'", '"')
+    + """,
+      BADGES = {HELD: "text-bg-warning", DEFERRED: "text-bg-info", DENIED: "text-bg-danger",
+                REJECTED: "text-bg-danger", SHADOWED: "text-bg-light", SUGGESTED: "text-bg-light"},
+      PATTERN = new RegExp("(?:^|\\\\s)state:(" + STATES.join("|") + ")(?:\\\\s|$)", "i");
+
+  function highlight(table) {
+    var match = PATTERN.exec(table.search()), state = match ? match[1].toUpperCase() : null;
+    if (!state) {
+      $(".task-state-filter.governance-state").removeClass("active").attr("aria-pressed", false);
+      return;
+    }
+    $(".task-state-filter").each(function () {
+      var on = $(this).data("task-state") === state;
+      $(this).toggleClass("active", on).attr("aria-pressed", on);
+    });
+  }
+
+  function showReasons(table) {
+    var names = table.columns().dataSrc().toArray(),
+        result = names.indexOf("result"), state = names.indexOf("state");
+    table.rows({page: "current"}).every(function () {
+      var row = this.node(), data = this.data();
+      if (result >= 0) {
+        var cell = $(row).children("td").eq(result), text = data.result;
+        cell.removeClass("text-nowrap overflow-auto").addClass("governance-reason");
+        if (typeof text === "string" && text.indexOf("\\n") >= 0) {
+          cell.text(text.split("\\n")[0]).attr("title", text);
+        } else if (text !== null && text !== undefined) {
+          cell.attr("title", String(text));
+        }
+      }
+      if (state >= 0 && BADGES[data.state]) {
+        $(row).children("td").eq(state).find(".badge")
+          .removeClass("text-bg-secondary").addClass(BADGES[data.state]);
+      }
+    });
+  }
+
+  $(document).ready(function () {
+    var filters = $(".task-state-filters");
+    if (!filters.length || !$.fn.dataTable.isDataTable("#tasks-table")) {
+      return;
+    }
+    var table = $("#tasks-table").DataTable();
+    STATES.forEach(function (state) {
+      $("<button>", {"class": "task-state-filter governance-state", type: "button",
+                     "data-task-state": state, "aria-pressed": "false", text: state})
+        .appendTo(filters)
+        .on("click", function () {
+          table.search("state:" + state).draw();
+        });
+    });
+    table.on("search.dt", function () { highlight(table); });
+    table.on("draw.dt", function () { showReasons(table); highlight(table); });
+    showReasons(table);
+    highlight(table);
+  });
+}(jQuery));
+</script>
+{% end %}
+"""
+)
+
+_OVERRIDES = {"tasks.html": _TASKS_HTML}
+
+
+class GovernanceTemplates(Loader):
+    """Flower's templates, with ours in place of some: ours may extend Flower's own under
+    ``flower-<name>``."""
+
+    def _create_template(self, name: str) -> Template:
+        if name in _OVERRIDES:
+            return Template(_OVERRIDES[name], name=name, loader=self)
+        if name == _FLOWER_TASKS:
+            with open(os.path.join(self.root, "tasks.html"), "rb") as handle:
+                return Template(handle.read(), name=name, loader=self)
+        return super()._create_template(name)
+
+
+def use_governance_templates() -> None:
+    """Make Flower render its pages with :class:`GovernanceTemplates` (from its conf file,
+    which Flower runs before it builds its web application from these settings)."""
+    from flower.urls import settings  # type: ignore[import-untyped]
+
+    settings["template_loader"] = GovernanceTemplates(settings["template_path"])
