@@ -13,7 +13,9 @@ This module gives Flower:
 - :func:`use_governance_templates`: Flower's templates, with the task list extended: its result
   column shows a governed task's reason in full (the first line of the result, wrapped; the
   rest in its tooltip), the state badges of the governance states have colours, and there are
-  filters for them (HELD, DEFERRED, DENIED, REJECTED, SHADOWED, SUGGESTED).
+  filters for them (HELD, DEFERRED, DENIED, REJECTED, SHADOWED, SUGGESTED); and an event state
+  that forgets a publisher's node at once (no offline "worker" per publisher on the Workers
+  page).
 
 A task that waits (DEFERRED, HELD) has no Started time until it runs: the event that says it
 waits clears it (:func:`governance.integration.events.flower_fields`).
@@ -75,10 +77,15 @@ _TASKS_HTML = (
     """<style>
   /* The reason of a governed task, in full: Flower cuts this column at 400px. */
   #tasks-table td.governance-reason {
-    max-width: 44rem; min-width: 18rem; white-space: normal; overflow-wrap: anywhere;
+    max-width: 40rem; min-width: 16rem; white-space: normal; overflow-wrap: anywhere;
     text-overflow: clip;
   }
   .task-state-filter.governance-state { font-style: italic; }
+  /* Room for the reasons: the short task id below 1800px (the link and its title have it all). */
+  @media (max-width: 1799.98px) {
+    #tasks-table .task-uuid-full { display: none; }
+    #tasks-table .task-uuid-short { display: inline; }
+  }
 </style>
 <script>
 (function ($) {
@@ -165,8 +172,34 @@ class GovernanceTemplates(Loader):
 
 
 def use_governance_templates() -> None:
-    """Make Flower render its pages with :class:`GovernanceTemplates` (from its conf file,
-    which Flower runs before it builds its web application from these settings)."""
+    """Make Flower render its pages with :class:`GovernanceTemplates` and forget the nodes of
+    publishers (from its conf file, which Flower runs before it builds its web application
+    from these settings and its event state)."""
     from flower.urls import settings  # type: ignore[import-untyped]
 
     settings["template_loader"] = GovernanceTemplates(settings["template_path"])
+    _forget_publisher_nodes()
+
+
+def _forget_publisher_nodes() -> None:
+    """Flower's event state files every task event under a worker named after its sender, and
+    keeps a worker that announced it left (it passes no ``on_node_leave``), so each publisher's
+    event left ``governance-publisher@host`` on the Workers page, offline. Forget that node as
+    soon as its event is recorded (its tasks keep their state; :func:`format_task` shows them
+    without a worker)."""
+    from flower.events import EventsState  # type: ignore[import-untyped]
+
+    recorded = EventsState.event
+    if getattr(recorded, "_governance", False):
+        return
+
+    def event(self: Any, event: dict[str, Any]) -> Any:
+        result = recorded(self, event)
+        hostname = str(event.get("hostname") or "")
+        if hostname.startswith(_PUBLISHER_PREFIX):
+            self.workers.pop(hostname, None)
+            self.counter.pop(hostname, None)
+        return result
+
+    event._governance = True  # type: ignore[attr-defined]
+    EventsState.event = event

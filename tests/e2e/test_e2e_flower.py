@@ -10,9 +10,14 @@ Every custom state ranks as "unknown", just below FAILURE and above STARTED and 
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -483,3 +488,161 @@ def test_govctl_calls_leave_no_phantom_workers(
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {flower.workers()} (before: {before})") from None
     assert flower.workers()[worker.node_name] is True
+
+
+# -- in a real browser ----------------------------------------------------------------------------
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+INSTALL_HINT = "needs a headless browser: apt-get install -y chromium (Debian's package)"
+
+
+def _browser() -> str:
+    found = os.environ.get("GOVERNANCE_TEST_BROWSER") or next(
+        (path for name in BROWSERS if (path := shutil.which(name))), None
+    )
+    if not found:
+        pytest.skip(INSTALL_HINT)
+    return found
+
+
+def _chromium(browser: str, url: str, profile: Path, *extra: str) -> str:
+    """``url`` in headless Chromium, after its scripts (and their requests) ran: stdout."""
+    done = subprocess.run(
+        [
+            browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
+            "--window-size=1400,900", "--virtual-time-budget=15000", *extra, url,
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class _Table(HTMLParser):
+    """The rows of ``#tasks-table`` (cell texts, and each cell's classes), and the state
+    filter buttons, from a page's DOM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[tuple[str, str]]] = []
+        self.filters: list[str] = []
+        self._in_body = False
+        self._cell: list[str] | None = None
+        self._cell_class = ""
+        self._button = False
+        self._button_text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "table" and found.get("id") == "tasks-table":
+            self._in_body = False
+        if tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows.append([])
+        elif tag == "td" and self._in_body and self.rows:
+            self._cell, self._cell_class = [], found.get("class") or ""
+        elif tag == "button" and "task-state-filter" in (found.get("class") or ""):
+            self._button, self._button_text = True, []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1].append(("".join(self._cell).strip(), self._cell_class))
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+        elif tag == "button" and self._button:
+            self.filters.append("".join(self._button_text).strip())
+            self._button = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._button:
+            self._button_text.append(data)
+
+
+def test_the_task_list_in_a_real_browser(
+    app: Celery,
+    runtime: GovernanceRuntime,
+    flower: FlowerProcess,
+    observer: ObserverServer,
+    keys: dict[str, Ed25519PrivateKey],
+    tmp_path: Path,
+) -> None:
+    """Flower's task list and pages in headless Chromium, as an operator sees them: a held
+    task's reason in full, a waiting task without a Started time, readable times (REJECTED's
+    too), and no publisher posing as a worker. A screenshot is kept in the test's folder."""
+    browser = _browser()
+    held = submit_tool(
+        app, ctx("t-quorum", agent="flower-browser", user="dana"), "write_file",
+        path="flower-browser-held.txt", content="b",
+    )  # fmt: skip
+    rejected = submit_tool(
+        app, ctx("t-held", agent="flower-browser", user="dana"), "write_file",
+        path="flower-browser-rejected.txt", content="r",
+    )  # fmt: skip
+    wait_for_state(flower, rejected.id, "HELD")
+    Reviewers(app, runtime).reject(rejected.id, keys["alice"], "not this one")
+    # A slow call holds t-conc's only slot; the next, sent straight to the broker (the worker
+    # decides), waits for it: DEFERRED, and not started.
+    slow = submit_tool(
+        app, ctx("t-conc", agent="flower-browser"), "http_get",
+        url=f"{observer.base_url}/slow?key=flower-browser&ms=8000",
+    )  # fmt: skip
+    wait_until(
+        lambda: (flower.tasks().get(slow.id) or {}).get("state") == "STARTED",
+        timeout_s=30, what="the slow call to start", poll_s=0.1,
+    )  # fmt: skip
+    waiting = to_broker(
+        app, "tools.echo", {"text": "after the slow one"}, headers(ctx("t-conc", "flower-browser"))
+    )
+    for task_id, state in ((held.id, "HELD"), (rejected.id, "REJECTED"), (waiting.id, "DEFERRED")):
+        wait_for_state(flower, task_id, state)
+
+    profile = tmp_path / "profile"
+    base = f"http://{flower.user}:{flower.password}@127.0.0.1:{flower.port}"
+    listing = f"{base}/tasks?name=tools."
+    dom = _chromium(browser, listing, profile, "--dump-dom")
+    screenshot = tmp_path / "flower-tasks.png"
+    _chromium(browser, listing, profile, f"--screenshot={screenshot}")
+    assert screenshot.stat().st_size > 10_000
+    table = _Table()
+    table.feed(dom)
+    assert {"HELD", "DEFERRED", "DENIED", "REJECTED", "SHADOWED", "SUGGESTED"} <= set(
+        table.filters
+    ), table.filters
+    columns = ["name", "uuid", "state", "result", "received", "started", "runtime", "worker"]
+    rows = {}
+    for cells in table.rows:
+        if len(cells) == len(columns):
+            row = dict(zip(columns, cells, strict=True))
+            rows[row["uuid"][0][:36]] = row
+    for task_id in (held.id, rejected.id, waiting.id):
+        assert task_id in rows, (task_id, sorted(rows))
+
+    reason = audit_of(runtime, held.id)[0].fields["reason"]
+    text, classes = rows[held.id]["result"]
+    assert text == f"held: {reason}"  # the first line of the result, whole
+    assert "governance-reason" in classes  # shown wrapped, not cut at 400 px
+    assert "overflow-auto" not in classes
+    assert rows[held.id]["worker"][0] == ""  # held at publish: no worker, no publisher
+    assert rows[rejected.id]["result"][0].startswith("rejected: rejected by alice: not this one")
+    assert rows[waiting.id]["state"][0] == "DEFERRED"
+    assert rows[waiting.id]["started"][0] == ""  # it waits: not started
+    assert rows[waiting.id]["result"][0].startswith("deferred: ")
+    for row in (rows[held.id], rows[waiting.id]):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}", row["received"][0]), row
+
+    # The rejected task's page: its time is a date, not an epoch.
+    page = _chromium(browser, f"{base}/task/{rejected.id}", profile, "--dump-dom")
+    after = page.split(">Rejected</dt>", 1)[1]
+    shown = html.unescape(re.sub(r"<[^>]+>", " ", after.split("</dd>", 1)[0])).strip()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", shown), shown
+    # The workers page: only the real worker.
+    workers = _chromium(browser, f"{base}/workers", profile, "--dump-dom")
+    assert "governance-publisher" not in workers
+    assert slow.get(timeout=60)["status"] == 200
+    assert waiting.get(timeout=60) is not None
