@@ -203,7 +203,7 @@ class AuditSealer:
             f"audit chain {chain!r}: this process wrote seq {earlier[1]} (entry "
             f"{earlier[0][0]}-{earlier[0][1]}), then was given seq {later[1]} (entry "
             f"{later[0][0]}-{later[0][1]}): the chain's counter went back (entries cut and the "
-            "counter reset, or the state Redis lost writes)"
+            "counter reset, the chain wiped, or the state Redis lost writes)"
         )
 
     def owes(self, chain: str) -> bool:

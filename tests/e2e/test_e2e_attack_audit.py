@@ -147,10 +147,12 @@ def test_an_entry_above_the_counter_is_named_once_older_than_the_grace(
         STREAM,
         {"seq": str(head + 5), "type": "released", "tenant": TENANT, "reviewer": "alice"},
     ).decode()
-    grace_s = float(e2e_env["GOVERNANCE_SEAL_GRACE_S"])
+    # The verifier's own grace, shortened (the workers keep theirs).
+    grace = {"GOVERNANCE_SEAL_GRACE_S": "1"}
+    grace_s = 1.0
     started = time.monotonic()
     broken = wait_until(
-        lambda: (r := govctl(e2e_env, "audit", "verify")).returncode == 4 and r,
+        lambda: (r := govctl(e2e_env, "audit", "verify", **grace)).returncode == 4 and r,
         grace_s + 15,
         "verify to name the entry above the counter",
     )
@@ -410,6 +412,14 @@ def test_a_wiped_chain_is_logged_by_the_leader_and_named_by_the_anchors(
     echo(anchored.app)  # nothing else breaks: the chain starts again, and is anchored again
     wait_until(lambda: anchored_head(anchored, client), 20, "the new chain anchored")
     assert govctl(anchored.env, "audit", "verify", "--anchors", path).returncode == 4
+    # A careless verifier: an anchor file that is not there, another anchor public key.
+    missing = govctl(anchored.env, "audit", "verify", "--anchors", f"{path}:{path}.missing")
+    assert missing.returncode == 1
+    assert f"No such file or directory: {path}.missing" in missing.stderr
+    other = public_key_text(new_private_key().public_key())
+    wrong = govctl(anchored.env, "audit", "verify", GOVERNANCE_AUDIT_ANCHOR_PUBLIC_KEY=other)
+    assert wrong.returncode == 5
+    assert "verifies under GOVERNANCE_AUDIT_ANCHOR_PUBLIC_KEY: it is not the key" in wrong.stderr
     client.close()
 
 
