@@ -242,6 +242,21 @@ class Ledger:
             bool(reply.get("blocked")),
         )
 
+    def waiting_tenants(self, tenants: Iterable[str]) -> list[str]:
+        """The tenants with tasks in their wait lists (one pipelined read)."""
+        names = list(tenants)
+        if not names:
+            return []
+
+        def read() -> list[Any]:
+            pipe = self._state.client.pipeline(transaction=False)
+            for name in names:
+                pipe.zcard(TenantKeys(name).waiting)
+            return list(pipe.execute())
+
+        counts = self._state.run("ledger read", read)
+        return [name for name, count in zip(names, counts, strict=True) if int(count) > 0]
+
     def tenants_due(self, tenants: Iterable[str], *, waiting_too: bool) -> list[str]:
         """Tenants with ledger entries due now (and, with ``waiting_too``, with waiting tasks):
         one pipelined read for all of them."""

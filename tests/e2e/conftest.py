@@ -252,8 +252,10 @@ class Deployment:
     tmp: Path
     workers: list[WorkerProcess]
 
-    def start_worker(self, name: str) -> WorkerProcess:
-        worker = WorkerProcess(self.env, self.tmp / f"{name}.log", concurrency=4, name=name)
+    def start_worker(self, name: str, concurrency: int = 4) -> WorkerProcess:
+        worker = WorkerProcess(
+            self.env, self.tmp / f"{name}.log", concurrency=concurrency, name=name
+        )
         worker.start(self.app)
         self.workers.append(worker)
         return worker

@@ -37,12 +37,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from governance.integration.approvals.notify import NotifierThread
 from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
+from governance.integration.worker.pool_keeper import PoolKeeper
 from governance.settings import GovernanceSettings
 from governance.store import audit_anchor, audit_verify
 from governance.store.admission import Publication
@@ -83,11 +85,20 @@ POLICY_REPORT_S = 5.0
 
 
 class MaintenanceThread:
-    def __init__(self, app: Any, runtime: GovernanceRuntime, node: str | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        runtime: GovernanceRuntime,
+        node: str | None = None,
+        serves: Mapping[str, int] | None = None,
+    ) -> None:
         self._app = app
         self._runtime = runtime
         #: The worker's node name (as Celery and Flower show it).
         self.node = node or f"{socket.gethostname()}:{os.getpid()}"
+        #: The pools of the queues it consumes (its pool size there): fair dispatch.
+        self.pools = PoolKeeper(runtime, self.node, serves or {})
+        self._next_registration = 0.0
         self._next_report = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -124,6 +135,7 @@ class MaintenanceThread:
         self._stop.set()
         self._thread.join(timeout=5)
         self._notifier.stop()
+        self.pools.leave()
 
     def _lead(self) -> bool:
         """Take or keep the leader lock (it lapses after a few rounds without renewal)."""
@@ -136,6 +148,7 @@ class MaintenanceThread:
         with runtime.health.call():
             self._watch_policy()
             self.leading = self._lead()
+            self.pools.round(self.leading, self._waiting_tenants())
             if not self.leading:
                 self._read_anchors = True
                 return
@@ -198,11 +211,25 @@ class MaintenanceThread:
             ),
         )
 
+    def _waiting_tenants(self) -> list[str]:
+        """When leading, every ``WAITING_SWEEP_S``: the tenants with waiting tasks (fair
+        dispatch registers them with the saturated pools)."""
+        now = time.monotonic()
+        if not self.leading or now < self._next_registration:
+            return []
+        self._next_registration = now + WAITING_SWEEP_S
+        return self._runtime.ledger.waiting_tenants(self._runtime.policy.tenant_names)
+
     def _sweep(self, tenant: str) -> None:
         runtime = self._runtime
+        # In a saturated pool the capacity a sweep frees is the pool's to give (fair dispatch).
+        gated = any(runtime.pool_view.saturated(q) for q in self.pools.serves)
         for _ in range(50):  # a bounded round; what is left is due again next round
             result = runtime.ledger.sweep(
-                tenant, reclaim=runtime.health.may_reclaim, policy_version=runtime.policy.version
+                tenant,
+                reclaim=runtime.health.may_reclaim,
+                policy_version=runtime.policy.version,
+                pool_gated=gated,
             )
             self._publish(result.publish)
             if not result.more:

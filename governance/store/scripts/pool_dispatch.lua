@@ -73,7 +73,13 @@ end
 
 -- What ended.
 local completed, completed_tenant = text(ARGV[F.completed]), text(ARGV[F.completed_tenant])
-if completed then end_grant(completed, false, tonumber(ARGV[F.completed_cost])) end
+if completed then
+  end_grant(completed, false, tonumber(ARGV[F.completed_cost]))
+elseif completed_tenant then
+  -- A task the pool did not dispatch (it entered the broker before the pool was saturated)
+  -- used the pool all the same: its tenant is charged what it cost.
+  charge(completed_tenant, tonumber(ARGV[F.completed_cost]) or 0)
+end
 if completed_tenant then
   local run_ms, cost = tonumber(ARGV[F.completed_run_ms]), tonumber(ARGV[F.completed_cost])
   if run_ms then mean(completed_tenant, 'ms', run_ms) end
