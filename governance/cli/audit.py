@@ -205,7 +205,7 @@ def verify(tenant: Tenant = None, anchors: Anchors = None, as_json: JsonFlag = F
         anchors=anchor_set.records if anchor_set is not None else (),
     )
     mine = key_id(key)
-    problem = _key_problem(reports, anchor_set, mine)
+    problem = _key_problem(reports, mine)
     broken = [r for r in reports if not r.ok]
     if as_json:
         output.emit_json(_verify_json(reports, anchor_set, mine, key_mismatch=bool(problem)))
@@ -262,7 +262,7 @@ def _anchor_verifier(settings: GovernanceSettings) -> AnchorVerifier:
     )
 
 
-def _key_problem(reports: list[VerifyReport], anchors: AnchorSet | None, mine: str) -> str:
+def _key_problem(reports: list[VerifyReport], mine: str) -> str:
     """Why the audit key is not the chains' key, or "": no seal or mark verifies under it while
     some do not, and the anchors do not say it is (or they say it is not)."""
     if any(r.macs_ok for r in reports) or any(mine in r.anchor_keys for r in reports):

@@ -252,7 +252,8 @@ class AuditLog:
         return _entry(chain, page[0][0], page[0][1]) if page else None
 
     def head_seq(self, chain: str) -> int:
-        """The sequence number of the newest entry the chain's counter says was written."""
+        """The sequence number of the newest entry the chain's counter says was written
+        (ValueError if the counter is not a number: someone wrote it)."""
         key = TenantKeys(chain).meta
         raw = self._state.run("audit read", lambda: self._state.client.hget(key, "audit_seq"))
         return int(raw) if raw is not None else 0

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -177,7 +178,12 @@ def verify(
     for status in (trim_ok, checkpoint_ok):
         macs_ok += status is True
         macs_bad += status is False
-    head = log.head_seq(chain)
+    try:
+        head = log.head_seq(chain)
+        counter_ok = True
+    except ValueError:
+        breaks.append(Break("(counter)", "the chain's counter is not a number: it was altered"))
+        head, counter_ok = sys.maxsize, False
     now = now_ms()
     first_expected = int(trim["first_seq"]) if trim else 1
     trim_point = id_order(str(trim["min_id"])) if trim else None
@@ -334,7 +340,7 @@ def verify(
         )
     for entry in rolled_back:
         breaks.append(Break(entry.id, f"entry {entry.id}: {entry.fields.get('reason', '')}"))
-    if head > last_seq:
+    if counter_ok and head > last_seq:
         breaks.append(
             Break(
                 "(tail)",
@@ -367,7 +373,7 @@ def verify(
         macs_at,
         ids_by_seq,
         last_seq,
-        empty=numbered == 0 and head == 0,  # (seals a writer still owed may remain)
+        empty=numbered == 0 and head in (0, sys.maxsize),  # (seals a writer owed may remain)
     )
     return VerifyReport(
         chain,

@@ -591,3 +591,14 @@ def test_tail_marks_entries_without_a_valid_seal(
     assert audit_verify.seal_states(log, b"other", tail, unsealed_after_ms=5)[sealed] == (
         audit_verify.ALTERED
     )
+
+
+def test_a_counter_that_is_not_a_number_is_named(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    _fill(state, 2)
+    redis_client.hset(TenantKeys("acme").meta, "audit_seq", "many")
+    report = _verify(state)
+    assert [b.entry for b in report.breaks] == ["(counter)"]
+    assert "the chain's counter is not a number" in report.reason
+    assert report.checked == 2
