@@ -438,6 +438,7 @@ def e2e_env(
         # A published task unseen for 3 s is published again (the reconciler's bound here).
         "GOVERNANCE_RECONCILE_AFTER_S": "3",
         "GOVERNANCE_AUDIT_CHECKPOINT_S": "1",
+        "GOVERNANCE_AUDIT_ADOPT_S": "1",
         "GOVERNANCE_SEAL_GRACE_S": "5",
         # govctl's expiry test expires holds itself; the workers' own sweep would race it.
         "GOVERNANCE_HELD_SWEEP_S": "3600",

@@ -27,6 +27,7 @@ from governance.integration.runtime import GovernanceRuntime
 from governance.store.keys import TenantKeys
 from tests.e2e.observer import ObserverServer
 from tests.e2e.test_e2e_govctl import govctl
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -210,6 +211,12 @@ def audit_broken(env: Env) -> list[subprocess.CompletedProcess[str]]:
     client = redis.Redis.from_url(env.state_server.url)
     try:
         stream = TenantKeys("t-basic").audit
+        # Edited once sealed (an entry edited before its seal is written is only pending).
+        wait_until(
+            lambda: client.xrange(stream) and client.xrange(stream)[-1][1].get(b"type") == b"seal",
+            10,
+            "the task's entries to be sealed",
+        )
         entries = client.xrange(stream)
         assert entries
         client.delete(stream)
