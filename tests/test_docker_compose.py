@@ -8,6 +8,10 @@ Redis that holds the broker and the governance state requires a password.
 
 The ``rabbitmq`` profile (a RabbitMQ broker, and workers and a Flower on it) is checked the same
 way, and must leave plain ``docker compose up`` exactly as it was.
+
+Nothing is exposed by default: every published port binds the host's loopback. ``govctl`` has a
+service of its own (profile ``tools``, run on demand) that holds no key: a reviewer mounts theirs
+for one run. The policy the image ships lists no example reviewer keys.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import os
 import re
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import typer
 import yaml
 from celery import Celery
 from kombu.utils.url import url_to_parts
@@ -112,6 +118,14 @@ def check_entry_point(argv: list[str]) -> None:
             if option.startswith("-"):
                 name = option.split("=", 1)[0]
                 assert name in known, f"{argv}: {subcommand} has no option {name}"
+    elif argv[0] == "govctl":
+        scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        assert scripts.get("govctl") == "governance.cli.main:main", "the image installs govctl"
+        from governance.cli.main import app
+
+        command = typer.main.get_command(app)
+        words = [a for a in argv[1:] if not a.startswith("-")]
+        assert not words or words[0] in command.commands, f"{argv}: govctl has no {words[0]!r}"
     elif argv[0] in ("python", "python3"):
         assert argv[1] == "-m", f"{argv}: run a module with python -m"
         assert runnable_module(argv[2]), (
@@ -163,6 +177,9 @@ def test_the_worker_and_flower_run_the_example_app(services: dict[str, Any]) -> 
     assert "-E" in worker, "Flower needs the workers' task events"
     assert flower[:4] == ["celery", "-A", "workers.app", "flower"]
     assert "--port=5555" in flower
+    # Flower listens on loopback unless told otherwise (config/flowerconfig.py): inside its
+    # container, every interface of the container's network; the host publishes it on loopback.
+    assert "--address=0.0.0.0" in flower
     metrics = command_of(services["metrics"])
     assert metrics == [
         "python",
@@ -407,3 +424,75 @@ def test_flower_on_rabbitmq_reads_the_management_api(services: dict[str, Any]) -
     api = urlsplit(expand(raw, RABBITMQ_VARIABLES))
     assert (api.scheme, api.hostname, api.port, api.path) == ("http", "rabbitmq", 15672, "/api/")
     assert (api.username, api.password) == ("governance", "s3cret")
+
+
+# ------------------------------------------------------------------ nothing exposed, govctl
+
+
+def _published(services: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (name, str(port)) for name, service in services.items() for port in service.get("ports", [])
+    ]
+
+
+def test_every_published_port_binds_the_hosts_loopback(services: dict[str, Any]) -> None:
+    """Flower's basic auth travels in plain HTTP, usage per tenant is not public: nothing
+    listens on the host's other interfaces (an SSH tunnel or a TLS proxy reaches them)."""
+    published = _published(services)
+    assert {name for name, _ in published} >= {"flower", "metrics", "flower-rabbitmq"}
+    for name, port in published:
+        assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+        assert port.count(":") == 2, f"{name}: host address, host port, container port ({port})"
+
+
+def test_flower_listens_on_loopback_unless_told_otherwise() -> None:
+    settings: dict[str, Any] = {}
+    path = ROOT / "config" / "flowerconfig.py"
+    saved = os.environ.pop("FLOWER_ADDRESS", None)
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), settings)
+    finally:
+        if saved is not None:
+            os.environ["FLOWER_ADDRESS"] = saved
+    assert settings["address"] == "127.0.0.1"
+    assert callable(settings["format_task"])
+
+
+def test_govctl_runs_against_the_deployment_with_no_key_of_its_own(
+    services: dict[str, Any],
+) -> None:
+    govctl = services["govctl"]
+    assert govctl["profiles"] == ["tools"], "run on demand, never by `docker compose up`"
+    assert govctl["entrypoint"] == ["govctl"]
+    check_entry_point([*govctl["entrypoint"], *command_of(govctl)])
+    env = environment_of(govctl)
+    assert env == environment_of(services["worker"]), "the workers' settings, nothing more"
+    assert "GOVERNANCE_REVIEWER_KEY" not in env
+    assert not govctl.get("volumes"), "no key in the service: a reviewer mounts theirs per run"
+    assert govctl["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "ports" not in govctl
+
+
+def test_the_documented_govctl_commands_use_the_service() -> None:
+    """docs/operating.md says how: one run, the key mounted read-only as the reviewer's user."""
+    docs = (ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
+    assert "docker compose run --rm govctl held list" in docs
+    approve = re.search(
+        r'docker compose run --rm --user ("[^"]+") -v ("[^"]+") govctl held approve', docs
+    )
+    assert approve is not None, "docs/operating.md: how a reviewer approves with compose"
+    user, volume = approve.groups()
+    assert user == '"$(id -u):$(id -g)"', "as the reviewer, who can read the key (mode 0600)"
+    assert volume.endswith(':ro"'), "the key mounted read-only"
+
+
+def test_the_shipped_policy_holds_no_example_reviewer_keys() -> None:
+    """The image's policy (config/, copied by the Dockerfile) lists no reviewer whose private
+    key nobody has: an operator adds theirs (govctl reviewers keygen)."""
+    assert "COPY config ./config" in DOCKERFILE.read_text(encoding="utf-8")
+    policy = yaml.safe_load((ROOT / "config" / "governance.yaml").read_text(encoding="utf-8"))
+    sections = [policy.get("defaults") or {}, *(policy.get("tenants") or {}).values()]
+    assert [section.get("reviewers") or {} for section in sections] == [{}] * len(sections)
+    text = (ROOT / "config" / "governance.yaml").read_text(encoding="utf-8")
+    code = [line.split("#", 1)[0] for line in text.splitlines()]
+    assert "ed25519:" not in "".join(code)

@@ -83,7 +83,7 @@ def keep_last_valid(policy: Policy, path: Path) -> Path | None:
     except OSError as exc:
         if copy not in _unwritable:
             _unwritable.add(copy)
-            log.warning(
+            log.info(
                 "cannot keep the last valid policy as %s (%s): while %s is invalid, govctl has "
                 "no version to fall back on",
                 copy,

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from governance.policy.signing import new_private_key, public_key_text
 from tests.cli.conftest import CONFIG, ROOT, run_govctl, run_govctl_process
 
 
@@ -76,7 +78,23 @@ def test_help_and_policy_check_import_neither_celery_nor_redis() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_policy_check_summarizes_the_example_config() -> None:
+def _reviewed_example() -> dict[str, Any]:
+    """The shipped example with acme's reviewers added, as its comments say: three keys made
+    with ``govctl reviewers keygen`` (their private halves stay with the test)."""
+    data: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
+    data["tenants"]["acme"]["reviewers"] = {
+        name: public_key_text(new_private_key().public_key()) for name in ("alice", "bob", "carol")
+    }
+    return data
+
+
+def _written(data: dict[str, Any], tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_policy_check_summarizes_the_example_config(tmp_path: Path) -> None:
     result = run_govctl("policy", "check", "config/governance.yaml")
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout
@@ -85,10 +103,23 @@ def test_policy_check_summarizes_the_example_config() -> None:
     summary = json.loads(run_govctl("policy", "check", str(CONFIG), "--json").stdout)
     assert set(summary["tenants"]) == {"acme", "beta"}
     assert summary["tools"]["shell"] == "process.exec"
-    assert summary["tenants"]["acme"]["reviewers"] == ["alice", "bob", "carol"]
     assert summary["tenants"]["acme"]["approval"]["quorum"] == 2
-    assert summary["warnings"] == [], "the shipped example must check clean"
-    assert result.stderr == ""
+    # No example reviewer keys (nobody would hold their private halves): it says what is
+    # missing until an operator adds theirs.
+    assert summary["tenants"]["acme"]["reviewers"] == []
+    assert "ed25519:" not in "".join(
+        line.split("#", 1)[0] for line in CONFIG.read_text().splitlines()
+    )
+    assert [(w["kind"], w["tenant"]) for w in summary["warnings"]] == [
+        ("no_reviewers", "acme"),
+        ("cost_alert_without_reviewers", "acme"),
+    ]
+    # With reviewers added as its comments say, it checks clean.
+    reviewed = json.loads(
+        run_govctl("policy", "check", str(_written(_reviewed_example(), tmp_path)), "--json").stdout
+    )
+    assert reviewed["tenants"]["acme"]["reviewers"] == ["alice", "bob", "carol"]
+    assert reviewed["warnings"] == [], "the example with its reviewers must check clean"
 
 
 def test_policy_check_uses_the_configured_file_by_default() -> None:
@@ -202,12 +233,10 @@ def test_explain_other_decisions() -> None:
 
 
 def _warning_policy(tmp_path: Path, **acme: object) -> Path:
-    """The example policy with acme's settings changed by ``acme`` (keys of the tenant)."""
-    data = yaml.safe_load(CONFIG.read_text())
+    """The example policy with its reviewers, acme's settings changed by ``acme``."""
+    data = _reviewed_example()
     data["tenants"]["acme"].update(acme)
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return _written(data, tmp_path)
 
 
 def _check(path: Path) -> tuple[subprocess.CompletedProcess[str], list[dict[str, object]]]:
@@ -222,7 +251,7 @@ def _check(path: Path) -> tuple[subprocess.CompletedProcess[str], list[dict[str,
 def test_policy_check_warns_about_a_quorum_a_reviewer_can_never_meet(tmp_path: Path) -> None:
     """Quorum 2, exactly two reviewers, no self-approval: alice's own requests (and bob's) can
     collect one approval at most."""
-    reviewers = yaml.safe_load(CONFIG.read_text())["tenants"]["acme"]["reviewers"]
+    reviewers = _reviewed_example()["tenants"]["acme"]["reviewers"]
     two = {name: reviewers[name] for name in ("alice", "bob")}
     result, warnings = _check(_warning_policy(tmp_path, reviewers=two))
     assert [(w["kind"], w["tenant"], w["reviewer"]) for w in warnings] == [
@@ -243,7 +272,7 @@ def test_policy_check_warns_about_a_quorum_a_reviewer_can_never_meet(tmp_path: P
 
 def test_policy_check_warns_when_held_actions_have_no_reviewers(tmp_path: Path) -> None:
     """beta may run shell (approval tier for every tenant) but nobody may release it."""
-    data = yaml.safe_load(CONFIG.read_text())
+    data = _reviewed_example()
     data["tenants"]["beta"]["allowed_tools"] = [*data["tenants"]["beta"]["allowed_tools"], "shell"]
     data["tenants"]["beta"].pop("reviewers", None)
     path = tmp_path / "policy.yaml"
@@ -256,7 +285,7 @@ def test_policy_check_warns_when_held_actions_have_no_reviewers(tmp_path: Path) 
 def test_policy_check_warns_about_a_cost_alert_nobody_can_approve(tmp_path: Path) -> None:
     """beta has no reviewers; with the standard preset's $5 cost alert back, a run that
     reaches it would be held for nobody."""
-    data = yaml.safe_load(CONFIG.read_text())
+    data = _reviewed_example()
     data["tenants"]["beta"]["long_running"] = "standard"
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -136,24 +136,45 @@ def _readme_blocks() -> dict[str, str]:
     return dict(found)
 
 
+#: Three more of publish.py's word count, in its run: one of them is the 4th, refused.
+FOURTH_CALL = """
+from governance.integration import governance_context
+from reports import word_count
+with governance_context(tenant="acme", agent="report-bot", run="run-42", user="carol"):
+    calls = [word_count.delay("three little words") for _ in range(3)]
+for call in calls:
+    try:
+        print(call.get(timeout=30))
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}")
+"""
+
+
 def test_the_readme_example_runs_as_written(
     broker: EmbeddedRedis, state_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
+    """The README's own-task section, block by block, as a reader runs it: the files, run.sh
+    (a reviewer key made as documented, a worker, the publisher: a denial, a result, a held
+    call), then approve.sh in the same shell (held list, approve with alice's key, the result)."""
     blocks = _readme_blocks()
-    assert set(blocks) == {"reports.py", "policy.yaml", "publish.py", "run.sh"}
+    assert set(blocks) == {"reports.py", "policy.yaml", "publish.py", "run.sh", "approve.sh"}
     app_lines = [line for line in blocks["reports.py"].splitlines() if line.strip()]
-    policy_entry = [line for line in blocks["policy.yaml"].splitlines() if "reports." in line]
-    assert len(app_lines) <= 10, "the example stays that small"
-    assert len(policy_entry) == 2
-    for name, content in blocks.items():
-        (tmp_path / name).write_text(content, encoding="utf-8")
-    script = blocks["run.sh"]
-    for db, url in ((0, _db(broker.url, 6)), (1, _db(state_server.url, 7))):
-        script = script.replace(f"redis://127.0.0.1:6379/{db}", url)
-    (tmp_path / "run.sh").write_text(script, encoding="utf-8")
+    assert len(app_lines) <= 14, "the example stays that small"
+    for name in ("reports.py", "policy.yaml", "publish.py"):
+        (tmp_path / name).write_text(blocks[name], encoding="utf-8")
+    urls = {0: _db(broker.url, 6), 1: _db(state_server.url, 7)}
+
+    def as_here(script: str) -> str:
+        for db, url in urls.items():
+            script = script.replace(f"redis://127.0.0.1:6379/{db}", url)
+        return script
+
+    run_sh = as_here(blocks["run.sh"])
+    (tmp_path / "run.sh").write_text(run_sh, encoding="utf-8")
     env = {
         **_without_settings(dict(os.environ)),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "COLUMNS": "200",
     }
     output = tmp_path / "output.txt"
     with output.open("wb") as out:
@@ -170,14 +191,47 @@ def test_the_readme_example_runs_as_written(
             assert shell.wait(timeout=120) == 0, output.read_text()
             lines = output.read_text().splitlines()
             assert "3" in lines, output.read_text()
-            state = redis.Redis.from_url(_db(state_server.url, 7), decode_responses=True)
-            finished = [
-                fields
-                for _, fields in state.xrange("gov:{acme}:audit")
-                if fields.get("action") == "reports.word_count"
-                and fields.get("type") == "task_finished"
-            ]
-            assert [f["decision"] for f in finished] == ["allow"], finished
+            (denial,) = [line for line in lines if line.startswith("denied: ")]
+            assert denial.endswith("interns may not run reports"), denial
+            (held,) = [line.split()[1] for line in lines if line.startswith("HELD ")]
+            # The key as documented: the private half here only, the public half in the policy.
+            assert (tmp_path / "alice.key").stat().st_mode & 0o777 == 0o600
+            assert "      alice: ed25519:" in (tmp_path / "policy.yaml").read_text()
+
+            # approve.sh, in the same shell: run.sh's variables, the id publish.py printed.
+            exports = "\n".join(x for x in run_sh.splitlines() if x.startswith("export "))
+            approve = f"{exports}\n{blocks['approve.sh'].replace('ID', held)}"
+            done = subprocess.run(
+                ["bash", "-c", approve], cwd=tmp_path, env=env, capture_output=True, text=True,
+                timeout=120, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert held in done.stdout  # held list shows it
+            assert (
+                f"released task {held}: approved by alice (1 of 1 approvals); it runs once now"
+            ) in done.stdout
+            assert done.stdout.splitlines()[-1] == "sent to ops@example.com", done.stdout
+
+            state = redis.Redis.from_url(urls[1], decode_responses=True)
+            entries = [fields for _, fields in state.xrange("gov:{acme}:audit")]
+            by_action = {
+                action: [f["type"] for f in entries if f.get("action") == action]
+                for action in ("reports.word_count", "reports.email")
+            }
+            assert "authorization_denied" in by_action["reports.word_count"]
+            assert "task_finished" in by_action["reports.word_count"]
+            email = by_action["reports.email"]
+            assert email == ["held", "released", "admitted", "task_finished"], email
+
+            # The limit nobody wrote down, as the README says: the same call a 4th time in run-42.
+            again = subprocess.run(
+                ["bash", "-c", f"{exports}\npython -c '{FOURTH_CALL}'"], cwd=tmp_path, env=env,
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            assert again.returncode == 0, again.stdout + again.stderr
+            assert sorted(again.stdout.splitlines()) == [
+                "3", "3", "LimitExceeded: same_step_loop exceeded: 4 / 3 (133%)",
+            ], again.stdout  # fmt: skip
         finally:
             _stop_group(shell.pid)
 

@@ -77,7 +77,7 @@ def test_a_directory_it_may_not_write_is_logged_once(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with caplog.at_level(logging.WARNING, logger="governance"):
+    with caplog.at_level(logging.INFO, logger="governance"):
         for _ in range(3):
             watched = WatchedPolicy(Policy.from_file(path), path, check_s=0.01)
     assert watched.current.version == Policy.from_file(path).version
