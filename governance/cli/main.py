@@ -59,6 +59,7 @@ from governance.cli import (
     runs,
     status,
     submit,
+    tenants,
     usage,
 )
 from governance.cli.errors import EXIT_CODES, ExitCode, classify
@@ -90,6 +91,8 @@ app.add_typer(held.app, name="held")
 app.add_typer(reviewers.app, name="reviewers")
 app.add_typer(grants.app, name="grants")
 app.add_typer(runs.app, name="run", no_args_is_help=True)
+app.add_typer(tenants.app, name="tenants")
+app.add_typer(tenants.limits, name="limits", no_args_is_help=True)
 app.add_typer(submit.app, name="submit")
 app.command("usage")(usage.usage)
 app.command("status")(status.status)

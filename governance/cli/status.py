@@ -1,10 +1,13 @@
 """``govctl status``: per tenant, what runs, what waits, and whether the ledger accounts for it.
 
 ``running`` are tasks holding a concurrency lease, ``waiting`` the tenant's wait list (and how
-long its oldest task has waited), ``open`` the ledger's tasks that are not done yet (queued,
-parked, waiting, running), ``overdue`` those nobody looked at in time: neither done nor
-accounted for, which should always be 0 (the reconciler publishes them again), and
-``republished`` how often the reconciler had to. ``--overdue`` lists the overdue tasks.
+long its oldest task has waited), ``share`` its share of the worker time its tenants used over
+the last minute, ``weight`` its share of a saturated pool relative to the others' (an
+operator's override shown with ``*``), ``paused`` whether an operator paused it, ``open`` the
+ledger's tasks that are not done yet (queued, parked, waiting, running), ``overdue`` those nobody
+looked at in time: neither done nor accounted for, which should always be 0 (the reconciler
+publishes them again), and ``republished`` how often the reconciler had to. ``--overdue`` lists
+the overdue tasks.
 """
 
 from __future__ import annotations
@@ -32,10 +35,23 @@ def status(
     grace_ms = round(rt.settings.reconcile_after_s * 1000)
     rows: list[dict[str, Any]] = []
     late: list[dict[str, Any]] = []
+    from governance.store.control import Controls
+
+    controls = Controls(rt.state, rt.audit_log)
     for name in names:
         row = rt.ledger.status(name, overdue_after_ms=grace_ms).as_dict()
         row["republished"] = rt.ledger.republished(name)
+        control = controls.read(name)
+        tenant_policy = policy.tenant(name)
+        row["weight"] = control.weight or (tenant_policy.weight if tenant_policy else 1.0)
+        row["weight_overridden"] = control.weight is not None
+        row["concurrency_override"] = control.concurrency
         rows.append(row)
+    total_ms = sum(r["worker_s_last_minute"] for r in rows)
+    for row in rows:
+        row["share_last_minute"] = (
+            round(row["worker_s_last_minute"] / total_ms, 3) if total_ms else 0.0
+        )
         if overdue:
             late += [
                 {"tenant": name, **t} for t in rt.ledger.overdue(name, overdue_after_ms=grace_ms)
@@ -47,7 +63,8 @@ def status(
         output.emit_json(data)
         return
     shown = output.table(
-        "tenant", "running", "waiting", "oldest wait", "open", "overdue", "republished",
+        "tenant", "running", "waiting", "oldest wait", "share", "weight", "paused", "open",
+        "overdue", "republished",
         title="governed tasks",
     )  # fmt: skip
     for row in rows:
@@ -58,6 +75,9 @@ def status(
             row["running"],
             row["waiting"],
             "" if oldest is None else output.span(oldest),
+            f"{row['share_last_minute']:.0%}",
+            f"{row['weight']:g}" + ("*" if row["weight_overridden"] else ""),
+            "yes" if row["paused"] else "",
             row["open"],
             row["overdue"],
             row["republished"],

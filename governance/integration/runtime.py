@@ -272,6 +272,19 @@ class GovernanceRuntime:
             self.audit_log.flush(tenant)
         return result.closed, self.publish_each(result.publish)
 
+    def sweep_tenant(self, tenant: str, *, pool_gated: bool = False) -> list[Publication]:
+        """One reconciler round for ``tenant`` now (an operator let it go on: a resume, a raised
+        limit), its waiting tasks that fit handed on (unless a saturated pool gives capacity:
+        ``pool_gated``) and published; what was published."""
+        with self.health.call():
+            result = self.ledger.sweep(
+                tenant,
+                reclaim=self.health.may_reclaim,
+                policy_version=self.policy.version,
+                pool_gated=pool_gated,
+            )
+        return self.publish_each(result.publish)
+
     def publish_each(self, publications: Iterable[Publication]) -> list[Publication]:
         """Publish what a store call handed on (hand-offs with their token, tasks published
         again); returns those that went out. A failure is logged and left to the reconciler:

@@ -49,6 +49,9 @@ class AuditEventType(StrEnum):
     RELEASE_REPLAYED = "release_replayed"  # a copy of a release whose task ended: dropped
     HELD_TAMPERED = "held_tampered"  # a held record that disagrees with its message: refused
     SECRET_REVEALED = "secret_revealed"  # a held call's secret-named values shown in full
+    TENANT_PAUSED = "tenant_paused"  # an operator paused a tenant: nothing of it starts
+    TENANT_RESUMED = "tenant_resumed"
+    LIMITS_OVERRIDDEN = "limits_overridden"  # a concurrency or weight set for a while
     SUGGESTED = "suggested"
     SHADOWED = "shadowed"
     WAITING = "waiting"  # the first time an attempt waits (capacity, a rate turn, a cooldown)

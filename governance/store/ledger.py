@@ -88,6 +88,10 @@ class TenantStatus:
     oldest_wait_ms: int | None
     open: int
     overdue: int
+    #: The tenant's worker time over the last minute (ms), from its settlements.
+    worker_ms_last_minute: int = 0
+    #: Paused by an operator (fair dispatch).
+    paused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +101,8 @@ class TenantStatus:
             "oldest_wait_s": None if self.oldest_wait_ms is None else self.oldest_wait_ms / 1000,
             "open": self.open,
             "overdue": self.overdue,
+            "worker_s_last_minute": round(self.worker_ms_last_minute / 1000, 3),
+            "paused": self.paused,
         }
 
 
@@ -292,9 +298,14 @@ class Ledger:
             pipe.zrange(keys.waiting, 0, 0)
             pipe.zcard(keys.ledger)
             pipe.zcount(keys.ledger, "-inf", now - overdue_after_ms)
+            pipe.hmget(keys.meta, f"busy:{minute}", f"busy:{minute - 1}", "ctl_paused")
             return list(pipe.execute())
 
-        running, waiting, head, open_, overdue = self._state.run("ledger read", read)
+        minute, into = divmod(now, 60_000)
+        running, waiting, head, open_, overdue, meta = self._state.run("ledger read", read)
+        this_minute, last_minute, paused = (int(v) if v is not None else 0 for v in meta)
+        # The last 60 s: this minute so far, and the part of the previous one still in them.
+        worker_ms = this_minute + round(last_minute * (60_000 - into) / 60_000)
         oldest = None
         if head:
             since = self._state.run(
@@ -302,7 +313,16 @@ class Ledger:
             )
             if since is not None:
                 oldest = max(0, now - int(since))
-        return TenantStatus(tenant, int(running), int(waiting), oldest, int(open_), int(overdue))
+        return TenantStatus(
+            tenant,
+            int(running),
+            int(waiting),
+            oldest,
+            int(open_),
+            int(overdue),
+            worker_ms_last_minute=worker_ms,
+            paused=paused == 1,
+        )
 
     def overdue(
         self, tenant: str, *, overdue_after_ms: int, limit: int = 100

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -75,6 +76,9 @@ def test_every_table_command_prints_json(govctl: Govctl, reviewer_keys: dict[str
         "policy explain": ("policy", "explain", "-t", "acme", "-a", "bot", "-x", "echo"),
         "policy status": ("policy", "status"),
         "run close": ("run", "close", "r1", "-t", "acme"),
+        "tenants pause": ("tenants", "pause", "acme"),
+        "tenants resume": ("tenants", "resume", "acme"),
+        "limits override": ("limits", "override", "acme", "weight=2", "--for", "1m"),
         "submit task": ("submit", "task", "tools.echo", "-t", "acme", "-a", "a", "--run", "r",
                         "-i", "text=hi"),
         "submit llm": ("submit", "llm", "-t", "acme", "-a", "a", "--run", "r", "-p", "fake",
@@ -162,3 +166,26 @@ def test_a_custom_task_refuses_a_field_it_does_not_take(govctl: Govctl, redis_ur
     assert tool.returncode == 1
     assert "unknown input field(s) 'badfield'" in tool.stderr
     assert "Traceback" not in tool.stderr
+
+
+def test_tables_never_cut_a_word_at_120_to_200_columns(
+    govctl: Govctl, state: StateStore
+) -> None:
+    """Each column is at least as wide as its longest word; a terminal too narrow for that gets
+    one block per row instead (``column: value`` lines, wrapped at spaces)."""
+    from governance.store.held import HeldStore
+    from tests.cli.test_state_commands import held_task, put
+
+    store = HeldStore(state)
+    values = ["planner-assistant-for-reports", "run-2026-11-21-nightly-batch", "carol.smith"]
+    for n in range(2):
+        task = held_task("acme", n, requested_ms=1_700_000_000_000 + n)
+        task = dataclasses.replace(task, agent=values[0], run=values[1], user=values[2])
+        put(store, task)
+    for columns in (100, 120, 135, 150, 200):
+        shown = govctl("held", "list", env={"COLUMNS": str(columns)})
+        assert shown.returncode == 0, shown.stderr
+        words = [word.removesuffix(":") for word in shown.stdout.split()]
+        for value in (*values, "task-acme-000000", "task-acme-000001", "approvals", "requested"):
+            assert value in words, (columns, value, shown.stdout)
+        assert max(len(line.rstrip()) for line in shown.stdout.splitlines()) <= columns

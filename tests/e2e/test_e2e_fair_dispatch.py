@@ -21,6 +21,7 @@ from governance.policy.context import ActionContext
 from governance.store.keys import PoolKeys
 from tests.e2e.conftest import Deployment
 from tests.e2e.observer import ObserverServer
+from tests.govctl_runner import run_govctl
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -166,3 +167,46 @@ def test_a_worker_killed_in_a_saturated_pool_loses_nothing_and_runs_nothing_twic
     }
     for tenant, ids in finished.items():
         assert len(ids) == len(set(ids)) == 30, (tenant, len(ids), len(set(ids)))
+
+
+def test_an_operator_pauses_resumes_and_overrides_a_tenant_with_govctl(
+    deployment: Deployment, observer: ObserverServer
+) -> None:
+    """``govctl tenants pause``: new work waits (nothing starts), ``status`` says so; resume:
+    it all runs. ``govctl limits override concurrency=1 --for 1h``: one at a time, shown in
+    ``status``; ``--clear`` ends it. Each change is audited with the operator's name."""
+    app, runtime = deployment.app, deployment.runtime
+    env = {k: v for k, v in deployment.env.items() if k.startswith("GOVERNANCE_")}
+
+    def govctl(*args: str) -> Any:
+        result = run_govctl(*args, "--json", env=env)
+        assert result.returncode == 0, (args, result.stderr)
+        return json.loads(result.stdout)
+
+    def row() -> dict[str, Any]:
+        (found,) = govctl("status", "--tenant", "t-fair-a")["tenants"]
+        return dict(found)
+
+    assert govctl("tenants", "pause", "t-fair-a")["paused"]
+    paused = publish(app, observer, "t-fair-a", "paused", 3, 50)
+    wait_until(lambda: all(r.state == "DEFERRED" for r in paused), 10, "the calls to wait")
+    assert (row()["paused"], row()["waiting"], row()["running"]) == (True, 3, 0)
+    assert observer.observations.counts["paused"] == 0
+    govctl("tenants", "resume", "t-fair-a")
+    wait_until(lambda: done(paused), 30, "the paused calls to run once resumed")
+    assert not row()["paused"]
+
+    overridden = govctl("limits", "override", "t-fair-a", "concurrency=1", "--for", "1h")
+    assert overridden["concurrency"] == 1
+    assert row()["concurrency_override"] == 1
+    one_by_one = publish(app, observer, "t-fair-a", "one-by-one", 4, 200)
+    wait_until(lambda: done(one_by_one), 30, "the calls to run, one at a time")
+    assert observer.observations.max_in_flight["one-by-one"] == 1
+    govctl("limits", "override", "t-fair-a", "--clear")
+    assert row()["concurrency_override"] is None
+    kinds = [e["type"] for e in entries(runtime, "t-fair-a", "tenant_paused")]
+    kinds += [e["type"] for e in entries(runtime, "t-fair-a", "tenant_resumed")]
+    overrides = entries(runtime, "t-fair-a", "limits_overridden")
+    assert kinds == ["tenant_paused", "tenant_resumed"]
+    assert len(overrides) == 2
+    assert all(e.get("reviewer") for e in overrides)

@@ -16,7 +16,8 @@
 --
 -- KEYS[1] workers     HASH  node -> "<pool size>:<expires ms>" (pool_worker.lua)
 -- KEYS[2] ready       ZSET  tenant -> start tag: tenants with tasks waiting for the pool
--- KEYS[3] tenants     HASH  "<tenant>:f" finish tag, ":w" weight, ":ms" mean run time (ms),
+-- KEYS[3] tenants     HASH  "<tenant>:f" finish tag, ":w" weight, ":wo" and ":wo_until" an
+--                           operator's weight and until when (ms), ":ms" mean run time (ms),
 --                           ":c" mean cost
 -- KEYS[4] grants      ZSET  grant -> backstop expiry (ms): dispatched tasks in flight
 -- KEYS[5] grant info  HASH  grant -> "<tenant>|<estimated cost>"
@@ -42,7 +43,12 @@ end
 local function tenant_num(tenant, field, default)
   return num(KEYS[3], tenant .. ':' .. field, default)
 end
-local function weight(tenant) return tenant_num(tenant, 'w', 1) end
+-- A tenant's weight: an operator's override while it lasts (`:wo`, `:wo_until`), else the
+-- policy's (registered with its waiting tasks).
+local function weight(tenant)
+  if tenant_num(tenant, 'wo_until', 0) > now then return tenant_num(tenant, 'wo', 1) end
+  return tenant_num(tenant, 'w', 1)
+end
 
 -- Move a tenant's share by `delta` of cost (its finish tag, and its start tag while it waits).
 local function charge(tenant, delta)
