@@ -18,8 +18,9 @@ from functools import cache
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console, RenderableType
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 #: The ``--json`` flag every listing (and most other commands) takes.
@@ -36,11 +37,15 @@ TenantFilter = Annotated[
 ID_WIDTH = 36
 
 
-@cache
 def console() -> Console:
     """The stdout console: the terminal's width (or ``COLUMNS``); when not a terminal and
     ``COLUMNS`` is unset, wide, so piped tables are not folded."""
-    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+    return _console(sys.stdout.isatty(), os.environ.get("COLUMNS", ""))
+
+
+@cache
+def _console(tty: bool, columns: str) -> Console:
+    if tty or columns.isdigit():
         return Console(soft_wrap=False)
     return Console(width=160, soft_wrap=False)
 
@@ -55,13 +60,13 @@ def width() -> int | None:
     return None
 
 
-def emit_lines(blocks: Iterable[list[str]]) -> None:
+def emit_lines(blocks: Iterable[list[str]], limit: int | None = None) -> None:
     """Blocks of plain lines on stdout, a blank line between blocks. A line longer than
-    :func:`width` is wrapped at spaces only (never inside a word), continued indented by its
-    own indentation plus two."""
+    ``limit`` (default :func:`width`) is wrapped at spaces only (never inside a word),
+    continued indented by its own indentation plus two."""
     first = True
     out: list[str] = []
-    limit = width()
+    limit = width() if limit is None else limit
     for block in blocks:
         if not first:
             out.append("")
@@ -84,12 +89,62 @@ def emit_lines(blocks: Iterable[list[str]]) -> None:
 
 
 def show(*renderables: RenderableType | str) -> None:
-    """Print tables, or plain text (never read as rich markup: reasons may contain brackets)."""
+    """Print tables, or plain text (never read as rich markup: reasons may contain brackets).
+
+    A table of :func:`table` keeps every word whole: each column is at least as wide as its
+    longest word (its header's included). When the terminal is too narrow for that, the rows
+    are printed as blocks of ``column: value`` lines instead, wrapped at spaces."""
     for item in renderables:
         if isinstance(item, str):
             console().print(item, markup=False, highlight=False)
+        elif isinstance(item, Table) and getattr(item, _WHOLE_WORDS, False):
+            _show_whole_words(item)
         else:
             console().print(item)
+
+
+#: Marks the tables whose words :func:`show` keeps whole.
+_WHOLE_WORDS = "_governance_whole_words"
+
+
+def _texts(column: Column) -> list[str]:
+    cells = [c.plain if isinstance(c, Text) else str(c) for c in column.cells]
+    header = column.header.plain if isinstance(column.header, Text) else str(column.header)
+    return [header, *cells]
+
+
+def _needed(column: Column) -> int:
+    """The narrowest ``column`` can be with no word cut: its longest word (or, for a column
+    that never wraps, its longest cell)."""
+    texts = _texts(column)
+    if column.no_wrap:
+        return max((len(t) for t in texts), default=0)
+    return max((len(w) for t in texts for w in t.split()), default=0)
+
+
+def _show_whole_words(shown: Table) -> None:
+    out = console()
+    needed = [max(column.min_width or 0, _needed(column)) for column in shown.columns]
+    # Each column of the box of table() costs a space each side and a separator, bar the last.
+    if sum(needed) + 3 * len(needed) - 1 <= out.width:
+        for column, width in zip(shown.columns, needed, strict=True):
+            column.min_width = width
+        out.print(shown)
+        return
+    # Too narrow for the table: one block per row, the first column first.
+    columns = [_texts(column) for column in shown.columns]
+    blocks: list[list[str]] = []
+    if shown.title:
+        blocks.append([str(shown.title)])
+    for row in range(shown.row_count):
+        values = [texts[row + 1] for texts in columns]
+        names = [texts[0] for texts in columns]
+        lines = [f"{names[0]} {values[0]}"]
+        lines += [f"  {name}: {value}" for name, value in zip(names[1:], values[1:], strict=True)]
+        blocks.append(lines)
+    if shown.caption:
+        blocks.append([str(shown.caption)])
+    emit_lines(blocks, limit=console().width)
 
 
 def add_row(target: Table, *values: object) -> None:
@@ -128,13 +183,22 @@ def note(message: str) -> None:
 
 
 def table(*columns: str, title: str | None = None, caption: str | None = None) -> Table:
-    """A table whose columns named ``id``/``task`` never fold."""
-    result = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    """A table whose columns named ``id``/``task`` never fold, and whose words :func:`show`
+    keeps whole (a word longer than the whole terminal alone is folded)."""
+    result = Table(
+        title=title,
+        caption=caption,
+        title_justify="left",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,  # a rule under the header, no vertical lines: room for the words
+        show_edge=False,
+    )
     for name in columns:
         if name.lower() in ("id", "task", "task_id", "entry"):
             result.add_column(name, no_wrap=True, min_width=ID_WIDTH if name != "entry" else None)
         else:
             result.add_column(name, overflow="fold")
+    setattr(result, _WHOLE_WORDS, True)
     return result
 
 

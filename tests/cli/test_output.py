@@ -168,9 +168,7 @@ def test_a_custom_task_refuses_a_field_it_does_not_take(govctl: Govctl, redis_ur
     assert "Traceback" not in tool.stderr
 
 
-def test_tables_never_cut_a_word_at_120_to_200_columns(
-    govctl: Govctl, state: StateStore
-) -> None:
+def test_tables_never_cut_a_word_at_120_to_200_columns(govctl: Govctl, state: StateStore) -> None:
     """Each column is at least as wide as its longest word; a terminal too narrow for that gets
     one block per row instead (``column: value`` lines, wrapped at spaces)."""
     from governance.store.held import HeldStore
