@@ -25,7 +25,7 @@ import pytest
 from celery import Celery
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from governance.integration import ActionDenied, GovernanceHeaders
+from governance.integration import ActionDenied, GovernanceHeaders, LimitExceeded
 from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
@@ -33,7 +33,7 @@ from governance.store.held import HeldStatus
 from tests.e2e.conftest import WorkerProcess, audit_of, to_broker, types_of, wait_until
 from tests.e2e.flower_process import FlowerProcess
 from tests.e2e.observer import ObserverServer
-from workers.api import submit_tool
+from workers.api import submit_llm, submit_tool
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -646,3 +646,18 @@ def test_the_task_list_in_a_real_browser(
     assert "governance-publisher" not in workers
     assert slow.get(timeout=60)["status"] == 200
     assert waiting.get(timeout=60) is not None
+
+
+def test_a_limit_failure_shows_its_reason_and_policy_setting(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess
+) -> None:
+    """A task over a budget on its own fails (FAILURE): Flower's result column says why, and
+    which setting of the policy it ran into."""
+    over = submit_llm(
+        app, ctx("t-budget", agent="flower-limits"), provider="fake", model="fake-small",
+        messages=[{"role": "user", "content": "[[fill]] too much"}], max_tokens=5000,
+    )  # fmt: skip
+    with pytest.raises(LimitExceeded, match="token_limit exceeded") as failed:
+        over.get(timeout=30)
+    listed = wait_for_state(flower, over.id, "FAILURE")
+    assert listed["result"] == f"limit: {failed.value} (policy: budgets[].tokens)"
