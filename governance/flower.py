@@ -34,9 +34,6 @@ from governance.integration.events import PUBLISHER_NODE
 #: The governance states, as Flower's filters offer them.
 GOVERNANCE_STATES = ("HELD", "DEFERRED", "DENIED", "REJECTED", "SHADOWED", "SUGGESTED")
 
-#: The states of a task that waits: it shows no Started time until it runs.
-WAITING_STATES = frozenset({"DEFERRED", "HELD"})
-
 #: The name under which our task list template reaches Flower's own ``tasks.html``.
 _FLOWER_TASKS = "flower-tasks.html"
 
@@ -51,16 +48,6 @@ def _readable(timestamp: Any) -> Any:
 
 def format_task(task: Any) -> Any:
     """Flower's ``format_task``: ``task`` (a copy of Flower's) as its pages should show it."""
-    started = getattr(task, "started", None)
-    since = getattr(task, "waiting_since", None)
-    if (
-        getattr(task, "state", None) in WAITING_STATES
-        and started is not None
-        and (since is None or started <= since)
-    ):
-        # The start of the delivery that found it must wait, not of a run: not started yet.
-        task.started = None
-        task.runtime = None
     worker = getattr(task, "worker", None)
     hostname = str(getattr(worker, "hostname", "") or "")
     if hostname.startswith(_PUBLISHER_PREFIX):

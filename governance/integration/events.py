@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,9 +52,8 @@ def flower_fields(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     Flower's API only returns Celery's own task fields, so the reason goes into ``result``
     (unless the caller wrote a fuller one): for a task that waits, with its place in line
     (``ahead``) or its booked turn (``turn_ms``) when the event carries them. A task that waits
-    is not running: the event clears the Started time and run time an earlier delivery set, and
-    says since when it waits (``waiting_since``: a ``task-started`` of that delivery arriving
-    after it, from another process, is older; :func:`governance.flower.format_task`).
+    is not running: the event clears the Started time and run time an earlier delivery set (the
+    ``task-started`` of the run that follows its wait sets them again).
     """
     summary = f"{kind}: {fields.get('reason', '')}"
     if fields.get("tenant"):
@@ -66,7 +64,7 @@ def flower_fields(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         summary += f"; {int(fields['ahead'])} ahead of it in line"
     shown = {"state": kind.upper(), "result": summary, **fields}
     if kind in WAITING_KINDS:
-        shown.update(started=None, runtime=None, waiting_since=time.time())
+        shown.update(started=None, runtime=None)
     return shown
 
 
