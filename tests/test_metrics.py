@@ -28,6 +28,7 @@ from governance.store import (
     AuditLog,
     AuditSealer,
 )
+from governance.store.control import Controls
 from governance.store.held import HeldStatus, HeldStore, HeldTask
 from governance.store.state import StateStore
 
@@ -152,7 +153,7 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
         estimate=Usage(steps=1, output_tokens=100),
         limits=limits,
     )
-    admitter.settle(done.ticket, Usage(steps=1, input_tokens=5, output_tokens=40))
+    admitter.settle(done.ticket, Usage(steps=1, input_tokens=5, output_tokens=40), run_ms=1500)
     running = admitter.admit(
         ctx=ctx,
         action=call,
@@ -162,6 +163,16 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
         limits=limits,
     )
     assert running.admitted
+    controls = Controls(state, audit)
+    controls.pause("beta", AuditEvent(type=AuditEventType.TENANT_PAUSED, tenant="beta"))
+    controls.override(
+        "acme",
+        until_ms=int(time.time() * 1000) + 60_000,
+        concurrency=None,
+        weight=3.0,
+        queues=["celery"],
+        event=AuditEvent(type=AuditEventType.LIMITS_OVERRIDDEN, tenant="acme"),
+    )
 
     m = _scrape(exporter)
     assert m[("governance_up", ())] == 1
@@ -174,6 +185,12 @@ def test_metrics_are_scraped_and_parsed(exporter: str, redis_client: redis.Redis
     assert m[("governance_held_tasks", (("status", "released"), ("tenant", "acme")))] == 0
     assert m[("governance_running_tasks", (("tenant", "acme"),))] == 1
     assert m[("governance_waiting_tasks", (("tenant", "acme"),))] == 0
+    assert m[("governance_tenant_paused", (("tenant", "beta"),))] == 1
+    assert m[("governance_tenant_paused", (("tenant", "acme"),))] == 0
+    assert m[("governance_tenant_weight", (("tenant", "acme"),))] == 3.0  # the override
+    assert m[("governance_tenant_weight", (("tenant", "beta"),))] == 1.0  # the policy's
+    assert m[("governance_worker_seconds_last_minute", (("tenant", "acme"),))] == 1.5  # t1
+    assert m[("governance_worker_seconds_last_minute", (("tenant", "beta"),))] == 0
     day_tokens = (("kind", "total"), ("period", "day"), ("tenant", "acme"))
     assert m[("governance_budget_used_tokens", day_tokens)] == 45
     assert m[("governance_budget_limit_tokens", day_tokens)] == 100_000

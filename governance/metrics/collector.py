@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from governance.policy.engine import Policy
 from governance.store.audit import AuditLog
+from governance.store.control import Controls
 from governance.store.errors import StoreUnavailable
 from governance.store.held import STATUS_ORDER, HeldStore
 from governance.store.keys import DEPLOYMENT_CHAIN, Period
@@ -56,6 +57,11 @@ METRICS = {
     "governance_running_tasks": "Running tasks holding a concurrency lease, by tenant.",
     "governance_waiting_tasks": "Tasks in the tenant's wait list.",
     "governance_oldest_wait_seconds": "How long the oldest task of the wait list has waited.",
+    "governance_worker_seconds_last_minute": "Worker time the tenant's tasks used over the last "
+    "minute (its share of the pool: divide by the sum over tenants).",
+    "governance_tenant_weight": "The tenant's weight in a saturated pool (an operator's "
+    "override while it lasts).",
+    "governance_tenant_paused": "1 while an operator paused the tenant (govctl tenants pause).",
     "governance_ledger_overdue_tasks": "Ledger entries nobody looked at in time (should be 0).",
     "governance_budget_used_tokens": "Tokens used in the current day/month, by kind.",
     "governance_budget_limit_tokens": "Token budget of the current day/month, by kind.",
@@ -218,6 +224,10 @@ class GovernanceCollector(Collector):
         running = gauge("governance_running_tasks", "tenant")
         waiting = gauge("governance_waiting_tasks", "tenant")
         oldest = gauge("governance_oldest_wait_seconds", "tenant")
+        worker_time = gauge("governance_worker_seconds_last_minute", "tenant")
+        weight = gauge("governance_tenant_weight", "tenant")
+        paused = gauge("governance_tenant_paused", "tenant")
+        controls = Controls(self._state, self._audit)
         overdue = gauge("governance_ledger_overdue_tasks", "tenant")
         republished = CounterMetricFamily(
             "governance_republished",
@@ -235,10 +245,16 @@ class GovernanceCollector(Collector):
             running.add_metric([tenant], status_now.running)
             waiting.add_metric([tenant], status_now.waiting)
             oldest.add_metric([tenant], (status_now.oldest_wait_ms or 0) / 1000)
+            worker_time.add_metric([tenant], status_now.worker_ms_last_minute / 1000)
+            paused.add_metric([tenant], 1.0 if status_now.paused else 0.0)
+            tenant_policy = self._policy.tenant(tenant)
+            override = controls.read(tenant).weight
+            weight.add_metric([tenant], override or (tenant_policy.weight if tenant_policy else 1))
             overdue.add_metric([tenant], status_now.overdue)
             republished.add_metric([tenant], ledger.republished(tenant))
             self._budgets(tenant, budgets)
-        yield from (held, running, waiting, oldest, overdue, republished)
+        yield from (held, running, waiting, oldest, worker_time, weight, paused, overdue)
+        yield republished
         yield from budgets.values()
 
     def _budgets(self, tenant: str, families: dict[str, GaugeMetricFamily]) -> None:

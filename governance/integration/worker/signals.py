@@ -21,6 +21,7 @@ from governance.integration.store_health import install_outage_log
 from governance.integration.worker import overlap, revoked
 from governance.integration.worker.maintenance import MaintenanceThread
 from governance.integration.worker.marker import MarkerKeeper
+from governance.integration.worker.pool_keeper import served_pools
 from governance.integration.worker.results import redact_stored_calls
 
 _connected: set[int] = set()
@@ -45,7 +46,7 @@ def connect(app: Any) -> None:
         marker = MarkerKeeper(runtime, node or "worker")
         marker.start()
         _markers[id(app)] = marker
-        pump = MaintenanceThread(app, runtime, node=node)
+        pump = MaintenanceThread(app, runtime, node=node, serves=served_pools(sender))
         pump.start()
         _pumps[id(app)] = pump
 
