@@ -52,6 +52,10 @@ class AuditEventType(StrEnum):
     TENANT_PAUSED = "tenant_paused"  # an operator paused a tenant: nothing of it starts
     TENANT_RESUMED = "tenant_resumed"
     LIMITS_OVERRIDDEN = "limits_overridden"  # a concurrency or weight set for a while
+    #: A tenant with open tasks is no longer in the policy: they end after a grace unless it
+    #: comes back (or at once: ``govctl tenants end``).
+    TENANT_REMOVED = "tenant_removed"
+    TENANT_RESTORED = "tenant_restored"  # back in the policy before its tasks ended
     SUGGESTED = "suggested"
     SHADOWED = "shadowed"
     WAITING = "waiting"  # the first time an attempt waits (capacity, a rate turn, a cooldown)

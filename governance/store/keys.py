@@ -90,7 +90,8 @@ class TenantKeys:
     def meta(self) -> str:
         """Hash of the tenant's counters (the wait-list position, the audit sequence, worker
         time per minute ``busy:<minute>``) and of what operators set on it at run time, read by
-        the scripts (``CONTROL_FIELDS``: paused, a concurrency and a weight until a time)."""
+        the scripts (``CONTROL_FIELDS``: paused, a concurrency and a weight until a time), and,
+        while the tenant is not in the policy, ``REMOVED_FIELDS``."""
         return f"{self._base}:meta"
 
     @property
@@ -222,6 +223,10 @@ CONTROL_FIELDS = (
     "ctl_weight_until",
 )
 
+#: The fields of a tenant's meta hash while it has open tasks and is no longer in the policy
+#: (removed_tenant.lua): when that was noticed and when its tasks end (ms).
+REMOVED_FIELDS = ("removed_at", "removed_deadline")
+
 _PLAIN_QUEUE = re.compile(r"[A-Za-z0-9._:@-]{1,120}")
 
 
@@ -291,3 +296,9 @@ class DeploymentKeys:
     #: first and last, and when), written by workers as they start and while they run. govctl
     #: refuses to answer from a Redis without it (say, the broker's database 0).
     marker = f"{PREFIX}:{{deployment}}:marker"
+    #: Every tenant a worker's policy named: name -> its max_wait (ms), written when a worker
+    #: loads a policy. Only such tenants can have state (an unknown tenant's name never
+    #: becomes a key), so the maintenance finds a tenant removed from the policy here.
+    known_tenants = f"{PREFIX}:{{tenants}}:known"
+    #: The tenants marked removed (their open tasks end after a grace): a set.
+    removed_tenants = f"{PREFIX}:{{tenants}}:removed"

@@ -33,6 +33,7 @@ WITH_LIBRARY = (
     "held_decide",
     "grant_revoke",
     "dispatch",
+    "removed_tenant",
 )
 STANDALONE = ("renew", "cooldown", "provider_gate", "pool_dispatch", "pool_worker")
 SCRIPT_NAMES = WITH_LIBRARY + STANDALONE
@@ -72,3 +73,4 @@ class Scripts:
         self.dispatch: Script = client.register_script(script_source("dispatch"))
         self.pool_dispatch: Script = client.register_script(script_source("pool_dispatch"))
         self.pool_worker: Script = client.register_script(script_source("pool_worker"))
+        self.removed_tenant: Script = client.register_script(script_source("removed_tenant"))

@@ -691,6 +691,22 @@ AUDIT_APPEND = Record(
     ),
 )
 
+REMOVED_TENANT = Record(
+    "removed tenant",
+    "a tenant no longer in the policy: its tasks wait for it, end, or go on when it comes back "
+    "(removed_tenant.lua)",
+    (
+        Field("mode", Kind.TEXT, "notice | deliver | end | restore"),
+        Field("tenant", Kind.TEXT, "the tenant's name (in its entries)"),
+        Field("id", Kind.TEXT, "deliver: the delivered task's id (KEYS[8] its record)"),
+        Field("removal_grace", Kind.INT, "notice, deliver: how long its tasks wait for it (ms)"),
+        Field("reason", Kind.TEXT, "why its tasks end"),
+        Field("by", Kind.TEXT, "the operator who ends them now; '': the maintenance"),
+        Field("cursor", Kind.TEXT, "end, restore: where the walk of its ledger goes on ('0')"),
+        Field("ttl", Kind.INT, "seconds an ended ledger record is kept"),
+    ),
+)
+
 HELD_PUT = Record(
     "hold",
     "a task held for reviewers, or a suggestion (held_put.lua)",
@@ -791,6 +807,7 @@ SCRIPT_ARGS: dict[str, ScriptArgs] = {
         ScriptArgs("pool_dispatch", (POOL_DISPATCH,), library=False),
         ScriptArgs("pool_worker", (POOL_WORKER,), library=False),
         ScriptArgs("audit_append", (AUDIT_APPEND, SEALS), library=True),
+        ScriptArgs("removed_tenant", (REMOVED_TENANT, SETTINGS, SEALS), library=True),
         ScriptArgs("held_put", (HELD_PUT, SEALS), library=True),
         ScriptArgs("held_decide", (HELD_DECIDE, SETTINGS, SEALS), library=True),
         ScriptArgs("grant_revoke", (GRANT_REVOKE, SEALS), library=True),
