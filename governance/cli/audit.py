@@ -78,9 +78,12 @@ CANNOT_DETECT = (
 def _chains(tenant: str | None) -> list[str]:
     from governance.store.keys import DEPLOYMENT_CHAIN
 
-    policy = context.runtime().policy
+    runtime = context.runtime()
+    policy = runtime.policy
     if tenant is None:
-        return [*policy.tenant_names, DEPLOYMENT_CHAIN]
+        # Tenants removed from the policy keep their chains: known ones are read too.
+        gone = sorted(set(runtime.removed_tenants.known()) - set(policy.tenant_names))
+        return [*policy.tenant_names, *gone, DEPLOYMENT_CHAIN]
     if tenant != DEPLOYMENT_CHAIN:
         context.check_tenant(policy, tenant)
     return [tenant]

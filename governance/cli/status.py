@@ -56,8 +56,10 @@ def status(
             late += [
                 {"tenant": name, **t} for t in rt.ledger.overdue(name, overdue_after_ms=grace_ms)
             ]
+    removed = [] if tenant else rt.removed_tenants.removed(policy.tenant_names)
+    removed = [r for r in removed if r.open or r.held]
     if as_json:
-        data: dict[str, Any] = {"tenants": rows}
+        data: dict[str, Any] = {"tenants": rows, "removed": [r.as_dict() for r in removed]}
         if overdue:
             data["overdue"] = late
         output.emit_json(data)
@@ -83,6 +85,15 @@ def status(
             row["republished"],
         )
     output.show(shown)
+    if removed:
+        gone = output.table(
+            "tenant", "open", "held", "tasks end", title="removed from the policy, with open tasks"
+        )
+        for r in removed:
+            ends = "when noticed" if r.ends_at_ms is None else output.when(r.ends_at_ms)
+            output.add_row(gone, r.tenant, r.open, r.held, ends)
+        output.show(gone)
+        output.show("(govctl tenants end NAME ends them now; back in the policy, they go on)")
     if overdue:
         listing = output.table("tenant", "task", "where", "since", title="overdue tasks")
         for task in late:

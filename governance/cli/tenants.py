@@ -7,7 +7,8 @@ TENANT concurrency=N weight=W --for 1h`` sets its concurrency and/or its share o
 pool for a while; it reverts by itself (``--clear`` ends it now). The scripts read these on
 every call (nothing is cached by a process), and every change is audited on the tenant's chain
 with the operator's name. Anyone who can write the state Redis can change them too (see
-docs/trust.md).
+docs/trust.md). ``govctl tenants end NAME`` ends now the open tasks of a tenant that was removed
+from the policy (otherwise they end after a grace: its ``max_wait``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from typing import Annotated, Any
 import typer
 
 from governance.cli import context, output
+from governance.cli.errors import CliError, ExitCode
 from governance.cli.output import JsonFlag
 
-app = typer.Typer(help="Pause and resume a tenant's work (fair dispatch).", no_args_is_help=True)
+app = typer.Typer(
+    help="Pause and resume a tenant's work (fair dispatch); end a removed tenant's tasks.",
+    no_args_is_help=True,
+)
 limits = typer.Typer(help="Override a tenant's concurrency or weight for a while.")
 
 Tenant = Annotated[str, typer.Argument(help="The tenant's name.", metavar="NAME")]
@@ -94,6 +99,47 @@ def resume(tenant: Tenant, as_json: JsonFlag = False) -> None:
         output.emit_json({"tenant": tenant, "paused": False, "published": published})
         return
     output.show(f"tenant {tenant} is resumed; {len(published)} waiting task(s) handed on")
+
+
+@app.command("end")
+def end(tenant: Tenant, as_json: JsonFlag = False) -> None:
+    """End now the open tasks of a tenant removed from the policy (audited), without waiting
+    out its grace: each ends with "tenant removed from the policy"; running ones finish."""
+    from governance.integration.worker.removed_tenants import end_tasks
+
+    runtime = context.runtime()
+    if runtime.policy.tenant(tenant) is not None:
+        raise CliError(
+            f"tenant {tenant!r} is in the policy: only the tasks of a tenant removed from it can "
+            f"be ended (govctl tenants pause {tenant} stops its new work)",
+            ExitCode.REFUSED,
+        )
+    removed = runtime.removed_tenants
+    listed = {r.tenant: r for r in removed.removed(runtime.policy.tenant_names)}
+    found = listed.get(tenant)
+    if found is None or (found.open == 0 and found.held == 0):
+        others = ", ".join(n for n, r in listed.items() if r.open or r.held) or "none"
+        raise CliError(
+            f"tenant {tenant!r} has no open tasks (removed tenants with open tasks: {others})",
+            ExitCode.REFUSED,
+        )
+    removed.notice(tenant, 0, by=context.operator())
+    ended = end_tasks(context.celery_app(), runtime, tenant)
+    if as_json:
+        output.emit_json(
+            {
+                "tenant": tenant,
+                "published": ended.published,
+                "held": ended.held,
+                "open": ended.open,
+            }
+        )
+        return
+    output.show(
+        f"tenant {tenant}: {ended.published} task(s) sent to end with 'tenant removed from the "
+        f"policy', {ended.held} held task(s) ended; {ended.open} still open (running tasks "
+        "finish, queued ones end when a worker receives them)"
+    )
 
 
 @limits.command("override")

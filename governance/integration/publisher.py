@@ -281,6 +281,8 @@ def _wait_or_hand(
         "at": "publish",
     }
     app.backend.store_result(task_id, meta, "DEFERRED")
+    fields = event_fields(ctx, action.name, admission.reason, violation=violation)
+    send_app_event(app, "deferred", task_id, **fields, ahead=admission.ahead)
     if saturated:
         now = time.monotonic()
         if now - _registered.get((queue, ctx.tenant), -REGISTER_EVERY_S) >= REGISTER_EVERY_S:

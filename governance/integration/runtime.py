@@ -40,6 +40,7 @@ from governance.store.connection import connect
 from governance.store.errors import StoreUnavailable
 from governance.store.ledger import Ledger
 from governance.store.limits import AdmissionLimits
+from governance.store.removed import RemovedTenants
 from governance.store.state import LedgerTimings, StateStore
 
 log = logging.getLogger("governance")
@@ -172,6 +173,11 @@ class GovernanceRuntime:
         self._ensure()
         assert self._ledger is not None
         return self._ledger
+
+    @property
+    def removed_tenants(self) -> RemovedTenants:
+        """Tenants removed from the policy while they have open tasks (see ``store.removed``)."""
+        return RemovedTenants(self.state, self.sealer)
 
     def audit(self, *events: AuditEvent) -> None:
         """Append audit events that are not part of an admission or settlement (a denial, a

@@ -362,6 +362,15 @@ class HeldStore:
         )
         return int(reply["removed"]) == 1
 
+    def held_ids(self, tenant: str, limit: int = 500) -> list[str]:
+        """The ids of ``tenant``'s tasks still held (at most ``limit``), soonest expiry first."""
+        key = TenantKeys(tenant).held_expiry
+
+        def read() -> list[bytes]:
+            return list(self._state.client.zrange(key, 0, limit - 1))
+
+        return [_text(i) for i in self._state.run("held expiry", read)]
+
     def due_for_expiry(self, tenant: str, now_ms: int | None = None, limit: int = 500) -> list[str]:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         key = TenantKeys(tenant).held_expiry

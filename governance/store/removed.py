@@ -12,7 +12,8 @@ every delivery is denied on another chain), nor fail a backlog at once because o
   of the broker (``at_delivery``); after it, each open task is marked to end with "tenant removed
   from the policy" and published, so its own delivery ends it with that result (``end``);
   ``govctl tenants end`` does the same at once;
-- if the tenant comes back first, its tasks go on (``restore``).
+- if the tenant comes back first, its tasks go on (``restore``); once nothing of it is open, it
+  is no longer marked, but stays known: its audit chain is still checkpointed and verified.
 
 The work happens in ``scripts/removed_tenant.lua``, in the tenant's slot; the registry and the
 set of marked tenants share one slot of their own (``{tenants}``).
@@ -72,7 +73,6 @@ class EndRound:
     """One bounded walk of a removed tenant's ledger."""
 
     publish: tuple[Publication, ...]
-    held: tuple[str, ...]
     #: Where the walk goes on; "0": it is over.
     cursor: str
     open: int
@@ -104,6 +104,14 @@ class RemovedTenants:
             lambda: self._state.client.hgetall(DeploymentKeys.known_tenants),
         )
         return {_text(name): int(value) for name, value in raw.items()}
+
+    def max_wait_ms(self, tenant: str) -> int | None:
+        """``tenant``'s max_wait (ms) as the last policy that named it said; None: never named."""
+        raw = self._state.run(
+            "tenant registry",
+            lambda: self._state.client.hget(DeploymentKeys.known_tenants, tenant),
+        )
+        return int(raw) if raw is not None else None
 
     def marked(self) -> set[str]:
         """The tenants noticed as removed (their tasks end after a grace)."""
@@ -142,12 +150,12 @@ class RemovedTenants:
             for i, name in enumerate(names)
         ]
 
-    def forget(self, tenant: str) -> None:
-        """A removed tenant with nothing open: it leaves the registry (its chain stays)."""
+    def unmark(self, tenant: str) -> None:
+        """A removed tenant with nothing open left: it is no longer marked (it stays known, so
+        its audit chain is still checkpointed and verified)."""
 
         def write() -> None:
             pipe = self._state.client.pipeline(transaction=False)
-            pipe.hdel(DeploymentKeys.known_tenants, tenant)
             pipe.srem(DeploymentKeys.removed_tenants, tenant)
             pipe.hdel(TenantKeys(tenant).meta, *REMOVED_FIELDS)
             pipe.execute()
@@ -178,10 +186,8 @@ class RemovedTenants:
     def end(self, tenant: str, cursor: str = "0") -> EndRound:
         """One bounded walk of ``tenant``'s ledger past its deadline (see the script)."""
         reply = self._call("end", tenant, cursor=cursor)
-        held = reply.get("held")
         return EndRound(
             publish=publications(reply.get("pub") or []),
-            held=tuple(str(h) for h in held) if isinstance(held, list) else (),
             cursor=str(reply.get("cursor") or "0"),
             open=int(reply.get("open") or 0),
         )

@@ -54,6 +54,7 @@ def state_commands(task_id: str, key: str) -> dict[str, tuple[str, ...]]:
         "run close": ("run", "close", "r1", "-t", "acme"),
         "tenants pause": ("tenants", "pause", "acme"),
         "tenants resume": ("tenants", "resume", "acme"),
+        "tenants end": ("tenants", "end", "gone"),
         "limits override": ("limits", "override", "acme", "concurrency=2"),
         "submit tool": ("submit", "tool", "echo", *submit, "-i", "text=hi"),
         "submit task": ("submit", "task", "tools.echo", *submit, "-i", "text=hi"),

@@ -91,10 +91,11 @@ def test_every_table_command_prints_json(govctl: Govctl, reviewer_keys: dict[str
         assert result.returncode == 0, (name, result.stderr)
         json.loads(result.stdout)  # one JSON document, nothing else on stdout
     untested = set(leaf_commands()) - set(covered) - NO_TABLE
-    # grants revoke needs a grant (tests/e2e), dev redis runs a server (test_dev_redis.py), the
-    # mcp commands' --json is tested in tests/mcp/test_cli.py (serve runs a server).
+    # grants revoke needs a grant and tenants end a tenant removed from the policy (tests/e2e),
+    # dev redis runs a server (test_dev_redis.py), the mcp commands' --json is tested in
+    # tests/mcp/test_cli.py (serve runs a server).
     mcp = {"mcp serve", "mcp tools", "mcp token add", "mcp token list", "mcp token remove"}
-    assert untested <= {"grants revoke", "dev redis", *mcp}, untested
+    assert untested <= {"grants revoke", "tenants end", "dev redis", *mcp}, untested
 
 
 def test_audit_tail_reads_well_at_100_columns(govctl: Govctl, state: StateStore) -> None:

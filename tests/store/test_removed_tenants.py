@@ -149,9 +149,10 @@ def test_the_registry_names_known_tenants_the_policy_dropped(any_state: StateSto
     until = removed.notice("goes", 120_000)
     assert removed.removed(["stays"])[0].ends_at_ms == until
     assert removed.notice("goes", 240_000) == until  # a later notice never puts it back
-    removed.forget("goes")
-    assert removed.known() == {"stays": 60_000}
-    assert removed.removed(["stays"]) == []
+    removed.unmark("goes")
+    assert removed.marked() == set()
+    assert removed.removed(["stays"])[0].ends_at_ms is None
+    assert removed.known() == {"stays": 60_000, "goes": 120_000}  # its chain stays verifiable
 
 
 def test_without_a_grace_a_delivery_ends_at_once(any_state: StateStore) -> None:

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -408,26 +408,46 @@ class Reviewers:
 
     def expire_due(self, now_ms: int | None = None) -> list[HeldTask]:
         """Reject as expired every held task past its expiry; returns those it expired."""
+        reason = "expired: no reviewer decision before the hold expired"
         expired = []
         for tenant in self.runtime.policy.tenant_names:
-            for task_id in self.store.due_for_expiry(tenant, now_ms):
-                task = self.store.get(tenant, task_id)
-                if task is None:
-                    continue
-                decided = self.store.decide(
-                    task,
-                    verdict="expire",
-                    reviewer="",
-                    reason="expired: no reviewer decision before the hold expired",
-                    audit=audit_fields(task, self.runtime.policy.version),
-                    ttl_s=self.runtime.state.ttl.task_s,
-                    now_ms=now_ms,
-                )
-                seal_now(self.runtime, tenant)
-                if decided.outcome == "expired":
-                    self._end(task, "expired: no reviewer decision before the hold expired", "")
-                    expired.append(self.store.get(tenant, task_id) or task)
+            ids = self.store.due_for_expiry(tenant, now_ms)
+            expired += self._end_held(tenant, ids, "expire", reason, now_ms=now_ms)
         return expired
+
+    def end_held(self, tenant: str, task_ids: Iterable[str], reason: str) -> list[HeldTask]:
+        """End ``tenant``'s held tasks ``task_ids`` now, with ``reason`` and no reviewer (their
+        tenant left the policy); returns those it ended."""
+        return self._end_held(tenant, task_ids, "reject", reason)
+
+    def _end_held(
+        self,
+        tenant: str,
+        task_ids: Iterable[str],
+        verdict: str,
+        reason: str,
+        *,
+        now_ms: int | None = None,
+    ) -> list[HeldTask]:
+        ended = []
+        for task_id in task_ids:
+            task = self.store.get(tenant, task_id)
+            if task is None:
+                continue
+            decided = self.store.decide(
+                task,
+                verdict=verdict,
+                reviewer="",
+                reason=reason,
+                audit=audit_fields(task, self.runtime.policy.version),
+                ttl_s=self.runtime.state.ttl.task_s,
+                now_ms=now_ms,
+            )
+            seal_now(self.runtime, tenant)
+            if decided.outcome in ("expired", "rejected"):
+                self._end(task, reason, "")
+                ended.append(self.store.get(tenant, task_id) or task)
+        return ended
 
     # -- grants -------------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ from governance.integration.worker.outcome import (
     counted_usage,
     step_timeout_error,
 )
+from governance.integration.worker.removed_tenants import removal_grace_ms
 from governance.integration.worker.settlement import AttemptSettlement
 from governance.policy.actions import Action, LLMCall
 from governance.policy.decision import Decision
@@ -145,6 +146,8 @@ class Delivery:
         if self._early is None:
             headers = self._read_context()
             action = self._build_action()
+            if self.runtime.policy.tenant(headers.context.tenant) is None:
+                self._tenant_not_in_policy(headers)
             self._authorize(headers, action)
             tenant = self.runtime.policy.tenant(headers.context.tenant)
             assert tenant is not None  # authorization denies unknown tenants
@@ -231,6 +234,31 @@ class Delivery:
         if decision.outcome is Outcome.suggest:
             self._finish_without_running(AuditEventType.SUGGESTED, "suggested", decision)
         return decision
+
+    def _tenant_not_in_policy(self, headers: GovernanceHeaders) -> None:
+        """A task of a tenant this worker's policy does not name. If the ledger has it, its
+        tenant was removed from the policy since it was published: it waits out of the broker
+        for the tenant to come back, or ends with the reason once its grace is over (see
+        ``store.removed``). Otherwise (a name nobody configured) authorization denies it as
+        unknown, and nothing is written under that name."""
+        tenant = headers.context.tenant
+        removed = self.runtime.removed_tenants
+        try:
+            with self.runtime.health.call():
+                grace_ms = removal_grace_ms(self.runtime, removed.max_wait_ms(tenant))
+                verdict = removed.at_delivery(tenant, self.task_id, grace_ms)
+        except StoreUnavailable as exc:
+            self._defer_for_outage(exc)
+        if verdict.state == "unknown":
+            return
+        if verdict.state == "ended":
+            raise ActionDenied(verdict.reason)
+        if verdict.state == "parked":
+            reason = "tenant not in the policy: this task waits for it to come back"
+            meta = {"reason": reason, "violation": "tenant_removed", "until_ms": verdict.until_ms}
+            self.task.update_state(state="DEFERRED", meta=meta)
+            self._send_event("deferred", reason, violation="tenant_removed")
+        raise Acknowledged()  # parked, or a copy of a task that ended or runs elsewhere
 
     def _release_or_hold(
         self, headers: GovernanceHeaders, action: Action, decision: Decision
@@ -391,12 +419,13 @@ class Delivery:
             "violation": violation,
             "waiting": "turn" if status is AdmissionStatus.BOOKED else "wait list",
         }
-        if status is AdmissionStatus.BOOKED:
-            meta["turn_ms"] = admission.turn_ms
-        else:
-            meta["ahead"] = admission.ahead
-        self.task.update_state(state="DEFERRED", meta=meta)
-        self._send_event("deferred", admission.reason, violation=violation)
+        place: dict[str, int] = (
+            {"turn_ms": admission.turn_ms}
+            if status is AdmissionStatus.BOOKED
+            else {"ahead": admission.ahead}
+        )
+        self.task.update_state(state="DEFERRED", meta={**meta, **place})
+        self._send_event("deferred", admission.reason, violation=violation, **place)
         raise Acknowledged()
 
     def _release_replayed(self, headers: GovernanceHeaders, action: Action) -> None:

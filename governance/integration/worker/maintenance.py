@@ -45,6 +45,10 @@ from governance.integration.approvals.notify import NotifierThread
 from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
 from governance.integration.worker.pool_keeper import PoolKeeper
+from governance.integration.worker.removed_tenants import (
+    RemovedTenantSweep,
+    register_policy_tenants,
+)
 from governance.settings import GovernanceSettings
 from governance.store import audit_anchor, audit_verify
 from governance.store.admission import Publication
@@ -126,6 +130,13 @@ class MaintenanceThread:
         #: Whether this process held the leader lock at its last round.
         self.leading = False
         self._notifier = NotifierThread(runtime, lambda: self.leading)
+        self._removed = RemovedTenantSweep(app, runtime)
+        #: The policy version whose tenants this worker registered (see ``store.removed``).
+        self._registered_version: str | None = None
+        self._next_removed = 0.0
+        #: Known tenants the policy no longer names, as the last round saw them: their chains
+        #: are checkpointed and adopted like the policy's tenants'.
+        self._removed_seen: tuple[str, ...] = ()
 
     def start(self) -> None:
         self._thread.start()
@@ -154,6 +165,9 @@ class MaintenanceThread:
                 return
             now = time.monotonic()
             tenants = runtime.policy.tenant_names
+            if now >= self._next_removed:
+                self._next_removed = now + WAITING_SWEEP_S
+                self._removed_seen = tuple(t.tenant for t in self._removed.round())
             waiting_too = now >= self._next_waiting
             if waiting_too:
                 self._next_waiting = now + WAITING_SWEEP_S
@@ -167,7 +181,8 @@ class MaintenanceThread:
                 if checkpoint:
                     self._next_audit = now + runtime.settings.audit_checkpoint_s
                 self._next_adopt = now + runtime.settings.audit_adopt_s
-                self._audit_round((*tenants, DEPLOYMENT_CHAIN), checkpoint=checkpoint)
+                chains = (*tenants, *self._removed_seen, DEPLOYMENT_CHAIN)
+                self._audit_round(chains, checkpoint=checkpoint)
 
     def _watch_policy(self) -> None:
         """Pick up a changed policy file now, audit what happened, report what is enforced."""
@@ -193,6 +208,9 @@ class MaintenanceThread:
                     detail=detail,
                 )
             runtime.audit(event)
+        if runtime.policy.version != self._registered_version:
+            register_policy_tenants(runtime)
+            self._registered_version = runtime.policy.version
         now = time.monotonic()
         if change is None and now < self._next_report:
             return

@@ -14,7 +14,7 @@
 --   end      past the deadline: a bounded walk of its ledger (ZSCAN from `cursor`) marks each
 --            open task to end with the reason, and publishes those that are not in the broker
 --            already, so their own deliveries end them (a task always ends on a worker, with its
---            result); running tasks finish, held ones are returned for the held store to end;
+--            result); running tasks finish (held ones are the held store's to end);
 --   restore  it is in the policy again: the marks go, and its parked tasks are due now.
 --
 -- KEYS[1..7] the tenant's shared keys (see lib.lua); KEYS[8] deliver: the task's record.
@@ -22,12 +22,12 @@
 --
 -- Returns JSON {state = 'unknown'|'done'|'copy'|'ended'|'parked' (deliver), until (ms),
 --   reason, fresh = 1 when this call noticed it, open = ledger entries, pub = [{id, msg}],
---   held = [task id], cursor ('0': the walk is over), au = [...]}.
+--   cursor ('0': the walk is over), au = [...]}.
 
 local G = read_settings(ARGV)
 L.seal(ARGV[F.seals], ARGV[F.writer])
 local now = L.now_ms()
-local written, publish, held = {}, {}, {}
+local written, publish = {}, {}
 local mode, tenant, reason = ARGV[F.mode], ARGV[F.tenant], ARGV[F.reason]
 local ttl = tonumber(ARGV[F.ttl])
 
@@ -110,7 +110,7 @@ for i = 1, #scanned[2], 2 do
   if not where or where == 'done' or not id or not msg then
     redis.call('ZREM', L.T.ledger, rec)
   elseif where == 'held' then
-    held[#held + 1] = id
+    -- Ended by the held store (the caller), with its decision.
   elseif where == 'running' and L.running_live(rec, now) then
     -- It runs now: it finishes (its settlement ends it).
   else
@@ -123,5 +123,5 @@ for i = 1, #scanned[2], 2 do
     end
   end
 end
-return cjson.encode({cursor = cursor, pub = publish, held = held,
+return cjson.encode({cursor = cursor, pub = publish,
   open = redis.call('ZCARD', L.T.ledger), au = written})
