@@ -46,6 +46,7 @@ from governance.policy.signing import (
 from governance.settings import GovernanceSettings
 from governance.store.audit import AuditEntry
 from governance.store.audit_verify import verify_all
+from governance.store.deployment import write_marker
 from governance.store.keys import DEPLOYMENT_CHAIN
 from tests.conftest import start_rabbitmq
 from tests.e2e.observer import ObserverServer
@@ -476,11 +477,15 @@ def worker(
 
 @pytest.fixture
 def runtime(app: Celery, worker: WorkerProcess, state_server: EmbeddedRedis) -> GovernanceRuntime:
-    """The publisher's runtime, with the state Redis flushed before the test."""
+    """The publisher's runtime, with the state Redis flushed before the test (and marked as the
+    deployment's again at once, as the workers would within a heartbeat, so govctl need not
+    wait for them)."""
     client = redis.Redis.from_url(state_server.url)
     client.flushall()
     client.close()
-    return runtime_for(app)
+    runtime = runtime_for(app)
+    write_marker(runtime.state, "e2e-fixture")
+    return runtime
 
 
 def to_broker(

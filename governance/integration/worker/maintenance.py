@@ -86,6 +86,9 @@ def adoption_allowance_ms(settings: GovernanceSettings) -> int:
 
 #: How often each worker reports the policy version it enforces.
 POLICY_REPORT_S = 5.0
+#: How often each worker writes the tenants of its policy to the registry even if its policy did
+#: not change (see ``store.removed``).
+REGISTER_TENANTS_S = 300.0
 
 
 class MaintenanceThread:
@@ -133,6 +136,7 @@ class MaintenanceThread:
         self._removed = RemovedTenantSweep(app, runtime)
         #: The policy version whose tenants this worker registered (see ``store.removed``).
         self._registered_version: str | None = None
+        self._next_register = 0.0
         self._next_removed = 0.0
         #: Known tenants the policy no longer names, as the last round saw them: their chains
         #: are checkpointed and adopted like the policy's tenants'.
@@ -208,10 +212,12 @@ class MaintenanceThread:
                     detail=detail,
                 )
             runtime.audit(event)
-        if runtime.policy.version != self._registered_version:
+        now = time.monotonic()
+        if runtime.policy.version != self._registered_version or now >= self._next_register:
+            # Again now and then: a registry lost with the state (a failover) is written back.
             register_policy_tenants(runtime)
             self._registered_version = runtime.policy.version
-        now = time.monotonic()
+            self._next_register = now + REGISTER_TENANTS_S
         if change is None and now < self._next_report:
             return
         self._next_report = now + POLICY_REPORT_S
