@@ -25,7 +25,11 @@ What the governance layer puts where (every governed outcome is a Celery task ev
   secret, api_key, authorization, ...) shown as ``***``;
 - ``received``: when the task was received, or held or denied at publish time; ``started``:
   none while the task waits (DEFERRED, HELD), until it runs;
-- ``worker``: the worker that ran it; none for a task only a publisher or ``govctl`` saw.
+- ``worker``: the worker that ran it; none for a task only a publisher or ``govctl`` saw;
+- ``tenant``: the governed task's tenant (a column of its own);
+- the **Tenants** page (``/tenants``, in the navigation bar; ``/api/tenants`` in JSON): per
+  tenant, running, waiting, the oldest wait, its share of the worker time over the last minute,
+  its weight and whether it is paused, as ``govctl status`` shows them.
 """
 
 import os
@@ -38,8 +42,8 @@ use_governance_templates()
 # Loopback unless told otherwise (FLOWER_ADDRESS, or --address on the command line).
 address = os.environ.get("FLOWER_ADDRESS", "127.0.0.1")
 
-# The task list: the result column shows the governance reason next to the state.
-tasks_columns = "name,uuid,state,result,received,started,runtime,worker"
+# The task list: the tenant, and the result column shows the governance reason next to the state.
+tasks_columns = "name,uuid,state,tenant,result,received,started,runtime,worker"
 
 # format_task, imported above, is a Flower option too: what the task list and the task pages
 # show of a task (see governance.flower.format_task).

@@ -13,9 +13,13 @@ This module gives Flower:
 - :func:`use_governance_templates`: Flower's templates, with the task list extended: its result
   column shows a governed task's reason in full (the first line of the result, wrapped; the
   rest in its tooltip), the state badges of the governance states have colours, and there are
-  filters for them (HELD, DEFERRED, DENIED, REJECTED, SHADOWED, SUGGESTED); and an event state
+  filters for them (HELD, DEFERRED, DENIED, REJECTED, SHADOWED, SUGGESTED); a ``tenant``
+  column (``tasks_columns``), from the tenant the governed task's events carry; an event state
   that forgets a publisher's node at once (no offline "worker" per publisher on the Workers
-  page).
+  page); and a **Tenants** page (``/tenants``, in the navigation bar; ``/api/tenants`` in JSON)
+  with what ``govctl status`` shows per tenant: running, waiting, the oldest wait, its share of
+  the worker time over the last minute, its weight, whether it is paused, and the tenants
+  removed from the policy with open tasks.
 
 A task that waits (DEFERRED, HELD) has no Started time until it runs: the event that says it
 waits clears it (:func:`governance.integration.events.flower_fields`).
@@ -142,7 +146,65 @@ _TASKS_HTML = (
 """
 )
 
-_OVERRIDES = {"tasks.html": _TASKS_HTML}
+# The Tenants page: what govctl status shows, per tenant.
+_TENANTS_HTML = """{% extends "base.html" %}
+{% block title %}Tenants · Flower{% end %}
+{% block navbar %}{% module Template("navbar.html", active_tab="tenants") %}{% end %}
+{% block container %}
+<div class="page-section">
+  <header class="page-header"><div><p class="page-eyebrow">Governed tenants</p></div></header>
+  <section class="tasks-table-card" aria-label="Tenants">
+  <table id="tenants-table" class="table table-hover align-middle w-100 mb-0">
+    <thead><tr>
+      <th>Tenant</th><th>Running</th><th>Waiting</th><th>Oldest wait</th>
+      <th title="Its part of the worker time of all tenants over the last minute">Share</th>
+      <th title="Its share of a saturated pool; * an operator's override">Weight</th>
+      <th>Paused</th><th>Open</th><th>Overdue</th>
+    </tr></thead>
+    <tbody>
+    {% for row in tenants %}
+      <tr data-tenant="{{ row.tenant }}">
+        <td>{{ row.tenant }}</td>
+        <td>{{ row.running }}</td><td>{{ row.waiting }}</td>
+        <td>{{ "" if row.oldest_wait_s is None else "%.1f s" % row.oldest_wait_s }}</td>
+        <td>{{ "%.0f%%" % (row.share_last_minute * 100) }}</td>
+        <td>{{ "%g" % row.weight }}{{ "*" if row.weight_overridden else "" }}</td>
+        <td>{{ "yes" if row.paused else "" }}</td>
+        <td>{{ row.open }}</td><td>{{ row.overdue }}</td>
+      </tr>
+    {% end %}
+    </tbody>
+  </table>
+  </section>
+  {% if removed %}
+  <section class="tasks-table-card mt-4" aria-label="Removed tenants">
+  <p class="px-3 pt-2">Removed from the policy, with open tasks (they end at the time shown
+    unless the tenant comes back; <code>govctl tenants end NAME</code> ends them now):</p>
+  <table id="removed-tenants-table" class="table align-middle w-100 mb-0">
+    <thead><tr><th>Tenant</th><th>Open</th><th>Held</th><th>Tasks end</th></tr></thead>
+    <tbody>
+    {% for row in removed %}
+      <tr data-tenant="{{ row.tenant }}"><td>{{ row.tenant }}</td><td>{{ row.open }}</td>
+        <td>{{ row.held }}</td><td>{{ ends(row.ends_at_ms) }}</td></tr>
+    {% end %}
+    </tbody>
+  </table>
+  </section>
+  {% end %}
+</div>
+{% end %}
+"""
+
+_OVERRIDES = {"tasks.html": _TASKS_HTML, "governance-tenants.html": _TENANTS_HTML}
+
+#: The navigation bar's link to the Tenants page, after Flower's Broker link.
+_BROKER_LINK_END = "Broker</a>\n        </li>\n"
+_TENANTS_LINK = """        <li class="nav-item">
+          <a class="nav-link{% if active_tab == 'tenants' %} active{% end %}"
+            href="{{ reverse_url('governance-tenants') }}"
+            {% if active_tab == 'tenants' %}aria-current="page"{% end %}>Tenants</a>
+        </li>
+"""
 
 
 class GovernanceTemplates(Loader):
@@ -155,6 +217,12 @@ class GovernanceTemplates(Loader):
         if name == _FLOWER_TASKS:
             with open(os.path.join(self.root, "tasks.html"), "rb") as handle:
                 return Template(handle.read(), name=name, loader=self)
+        if name == "navbar.html":
+            with open(os.path.join(self.root, name), encoding="utf-8") as text:
+                navbar = text.read()
+            if _BROKER_LINK_END in navbar:
+                navbar = navbar.replace(_BROKER_LINK_END, _BROKER_LINK_END + _TENANTS_LINK, 1)
+            return Template(navbar, name=name, loader=self)
         return super()._create_template(name)
 
 
@@ -163,9 +231,77 @@ def use_governance_templates() -> None:
     publishers (from its conf file, which Flower runs before it builds its web application
     from these settings and its event state)."""
     from flower.urls import settings  # type: ignore[import-untyped]
+    from flower.views.tasks import TASK_COLUMNS  # type: ignore[import-untyped]
 
     settings["template_loader"] = GovernanceTemplates(settings["template_path"])
+    _keep_the_tenant()
+    TASK_COLUMNS.setdefault("tenant", "Tenant")
+    _add_tenants_page()
     _forget_publisher_nodes()
+
+
+def _keep_the_tenant() -> None:
+    """The tenant a governed task's events carry becomes a field of Flower's tasks: Celery's
+    event state keeps every field of an event, but copies and serializes only its declared
+    ones (Flower's pages and API see copies)."""
+    from celery.events.state import Task
+
+    if "tenant" not in Task._fields:
+        Task._fields = (*Task._fields, "tenant")
+        Task.tenant = None
+
+
+def _overview(capp: Any) -> tuple[list[Any], list[Any]]:
+    """The Tenants page's rows: the tenants of the policy, and those removed with open tasks."""
+    from governance.integration.runtime import installed_on, runtime_for
+    from governance.integration.tenant_overview import removed_with_open_tasks, tenant_overview
+
+    if installed_on(capp) is None:
+        capp.finalize(auto=True)  # governed by its task class: governed when finalized
+    runtime = runtime_for(capp)
+    return tenant_overview(runtime), removed_with_open_tasks(runtime)
+
+
+def _add_tenants_page() -> None:
+    """Serve the Tenants page and its JSON beside Flower's own (its login and url prefix
+    apply: the routes join Flower's list before it builds its application)."""
+    from flower.urls import handlers
+    from flower.views import BaseHandler  # type: ignore[import-untyped]
+    from tornado import web
+    from tornado.ioloop import IOLoop
+
+    if any(getattr(h, "name", None) == "governance-tenants" for h in handlers):
+        return
+
+    class TenantsView(BaseHandler):  # type: ignore[misc]
+        @web.authenticated
+        async def get(self) -> None:
+            tenants, removed = await IOLoop.current().run_in_executor(
+                None, _overview, self.application.capp
+            )
+            self.render("governance-tenants.html", tenants=tenants, removed=removed, ends=_ends)
+
+    class TenantsApi(BaseHandler):  # type: ignore[misc]
+        @web.authenticated
+        async def get(self) -> None:
+            tenants, removed = await IOLoop.current().run_in_executor(
+                None, _overview, self.application.capp
+            )
+            self.write(
+                {
+                    "tenants": [t.as_dict() for t in tenants],
+                    "removed": [r.as_dict() for r in removed],
+                }
+            )
+
+    handlers.insert(0, web.url(r"/tenants", TenantsView, name="governance-tenants"))
+    handlers.insert(1, (r"/api/tenants", TenantsApi))
+
+
+def _ends(ends_at_ms: int | None) -> str:
+    if ends_at_ms is None:
+        return "once the maintenance notices it"
+    return str(_readable(ends_at_ms / 1000))
 
 
 def _forget_publisher_nodes() -> None:

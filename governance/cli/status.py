@@ -28,38 +28,26 @@ def status(
     as_json: JsonFlag = False,
 ) -> None:
     """Running and waiting tasks per tenant, the oldest wait, and the ledger's open tasks."""
+    from governance.integration.tenant_overview import removed_with_open_tasks, tenant_overview
+
     rt = context.runtime()
     policy = rt.policy
     context.check_tenant(policy, tenant)
-    names = [tenant] if tenant else list(policy.tenant_names)
     grace_ms = round(rt.settings.reconcile_after_s * 1000)
-    rows: list[dict[str, Any]] = []
+    overview = tenant_overview(rt, [tenant] if tenant else None)
     late: list[dict[str, Any]] = []
-    from governance.store.control import Controls
-
-    controls = Controls(rt.state, rt.audit_log)
-    for name in names:
-        row = rt.ledger.status(name, overdue_after_ms=grace_ms).as_dict()
-        row["republished"] = rt.ledger.republished(name)
-        control = controls.read(name)
-        tenant_policy = policy.tenant(name)
-        row["weight"] = control.weight or (tenant_policy.weight if tenant_policy else 1.0)
-        row["weight_overridden"] = control.weight is not None
-        row["concurrency_override"] = control.concurrency
-        rows.append(row)
-    total_ms = sum(r["worker_s_last_minute"] for r in rows)
-    for row in rows:
-        row["share_last_minute"] = (
-            round(row["worker_s_last_minute"] / total_ms, 3) if total_ms else 0.0
-        )
-        if overdue:
+    if overdue:
+        for row in overview:
             late += [
-                {"tenant": name, **t} for t in rt.ledger.overdue(name, overdue_after_ms=grace_ms)
+                {"tenant": row.tenant, **t}
+                for t in rt.ledger.overdue(row.tenant, overdue_after_ms=grace_ms)
             ]
-    removed = [] if tenant else rt.removed_tenants.removed(policy.tenant_names)
-    removed = [r for r in removed if r.open or r.held]
+    removed = [] if tenant else removed_with_open_tasks(rt)
     if as_json:
-        data: dict[str, Any] = {"tenants": rows, "removed": [r.as_dict() for r in removed]}
+        data: dict[str, Any] = {
+            "tenants": [row.as_dict() for row in overview],
+            "removed": [r.as_dict() for r in removed],
+        }
         if overdue:
             data["overdue"] = late
         output.emit_json(data)
@@ -69,20 +57,19 @@ def status(
         "overdue", "republished",
         title="governed tasks",
     )  # fmt: skip
-    for row in rows:
-        oldest = row["oldest_wait_s"]
+    for row in overview:
         output.add_row(
             shown,
-            row["tenant"],
-            row["running"],
-            row["waiting"],
-            "" if oldest is None else output.span(oldest),
-            f"{row['share_last_minute']:.0%}",
-            f"{row['weight']:g}" + ("*" if row["weight_overridden"] else ""),
-            "yes" if row["paused"] else "",
-            row["open"],
-            row["overdue"],
-            row["republished"],
+            row.tenant,
+            row.running,
+            row.waiting,
+            "" if row.oldest_wait_s is None else output.span(row.oldest_wait_s),
+            f"{row.share_last_minute:.0%}",
+            f"{row.weight:g}" + ("*" if row.weight_overridden else ""),
+            "yes" if row.paused else "",
+            row.open,
+            row.overdue,
+            row.republished,
         )
     output.show(shown)
     if removed:

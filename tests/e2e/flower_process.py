@@ -119,6 +119,12 @@ class FlowerProcess:
         rows: list[dict[str, Any]] = self.get_json("/tasks/datatable", **params)["data"]
         return rows
 
+    def page(self, path: str) -> str:
+        """An HTML page of Flower's (``/tenants``), as an operator who logged in sees it."""
+        response = self._http.get(path)
+        response.raise_for_status()
+        return response.text
+
     def task_page(self, task_id: str) -> str:
         """The task's HTML page (``/task/<id>``), as an operator sees it."""
         response = self._http.get(f"/task/{task_id}")

@@ -33,6 +33,7 @@ from governance.store.held import HeldStatus
 from tests.e2e.conftest import WorkerProcess, audit_of, to_broker, types_of, wait_until
 from tests.e2e.flower_process import FlowerProcess
 from tests.e2e.observer import ObserverServer
+from tests.govctl_runner import run_govctl
 from workers.api import submit_llm, submit_tool
 
 pytestmark = pytest.mark.timeout(180)
@@ -661,3 +662,47 @@ def test_a_limit_failure_shows_its_reason_and_policy_setting(
         over.get(timeout=30)
     listed = wait_for_state(flower, over.id, "FAILURE")
     assert listed["result"] == f"limit: {failed.value} (policy: budgets[].tokens)"
+
+
+def test_each_row_names_its_tenant_and_the_tenants_page_shows_what_govctl_sets(
+    app: Celery, runtime: GovernanceRuntime, flower: FlowerProcess, e2e_env: dict[str, str]
+) -> None:
+    """The task list's tenant column, from the worker's own events; the Tenants page (and its
+    JSON) shows per tenant what ``govctl status`` shows, a pause and a weight override set with
+    ``govctl`` included, and Flower's login guards it."""
+    done = submit_tool(app, ctx("t-basic"), "echo", text="whose task")
+    done.get(timeout=30)
+
+    def row() -> dict[str, Any] | None:
+        rows = [r for r in flower.datatable() if r["uuid"] == done.id and r["state"] == "SUCCESS"]
+        return rows[0] if rows else None
+
+    assert wait_until(row, timeout_s=20, what="the task's row")["tenant"] == "t-basic"
+
+    env = {k: v for k, v in e2e_env.items() if k.startswith("GOVERNANCE_")}
+    for args in (("tenants", "pause", "t-budget"), ("limits", "override", "t-budget", "weight=3")):
+        result = run_govctl(*args, env=env)
+        assert result.returncode == 0, result.stderr
+    status = run_govctl("status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    expected = {r["tenant"]: r for r in json.loads(status.stdout)["tenants"]}
+
+    shown = {r["tenant"]: r for r in flower.get_json("/api/tenants")["tenants"]}
+    assert shown.keys() == expected.keys()
+    budget = shown["t-budget"]
+    assert (budget["paused"], budget["weight"], budget["weight_overridden"]) == (True, 3, True)
+    for name, figures in expected.items():
+        for field in ("running", "waiting", "open", "paused", "weight"):
+            assert shown[name][field] == figures[field], (name, field)
+
+    page = flower.page("/tenants")
+    cells = re.search(r'<tr data-tenant="t-budget">(.*?)</tr>', page, re.S)
+    assert cells is not None, page
+    assert [c.strip() for c in re.findall(r"<td>(.*?)</td>", cells.group(1), re.S)][-4:-2] == [
+        "3*",
+        "yes",
+    ]
+    assert 'aria-current="page">Tenants</a>' in page  # in the navigation bar
+    with flower.client() as anonymous:
+        assert anonymous.get("/api/tenants").status_code == 401
+        assert anonymous.get("/tenants").status_code == 401

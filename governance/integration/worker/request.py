@@ -19,6 +19,8 @@ names the policy setting behind it (``limit: same_step_loop exceeded: 4 / 3 (133
 long_running.max_same_step_repetitions)``). The result backend still says FAILURE with the
 reason, as callers expect.
 
+**Tenants.** Its events carry the governed task's tenant (Flower's tenant column).
+
 **Secrets.** The worker's events (``task-received``: Flower's args and kwargs) and its log
 lines show a message's ``argsrepr``/``kwargsrepr``; for a governed task whose call has
 secret-named values, they are the call with those values redacted, whoever published it.
@@ -101,6 +103,19 @@ class GovernedRequest(Request):  # type: ignore[misc]
                 setattr(self, f"_{field}", repr(redacted))
                 self._request_dict[field] = repr(redacted)
 
+    def _tenant(self) -> str:
+        """The tenant a governed request's context names ("" otherwise), read once."""
+        cached: str | None = getattr(self, "_governed_tenant", None)
+        if cached is None:
+            cached = ""
+            if is_governed(self.task):
+                try:
+                    cached = read_context(header_value(self._request_dict, CONTEXT)).tenant
+                except Exception:  # a malformed context: the task itself denies it
+                    cached = ""
+            self._governed_tenant = cached
+        return cached
+
     def _step(self, only_with_timeouts: bool = False) -> _Step | None:
         """The policy's view of this request, or None when it is not governed or its
         context, action or tenant is not valid (the task itself then denies it). With
@@ -162,6 +177,9 @@ class GovernedRequest(Request):  # type: ignore[misc]
         runtime.publish_each(settlement.publish)
 
     def send_event(self, type: str, **fields: Any) -> None:
+        tenant = self._tenant()
+        if tenant:
+            fields.setdefault("tenant", tenant)  # Flower's tenant column
         if type == "task-failed":
             exception = str(fields.get("exception", ""))
             name = exception.split("(", 1)[0]
