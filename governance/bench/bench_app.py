@@ -4,7 +4,9 @@ Built the way a platform team governs its own app with the library alone (no exa
 deployment): ``govern(app, settings)``, then ``base=GovernedTask`` on the governed tasks.
 ``bench.noop`` is plain; ``bench.echo`` is a governed tool call (the policy's ``echo``) taking
 the same argument and returning it; ``bench.llm`` a governed LLM call whose body sleeps as long
-as its first message asks (``[[sleep MS]]``) and reports the tokens of a small completion.
+as its first message asks (``[[sleep MS]]``), reports the tokens of a small completion and
+returns when its body started and ended (epoch seconds) and in which pool process, so that a
+benchmark reads the worker time each task used from its result.
 Plain and governed tasks so share one broker, one worker, one pool and one configuration; only
 governance differs.
 
@@ -20,6 +22,7 @@ variables the benchmark sets when the worker first asks for it.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any
@@ -48,13 +51,17 @@ def echo(text: str = "") -> dict[str, str]:
     return {"text": text}
 
 
-def llm(provider: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """The governed LLM call: sleeps as asked, reports a small completion's tokens."""
+def llm(
+    provider: str, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> dict[str, Any]:
+    """The governed LLM call: sleeps as asked, reports a small completion's tokens; returns
+    when its body started and ended (``time.time()``) and the pool process that ran it."""
+    started = time.time()
     asked = _SLEEP.search(messages[0]["content"]) if messages else None
     if asked:
         time.sleep(int(asked.group(1)) / 1000)
     report_usage(Usage(input_tokens=4, output_tokens=min(max_tokens, 2)))
-    return "ok"
+    return {"text": "ok", "started": started, "ended": time.time(), "pid": os.getpid()}
 
 
 class BareRoundTrips:

@@ -35,12 +35,21 @@ also reads the results), the worker's main process and its pool processes (``/pr
 the Redis server (``INFO cpu``: all of its work, so with ``REDIS_URL`` other clients' too); on 2
 cores they all share the machine, so the governed task's extra CPU, wherever it is spent, is what
 its throughput pays for.
+The governed batches above are published all at once: the worker's pool saturates (messages
+wait in the broker), so most governed tasks take fair dispatch's saturated path (they wait from
+publication and are handed on by the pool: more script calls per task). The governed kind is
+then measured a second time, paced (``--paced-tasks`` published at ``--paced-fraction`` of the
+flooded governed throughput, after as many plain tasks at the same pace): below what the pool
+can run, so it never saturates and each task takes the hot path (the same calls as without fair
+dispatch). For both, the tasks that waited for the pool (their audit entries) are counted, so
+the report says which path was measured.
 Admission+settlement latency and the 10 vs 10,000 tenants scale come from
 :mod:`governance.bench.store_bench`, run against the same Redis after the worker has stopped.
 With ``REDIS_URL`` set, that server is used instead of a private one (databases 0 and 1 are
 flushed).
 
-Run: ``python -m governance.bench.celery_bench [--tasks N] [--rounds R] [--json FILE]``.
+Run: ``python -m governance.bench.celery_bench [--tasks N] [--rounds R] [--paced-tasks N]
+[--paced-fraction F] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ from governance.integration import GovernanceHeaders
 from governance.policy.context import ActionContext
 from governance.settings import GovernanceSettings
 from governance.store import Period, StateStore, read_usage
+from governance.store.keys import TenantKeys
 
 TENANT = "bench"
 CONTEXT = ActionContext(tenant=TENANT, agent="bench-agent", run="bench-run")
@@ -328,6 +338,8 @@ class Batch:
     seconds: float
     by_command: Mapping[str, int]
     cpu_s: Mapping[str, float] = field(default_factory=dict)
+    #: Tasks that waited for the saturated worker pool meanwhile (fair dispatch handed them on).
+    dispatched: int = 0
 
     @property
     def script_calls(self) -> int:
@@ -345,11 +357,15 @@ class Batch:
             "tasks_per_s": round(self.tasks / self.seconds, 1),
             "script_calls": self.script_calls,
             "server_commands": self.server_commands,
+            "dispatched_by_the_pool": self.dispatched,
         }
 
 
-def publish_and_wait(app: Celery, kind: str, tasks: int, first: int) -> None:
-    """Publish ``tasks`` tasks of ``kind`` and return once every one of them has succeeded."""
+def publish_and_wait(
+    app: Celery, kind: str, tasks: int, first: int, rate: float | None = None
+) -> None:
+    """Publish ``tasks`` tasks of ``kind`` (all at once, or ``rate`` per second) and return
+    once every one of them has succeeded."""
     headers: dict[str, Any] = {}
     if kind == "governed":
         task = app.tasks[GOVERNED_TASK]
@@ -357,8 +373,11 @@ def publish_and_wait(app: Celery, kind: str, tasks: int, first: int) -> None:
     else:
         task = app.tasks[PLAIN_TASK if kind == "plain" else ROUND_TRIPS_TASK]
     results: list[Any] = []
+    started = time.perf_counter()
     try:
         for i in range(tasks):
+            if rate is not None:
+                time.sleep(max(0.0, started + i / rate - time.perf_counter()))
             results.append(
                 task.apply_async(kwargs={"text": f"bench-{first + i}"}, headers=dict(headers))
             )
@@ -373,6 +392,24 @@ def publish_and_wait(app: Celery, kind: str, tasks: int, first: int) -> None:
         raise RuntimeError(f"{kind} batch: {len(values)} results for {tasks} tasks")
 
 
+def server_ms(state: redis.Redis | None) -> int:
+    """The state server's clock (ms): the audit streams' entry ids are written in it."""
+    if state is None:
+        return 0
+    seconds, micros = state.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def waited_for_the_pool(state: redis.Redis | None, since_ms: int, until_ms: int) -> int:
+    """How many governed tasks began to wait between ``since_ms`` and ``until_ms`` (their
+    audit entries ``waiting``): the benchmark tenant's limits never make a task wait, so each
+    one waited for the saturated pool, and fair dispatch handed it on."""
+    if state is None:
+        return 0
+    entries = state.xrange(TenantKeys(TENANT).audit, min=str(since_ms), max=str(until_ms))
+    return sum(1 for _, fields in entries or [] if (fields or {}).get(b"type") == b"waiting")
+
+
 def run_batch(
     app: Celery,
     client: redis.Redis,
@@ -380,15 +417,19 @@ def run_batch(
     round_no: int,
     tasks: int,
     worker_pid: int | None = None,
+    rate: float | None = None,
+    state: redis.Redis | None = None,
 ) -> Batch:
     before = ServerCounters.read(client)
+    since_ms = server_ms(state)
     cpu_before = CpuReading.read(worker_pid, client)
     started = time.perf_counter()
-    publish_and_wait(app, kind, tasks, first=round_no * 1_000_000)
+    publish_and_wait(app, kind, tasks, first=round_no * 1_000_000, rate=rate)
     seconds = time.perf_counter() - started
     cpu_s = CpuReading.read(worker_pid, client).since(cpu_before)
     by_command = ServerCounters.read(client).since(before)
-    return Batch(kind, round_no, tasks, seconds, by_command, cpu_s)
+    dispatched = waited_for_the_pool(state, since_ms, server_ms(state))
+    return Batch(kind, round_no, tasks, seconds, by_command, cpu_s, dispatched)
 
 
 def batch_sizes(total: int, rounds: int) -> list[int]:
@@ -403,12 +444,13 @@ def run_rounds(
     rounds: int,
     out: TextIO = sys.stdout,
     worker_pid: int | None = None,
+    state: redis.Redis | None = None,
 ) -> list[Batch]:
     """Plain, governed, round trips, plain, ...: ``tasks`` of each kind in ``rounds`` rounds."""
     batches: list[Batch] = []
     for round_no, size in enumerate(batch_sizes(tasks, rounds), start=1):
         for kind in KINDS:
-            batch = run_batch(app, client, kind, round_no, size, worker_pid)
+            batch = run_batch(app, client, kind, round_no, size, worker_pid, state=state)
             batches.append(batch)
             print(
                 f"  round {round_no}/{rounds} {kind:<11} {size:>6} tasks in {batch.seconds:7.2f} s"
@@ -456,6 +498,9 @@ def summarize(batches: list[Batch]) -> dict[str, Any]:
     # Plain tasks never touch governance state: what scripts ran meanwhile is background.
     background_per_s = scripts["plain"] / seconds["plain"]
     net_scripts = scripts["governed"] - background_per_s * seconds["governed"]
+    dispatched = sum(b.dispatched for b in batches if b.kind == "governed")
+    governed["dispatched_by_the_pool"] = dispatched
+    governed["script_calls_per_task"] = round(net_scripts / governed["tasks"], 3)
     summary = {
         "plain": plain,
         "governed": governed,
@@ -468,6 +513,54 @@ def summarize(batches: list[Batch]) -> dict[str, Any]:
         summary["round_trips"] = round_trips
         summary["round_trips_to_plain_ratio"] = to_plain["round_trips"]
     return summary
+
+
+def run_paced(
+    app: Celery,
+    client: redis.Redis,
+    tasks: int,
+    rate: float,
+    worker_pid: int | None,
+    state: redis.Redis,
+    out: TextIO = sys.stdout,
+) -> list[Batch]:
+    """Plain, then governed tasks, ``tasks`` of each published at ``rate`` per second: below
+    what the pool can run, so it never saturates (the governed tasks' hot path)."""
+    batches = []
+    for kind in ("plain", "governed"):
+        batch = run_batch(app, client, kind, 0, tasks, worker_pid, rate=rate, state=state)
+        batches.append(batch)
+        print(
+            f"  paced {kind:<8} {tasks:>6} tasks at {rate:.0f}/s in {batch.seconds:7.2f} s"
+            f"  ({batch.dispatched} waited for the pool)",
+            file=out,
+            flush=True,
+        )
+    return batches
+
+
+def summarize_paced(batches: list[Batch], background_per_s: float, rate: float) -> dict[str, Any]:
+    """The paced batches' figures: throughput (the pace, when the worker kept up), script calls
+    per governed task (the background subtracted, as for the flooded batches), CPU per task."""
+    plain, governed = batches
+    net_scripts = governed.script_calls - background_per_s * governed.seconds
+    return {
+        "rate_per_s": round(rate, 1),
+        "tasks": governed.tasks,
+        "plain": {
+            "tasks_per_s": round(plain.tasks / plain.seconds, 1),
+            "cpu_ms_per_task": cpu_ms_per_task([plain]),
+            "server_commands_per_task": round(plain.server_commands / plain.tasks, 2),
+        },
+        "governed": {
+            "tasks": governed.tasks,
+            "tasks_per_s": round(governed.tasks / governed.seconds, 1),
+            "cpu_ms_per_task": cpu_ms_per_task([governed]),
+            "script_calls_per_task": round(net_scripts / governed.tasks, 3),
+            "server_commands_per_task": round(governed.server_commands / governed.tasks, 2),
+            "dispatched_by_the_pool": governed.dispatched,
+        },
+    }
 
 
 def cpu_ms_per_task(batches: list[Batch]) -> dict[str, float]:
@@ -524,6 +617,7 @@ def store_figures(state_url: str, store_tasks: int, scale_tenants: int) -> dict[
 def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
     """Print the figures a reader compares, one per line."""
     plain, governed, store = result["plain"], result["governed"], result["store"]
+    paced = result["paced"]
     bare = result["round_trips"]
     rows = [
         (
@@ -554,6 +648,15 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
         ),
         ("CPU ms per task, plain/governed", _cpu_row(plain, governed)),
         (
+            "governed, flooded (saturated pool)",
+            _governed_row(governed),
+        ),
+        (
+            f"governed, paced at {paced['rate_per_s']}/s",
+            _governed_row(paced["governed"])
+            + f"; plain paced CPU {paced['plain']['cpu_ms_per_task'].get('total', 'n/a')} ms",
+        ),
+        (
             "admit+settle latency p50 / p99 (1 client)",
             f"{store['admit_settle_p50_ms']} ms / {store['admit_settle_p99_ms']} ms "
             f"({store['redis_round_trips_per_task']} round trips)",
@@ -572,6 +675,19 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"  {label:<{width}} : {value}", file=out)
+
+
+def _governed_row(kind: Mapping[str, Any]) -> str:
+    """``312.4 tasks/s, 3.61 script calls and 7.1 ms CPU per task, 78% dispatched by the
+    pool``: one way of sending governed tasks."""
+    tasks = kind.get("tasks") or 0
+    dispatched = kind.get("dispatched_by_the_pool", 0)
+    share = f"{dispatched / tasks:.0%}" if tasks else str(dispatched)
+    return (
+        f"{kind['tasks_per_s']} tasks/s, {kind['script_calls_per_task']} script calls and "
+        f"{kind['cpu_ms_per_task'].get('total', 'n/a')} ms CPU per task, {dispatched} tasks "
+        f"({share}) waited for the pool"
+    )
 
 
 def _cpu_row(plain: Mapping[str, Any], governed: Mapping[str, Any]) -> str:
@@ -604,6 +720,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale-tenants", type=_positive, default=10_000, help="tenants of the scale test"
     )
+    parser.add_argument(
+        "--paced-tasks", type=_positive, default=2_000, help="governed (and plain) tasks, paced"
+    )
+    parser.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.5,
+        help="the pace, as a fraction of the flooded governed throughput",
+    )
     parser.add_argument("--json", default="bench-results.json", help="where to write JSON")
     args = parser.parse_args(argv)
     if args.rounds > args.tasks:
@@ -616,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         env = bench_env(base_url, Path(tmp))
         state_url = env["GOVERNANCE_STATE_REDIS_URL"]
         client = redis.Redis.from_url(env["GOVERNANCE_BROKER_URL"])
+        state = redis.Redis.from_url(state_url)
         if external:
             client.flushdb()
             with redis.Redis.from_url(state_url) as state_client:
@@ -629,9 +755,12 @@ def main(argv: list[str] | None = None) -> int:
                 publish_and_wait(app, kind, WARM_UP_TASKS, first=0)
             worker_pid = worker.process.pid if worker.process else None
             result = summarize(
-                run_rounds(app, client, args.tasks, args.rounds, worker_pid=worker_pid)
+                run_rounds(app, client, args.tasks, args.rounds, worker_pid=worker_pid, state=state)
             )
-            check_governed_usage(state_url, WARM_UP_TASKS + args.tasks)
+            rate = args.paced_fraction * result["governed"]["tasks_per_s"]
+            paced = run_paced(app, client, args.paced_tasks, rate, worker_pid, state)
+            result["paced"] = summarize_paced(paced, result["background_script_calls_per_s"], rate)
+            check_governed_usage(state_url, WARM_UP_TASKS + args.tasks + args.paced_tasks)
         except KeyboardInterrupt:
             print("interrupted: stopping the worker and Redis", file=sys.stderr)
             return 130
@@ -642,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.stop()
             app.close()
             client.close()
+            state.close()
         print("measuring the store (admission + settlement, tenant scale) ...", flush=True)
         result["store"] = store_figures(state_url, args.store_tasks, args.scale_tenants)
     result.update(

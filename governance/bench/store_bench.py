@@ -5,6 +5,13 @@ how many Redis round trips one governed task costs, counted on the client (every
 connection writes) and cross-checked with the server's count of script calls (``INFO
 commandstats``). Also admission p50 with 10 vs 10,000 active tenants.
 
+Fair dispatch: the dispatch a worker makes when a task of a saturated pool settles, with 10 and
+with 10,000 tenants waiting for the pool (each with tasks in its wait list, admitted at
+publication as a publisher does): the pool's call (``Pools.dispatch``: the grant that ended, and
+who is given the freed capacity) and the given tenant's call (``Ledger.dispatch``: its oldest
+waiting task handed on with the grant), p50/p99 of each and of both, and the script calls and
+round trips per dispatch (the server's count).
+
 Run: ``make bench`` (or ``python -m governance.bench.store_bench [--tasks N] [--json FILE]``).
 """
 
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -24,11 +32,14 @@ import redis
 from governance.embedded import EmbeddedRedis
 from governance.policy.actions import LLMCall, Message
 from governance.policy.context import ActionContext
+from governance.policy.fairness import FairShare
 from governance.policy.long_running import PRESETS
 from governance.policy.usage import Usage
 from governance.store import Period, StateStore
-from governance.store.admission import Admitter
+from governance.store.admission import AdmissionStatus, Admitter
+from governance.store.ledger import Ledger
 from governance.store.limits import AdmissionLimits, BudgetCheck, Rate
+from governance.store.pool import Completion, Pools
 
 LIMITS = AdmissionLimits(
     concurrency=1_000,
@@ -133,9 +144,95 @@ def measure_tenant_scale(state: StateStore, tenants: int, samples: int) -> float
     return statistics.median(latencies)
 
 
+#: The queue of the dispatch benchmark and its pool's capacity (a policy's fixed one).
+POOL_QUEUE, POOL_CAPACITY = "bench-pool", 4
+#: What a dispatched task is charged when it ends (its worker time, ms).
+RUN_MS = 500.0
+
+
+def _envelope(task_id: str) -> str:
+    return json.dumps(
+        {"task": "bench.llm", "args": [], "kwargs": {}, "options": {"task_id": task_id}}
+    )
+
+
+def wait_for_pool(state: StateStore, tenants: int, per_tenant: int) -> None:
+    """``per_tenant`` tasks of each of ``tenants`` tenants wait for the saturated pool, recorded
+    and admitted at publication as a publisher does, and the tenants registered with the pool."""
+    admitter, ledger = Admitter(state), Ledger(state)
+    for n in range(tenants):
+        ctx = ActionContext(tenant=f"tenant-{n}", agent="agent", run="run-1")
+        for i in range(per_tenant):
+            task_id = f"w{n}-{i}"
+            ledger.record_published(ctx.tenant, task_id, _envelope(task_id))
+            admission = admitter.admit(
+                ctx=ctx, action=CALL, task_id=task_id, attempt=0, estimate=ESTIMATE,
+                limits=LIMITS, at_publish=True, pool_wait=True, queue=POOL_QUEUE,
+            )  # fmt: skip
+            if admission.status is not AdmissionStatus.WAITING:
+                raise RuntimeError(f"a task did not wait for the pool: {admission.status}")
+    pools = Pools(state, FairShare(capacity={POOL_QUEUE: POOL_CAPACITY}))
+    names = [(f"tenant-{n}", 1.0) for n in range(tenants)]
+    for start in range(0, tenants, 1000):
+        pools.dispatch(POOL_QUEUE, register=names[start : start + 1000], saturate=True, give=False)
+
+
+def measure_dispatch(state: StateStore, tenants: int, samples: int) -> dict[str, Any]:
+    """``samples`` dispatches of a saturated pool with ``tenants`` tenants waiting: each one a
+    worker's, after a dispatched task settled (its grant ends, charged its run time), the pool
+    call, then the given tenant's call handing its oldest waiting task on."""
+    wait_for_pool(state, tenants, per_tenant=max(1, math.ceil(samples / tenants)) + 1)
+    pools = Pools(state, FairShare(capacity={POOL_QUEUE: POOL_CAPACITY}))
+    ledger = Ledger(state)
+    in_flight: list[tuple[str, str]] = []
+    pool_ms: list[float] = []
+    tenant_ms: list[float] = []
+    both_ms: list[float] = []
+    handed = 0
+    scripts_before = _script_calls(state)
+    sent_before = CountingConnection.sent
+    for _ in range(samples):
+        completed = None
+        if len(in_flight) >= POOL_CAPACITY:
+            tenant, grant_token = in_flight.pop(0)
+            completed = Completion(tenant, RUN_MS, RUN_MS, grant_token)
+        t0 = time.perf_counter()
+        grant = pools.dispatch(POOL_QUEUE, completed=completed)
+        t1 = time.perf_counter()
+        if grant.tenant is None or not grant.grants:
+            raise RuntimeError("the pool gave nothing while tenants wait")
+        result = ledger.dispatch(grant.tenant, grant.grants, queue=POOL_QUEUE)
+        t2 = time.perf_counter()
+        if result.used != len(grant.grants):
+            raise RuntimeError(f"{grant.tenant} used {result.used} of {len(grant.grants)} grants")
+        handed += result.used
+        in_flight += [(grant.tenant, g) for g in grant.grants]
+        pool_ms.append((t1 - t0) * 1000)
+        tenant_ms.append((t2 - t1) * 1000)
+        both_ms.append((t2 - t0) * 1000)
+    round_trips = CountingConnection.sent - sent_before
+    script_calls = _script_calls(state) - scripts_before
+    return {
+        "tenants_waiting": tenants,
+        "dispatches": samples,
+        "tasks_per_dispatch": round(handed / samples, 3),
+        "dispatch_p50_ms": round(_percentile(both_ms, 0.50), 3),
+        "dispatch_p99_ms": round(_percentile(both_ms, 0.99), 3),
+        "pool_call_p50_ms": round(_percentile(pool_ms, 0.50), 3),
+        "pool_call_p99_ms": round(_percentile(pool_ms, 0.99), 3),
+        "tenant_call_p50_ms": round(_percentile(tenant_ms, 0.50), 3),
+        "tenant_call_p99_ms": round(_percentile(tenant_ms, 0.99), 3),
+        "script_calls_per_dispatch": round(script_calls / samples, 3),
+        "redis_round_trips_per_dispatch": round(round_trips / samples, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--tasks", type=int, default=5_000, help="governed tasks to time")
+    parser.add_argument(
+        "--dispatches", type=int, default=2_000, help="fair dispatches to time, per tenant count"
+    )
     parser.add_argument("--json", default="bench-results-store.json", help="where to write JSON")
     args = parser.parse_args(argv)
     with _redis_url() as url:
@@ -147,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         p50_small = measure_tenant_scale(state, 10, 2_000)
         state.client.flushdb()
         p50_large = measure_tenant_scale(state, 10_000, 2_000)
+        dispatch = {}
+        for tenants in (10, 10_000):
+            state.client.flushdb()
+            dispatch[tenants] = measure_dispatch(state, tenants, args.dispatches)
+        state.client.flushdb()
         state.close()
     result["admission_p50_ms_10_tenants"] = round(p50_small, 3)
     result["admission_p50_ms_10000_tenants"] = round(p50_large, 3)
@@ -165,6 +267,24 @@ def main(argv: list[str] | None = None) -> int:
         f"  admission p50, 10 vs 10,000 tenants       : {result['admission_p50_ms_10_tenants']} "
         f"ms vs {result['admission_p50_ms_10000_tenants']} ms "
         f"(ratio {result['tenant_scale_ratio']})"
+    )
+    small, large = dispatch[10], dispatch[10_000]
+    result["fair_dispatch"] = {"10_tenants": small, "10000_tenants": large}
+    print(
+        f"  fair dispatch p50 / p99, 10 tenants       : {small['dispatch_p50_ms']} ms / "
+        f"{small['dispatch_p99_ms']} ms (pool call {small['pool_call_p50_ms']} ms, tenant call "
+        f"{small['tenant_call_p50_ms']} ms at p50)"
+    )
+    print(
+        f"  fair dispatch p50 / p99, 10,000 tenants   : {large['dispatch_p50_ms']} ms / "
+        f"{large['dispatch_p99_ms']} ms (pool call {large['pool_call_p50_ms']} ms, tenant call "
+        f"{large['tenant_call_p50_ms']} ms at p50)"
+    )
+    print(
+        f"  script calls per dispatch, 10 / 10,000    : {small['script_calls_per_dispatch']} / "
+        f"{large['script_calls_per_dispatch']} (round trips "
+        f"{small['redis_round_trips_per_dispatch']} / {large['redis_round_trips_per_dispatch']}; "
+        f"{small['tasks_per_dispatch']} task per dispatch)"
     )
     with open(args.json, "w", encoding="utf-8") as out:
         json.dump(result, out, indent=2)
