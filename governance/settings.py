@@ -191,6 +191,21 @@ class GovernanceSettings(BaseSettings):
         description="How often the maintenance leader (one worker at a time) rejects held "
         "tasks whose hold expired.",
     )
+    events_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="How long a worker sends task events (Celery's and the governance layer's, "
+        "for Flower) after the last `enable_events` a monitor sent it (Flower sends one every "
+        "5 s while it runs): without a monitor, no task event is sent. Workers started with "
+        "`-E` (or `worker_send_task_events=True`) always send.",
+    )
+    held_announce_s: float = Field(
+        30.0,
+        gt=0,
+        description="While task events are on, how often the maintenance leader announces "
+        "every held task again (a page per round), so a monitor started later lists them; "
+        "also at once when events go on.",
+    )
     app: str = Field(
         "workers.app:app", description="The deployment's Celery app, for govctl (module:attr)."
     )

@@ -12,16 +12,21 @@ leave an offline ``gen<pid>@host`` on Flower's Workers page. :func:`send_app_eve
 fixed node name, :data:`PUBLISHER_NODE`, and ends with that node's ``worker-offline``: Flower
 forgets a node that announces it left (``State`` pops it from its workers), as it does when a
 real worker shuts down, so the Workers page lists only real workers.
+
+Every event here is sent only while a monitor asks for task events
+(:mod:`governance.integration.monitor`): :func:`send_app_event` asks the app's runtime first.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from governance.integration.redaction import redact
+from governance.integration.runtime import installed_on
 from governance.policy.context import ActionContext
 
 log = logging.getLogger("governance.events")
@@ -152,9 +157,30 @@ def held_summary(
     return "\n".join(lines)
 
 
+def events_wanted(app: Any) -> bool:
+    """Whether a task event sent here and now is wanted (a monitor asks for them; see
+    :mod:`governance.integration.monitor`). An app without governance: Celery decides."""
+    runtime = installed_on(app)
+    return runtime is None or runtime.events.wanted(app)
+
+
 def send_app_event(app: Any, kind: str, task_id: str, **fields: Any) -> None:
     """Send ``task-<kind>`` for ``task_id`` from anywhere (a publisher, ``govctl``), as
-    :data:`PUBLISHER_NODE`, then that node's ``worker-offline`` (see the module doc)."""
+    :data:`PUBLISHER_NODE`, then that node's ``worker-offline`` (see the module doc); nothing
+    while no monitor asks for events."""
+    send_app_events(app, kind, [(task_id, fields)])
+
+
+def send_app_events(
+    app: Any, kind: str, events: Iterable[tuple[str, dict[str, Any]]], *, check: bool = True
+) -> int:
+    """Send ``task-<kind>`` for each ``(task_id, fields)`` of ``events`` on one connection, as
+    :data:`PUBLISHER_NODE`, then its ``worker-offline``; how many were sent. Nothing while no
+    monitor asks for events (unless the caller checked already: ``check=False``)."""
+    if check and not events_wanted(app):
+        return 0
+    sent = 0
+    task_id = ""
     try:
         with app.amqp.producer_pool.acquire(block=True) as producer:
             # Fail fast when the broker is down: an event is not worth Celery's reconnect loop.
@@ -164,7 +190,11 @@ def send_app_event(app: Any, kind: str, task_id: str, **fields: Any) -> None:
             with app.events.Dispatcher(
                 producer.connection, hostname=PUBLISHER_NODE, channel=producer.channel
             ) as dispatcher:
-                dispatcher.send(f"task-{kind}", uuid=task_id, **flower_fields(kind, fields))
-                dispatcher.send("worker-offline")
+                for task_id, fields in events:
+                    dispatcher.send(f"task-{kind}", uuid=task_id, **flower_fields(kind, fields))
+                    sent += 1
+                if sent:
+                    dispatcher.send("worker-offline")
     except Exception:  # events are for live watching only; never fail the decision over one
         log.warning("could not send the task-%s event of %s", kind, task_id, exc_info=True)
+    return sent

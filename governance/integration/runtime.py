@@ -25,6 +25,7 @@ from governance.integration.headers import HANDOFF
 from governance.integration.ignored import IgnoredDeliveries
 from governance.integration.leases import LeaseKeeper
 from governance.integration.messages import Envelope, RawSend, publish
+from governance.integration.monitor import EventsSwitch
 from governance.integration.policy_watch import WatchedPolicy
 from governance.integration.pool_view import PoolView
 from governance.integration.store_health import StoreHealth
@@ -97,6 +98,8 @@ class GovernanceRuntime:
         self.health = StoreHealth(settings.lease_ms / 1000, settings.heartbeat_interval_s)
         #: The worker pools as this process sees them (fair dispatch).
         self.pool_view = PoolView(lambda: self.state, lambda: self.policy)
+        #: Whether task events are wanted here and now (a monitor asks: see ``monitor``).
+        self.events = EventsSwitch(lambda: self.state)
         atexit.register(_flush_at_exit, weakref.ref(self))
         warn_development_secrets(settings)
 

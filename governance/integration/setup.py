@@ -30,9 +30,14 @@ def celery_conf(app: Any, settings: GovernanceSettings) -> dict[str, Any]:
     JSON messages (the ledger keeps every governed message to publish it again, so its
     arguments must survive a round trip through JSON); the broker's visibility timeout from the
     settings (a Redis broker redelivers an unacknowledged message after it, and the reconciler
-    and the countdown limit are derived from it); task-sent and worker events, which Flower
-    shows; a consumer that rejects a message it cannot read instead of stopping the worker
-    (``worker.consumer``). The other transport options of the app are kept.
+    and the countdown limit are derived from it); a consumer that rejects a message it cannot
+    read instead of stopping the worker, and that sends task events only while a monitor asks
+    for them (``worker.consumer``). The other transport options of the app are kept.
+
+    Task events are not switched on here (``worker_send_task_events``, ``task_send_sent_event``
+    keep the app's own values): they cost CPU on every task, plain ones included, and Flower
+    asks the workers for them while it runs. A worker started with ``-E``, or an app that sets
+    ``worker_send_task_events=True`` itself, always sends them.
     """
     transport = dict(app.conf.broker_transport_options or {})
     transport["visibility_timeout"] = settings.visibility_timeout_s
@@ -42,8 +47,6 @@ def celery_conf(app: Any, settings: GovernanceSettings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": accept if "json" in accept else [*accept, "json"],
         "broker_transport_options": transport,
-        "task_send_sent_event": True,
-        "worker_send_task_events": True,
         "worker_consumer": "governance.integration.worker.consumer:GovernedConsumer",
     }
 

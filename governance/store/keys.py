@@ -302,3 +302,8 @@ class DeploymentKeys:
     known_tenants = f"{PREFIX}:{{tenants}}:known"
     #: The tenants marked removed (their open tasks end after a grace): a set.
     removed_tenants = f"{PREFIX}:{{tenants}}:removed"
+    #: That task events are on: a string (the node of the worker that wrote it last) that each
+    #: worker whose events are on writes again every second or so, expiring when its events
+    #: end (a monitor stopped asking). Publishers and govctl send their events only while it
+    #: exists (see ``integration.monitor``).
+    events_on = f"{PREFIX}:{{events}}:on"

@@ -170,9 +170,18 @@ class Holding:
 def send_held_event(
     app: Any, task: HeldTask, tenant: TenantPolicy | None, received: float | None = None
 ) -> None:
-    """``task-held`` for Flower: the call (secrets redacted) in ``args``/``kwargs``, and in
-    ``result`` the reason, the context, the requester, the approvals so far, the expiry and
-    the commands that decide it (Flower shows only Celery's own task fields)."""
+    """``task-held`` for Flower (while a monitor asks for events): see
+    :func:`held_event_fields`."""
+    send_app_event(app, "held", task.task_id, **held_event_fields(task, tenant, received))
+
+
+def held_event_fields(
+    task: HeldTask, tenant: TenantPolicy | None, received: float | None = None
+) -> dict[str, Any]:
+    """The fields of a held task's ``task-held``: the call (secrets redacted) in
+    ``args``/``kwargs``, and in ``result`` the reason, the context, the requester, the
+    approvals so far, the expiry and the commands that decide it (Flower shows only Celery's
+    own task fields)."""
     fields = event_fields(None, task.action_name, task.reason)
     fields.update(tenant=task.tenant, agent=task.agent, run=task.run)
     fields.update(call_fields(task.args, task.kwargs))
@@ -193,4 +202,5 @@ def send_held_event(
     fields["context"] = redact(task.context)
     if received is not None:
         fields["received"] = received
-    send_app_event(app, "held", task.task_id, name=task.task_name, **fields)
+    fields["name"] = task.task_name
+    return fields

@@ -14,6 +14,18 @@ dead-lettered where the queue has a dead-letter exchange), the task's result bec
 with :class:`~governance.integration.errors.MessageRefused` saying why, a governed task's refusal
 is audited (on its tenant's chain when its context names one, ending its ledger record), and the
 worker keeps serving.
+
+**Task events only while a monitor asks.** Celery's worker sends task events when started with
+``-E``, or once a monitor's ``enable_events`` reaches it, and then until it stops, even after
+the monitor is gone (Flower sends one every 5 s while it runs and never a ``disable_events``).
+:class:`GovernedConsumer` gives them a lease
+(:class:`~governance.integration.monitor.EventsLease`): each ``enable_events`` renews it for
+``GOVERNANCE_EVENTS_LEASE_S``, and when it lapses the worker's task events are switched off
+again (as ``disable_events`` would), for every task of the app, governed or plain; a
+``disable_events`` ends it at once. A worker started with ``-E`` (or
+``worker_send_task_events=True``, the user's: ``govern()`` sets neither) always sends. The
+lease is the one the worker's main process follows for the layer's own events
+(``runtime.events``); the maintenance thread tells publishers through the state Redis.
 """
 
 from __future__ import annotations
@@ -23,15 +35,20 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer import Consumer
+from celery.worker.consumer.control import Control
 from vine import promise  # type: ignore[import-untyped]
 
 from governance.integration.errors import MessageRefused
 from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, HeaderError, read_context
+from governance.integration.monitor import EventsLease
 from governance.integration.runtime import installed_on
 from governance.store.audit import AuditEvent, AuditEventType
 
 log = logging.getLogger("governance.consumer")
+
+#: The longest a lapsed events lease goes unnoticed (a quarter of the lease when shorter).
+LEASE_CHECK_S = 1.0
 
 
 def _header(message: Any, name: str) -> Any:
@@ -40,7 +57,58 @@ def _header(message: Any, name: str) -> Any:
 
 
 class GovernedConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, with a task handler that rejects what it cannot read."""
+    """Celery's consumer, with a task handler that rejects what it cannot read, and task events
+    only while a monitor asks for them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The worker's -E, or the app's worker_send_task_events (Celery's Events step reads the
+        # same): always on.
+        always = bool(kwargs.get("task_events"))
+        runtime = installed_on(self.app)
+        lease_s = runtime.settings.events_lease_s if runtime is not None else 15.0
+        self.events_lease = EventsLease(lease_s, always=always)
+        if runtime is not None:
+            runtime.events.follow_worker(self.events_lease)
+        self._lease_control_commands()
+        if not always and self.timer is not None:
+            self.timer.call_repeatedly(min(LEASE_CHECK_S, lease_s / 4), self._end_lapsed_events)
+
+    def _lease_control_commands(self) -> None:
+        """This worker's remote control answers ``enable_events`` and ``disable_events`` as
+        Celery does, and renews or ends the lease (its own handlers: Celery's registry, shared
+        by every app of the process, is left as it is)."""
+        box = next((step.box for step in self.blueprint.order if isinstance(step, Control)), None)
+        if box is None:  # no remote control (worker_enable_remote_control off): no monitor
+            return
+        handlers = dict(box.node.handlers)
+        lease = self.events_lease
+        enable, disable = handlers["enable_events"], handlers["disable_events"]
+
+        def enable_events(state: Any, **kwargs: Any) -> Any:
+            reply = enable(state, **kwargs)
+            lease.asked()
+            return reply
+
+        def disable_events(state: Any, **kwargs: Any) -> Any:
+            lease.stopped()
+            return disable(state, **kwargs)
+
+        handlers.update(enable_events=enable_events, disable_events=disable_events)
+        box.node.handlers = handlers
+
+    def _end_lapsed_events(self) -> None:
+        """No monitor asked within the lease: task events off, as ``disable_events`` does."""
+        dispatcher = self.event_dispatcher
+        if dispatcher is None or self.events_lease.on():
+            return
+        groups = dispatcher.groups
+        if groups and "task" in groups:
+            groups.discard("task")
+            log.info(
+                "task events off: no monitor asked for them in the last %g s",
+                self.events_lease.lease_s,
+            )
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
         handler: Callable[[Any], Any] = super().create_task_handler(promise)

@@ -580,6 +580,10 @@ class Delivery:
         raise Acknowledged()
 
     def _send_event(self, kind: str, reason: str, **extra: Any) -> None:
+        """``task-<kind>`` for Flower, while a monitor asks for events (what the worker said
+        with this task: see ``integration.monitor``)."""
+        if not self.runtime.events.wanted(self.task.app):
+            return
         ctx = self.headers.context if self.headers else None
         action = self.action.name if self.action else self.task.name
         try:

@@ -8,6 +8,9 @@ by and take over within a few seconds when it dies). Each round, the leader:
   waits past their limit; and hands free capacity to waiting tasks (also every few seconds for
   tenants that have waiting tasks, for capacity freed without a settlement);
 - every ``held_sweep_s``, rejects held tasks whose hold expired;
+- while task events are on (a monitor asks for them), announces every held task again, a page
+  per round, every ``held_announce_s`` and at once when events go on, so a Flower started at
+  any time lists them (:mod:`~governance.integration.approvals.announce`);
 - (in a thread of its own, so a slow webhook delays nothing else) sends the notifications of
   held tasks to the tenants' reviewers;
 - every ``audit_adopt_s``, seals (adopts) audit entries whose writer was killed before sealing
@@ -22,7 +25,10 @@ by and take over within a few seconds when it dies). Each round, the leader:
 
 Every worker, leader or not, also checks the policy file each round (a changed one is enforced at
 once, an invalid one changes nothing and is audited) and reports every ``POLICY_REPORT_S`` the
-version it enforces, for ``govctl policy status``.
+version it enforces, for ``govctl policy status``; and while its task events are on, it keeps
+the state Redis's flag that says so (``store.events_flag``: publishers and ``govctl`` send
+their events only while it is there), written again every ``EVENTS_FLAG_S`` and at once when
+its events go on, expiring when its events lease ends.
 
 Every step is atomic in Redis, so two leaders for a moment (a lock that expired under a slow
 leader) never do anything twice.
@@ -41,6 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from governance.integration.approvals.announce import HeldAnnouncer
 from governance.integration.approvals.notify import NotifierThread
 from governance.integration.approvals.reviewers import Reviewers
 from governance.integration.runtime import GovernanceRuntime
@@ -56,6 +63,7 @@ from governance.store.audit import AuditEvent, AuditEventType
 from governance.store.audit_anchor import AnchorKeyError, AnchorRecord, AnchorSigner
 from governance.store.audit_seal import key_id
 from governance.store.errors import StoreUnavailable
+from governance.store.events_flag import write_events_flag
 from governance.store.keys import DEPLOYMENT_CHAIN, DeploymentKeys
 from governance.store.leader import LeaderLock
 
@@ -89,6 +97,8 @@ POLICY_REPORT_S = 5.0
 #: How often each worker writes the tenants of its policy to the registry even if its policy did
 #: not change (see ``store.removed``).
 REGISTER_TENANTS_S = 300.0
+#: How often a worker whose task events are on writes the events flag again.
+EVENTS_FLAG_S = 1.0
 
 
 class MaintenanceThread:
@@ -141,6 +151,11 @@ class MaintenanceThread:
         #: Known tenants the policy no longer names, as the last round saw them: their chains
         #: are checkpointed and adopted like the policy's tenants'.
         self._removed_seen: tuple[str, ...] = ()
+        #: Whether this worker's task events were on at its last round, and when it writes
+        #: the events flag next.
+        self.events_on = False
+        self._next_flag = 0.0
+        self._announcer = HeldAnnouncer(app, runtime)
 
     def start(self) -> None:
         self._thread.start()
@@ -162,6 +177,7 @@ class MaintenanceThread:
         runtime = self._runtime
         with runtime.health.call():
             self._watch_policy()
+            events_on = self._keep_events_flag()
             self.leading = self._lead()
             self.pools.round(self.leading, self._waiting_tenants())
             if not self.leading:
@@ -180,6 +196,7 @@ class MaintenanceThread:
             if now >= self._next_held:
                 self._next_held = now + runtime.settings.held_sweep_s
                 Reviewers(self._app, runtime).expire_due()
+            self._announcer.round(events_on, (*tenants, *self._removed_seen))
             if now >= self._next_audit or now >= self._next_adopt:
                 checkpoint = now >= self._next_audit
                 if checkpoint:
@@ -234,6 +251,18 @@ class MaintenanceThread:
                 DeploymentKeys.policy_reports, self.node, json.dumps(report)
             ),
         )
+
+    def _keep_events_flag(self) -> bool:
+        """Whether this worker's task events are on; while they are, the flag that tells
+        publishers so is written (at once when they go on), expiring with the lease."""
+        lease = self._runtime.events.worker_lease()
+        on = lease is not None and lease.on()
+        now = time.monotonic()
+        if lease is not None and on and (not self.events_on or now >= self._next_flag):
+            self._next_flag = now + EVENTS_FLAG_S
+            write_events_flag(self._runtime.state, self.node, round(lease.remaining_s() * 1000))
+        self.events_on = on
+        return on
 
     def _waiting_tenants(self) -> list[str]:
         """When leading, every ``WAITING_SWEEP_S``: the tenants with waiting tasks (fair

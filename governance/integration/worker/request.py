@@ -21,6 +21,10 @@ reason, as callers expect.
 
 **Tenants.** Its events carry the governed task's tenant (Flower's tenant column).
 
+**Events only while a monitor asks.** Each governed task goes to the pool with whether its
+worker's task events are on (:data:`~governance.integration.monitor.REQUEST_FIELD`): the pool
+process sends the layer's own events (``task-deferred``, ``task-held``, ...) only then.
+
 **Secrets.** The worker's events (``task-received``: Flower's args and kwargs) and its log
 lines show a message's ``argsrepr``/``kwargsrepr``; for a governed task whose call has
 secret-named values, they are the call with those values redacted, whoever published it.
@@ -39,8 +43,9 @@ from governance.integration.audit_fields import audit_template
 from governance.integration.events import failure_summary
 from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, header_value, read_context
+from governance.integration.monitor import REQUEST_FIELD
 from governance.integration.redaction import redact
-from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.integration.runtime import GovernanceRuntime, installed_on, runtime_for
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.tenant import TenantPolicy
@@ -89,6 +94,16 @@ class GovernedRequest(Request):  # type: ignore[misc]
             soft = min(x for x in (soft, self.task.soft_time_limit, step.timeout_s) if x)
             killed_at = soft + HARD_LIMIT_GRACE_S
             self.time_limits = (min(hard, killed_at) if hard else killed_at, soft)
+
+    @property
+    def request_dict(self) -> dict[str, Any]:
+        """What the pool gets of this request (Celery's request class for each task hands it
+        over): with whether the worker's task events are on now, which the pool process follows
+        (see ``integration.monitor``)."""
+        found: dict[str, Any] = self._request_dict
+        runtime = installed_on(self.task.app)
+        found[REQUEST_FIELD] = runtime is not None and runtime.events.wanted()
+        return found
 
     def _redact_reprs(self) -> None:
         """The call as events and logs show it: secret-named values redacted (the publisher
