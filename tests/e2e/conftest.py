@@ -47,7 +47,7 @@ from governance.settings import GovernanceSettings
 from governance.store.audit import AuditEntry
 from governance.store.audit_verify import verify_all
 from governance.store.deployment import write_marker
-from governance.store.keys import DEPLOYMENT_CHAIN
+from governance.store.keys import DEPLOYMENT_CHAIN, DeploymentKeys
 from tests.conftest import start_rabbitmq
 from tests.e2e.observer import ObserverServer
 from tests.polling import wait_until
@@ -59,7 +59,8 @@ CELERY = str(Path(sys.executable).with_name("celery"))
 class WorkerProcess:
     """A real `celery -A workers.app worker` process (prefork), with its log kept for failures.
 
-    ``app_module`` serves another app; ``queues`` (``-Q``) keeps it to its own queues.
+    ``app_module`` serves another app; ``queues`` (``-Q``) keeps it to its own queues. Started
+    as documented, without ``-E``: it sends task events while a monitor (Flower) asks for them.
     """
 
     def __init__(
@@ -70,8 +71,10 @@ class WorkerProcess:
         name: str = "e2e",
         app_module: str = "workers.app",
         queues: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.env = env
+        self.extra_args = extra_args
         self.log_path = log_path
         self.concurrency = concurrency
         self.name = name
@@ -97,10 +100,10 @@ class WorkerProcess:
                 "prefork",
                 "-c",
                 str(self.concurrency),
-                "-E",
                 "--loglevel=INFO",
                 "--without-gossip",
                 "--without-mingle",
+                *self.extra_args,
                 "-n",
                 f"{self.name}-{os.getpid()}@%h",
             ],
@@ -253,9 +256,15 @@ class Deployment:
     tmp: Path
     workers: list[WorkerProcess]
 
-    def start_worker(self, name: str, concurrency: int = 4) -> WorkerProcess:
+    def start_worker(
+        self, name: str, concurrency: int = 4, extra_args: tuple[str, ...] = ()
+    ) -> WorkerProcess:
         worker = WorkerProcess(
-            self.env, self.tmp / f"{name}.log", concurrency=concurrency, name=name
+            self.env,
+            self.tmp / f"{name}.log",
+            concurrency=concurrency,
+            name=name,
+            extra_args=extra_args,
         )
         worker.start(self.app)
         self.workers.append(worker)
@@ -479,9 +488,13 @@ def worker(
 def runtime(app: Celery, worker: WorkerProcess, state_server: EmbeddedRedis) -> GovernanceRuntime:
     """The publisher's runtime, with the state Redis flushed before the test (and marked as the
     deployment's again at once, as the workers would within a heartbeat, so govctl need not
-    wait for them)."""
+    wait for them; the flag that says the workers' task events are on, if it was there, is
+    kept, as they would write it again within a second)."""
     client = redis.Redis.from_url(state_server.url)
+    events_ttl_ms = client.pttl(DeploymentKeys.events_on)
     client.flushall()
+    if events_ttl_ms > 0:
+        client.set(DeploymentKeys.events_on, "e2e-fixture", px=events_ttl_ms)
     client.close()
     runtime = runtime_for(app)
     write_marker(runtime.state, "e2e-fixture")
