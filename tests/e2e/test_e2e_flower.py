@@ -615,7 +615,8 @@ def test_the_task_list_in_a_real_browser(
     assert {"HELD", "DEFERRED", "DENIED", "REJECTED", "SHADOWED", "SUGGESTED"} <= set(
         table.filters
     ), table.filters
-    columns = ["name", "uuid", "state", "result", "received", "started", "runtime", "worker"]
+    columns = ["name", "uuid", "state", "tenant", "result", "received", "started", "runtime",
+               "worker"]  # fmt: skip
     rows = {}
     for cells in table.rows:
         if len(cells) == len(columns):
@@ -630,6 +631,7 @@ def test_the_task_list_in_a_real_browser(
     assert "governance-reason" in classes  # shown wrapped, not cut at 400 px
     assert "overflow-auto" not in classes
     assert rows[held.id]["worker"][0] == ""  # held at publish: no worker, no publisher
+    assert rows[held.id]["tenant"][0] == "t-quorum"
     assert rows[rejected.id]["result"][0].startswith("rejected: rejected by alice: not this one")
     assert rows[waiting.id]["state"][0] == "DEFERRED"
     assert rows[waiting.id]["started"][0] == ""  # it waits: not started

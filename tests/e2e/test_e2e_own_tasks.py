@@ -262,7 +262,13 @@ def test_delay_inside_a_context_runs_and_returns_the_result(own: ModuleType) -> 
     with governance_context(tenant=TENANT, agent="writer", run="run-delay"):
         result = own.upper.delay("governed")
     assert result.get(timeout=30) == "GOVERNED"
-    entries = _entries(own.app, result.id)
+
+    # The settlement and its audit entry are written as the result is stored: read a moment later.
+    def settled() -> list[AuditEntry] | None:
+        found = _entries(own.app, result.id)
+        return found if len(found) >= 2 else None
+
+    entries = wait_until(settled, timeout_s=10, what="the task's settlement in the audit log")
     assert [e.fields["type"] for e in entries] == ["admitted", "task_finished"], entries
     assert {e.fields["run"] for e in entries} == {"run-delay"}
 

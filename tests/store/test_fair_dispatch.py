@@ -23,6 +23,8 @@ from governance.policy.fairness import (
 )
 from governance.store import StateStore
 from governance.store.admission import AdmissionStatus, Admitter
+from governance.store.audit import AuditEvent, AuditEventType, AuditLog
+from governance.store.audit_seal import AuditSealer
 from governance.store.keys import PoolKeys, TenantKeys
 from governance.store.ledger import Ledger, TenantLoad
 from governance.store.limits import AdmissionLimits
@@ -213,6 +215,26 @@ def test_at_publication_a_task_that_may_run_is_handed_a_slot_and_one_over_its_co
     assert publish("h2") is AdmissionStatus.WAITING
     load = ledger.record_published("acme", "h3", envelope("h3"))
     assert load.must_wait(1)  # one running (handed), one waiting: the publisher would wait
+
+
+def test_a_task_that_ends_at_the_worker_without_admission_leaves_the_tenants_broker_count(
+    any_state: StateStore,
+) -> None:
+    """Denied or shadowed at the worker, a task no longer counts against its tenant's
+    concurrency as one in the broker (it did until the count's 60 s horizon: a tenant of
+    concurrency 2 then ran one task at a time after a shadowed one)."""
+    ledger = Ledger(any_state)
+    log = AuditLog(any_state, AuditSealer(b"fair-test"))
+    ledger.record_published("acme", "shadowed", envelope("shadowed"))
+    assert ledger.record_published("acme", "next", envelope("next")).queued == 2
+    log.end_task(
+        AuditEvent(type=AuditEventType.SHADOWED, tenant="acme", task_id="shadowed"),
+        any_state.ttl.task_s,
+    )
+    assert any_state.client.zrange(TenantKeys("acme").queued, 0, -1) == [
+        TenantKeys("acme").task("next").encode()
+    ]
+    assert not ledger.record_published("acme", "third", envelope("third")).must_wait(3)
 
 
 def test_a_gated_settlement_hands_nothing_on_and_says_who_waits(any_state: StateStore) -> None:

@@ -38,6 +38,9 @@
 local L = {}
 L.T = {leases = KEYS[1], waiting = KEYS[2], ledger = KEYS[3], meta = KEYS[4], audit = KEYS[5],
   trate = KEYS[6], runs = KEYS[7]}
+-- The tenant's tasks published to the broker and not yet received (keys.TenantKeys.queued, which
+-- the publisher counts against its concurrency): in the same slot, named after its leases.
+L.T.queued = (string.gsub(KEYS[1], ':leases$', ':queued'))
 
 function L.now_ms()
   local t = redis.call('TIME')
@@ -171,12 +174,15 @@ function L.running_live(rec, now)
 end
 
 -- The task lets go of all it held or waited for: its lease, its reservation (a hand-off takes
--- both), its place in the wait list, its hand-off token, its booked turn, and when its wait
--- began (a later wait is a new one, with its own max_wait).
+-- both), its place in the wait list or among the tasks in the broker (a task that ends without
+-- an admission, denied or shadowed at the worker, must not count against its tenant's
+-- concurrency until that count's horizon), its hand-off token, its booked turn, and when its
+-- wait began (a later wait is a new one, with its own max_wait).
 function L.let_go(rec)
   L.release(rec)
   redis.call('ZREM', L.T.leases, rec)
   redis.call('ZREM', L.T.waiting, rec)
+  redis.call('ZREM', L.T.queued, rec)
   redis.call('HDEL', rec, 'req', 'holder', 'handoff', 'turn', 'skip', 'wait_since', 'wait_seq',
     'wait_for')
 end
