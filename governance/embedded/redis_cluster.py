@@ -19,6 +19,7 @@ from redis.cluster import ClusterNode
 from governance.embedded.redis_server import (
     LOOPBACK,
     EmbeddedRedis,
+    RedisBinaries,
     RedisStartError,
     _control_client,
     find_redis_binaries,
@@ -56,10 +57,16 @@ class EmbeddedRedisCluster:
     Every node has its own temporary data directory; ``stop()`` stops them all.
     """
 
-    def __init__(self, masters: int = 3, startup_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        startup_timeout_s: float = 30.0,
+        binaries: RedisBinaries | None = None,
+    ) -> None:
         if masters < _MIN_MASTERS:
             raise ValueError(f"a Redis Cluster needs at least {_MIN_MASTERS} masters")
         self._masters = masters
+        self._binaries = binaries
         self._startup_timeout_s = startup_timeout_s
         self._nodes: list[EmbeddedRedis] = []
         self._lock = threading.RLock()
@@ -94,6 +101,11 @@ class EmbeddedRedisCluster:
         return bool(self._nodes) and all(node.is_running for node in self._nodes)
 
     @property
+    def binaries(self) -> RedisBinaries:
+        """The server binary its nodes run."""
+        return self._binaries or find_redis_binaries()
+
+    @property
     def create_output(self) -> str:
         """What ``redis-cli --cluster create`` printed."""
         return self._create_output
@@ -107,9 +119,10 @@ class EmbeddedRedisCluster:
                 return self
             deadline = time.monotonic() + self._startup_timeout_s
             try:
-                binaries = find_redis_binaries()
+                binaries = self._binaries or find_redis_binaries()
                 for _ in range(self._masters):
                     node = EmbeddedRedis(
+                        binaries=binaries,
                         extra_args=(
                             "--cluster-enabled",
                             "yes",

