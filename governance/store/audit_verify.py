@@ -573,17 +573,28 @@ def trim(log: AuditLog, key: bytes, chain: str, retention_ms: int) -> int:
     )
 
 
+@dataclass
+class AdoptionCursor:
+    """What one leader read of a chain for adoption: where it stopped, and the entries it saw
+    unsealed so far. Each entry is so read once (the leader's steady-state cost), not once per
+    round until its grace is over."""
+
+    read_to: str = "-"
+    unsealed: dict[int, AuditEntry] = field(default_factory=dict)
+
+
 def adopt(
     log: AuditLog,
     key: bytes,
     chain: str,
     *,
     grace_ms: int,
-    start: str = "-",
+    cursor: AdoptionCursor | None = None,
     window_ms: int | None = None,
-) -> tuple[int, str]:
-    """Seal entries of ``chain`` left unsealed for longer than ``grace_ms`` (their writer died),
-    from ``start``; returns how many it sealed and where the next round should start.
+) -> int:
+    """Seal entries of ``chain`` left unsealed for longer than ``grace_ms`` (their writer died);
+    returns how many it sealed. With ``cursor`` (a leader's, kept between rounds) only the
+    entries written since its last round are read.
 
     Ages are the entries' stream-id times, which no field edit moves. With ``window_ms``, only
     entries written within that much before the grace are adopted: a leader adopts an orphan
@@ -592,29 +603,31 @@ def adopt(
     leader, which starts from the chain's beginning, would otherwise do just that. Only what a
     script could have written is adopted: an entry with a valid seq within the chain's counter,
     whose id is not ahead of the time."""
-    head = log.head_seq(chain)
+    cursor = cursor if cursor is not None else AdoptionCursor()
     now = now_ms()
     cutoff = now - grace_ms
     oldest = None if window_ms is None else cutoff - window_ms
-    unsealed: dict[int, AuditEntry] = {}
-    next_start = start
+    start = "-" if cursor.read_to == "-" else f"({cursor.read_to}"
     for entry in log.entries(chain, start=start):
+        cursor.read_to = entry.id
         if entry.is_seal:
             for sealed_seq, _ in _seals(entry):
-                unsealed.pop(sealed_seq, None)
+                cursor.unsealed.pop(sealed_seq, None)
             continue
-        if entry.written_ms < cutoff:
-            next_start = entry.id
         seq = entry.valid_seq
-        if seq is not None and seq <= head and entry.written_ms <= now + CLOCK_SKEW_MS:
-            unsealed[seq] = entry
-    orphans = [
-        e
-        for e in unsealed.values()
-        if e.written_ms < cutoff and (oldest is None or e.written_ms >= oldest)
-    ]
+        if seq is not None and entry.written_ms <= now + CLOCK_SKEW_MS:
+            cursor.unsealed[seq] = entry
+    # Read after the entries: every entry a script wrote is within it (its counter moves first).
+    head = log.head_seq(chain)
+    orphans = []
+    for seq, entry in list(cursor.unsealed.items()):
+        if seq > head or (oldest is not None and entry.written_ms < oldest):
+            del cursor.unsealed[seq]  # above the counter, or too old to be an orphan
+        elif entry.written_ms < cutoff:
+            orphans.append(entry)
+            del cursor.unsealed[seq]
     if not orphans:
-        return 0, next_start
+        return 0
     seals = [[e.seq, seal_mac(key, chain, e.id, e.fields)] for e in orphans]
     writer = f"adopted by {log.sealer.writer}"
     keys = TenantKeys(chain).shared()
@@ -622,7 +635,7 @@ def adopt(
     log.state.call(
         "audit adopt", log.state.scripts.audit_append, keys, [*args, json.dumps(seals), writer]
     )
-    return len(orphans), next_start
+    return len(orphans)
 
 
 @dataclass(frozen=True)

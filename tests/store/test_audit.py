@@ -8,12 +8,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from governance.store import AuditEvent, AuditEventType, AuditLog, StateStore, audit_verify
+from governance.store.audit import AuditEntry
 from governance.store.audit_seal import AuditSealer, seal_mac
 from governance.store.keys import TenantKeys
 from governance.store.vocabulary import AUDIT_APPEND
@@ -259,7 +261,7 @@ def test_an_entry_rewritten_without_its_seal_is_named_whatever_its_ts_and_never_
     redis_client.xadd(STREAM, edited, id=entry_id)
     time.sleep(0.01)
     # A leader adopts orphans only within its window after the grace: not this one.
-    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=5, window_ms=0)[0] == 0
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=5, window_ms=0) == 0
     report = _verify(state, seal_grace_ms=5)
     assert report.pending == 0
     assert report.broken_entry == entry_id.decode()
@@ -278,11 +280,44 @@ def test_entries_of_a_killed_writer_are_pending_then_adopted(state: StateStore) 
     assert _verify(state).pending == 1
     time.sleep(0.05)
     assert "no valid seal" in _verify(state, seal_grace_ms=10).reason
-    adopted, _ = audit_verify.adopt(log, KEY, "acme", grace_ms=10)
+    adopted = audit_verify.adopt(log, KEY, "acme", grace_ms=10)
     assert adopted == 1
     report = _verify(state, seal_grace_ms=10)
     assert report.ok
     assert report.adopted == 1
+
+
+def test_a_leaders_cursor_reads_each_entry_once_and_adopts_when_the_grace_is_over(
+    state: StateStore,
+) -> None:
+    """The leader's steady-state cost: each round reads only what was written since the last,
+    remembering what it saw unsealed; an orphan is adopted once its grace is over."""
+    log = AuditLog(state, AuditSealer(KEY))
+    keys = TenantKeys("acme").shared()
+    entries = '[{"type": "admitted", "tenant": "acme", "task_id": "orphan"}]'
+    args = AUDIT_APPEND.arrange({"entries": entries, "record_ttl": ""})
+    read: list[str] = []
+    entries_of = log.entries
+
+    def counted(chain: str, page_size: int = 1000, start: str = "-") -> Iterator[AuditEntry]:
+        for entry in entries_of(chain, page_size, start):
+            read.append(entry.id)
+            yield entry
+
+    log.entries = counted  # type: ignore[method-assign]
+    cursor = audit_verify.AdoptionCursor()
+    state.call("audit append", state.scripts.audit_append, keys, [*args, "[]", "killed"])
+    log.append(AuditEvent(type=AuditEventType.ADMITTED, tenant="acme", task_id="sealed"))
+    assert audit_verify.adopt(log, KEY, "acme", grace_ms=60_000, cursor=cursor) == 0
+    assert len(cursor.unsealed) == 1  # the orphan; the other one's seal was read too
+    first_round = len(read)
+    assert audit_verify.adopt(log, KEY, "acme", grace_ms=60_000, cursor=cursor) == 0
+    assert len(read) == first_round  # nothing new: nothing read again
+    time.sleep(0.02)
+    assert audit_verify.adopt(log, KEY, "acme", grace_ms=10, cursor=cursor) == 1
+    assert len(read) == first_round
+    assert cursor.unsealed == {}
+    assert _verify(state, seal_grace_ms=10).ok
 
 
 def test_tail_returns_newest_entries_in_order(state: StateStore) -> None:
@@ -349,7 +384,7 @@ def test_a_decision_and_its_entry_are_one_even_when_the_writer_is_killed(
     assert admitted == recorded  # every admission has its entry, and no entry lacks one
     # The killed writer's last seals never went out: the leader adopts them.
     state = StateStore(redis_client)
-    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] >= 0
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0) >= 0
     report = _verify(state, seal_grace_ms=0)
     assert report.ok, report.reason
     assert report.checked == len(recorded)
@@ -429,7 +464,7 @@ def test_an_entry_without_a_seq_is_named_at_once(
     # The leader never seals one.
     redis_client.xadd(STREAM, {b"type": b"approved", b"tenant": b"acme"})
     time.sleep(0.01)
-    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] == 0
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0) == 0
 
 
 def test_an_entry_above_the_counter_is_named_once_older_than_the_grace(
@@ -444,7 +479,7 @@ def test_an_entry_above_the_counter_is_named_once_older_than_the_grace(
     assert report.broken_entry == forged.decode()
     assert "above the chain's counter (2)" in report.reason
     # Nor is it adopted: no script wrote it.
-    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] == 0
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0) == 0
 
 
 def test_an_entry_rewritten_under_a_future_id_is_named_and_never_pending(
@@ -462,7 +497,7 @@ def test_an_entry_rewritten_under_a_future_id_is_named_and_never_pending(
     assert report.pending == 0
     assert report.broken_entry == future
     assert "ahead of the time: it was rewritten" in report.reason
-    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0)[0] == 0
+    assert audit_verify.adopt(_log(state), KEY, "acme", grace_ms=0) == 0
     # Entries written after it (the stream's id is in the future now) are sealed, and named
     # once: their ages cannot be trusted.
     _fill(state, 2)

@@ -126,7 +126,8 @@ class MaintenanceThread:
         self._next_waiting = 0.0
         self._next_audit = 0.0
         self._next_adopt = 0.0
-        self._adopt_from: dict[str, str] = {}
+        #: Per chain, what this leader read of it for adoption (see ``audit_verify.adopt``).
+        self._adoption: dict[str, audit_verify.AdoptionCursor] = {}
         #: The highest seq this leader signed per chain (in memory, out of reach of whoever can
         #: write Redis): a chain that ends before it later was rolled back, and is logged.
         self._signed: dict[str, int] = {}
@@ -312,12 +313,12 @@ class MaintenanceThread:
         anchors: list[AnchorRecord] = []
         for chain in chains:
             self._watch(chain)
-            adopted, self._adopt_from[chain] = audit_verify.adopt(
+            adopted = audit_verify.adopt(
                 log_,
                 key,
                 chain,
                 grace_ms=grace_ms,
-                start=self._adopt_from.get(chain, "-"),
+                cursor=self._adoption.setdefault(chain, audit_verify.AdoptionCursor()),
                 window_ms=window_ms,
             )
             if adopted:
