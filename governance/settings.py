@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -50,6 +51,21 @@ def broker_kind(url: str) -> BrokerKind:
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
+def sentinel_addresses(text: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as a list of (host, port); a clear error for anything else."""
+    found = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item!r} is not host:port (a Sentinel's address)")
+        found.append((host.strip("[]"), int(port)))
+    if text.strip() and not found:
+        raise ValueError("no Sentinel address in it (host:port,host:port)")
+    return found
+
+
 def _checked_url(url: str, schemes: tuple[str, ...] | None = None) -> str:
     """``url`` if it has a scheme (one of ``schemes``, if given) and a numeric port (if any):
     the error names what is wrong before any client tries to parse it, without repeating the
@@ -89,6 +105,21 @@ class GovernanceSettings(BaseSettings):
         "defaults to the broker URL on Redis, required on RabbitMQ.",
     )
     state_redis_cluster: bool = Field(False, description="The state Redis is a Redis Cluster.")
+    state_sentinels: str | None = Field(
+        None,
+        description="Redis Sentinels that watch the state Redis (`host:port,host:port`): the "
+        "state store connects to the primary they name, and after a failover to the replica "
+        "they promoted. GOVERNANCE_STATE_REDIS_URL then gives only the database and "
+        "credentials (its host and port are not used).",
+    )
+    state_sentinel_master: str = Field(
+        "governance",
+        min_length=1,
+        description="The name the Sentinels know the state Redis by (`sentinel monitor NAME ...`).",
+    )
+    state_sentinel_password: SecretStr | None = Field(
+        None, description="The Sentinels' own password, when they require one."
+    )
     state_timeout_s: float = Field(
         2.0, gt=0, description="Connect/read timeout for the state Redis: fail closed, fast."
     )
@@ -259,6 +290,13 @@ class GovernanceSettings(BaseSettings):
     def _state_redis_url(cls, url: str | None) -> str | None:
         return None if url is None else _checked_url(url, _REDIS_SCHEMES)
 
+    @field_validator("state_sentinels")
+    @classmethod
+    def _state_sentinels(cls, value: str | None) -> str | None:
+        if value is not None:
+            sentinel_addresses(value)  # raises, naming what is wrong
+        return value
+
     @field_validator("result_backend")
     @classmethod
     def _result_backend(cls, url: str | None) -> str | None:
@@ -266,10 +304,19 @@ class GovernanceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _state_is_redis(self) -> GovernanceSettings:
-        if self.broker_kind is not BrokerKind.REDIS and self.state_redis_url is None:
+        if (
+            self.broker_kind is not BrokerKind.REDIS
+            and self.state_redis_url is None
+            and self.state_sentinels is None
+        ):
             raise ValueError(
                 f"GOVERNANCE_STATE_REDIS_URL must be set: the broker ({self.broker_kind.value}) "
                 "is not Redis, and the governance state lives in Redis"
+            )
+        if self.state_sentinels is not None and self.state_redis_cluster:
+            raise ValueError(
+                "GOVERNANCE_STATE_SENTINELS and GOVERNANCE_STATE_REDIS_CLUSTER exclude each "
+                "other: a Redis Cluster fails over by itself"
             )
         return self
 
@@ -300,7 +347,21 @@ class GovernanceSettings(BaseSettings):
 
     @property
     def state_url(self) -> str:
+        """The state Redis's URL (with Sentinels: its database and credentials only)."""
+        if self.state_redis_url is None and self.state_sentinels is not None:
+            return "redis://"
         return self.state_redis_url or self.broker_url
+
+    def state_connection(self) -> dict[str, Any]:
+        """The keyword arguments of ``store.connection.connect`` besides the URL."""
+        password = self.state_sentinel_password
+        return {
+            "cluster": self.state_redis_cluster,
+            "timeout_s": self.state_timeout_s,
+            "sentinels": sentinel_addresses(self.state_sentinels or ""),
+            "sentinel_master": self.state_sentinel_master,
+            "sentinel_password": password.get_secret_value() if password else None,
+        }
 
     @property
     def backend_url(self) -> str:

@@ -225,7 +225,12 @@ def check_deployment(state: StateStore, config: GovernanceSettings) -> None:
 
 def _not_a_deployment(config: GovernanceSettings) -> str:
     url = shown_url(config.state_url)
-    if config.state_redis_url:
+    if config.state_sentinels:
+        read = (
+            f"the primary GOVERNANCE_STATE_SENTINELS={config.state_sentinels} name "
+            f"{config.state_sentinel_master!r}"
+        )
+    elif config.state_redis_url:
         read = f"{STATE_URL_VARIABLE}={url}"
     else:
         read = (

@@ -252,9 +252,7 @@ def status(
         file_error = None
     except ConfigError as exc:
         file_version, file_error = None, str(exc)
-    client = connect(
-        settings.state_url, cluster=settings.state_redis_cluster, timeout_s=settings.state_timeout_s
-    )
+    client = connect(settings.state_url, **settings.state_connection())
     state = StateStore(client)
     context.check_deployment(state, settings)
     raw = state.run("policy reports", lambda: client.hgetall(DeploymentKeys.policy_reports))

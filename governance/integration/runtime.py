@@ -139,11 +139,7 @@ class GovernanceRuntime:
             return self._state
         with self._lock:
             if self._state is None or self._pid != pid:
-                client = connect(
-                    self.settings.state_url,
-                    cluster=self.settings.state_redis_cluster,
-                    timeout_s=self.settings.state_timeout_s,
-                )
+                client = connect(self.settings.state_url, **self.settings.state_connection())
                 timings = LedgerTimings(
                     grace_ms=round(self.settings.reconcile_after_s * 1000),
                     countdown_limit_ms=round(self.settings.countdown_limit_s * 1000),

@@ -15,7 +15,8 @@ settlement of a task is written before Celery stores the task's result, and read
 two round trips overlap instead of adding up. Any other call of the same thread reads the
 outstanding reply first, so replies never mix.
 
-Only for a single Redis server; a Redis Cluster client keeps redis-py's own routing.
+Only for a single Redis server (or the primary Sentinels name: a connection asks them where it
+is when it connects); a Redis Cluster client keeps redis-py's own routing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 from redis.commands.core import Script
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+from redis.sentinel import SentinelConnectionPool
 
 from governance.store.pending import Pending
 
@@ -186,6 +188,13 @@ class DirectCalls:
         self._pool = client.connection_pool
         self._local = threading.local()
         self._opened: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: A Sentinel-managed connection finds the primary in its own ``connect``, which
+        #: sending on a closed connection does not call: it is called first.
+        self._managed = isinstance(self._pool, SentinelConnectionPool)
+
+    def _connected(self, connection: Any) -> None:
+        if self._managed:
+            connection.connect()  # at once when it is connected already
 
     def _connection(self) -> Any:
         local = self._local
@@ -213,6 +222,7 @@ class DirectCalls:
         command = [pack_evalsha(connection, script.sha, keys, args)]
 
         def once() -> Any:
+            self._connected(connection)
             connection.send_packed_command(command, check_health=False)
             try:
                 return connection.read_response()
@@ -230,9 +240,12 @@ class DirectCalls:
         even after the client's retries."""
         connection = self._connection()
         command = [pack_evalsha(connection, script.sha, keys, args)]
-        self._with_retry(
-            connection, lambda: connection.send_packed_command(command, check_health=False)
-        )
+
+        def write() -> None:
+            self._connected(connection)
+            connection.send_packed_command(command, check_health=False)
+
+        self._with_retry(connection, write)
         pending = PendingReply(self, connection, script, keys, args)
         self._local.pending = pending
         return pending
@@ -246,6 +259,7 @@ class DirectCalls:
         ]
 
         def once() -> list[Any]:
+            self._connected(connection)
             connection.send_packed_command(packed, check_health=False)
             replies = [connection.read_response() for _ in range(len(commands) + 2)]
             results = list(replies[-1])
