@@ -31,4 +31,4 @@ ENV PYTHONPATH=/app \
 
 USER governance
 
-CMD ["celery", "-A", "workers.app", "worker", "-E", "--loglevel=INFO"]
+CMD ["celery", "-A", "workers.app", "worker", "--loglevel=INFO"]

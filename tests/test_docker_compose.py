@@ -174,7 +174,8 @@ def test_every_command_names_an_entry_point_that_exists(
 def test_the_worker_and_flower_run_the_example_app(services: dict[str, Any]) -> None:
     worker, flower = command_of(services["worker"]), command_of(services["flower"])
     assert worker[:4] == ["celery", "-A", "workers.app", "worker"]
-    assert "-E" in worker, "Flower needs the workers' task events"
+    # Task events only while Flower asks for them (-E would send them always, watched or not).
+    assert "-E" not in worker
     assert flower[:4] == ["celery", "-A", "workers.app", "flower"]
     assert "--port=5555" in flower
     # Flower listens on loopback unless told otherwise (config/flowerconfig.py): inside its

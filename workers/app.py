@@ -1,6 +1,7 @@
 """The Celery app of the example deployment: governed tool and LLM tasks on a Redis broker.
 
-Run a worker with ``celery -A workers.app worker -E``. Settings come from ``GOVERNANCE_*``
+Run a worker with ``celery -A workers.app worker`` (it sends task events while a monitor such
+as Flower asks for them; ``-E`` would send them always). Settings come from ``GOVERNANCE_*``
 environment variables (see ``governance/settings.py``); the policy file is loaded at start, and
 a worker refuses to start, with the file, field and reason, when it is invalid. Every worker
 process makes itself non-dumpable when it starts (``workers.hardening``), so the commands the

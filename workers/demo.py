@@ -106,7 +106,6 @@ class Demo:
                 "prefork",
                 "-c",
                 "4",
-                "-E",
                 "--loglevel=INFO",
                 "--without-gossip",
                 "--without-mingle",
@@ -132,6 +131,23 @@ class Demo:
         while not self.app.control.ping(timeout=0.5):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start; see {DEMO_DIR / 'worker.log'}")
+        self._wait_for_flower_to_watch()
+
+    def _wait_for_flower_to_watch(self, timeout_s: float = 30.0) -> None:
+        """The worker sends task events only while a monitor asks for them: wait (a while at
+        most) until Flower's first ask (5 s after it starts) switched them on, so Flower shows
+        every step."""
+        from governance.integration.runtime import runtime_for
+        from governance.store.errors import StoreUnavailable
+        from governance.store.events_flag import events_flag_on
+
+        state = runtime_for(self.app).state
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(StoreUnavailable):
+                if events_flag_on(state):
+                    return
+            time.sleep(0.2)
 
     def _demo_policy(self) -> Path:
         """The example policy, with reviewer keys made for this demo (as a reviewer would with
