@@ -19,6 +19,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEVELOPMENT_SECRET = "development-only-secret-change-me"
 
 
+class StateDurability(Enum):
+    """What must be true of a task that comes to live only in the state Redis (it waits, is
+    parked or held) before its broker message is acknowledged or its publisher returns."""
+
+    #: Nothing is waited for: a crash of the state Redis may lose its last second of writes
+    #: (AOF ``everysec``), a failover what the replica had not received.
+    NONE = "none"
+    #: ``WAITAOF 1 0``: the write is in the primary's AOF on disk (Redis 7.2+, Valkey).
+    AOF = "aof"
+    #: ``WAITAOF 1 0`` and ``WAIT N``: also received by N replicas (a failover keeps it).
+    REPLICAS = "replicas"
+
+
 class BrokerKind(Enum):
     """The brokers governance knows the hazards of."""
 
@@ -119,6 +132,29 @@ class GovernanceSettings(BaseSettings):
     )
     state_sentinel_password: SecretStr | None = Field(
         None, description="The Sentinels' own password, when they require one."
+    )
+    state_durability: StateDurability = Field(
+        StateDurability.NONE,
+        description="What a task that lives only in the state Redis (waiting, parked, held, "
+        "waiting from publication, accepted while the broker was down) needs before its broker "
+        "message is acknowledged or `apply_async` returns: `none`; `aof` (WAITAOF: in the "
+        "primary's AOF on disk); `replicas` (WAITAOF and WAIT: also received by "
+        "GOVERNANCE_STATE_DURABLE_REPLICAS replicas, so a failover keeps it). Redis 7.2+ or "
+        "Valkey; a Redis 6.2 confirms only what it can (WAIT) and says so in the log.",
+    )
+    state_durable_replicas: int = Field(
+        1,
+        ge=1,
+        description="With GOVERNANCE_STATE_DURABILITY=replicas: how many replicas must have "
+        "received a task's record.",
+    )
+    state_durable_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="With GOVERNANCE_STATE_DURABILITY set: how long a publisher waits for the "
+        "confirmation before it raises NotDurable (a worker keeps the message unacknowledged, "
+        "and gives it back to the broker after half the broker's limit on an unacknowledged "
+        "delivery).",
     )
     state_timeout_s: float = Field(
         2.0, gt=0, description="Connect/read timeout for the state Redis: fail closed, fast."
@@ -351,6 +387,12 @@ class GovernanceSettings(BaseSettings):
         if self.state_redis_url is None and self.state_sentinels is not None:
             return "redis://"
         return self.state_redis_url or self.broker_url
+
+    @property
+    def durability_round_ms(self) -> int:
+        """How long one durability confirmation waits for its fsync and replicas: a second,
+        shorter than the state Redis's timeout."""
+        return max(50, min(1000, round(self.state_timeout_s * 500)))
 
     def state_connection(self) -> dict[str, Any]:
         """The keyword arguments of ``store.connection.connect`` besides the URL."""

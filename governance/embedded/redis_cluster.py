@@ -62,11 +62,13 @@ class EmbeddedRedisCluster:
         masters: int = 3,
         startup_timeout_s: float = 30.0,
         binaries: RedisBinaries | None = None,
+        appendonly: bool = False,
     ) -> None:
         if masters < _MIN_MASTERS:
             raise ValueError(f"a Redis Cluster needs at least {_MIN_MASTERS} masters")
         self._masters = masters
         self._binaries = binaries
+        self._appendonly = appendonly
         self._startup_timeout_s = startup_timeout_s
         self._nodes: list[EmbeddedRedis] = []
         self._lock = threading.RLock()
@@ -123,6 +125,7 @@ class EmbeddedRedisCluster:
                 for _ in range(self._masters):
                     node = EmbeddedRedis(
                         binaries=binaries,
+                        appendonly=self._appendonly,
                         extra_args=(
                             "--cluster-enabled",
                             "yes",

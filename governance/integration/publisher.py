@@ -17,7 +17,10 @@
 
 Once recorded, the task is accepted: if the broker then refuses it (down, unreachable), the
 caller still gets its result and a warning, and the reconciler publishes the recorded message
-when it is overdue. Raising instead would tell the caller it was not enqueued while the record
+when it is overdue. With ``GOVERNANCE_STATE_DURABILITY`` set, a task that lives only in the
+state Redis from here (held, parked, waiting from publication, refused by the broker) is
+returned only once its record is confirmed durable (``runtime.confirm_recorded``; otherwise
+``NotDurable``). Raising instead would tell the caller it was not enqueued while the record
 makes it run all the same; a caller that then submitted it again would run the action twice.
 """
 
@@ -199,12 +202,14 @@ def publish_governed(
         Holding(app, runtime).hold(
             envelope, context=ctx, action=action, decision=decision, at_publish=True
         )
+        runtime.confirm_recorded(ctx.tenant, task_id)
         return result_cls(task_id)
     parked = countdown is not None and countdown > runtime.settings.countdown_limit_s
     load = runtime.ledger.record_published(
         ctx.tenant, task_id, envelope.to_json(), due_ms=due_ms, parked=parked
     )
     if parked:
+        runtime.confirm_recorded(ctx.tenant, task_id)
         return result_cls(task_id)
     if not countdown:
         # Work that cannot run now waits in Redis from here, never in the broker (fair dispatch):
@@ -214,6 +219,7 @@ def publish_governed(
         if saturated or load.must_wait(tenant.concurrency):
             token = _wait_or_hand(app, runtime, ctx, task_id, action, decision, queue, saturated)
             if token is None:
+                runtime.confirm_recorded(ctx.tenant, task_id)
                 return result_cls(task_id)
             if token:
                 headers[HANDOFF] = token
@@ -229,6 +235,7 @@ def publish_governed(
             exc,
             runtime.settings.reconcile_after_s,
         )
+        runtime.confirm_recorded(ctx.tenant, task_id)
         return result_cls(task_id)
 
 

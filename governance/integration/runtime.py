@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+from governance.integration.durable import Confirmations
 from governance.integration.headers import HANDOFF
 from governance.integration.ignored import IgnoredDeliveries
 from governance.integration.leases import LeaseKeeper
@@ -33,11 +34,12 @@ from governance.integration.unsettled import UnsettledAttempts
 from governance.policy.actions import Action, LLMCall
 from governance.policy.engine import Policy
 from governance.policy.tenant import TenantPolicy
-from governance.settings import GovernanceSettings
+from governance.settings import GovernanceSettings, StateDurability
 from governance.store.admission import AdmissionTicket, Admitter, Publication
 from governance.store.audit import AuditEvent, AuditLog, chain_for
 from governance.store.audit_seal import AuditSealer
 from governance.store.connection import connect
+from governance.store.durability import Durability, DurabilityRule, NotDurable, Verdict
 from governance.store.errors import StoreUnavailable
 from governance.store.ledger import Ledger
 from governance.store.limits import AdmissionLimits
@@ -87,6 +89,8 @@ class GovernanceRuntime:
         self._admitter: Admitter | None = None
         self._audit: AuditLog | None = None
         self._ledger: Ledger | None = None
+        self._durability: Durability | None = None
+        self._confirmations: tuple[int, Confirmations] | None = None
         self.sealer = AuditSealer(settings.audit_key.get_secret_value().encode())
         self.leases = LeaseKeeper(
             self._renew, settings.heartbeat_interval_s, tick=self._tick, tick_s=SEAL_FLUSH_S
@@ -172,6 +176,57 @@ class GovernanceRuntime:
         self._ensure()
         assert self._ledger is not None
         return self._ledger
+
+    # -- durability (GOVERNANCE_STATE_DURABILITY, see ``durable``) -------------------------------
+
+    @property
+    def durable_on(self) -> bool:
+        """Whether a task that lives only in the state Redis is confirmed durable first."""
+        return self.settings.state_durability is not StateDurability.NONE
+
+    def _durability_of_state(self) -> Durability:
+        state = self.state
+        found = self._durability
+        if found is None or found.state is not state:
+            settings = self.settings
+            replicas = (
+                settings.state_durable_replicas
+                if settings.state_durability is StateDurability.REPLICAS
+                else 0
+            )
+            rule = DurabilityRule(
+                local=True, replicas=replicas, timeout_ms=settings.durability_round_ms
+            )
+            found = self._durability = Durability(state, rule)
+        return found
+
+    @property
+    def confirmations(self) -> Confirmations:
+        """This process's confirmations (one thread, made again after a fork)."""
+        pid = os.getpid()
+        found = self._confirmations
+        if found is None or found[0] != pid:
+            with self._lock:
+                found = self._confirmations
+                if found is None or found[0] != pid:
+                    found = (pid, Confirmations(self._durability_of_state))
+                    self._confirmations = found
+        return found[1]
+
+    def confirm_recorded(self, tenant: str, task_id: str) -> None:
+        """A publisher's task now lives only in the state Redis: return once its record is
+        confirmed durable; raise :class:`NotDurable` when it is not there (lost: not
+        accepted) or not confirmed within ``GOVERNANCE_STATE_DURABLE_TIMEOUT_S``. Nothing to
+        do without ``GOVERNANCE_STATE_DURABILITY``."""
+        if not self.durable_on:
+            return
+        timeout_s = self.settings.state_durable_timeout_s
+        verdict, why = self.confirmations.wait(tenant, task_id, timeout_s)
+        if verdict is Verdict.DURABLE:
+            return
+        if verdict is Verdict.MISSING:
+            raise NotDurable(task_id, "lost with a crash or a failover of the state Redis", False)
+        raise NotDurable(task_id, f"not confirmed within {timeout_s:g} s: {why}", True)
 
     @property
     def removed_tenants(self) -> RemovedTenants:

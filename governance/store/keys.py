@@ -109,6 +109,12 @@ class TenantKeys:
         """Sorted set of the tenant's runs in flight: member = run id, score = idle deadline."""
         return f"{self._base}:runs"
 
+    @property
+    def barrier(self) -> str:
+        """String: a counter the durability confirmation increments (``store.durability``), so
+        that its ``WAITAOF``/``WAIT`` waits for a write of its own on the tenant's node."""
+        return f"{self._base}:barrier"
+
     def shared(self) -> list[str]:
         """The keys every admission, settlement and sweep script takes first (KEYS[1..7])."""
         return [

@@ -83,7 +83,16 @@ OUTAGE_MAX_DELAY_S = 5.0
 class Acknowledged(Exception):
     """This delivery ends here without a result of its own (it waits, was held, was a copy):
     ``GovernedTask.__call__`` turns it into Celery's ``Ignore``, raised from a shallow stack,
-    because Celery records the whole traceback of an ``Ignore`` on every such delivery."""
+    because Celery records the whole traceback of an ``Ignore`` on every such delivery.
+
+    ``durable``: the task now lives only in the state Redis (it waits, is parked or held), or
+    this was a copy whose message is all the broker has of it: with
+    ``GOVERNANCE_STATE_DURABILITY`` set, its message is acknowledged only once its record is
+    confirmed durable (``worker.durable_ack``)."""
+
+    def __init__(self, durable: bool = False) -> None:
+        super().__init__()
+        self.durable = durable
 
 
 class Delivery:
@@ -258,7 +267,7 @@ class Delivery:
             meta = {"reason": reason, "violation": "tenant_removed", "until_ms": verdict.until_ms}
             self.task.update_state(state="DEFERRED", meta=meta)
             self._send_event("deferred", reason, violation="tenant_removed")
-        raise Acknowledged()  # parked, or a copy of a task that ended or runs elsewhere
+        raise Acknowledged(durable=True)  # parked, or a copy of one that ended or runs elsewhere
 
     def _release_or_hold(
         self, headers: GovernanceHeaders, action: Action, decision: Decision
@@ -277,7 +286,7 @@ class Delivery:
                 )
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
-        raise Acknowledged()
+        raise Acknowledged(durable=True)
 
     def _prepare(self, tenant: TenantPolicy) -> None:
         assert self.action is not None
@@ -346,7 +355,7 @@ class Delivery:
                 )
         except StoreUnavailable as exc:
             self._defer_for_outage(exc)
-        raise Acknowledged()
+        raise Acknowledged(durable=True)
 
     def _begin_admit(
         self, headers: GovernanceHeaders, action: Action, tenant: TenantPolicy
@@ -365,7 +374,10 @@ class Delivery:
                 limits=runtime.limits_for(tenant, action),
                 holder=self.holder,
                 handoff=headers.handoff,
-                envelope=None if headers.ledgered else self.envelope().to_json(),
+                # A record lost with a failover is made again with its message (durability on).
+                envelope=None
+                if headers.ledgered and not runtime.durable_on
+                else self.envelope().to_json(),
                 template=self._template(),
                 outage=headers.outage,
                 reclaim=runtime.health.may_reclaim,
@@ -406,7 +418,7 @@ class Delivery:
                 headers.attempt,
                 status.value,
             )
-            raise Acknowledged()
+            raise Acknowledged(durable=True)
         if status is AdmissionStatus.REJECTED:
             raise LimitExceeded(admission.reason)
         violation = admission.violation.type.value if admission.violation else "capacity"
@@ -426,7 +438,8 @@ class Delivery:
         )
         self.task.update_state(state="DEFERRED", meta={**meta, **place})
         self._send_event("deferred", admission.reason, violation=violation, **place)
-        raise Acknowledged()
+        # A turn booked within the countdown limit was published again: that message has it.
+        raise Acknowledged(durable=status is not AdmissionStatus.BOOKED or admission.parked)
 
     def _release_replayed(self, headers: GovernanceHeaders, action: Action) -> None:
         """A release sent again as a later attempt that no settlement scheduled: dropped (the

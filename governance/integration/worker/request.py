@@ -25,6 +25,10 @@ reason, as callers expect.
 worker's task events are on (:data:`~governance.integration.monitor.REQUEST_FIELD`): the pool
 process sends the layer's own events (``task-deferred``, ``task-held``, ...) only then.
 
+**Durable acknowledgements.** A delivery that left its task only in the state Redis ends with
+``AckWhenDurable`` (with ``GOVERNANCE_STATE_DURABILITY`` set): its message is acknowledged here,
+in the main process, once the task's record is confirmed durable (``worker.durable_ack``).
+
 **Secrets.** The worker's events (``task-received``: Flower's args and kwargs) and its log
 lines show a message's ``argsrepr``/``kwargsrepr``; for a governed task whose call has
 secret-named values, they are the call with those values redacted, whoever published it.
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 
 from governance.integration.audit_fields import audit_template
 from governance.integration.events import failure_summary
@@ -46,6 +51,7 @@ from governance.integration.headers import CONTEXT, header_value, read_context
 from governance.integration.monitor import REQUEST_FIELD
 from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, installed_on, runtime_for
+from governance.integration.worker.durable_ack import AckWhenDurable, defer_ack
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.tenant import TenantPolicy
@@ -155,6 +161,20 @@ class GovernedRequest(Request):  # type: ignore[misc]
             return None
         limit = runtime.policy.step_timeout(tenant, action)
         return _Step(runtime, context, action, tenant, limit.total_seconds() if limit else None)
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        """A delivery whose message is acknowledged once its record is durable
+        (:class:`AckWhenDurable`, an ``Ignore``) is handed to the confirmations; anything else
+        as Celery does."""
+        # Celery's ExceptionWithTraceback (from a pool process) wraps it as ``exc``.
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, AckWhenDurable):
+            task_ready(self)  # as Celery does first for every ending
+            defer_ack(self, exc)
+            return
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)

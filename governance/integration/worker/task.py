@@ -32,6 +32,7 @@ from governance.integration.errors import (
 from governance.integration.governed import is_governed
 from governance.integration.runtime import govern_bound_app
 from governance.integration.worker.delivery import Acknowledged, Delivery
+from governance.integration.worker.durable_ack import AckWhenDurable
 from governance.integration.worker.overlap import started_delivery
 from governance.policy.actions import Action, LLMCall, ToolCall
 from governance.policy.tenant import TenantPolicy
@@ -165,9 +166,12 @@ class GovernedTask(Task):  # type: ignore[misc]
         life = started_delivery(self) or Delivery(self, args, kwargs)
         try:
             return life.run()
-        except Acknowledged:
-            pass
+        except Acknowledged as acknowledged:
+            durable = acknowledged.durable
         life.runtime.garbage.noted()
+        if durable and life.headers is not None and life.runtime.durable_on:
+            # The worker's main process acknowledges once the record is durable (durable_ack).
+            raise AckWhenDurable(life.headers.context.tenant, life.task_id)
         raise Ignore()
 
 
