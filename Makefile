@@ -17,8 +17,8 @@ help:
 	@echo "make test     lint, type-check and run every test (starts its own Redis)"
 	@echo "make lint     ruff check, ruff format --check, mypy --strict, the import layers"
 	@echo "make format   apply ruff's fixes and formatting"
-	@echo "make bench    governed vs plain Celery throughput, a backlog next to another tenant,"
-	@echo "              and the store micro-benchmark"
+	@echo "make bench    governed vs plain Celery throughput, fair dispatch on a pool of 4"
+	@echo "              (about 12 min), and the store micro-benchmark"
 	@echo "make stress   the worker-kill scenario 20 times in a row (STRESS_RUNS=N to change),"
 	@echo "              then make stress-audit"
 	@echo "make stress-audit  a worker SIGKILLed, then audit verify every 0.2 s for 90 s at the"
@@ -61,7 +61,7 @@ redis: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m governance.bench.celery_bench
-	$(BIN)/python -m governance.bench.backlog_bench
+	$(BIN)/python -m governance.bench.fair_bench
 	$(BIN)/python -m governance.bench.store_bench
 
 STRESS_RUNS ?= 20

@@ -721,7 +721,10 @@ def main(argv: list[str] | None = None) -> int:
         "--scale-tenants", type=_positive, default=10_000, help="tenants of the scale test"
     )
     parser.add_argument(
-        "--paced-tasks", type=_positive, default=2_000, help="governed (and plain) tasks, paced"
+        "--paced-tasks",
+        type=_positive,
+        default=None,
+        help="governed (and plain) tasks, paced (default: --tasks, at most 2,000)",
     )
     parser.add_argument(
         "--paced-fraction",
@@ -731,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", default="bench-results.json", help="where to write JSON")
     args = parser.parse_args(argv)
+    if args.paced_tasks is None:
+        args.paced_tasks = min(args.tasks, 2_000)
     if args.rounds > args.tasks:
         parser.error(f"--rounds ({args.rounds}) cannot exceed --tasks ({args.tasks})")
     started = time.monotonic()

@@ -15,7 +15,7 @@ does not delay the other tenant's calls. Scenarios (``--only``):
    ``date_done``), alone and behind each N of ``--flood`` (200, 2,000), against B's fair ideal:
    half the pool, 10 x 0.5 s / 2 = 2.5 s. A's drain time (from its first publication to its last
    result) against (N + 10) x 0.5 s / 4. The Redis work per task shows that a backlog costs
-   nothing while it waits (what ``backlog_bench`` measured before).
+   nothing while it waits.
 2. **spread**: the same behind ``--spread-calls`` (2,000) calls that A spreads over 1,000 agents
    and 1,000 runs: fairness is keyed by tenant, so B's result is the same as in 1. The run ends
    when B is done (``--drain-spread``: when A is too).
@@ -48,7 +48,7 @@ from when they are seen).
 
 Run: ``python -m governance.bench.fair_bench [--only 1 3] [--flood 200 2000] ...`` (``make bench``
 runs it with the defaults, about 12 minutes on 2 cores); ``--quick`` is a small scale of every
-scenario (about 2 minutes). Figures go to ``--json`` (``bench-fair.json``).
+scenario (about 2 minutes). Figures go to ``--json`` (``bench-results-fair.json``).
 """
 
 from __future__ import annotations
@@ -864,7 +864,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-ms", type=_positive, default=2000, help="A's calls (4)")
     parser.add_argument("--short-ms", type=_positive, default=200, help="B's calls (4)")
     parser.add_argument("--alone-calls", type=_positive, default=240, help="A's calls (5)")
-    parser.add_argument("--json", default="bench-fair.json", help="where to write JSON")
+    parser.add_argument("--json", default="bench-results-fair.json", help="where to write JSON")
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():
