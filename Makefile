@@ -18,7 +18,7 @@ help:
 	@echo "make lint     ruff check, ruff format --check, mypy --strict, the import layers"
 	@echo "make format   apply ruff's fixes and formatting"
 	@echo "make bench    governed vs plain Celery throughput, fair dispatch on a pool of 4"
-	@echo "              (about 12 min), and the store micro-benchmark"
+	@echo "              (about 9 min), and the store micro-benchmark"
 	@echo "make stress   the worker-kill scenario 20 times in a row (STRESS_RUNS=N to change),"
 	@echo "              then make stress-audit"
 	@echo "make stress-audit  a worker SIGKILLed, then audit verify every 0.2 s for 90 s at the"

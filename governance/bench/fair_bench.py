@@ -47,7 +47,7 @@ Results are read from the result backend (the bench polls it; times come from th
 from when they are seen).
 
 Run: ``python -m governance.bench.fair_bench [--only 1 3] [--flood 200 2000] ...`` (``make bench``
-runs it with the defaults, about 12 minutes on 2 cores); ``--quick`` is a small scale of every
+runs it with the defaults, about 9 minutes on 2 cores); ``--quick`` is a small scale of every
 scenario (about 2 minutes). Figures go to ``--json`` (``bench-results-fair.json``).
 """
 
