@@ -34,7 +34,12 @@ from celery import Celery
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kombu import Queue
 
-from governance.embedded import EmbeddedRabbitMQ, EmbeddedRedis
+from governance.embedded import (
+    EmbeddedRabbitMQ,
+    EmbeddedRedis,
+    EmbeddedSentinelGroup,
+    RedisBinaries,
+)
 from governance.embedded.processes import log_tail, stop_processes
 from governance.integration.runtime import GovernanceRuntime, runtime_for
 from governance.policy.signing import (
@@ -288,19 +293,34 @@ def make_deployment(
     tmp_path: Path,
 ) -> Iterator[Callable[..., Deployment]]:
     """``make_deployment(**GOVERNANCE_overrides)``: a :class:`Deployment` on this half's broker
-    kind (a new Redis, or a new RabbitMQ vhost), stopped after the test."""
+    kind (a new Redis, or a new RabbitMQ vhost), stopped after the test. Its state Redis is a
+    new server (``state_binaries``: of that server, e.g. Valkey), or the primary that the
+    Sentinels of ``sentinels`` name (``Deployment.state``: the group's first primary)."""
     from workers.app import create_app
 
     with contextlib.ExitStack() as stack:
         made: list[Deployment] = []
 
-        def make(**overrides: str) -> Deployment:
+        def make(
+            state_binaries: RedisBinaries | None = None,
+            sentinels: EmbeddedSentinelGroup | None = None,
+            **overrides: str,
+        ) -> Deployment:
             broker_url = stack.enter_context(fresh_broker_url(broker_kind, request, "own"))
-            state = stack.enter_context(EmbeddedRedis(appendonly=True))
+            if sentinels is None:
+                state = stack.enter_context(EmbeddedRedis(appendonly=True, binaries=state_binaries))
+                where = {"GOVERNANCE_STATE_REDIS_URL": state.url}
+            else:
+                state = sentinels.servers[0]
+                where = {
+                    "GOVERNANCE_STATE_REDIS_URL": "redis:///0",
+                    "GOVERNANCE_STATE_SENTINELS": sentinels.sentinels_setting,
+                    "GOVERNANCE_STATE_SENTINEL_MASTER": sentinels.master_name,
+                }
             settings_env = {
                 **e2e_env,
                 "GOVERNANCE_BROKER_URL": broker_url,
-                "GOVERNANCE_STATE_REDIS_URL": state.url,
+                **where,
                 # Results outside the state Redis, which the outage tests stop.
                 "GOVERNANCE_RESULT_BACKEND": _db(broker.url, 5),
                 **overrides,
@@ -322,6 +342,9 @@ def make_deployment(
             for deployment in made:
                 for worker in deployment.workers:
                     worker.kill()
+                # The publisher's owed audit seals, while its state Redis still runs (a
+                # Sentinel group of the test stops before this process exits).
+                deployment.runtime.flush_owed_seals()
                 deployment.app.close()
 
 

@@ -1,7 +1,8 @@
 """A loopback HTTP server the end-to-end tests point tools at, observing them independently.
 
 ``/slow?key=K&ms=N`` holds the request N ms and records how many requests of key K were in flight
-at once; ``/flaky?key=K&fail=N`` answers 500 to the first N requests of K, then 200;
+at once; ``/gate?key=K&gate=G`` holds it until the test calls ``open_gate(G)`` (two minutes at
+most); ``/flaky?key=K&fail=N`` answers 500 to the first N requests of K, then 200;
 ``/v1/chat/completions`` is a tiny OpenAI-compatible endpoint (``/v1/<key>/chat/completions`` to
 script failures: ``fail500once``; the model ``retry-after-2s`` answers its first call 429 with
 Retry-After 2; the model ``local-hold`` is never answered: the request is counted under
@@ -63,6 +64,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if url.path == "/slow":
                 time.sleep(int(query.get("ms", "300")) / 1000)
+                self._reply(200, {"key": key, "n": count})
+            elif url.path == "/gate":
+                self.server.gate(query.get("gate", "")).wait(120)
                 self._reply(200, {"key": key, "n": count})
             elif url.path == "/flaky":
                 if count <= int(query.get("fail", "0")):
@@ -138,7 +142,18 @@ class ObserverServer(ThreadingHTTPServer):
         self.observations = Observations()
         #: Set when the server stops: held requests end (without an answer).
         self.closing = threading.Event()
+        self._gates: dict[str, threading.Event] = {}
+        self._gates_lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def gate(self, name: str) -> threading.Event:
+        """The gate ``/gate?gate=NAME`` requests wait for."""
+        with self._gates_lock:
+            return self._gates.setdefault(name, threading.Event())
+
+    def open_gate(self, name: str) -> None:
+        """Let every request waiting at gate ``name`` (and every later one) through."""
+        self.gate(name).set()
 
     @property
     def base_url(self) -> str:
