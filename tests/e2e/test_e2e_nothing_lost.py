@@ -27,6 +27,7 @@ from governance.integration import GovernanceHeaders, ResultLost, governance_con
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.context import ActionContext
 from governance.settings import GovernanceSettings
+from tests.conftest import server_binaries
 from tests.e2e.conftest import (
     Deployment,
     WorkerProcess,
@@ -52,8 +53,14 @@ def ctx(tenant: str = "t-load", run: str = "run-lost") -> ActionContext:
 
 
 @pytest.fixture
-def deployment(make_deployment: Callable[..., Deployment]) -> Deployment:
-    return make_deployment()
+def deployment(
+    make_deployment: Callable[..., Deployment], request: pytest.FixtureRequest
+) -> Deployment:
+    """A deployment of its own; its state Redis is of the server ``request.param`` names
+    (``redis``, the default, or ``valkey``: an outage is also run on Valkey 8, whose AOF, a
+    manifest and several files, must come back as whole)."""
+    kind = getattr(request, "param", "redis")
+    return make_deployment(state_binaries=server_binaries(kind))
 
 
 def _publish_slow(
@@ -154,8 +161,17 @@ def test_a_worker_sigkilled_mid_task_gives_the_slot_back_within_a_lease_and_the_
 
 
 # 8 s outlasts the lease and the Redis broker's visibility timeout (6 s here); 20 s outlasts
-# RabbitMQ's consumer timeout too (10 s here): the longer one runs on both brokers.
-@pytest.mark.parametrize("outage_s", [pytest.param(8, marks=pytest.mark.redis_broker), 20])
+# RabbitMQ's consumer timeout too (10 s here): the longer one runs on both brokers. The short one
+# runs on Valkey 8 too (the state store's persistence on today's servers).
+@pytest.mark.parametrize(
+    ("outage_s", "deployment"),
+    [
+        pytest.param(8, "redis", marks=pytest.mark.redis_broker, id="8-redis"),
+        pytest.param(20, "redis", id="20-redis"),
+        pytest.param(8, "valkey", marks=pytest.mark.redis_broker, id="8-valkey"),
+    ],
+    indirect=["deployment"],
+)
 def test_a_state_store_outage_defers_and_fails_nothing(
     deployment: Deployment, observer: ObserverServer, outage_s: int
 ) -> None:
