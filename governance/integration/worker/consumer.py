@@ -43,6 +43,7 @@ from governance.integration.governed import is_governed
 from governance.integration.headers import CONTEXT, HeaderError, read_context
 from governance.integration.monitor import EventsLease
 from governance.integration.runtime import installed_on
+from governance.integration.worker.durable_ack import follow_consumer
 from governance.store.audit import AuditEvent, AuditEventType
 
 log = logging.getLogger("governance.consumer")
@@ -71,6 +72,7 @@ class GovernedConsumer(Consumer):  # type: ignore[misc]
         if runtime is not None:
             runtime.events.follow_worker(self.events_lease)
         self._lease_control_commands()
+        follow_consumer(self)  # its prefetch rises for deliveries awaiting durability
         if not always and self.timer is not None:
             self.timer.call_repeatedly(min(LEASE_CHECK_S, lease_s / 4), self._end_lapsed_events)
 
