@@ -21,7 +21,8 @@ Configurations: ``none`` (AOF ``everysec``, nothing confirmed: the baseline), ``
 100 ms) and at ``hz 100``, ``aof`` with ``appendfsync always`` (each write fsynced, ``WAITAOF``
 returns at once), and ``replicas`` (1 replica, ``hz 100``).
 
-Run: ``python -m governance.bench.durability_bench [--backlog N] [--publish N] [--json FILE]``.
+Run: ``python -m governance.bench.durability_bench [--backlog N] [--publish N] [--json FILE]``
+(``bench-results-durability.json`` by default).
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--backlog", type=int, default=400)
     parser.add_argument("--publish", type=int, default=100)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=Path("bench-results-durability.json"))
     args = parser.parse_args(argv)
     try:
         binaries = find_valkey_binaries()
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         for config in CONFIGS:
             rows.append(run_config(config, binaries, args.backlog, args.publish, Path(tmp)))
     report(rows)
-    if args.json is not None:
-        args.json.write_text(json.dumps({"durability": rows}, indent=2) + "\n", encoding="utf-8")
+    args.json.write_text(json.dumps({"durability": rows}, indent=2) + "\n", encoding="utf-8")
+    print(f"figures written to {args.json}")
     return 0
 
 
