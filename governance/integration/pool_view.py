@@ -65,6 +65,7 @@ class PoolView:
         self._lock = threading.Lock()
         self._read_at: dict[str, float] = {}
         self._saturated: dict[str, bool] = {}
+        self._capacity: dict[str, int] = {}
         self._said_at: dict[str, float] = {}
         self._fair: tuple[Policy, FairShare] | None = None
 
@@ -84,17 +85,27 @@ class PoolView:
     def saturated(self, queue: str) -> bool:
         """Whether ``queue``'s pool is saturated, as read at most ``REFRESH_S`` ago (a store
         that does not answer reads as not saturated: the call that follows fails closed)."""
+        self._refresh(queue)
+        return self._saturated.get(queue, False)
+
+    def capacity(self, queue: str) -> int:
+        """``queue``'s pool capacity, as read at most ``REFRESH_S`` ago (0: unknown)."""
+        self._refresh(queue)
+        return self._capacity.get(queue, 0)
+
+    def _refresh(self, queue: str) -> None:
         now = time.monotonic()
         if now - self._read_at.get(queue, -REFRESH_S) < REFRESH_S:
-            return self._saturated.get(queue, False)
+            return
         with self._lock:
             self._read_at[queue] = now
             try:
-                self._saturated[queue] = self.pools.saturated([queue])[queue]
+                glance = self.pools.glance([queue])[queue]
             except StoreUnavailable as exc:
                 log.debug("could not read the pool of %s: %s", queue, exc)
-                self._saturated[queue] = False
-        return self._saturated[queue]
+                self._saturated[queue], self._capacity[queue] = False, 0
+                return
+            self._saturated[queue], self._capacity[queue] = glance.saturated, glance.capacity
 
     def noted(self, queue: str, saturated: bool) -> None:
         """What a call to the pool said of it (fresher than the cached read)."""

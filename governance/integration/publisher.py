@@ -216,8 +216,14 @@ def publish_governed(
         # over its tenant's concurrency, behind its tenant's waiting tasks, or beyond the pool.
         queue = queue_of(app, name, options)
         saturated = runtime.pool_view.saturated(queue)
-        if saturated or load.must_wait(tenant.concurrency):
-            token = _wait_or_hand(app, runtime, ctx, task_id, action, decision, queue, saturated)
+        # Beyond the pool: the tenant alone has more in flight than the pool can run at once, so
+        # this task waits for the pool (which is saturated from now) rather than the broker.
+        capacity = runtime.pool_view.capacity(queue)
+        beyond = not saturated and 0 < capacity < load.running + load.queued
+        if saturated or beyond or load.must_wait(tenant.concurrency):
+            token = _wait_or_hand(
+                app, runtime, ctx, task_id, action, decision, queue, saturated or beyond, beyond
+            )
             if token is None:
                 runtime.confirm_recorded(ctx.tenant, task_id)
                 return result_cls(task_id)
@@ -254,10 +260,15 @@ def _wait_or_hand(
     decision: Decision,
     queue: str,
     saturated: bool,
+    saturate: bool = False,
 ) -> str | None:
     """Admit the task at publication (see ``admit.lua``): None when it waits (in its tenant's
     wait list; its result says DEFERRED, and a saturated pool learns its tenant waits); a
-    hand-off token when a slot is kept for it; "" when its delivery decides."""
+    hand-off token when a slot is kept for it; "" when its delivery decides.
+
+    ``saturated``: the task waits for the pool (fair dispatch hands it on). ``saturate``: the
+    tenant alone has more in flight than the pool's capacity, so the pool learns at once that
+    it waits (not at most every ``REGISTER_EVERY_S``), which saturates the pool."""
     tenant = runtime.policy.tenant(ctx.tenant)
     assert tenant is not None
     admission = runtime.admitter.admit(
@@ -292,7 +303,8 @@ def _wait_or_hand(
     send_app_event(app, "deferred", task_id, **fields, ahead=admission.ahead)
     if saturated:
         now = time.monotonic()
-        if now - _registered.get((queue, ctx.tenant), -REGISTER_EVERY_S) >= REGISTER_EVERY_S:
+        last = _registered.get((queue, ctx.tenant), -REGISTER_EVERY_S)
+        if saturate or now - last >= REGISTER_EVERY_S:
             _registered[(queue, ctx.tenant)] = now
             grant = runtime.pool_view.pools.dispatch(
                 queue, register=[(ctx.tenant, tenant.weight)], give=False

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +41,22 @@ class Completion:
 @dataclass(frozen=True)
 class Returned:
     """Grants ``tenant`` could not use; ``done``: it has nothing the pool can give capacity to
-    (its wait list is empty, or its own limits stand in the way), so it leaves the pool's
-    ready set until a task of it waits again."""
+    now: its wait list is empty (it leaves the pool's ready set until a task of it waits
+    again), or, ``blocked``, its own limits stand in the way (it keeps its place and is passed
+    over until one of its tasks ends or it registers again)."""
 
     tenant: str
     grants: tuple[str, ...]
     done: bool
+    blocked: bool = False
+
+
+@dataclass(frozen=True)
+class PoolGlance:
+    """What a process caches of a pool: whether it is saturated, and its capacity."""
+
+    saturated: bool
+    capacity: int
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ class Pools:
                 "returned": json.dumps(list(returned.grants)) if returned else "",
                 "returned_tenant": returned.tenant if returned else "",
                 "returned_done": "1" if returned and returned.done else "",
+                "returned_blocked": "1" if returned and returned.blocked else "",
                 "register": json.dumps(registered) if registered else "",
                 "saturate": "1" if saturate else "",
                 "dispatch": "1" if give else "",
@@ -141,7 +152,12 @@ class Pools:
         )
 
     def saturated(self, queues: Sequence[str]) -> dict[str, bool]:
-        """Whether each pool is saturated now (one pipelined read; what processes cache)."""
+        """Whether each pool is saturated now (one pipelined read)."""
+        return {q: glance.saturated for q, glance in self.glance(queues).items()}
+
+    def glance(self, queues: Sequence[str]) -> dict[str, PoolGlance]:
+        """Whether each pool is saturated now, and its capacity (one pipelined read; what
+        processes cache)."""
         if not queues:
             return {}
 
@@ -149,10 +165,30 @@ class Pools:
             pipe = self._state.client.pipeline(transaction=False)
             for queue in queues:
                 pipe.hget(PoolKeys(queue).state, "saturated")
+                pipe.hgetall(PoolKeys(queue).workers)
             return list(pipe.execute())
 
-        flags = self._state.run("pool state", read)
-        return {q: flag in (b"1", "1") for q, flag in zip(queues, flags, strict=True)}
+        replies = self._state.run("pool state", read)
+        now_ms = int(time.time() * 1000)
+        return {
+            queue: PoolGlance(
+                saturated=replies[2 * i] in (b"1", "1"),
+                capacity=self._capacity(queue, replies[2 * i + 1], now_ms),
+            )
+            for i, queue in enumerate(queues)
+        }
+
+    def _capacity(self, queue: str, workers: Mapping[Any, Any], now_ms: int) -> int:
+        """The policy's capacity of ``queue``, else its live workers' pool sizes."""
+        capacity = self.fairness.capacity.get(queue)
+        if capacity is not None:
+            return capacity
+        live = 0
+        for value in workers.values():
+            size, _, expires = _text(value).partition(":")
+            if size.isdigit() and expires.isdigit() and int(expires) > now_ms:
+                live += int(size)
+        return live
 
     def state(self, queue: str) -> PoolState:
         """``queue``'s pool as operators see it."""
@@ -169,13 +205,7 @@ class Pools:
 
         workers, saturated, in_flight, ready, tenants = self._state.run("pool state", read)
         now_ms = int(time.time() * 1000)  # the heartbeats' expiries are the server's clock
-        capacity = self.fairness.capacity.get(queue)
-        if capacity is None:
-            capacity = 0
-            for value in workers.values():
-                size, _, expires = _text(value).partition(":")
-                if expires.isdigit() and int(expires) > now_ms:
-                    capacity += int(size)
+        capacity = self._capacity(queue, workers, now_ms)
         weights = {
             _text(name).rsplit(":", 1)[0]: float(_text(value))
             for name, value in tenants.items()

@@ -657,6 +657,11 @@ POOL_DISPATCH = Record(
         Field("returned_tenant", Kind.TEXT, "their tenant; '': none"),
         Field("returned_done", Kind.FLAG, "that tenant has nothing the pool can give capacity to"),
         Field(
+            "returned_blocked",
+            Kind.FLAG,
+            "because its own limits stand in the way: it keeps its place, passed over",
+        ),
+        Field(
             "register",
             Kind.JSON,
             "tenants with tasks waiting for the pool: [[tenant, weight], ...]; '': none",

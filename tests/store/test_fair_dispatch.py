@@ -9,6 +9,7 @@ end-to-end scenarios are in tests/e2e/test_e2e_fair_dispatch.py and the figures 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -136,6 +137,26 @@ def test_the_pool_never_grants_beyond_its_bound_and_grants_come_back(any_state: 
     assert back.in_flight == 6
 
 
+def test_a_tenant_its_own_limits_block_keeps_its_place_until_one_of_its_tasks_ends(
+    any_state: StateStore,
+) -> None:
+    """Given capacity while its concurrency is taken by its own tasks in flight, a tenant gives
+    it back and is passed over (the next tenant gets it), but keeps its start tag: once one of
+    its tasks ends it is served first again, so its share is not lost meanwhile."""
+    pool = pools(any_state, slack_ms=1, capacity={QUEUE: 4})
+    first = pool.dispatch(QUEUE, register=[("a", 1.0), ("b", 1.0)], saturate=True)
+    assert first.tenant == "a"
+    passed = pool.dispatch(
+        QUEUE, returned=Returned("a", first.grants, done=True, blocked=True), give=True
+    )
+    assert passed.tenant == "b"
+    ready = PoolKeys(QUEUE).ready
+    assert any_state.client.zscore(ready, "a") is not None  # still in line
+    assert pool.dispatch(QUEUE, give=True).tenant == "b"  # "a" is passed over while blocked
+    back = pool.dispatch(QUEUE, completed=Completion("a", 1000, 1000), give=True)
+    assert back.tenant == "a"  # its task ended: its place (the smallest tag) serves it first
+
+
 def test_a_tenant_with_nothing_left_leaves_and_the_pool_stops_being_saturated(
     any_state: StateStore,
 ) -> None:
@@ -215,6 +236,41 @@ def test_at_publication_a_task_that_may_run_is_handed_a_slot_and_one_over_its_co
     assert publish("h2") is AdmissionStatus.WAITING
     load = ledger.record_published("acme", "h3", envelope("h3"))
     assert load.must_wait(1)  # one running (handed), one waiting: the publisher would wait
+
+
+def test_a_hand_off_counts_the_tenants_tasks_still_in_the_broker(any_state: StateStore) -> None:
+    """Concurrency 2: t1 and t2 go to the broker, t3 and t4 wait. When t1 settles while t2 is
+    still in the broker, one slot is free, not two: t3 is handed on, t4 keeps waiting, and t2,
+    published before both, runs when it arrives (it used to find its slot taken and wait)."""
+    admitter, ledger = Admitter(any_state), Ledger(any_state)
+    limits = AdmissionLimits(concurrency=2)
+
+    def publish(task: str) -> AdmissionStatus | None:
+        load = ledger.record_published("acme", task, envelope(task))
+        if not load.must_wait(2):
+            return None  # straight to the broker
+        return admitter.admit(
+            ctx=ctx(), action=tool(), task_id=task, attempt=0, estimate=TOOL_STEP,
+            limits=limits, at_publish=True,
+        ).status  # fmt: skip
+
+    def deliver(task: str) -> Any:
+        return admitter.admit(
+            ctx=ctx(), action=tool(), task_id=task, attempt=0, estimate=TOOL_STEP, limits=limits
+        )
+
+    assert [publish(t) for t in ("t1", "t2", "t3", "t4")] == [
+        None,
+        None,
+        AdmissionStatus.WAITING,
+        AdmissionStatus.WAITING,
+    ]
+    first = deliver("t1")
+    assert first.admitted
+    settled = admitter.settle(first.ticket, TOOL_STEP)
+    assert [p.task_id for p in settled.publish] == ["t3"]
+    assert deliver("t2").admitted
+    assert any_state.client.zcard(TenantKeys("acme").waiting) == 1  # t4
 
 
 def test_a_task_that_ends_at_the_worker_without_admission_leaves_the_tenants_broker_count(

@@ -78,7 +78,9 @@ def _hand_on(runtime: GovernanceRuntime, queue: str, grant: Grant) -> tuple[int,
         return result.used, None
     unused = grant.grants[result.used :]
     done = result.left == 0 or result.blocked
-    return result.used, Returned(grant.tenant, unused, done)
+    return result.used, Returned(
+        grant.tenant, unused, done, blocked=result.blocked and result.left > 0
+    )
 
 
 def completion(

@@ -34,7 +34,7 @@
 local req = read_request(ARGV)
 req.k = {rec = KEYS[8], cd = req[R.has_cooldown] and KEYS[9] or '',
   pr = req[R.has_provider_rate] and KEYS[10] or '', w = {KEYS[11], KEYS[12], KEYS[13]},
-  steps = KEYS[14], q = KEYS[15]}
+  steps = KEYS[14]}
 local at_publish = req[R.at_publish]
 local G = read_settings(ARGV)
 L.seal(ARGV[F.seals], ARGV[F.writer])
@@ -155,12 +155,13 @@ L.load_admission()
 -- Waiting tasks go first (the hand-off), unless capacity is the pool's to give (fair dispatch,
 -- `pool_gated`) or nothing was received yet (at publication).
 -- A message published before the oldest waiting task began to wait (it was in the broker
--- meanwhile) is not behind it: it is evaluated first.
+-- meanwhile) is not behind it: it is evaluated first. Within the same millisecond the order is
+-- unknown; the message counts as first (a hand-off counts it as ahead, too: C.concurrency).
 local function published_first()
   if where ~= 'queued' or not r[12] then return false end
   local head = redis.call('ZRANGE', L.T.waiting, 0, 0)[1]
   local began = head and redis.call('HGET', head, 'wait_since')
-  return began and tonumber(began) > tonumber(r[12]) or false
+  return began and tonumber(began) >= tonumber(r[12]) or false
 end
 if not at_publish and not req[R.pool_gated] and redis.call('ZCARD', L.T.waiting) > 0
     and not published_first() then

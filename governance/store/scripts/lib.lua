@@ -376,10 +376,19 @@ local function define_admission()
   function C.concurrency(x)
     local limit = L.control(x).concurrency
     if not limit or redis.call('ZSCORE', L.T.leases, x.req.k.rec) then return nil end
-    -- At publication the tasks already in the broker, on their way to a slot, count too (they
-    -- were published first: first come, first served).
+    -- At publication and at a hand-off, the tasks already in the broker, on their way to a
+    -- slot, count too (they were published first: first come, first served; a hand-off that did
+    -- not count them sent up to twice the concurrency to the broker, and a task published
+    -- earlier then found its slot taken and waited again). A delivered task's own admission
+    -- counts what runs: it is no longer in the broker, and those still there come after it.
     local queued = 0
-    if x.req[R.at_publish] and x.req.k.q then queued = redis.call('ZCARD', x.req.k.q) end
+    if x.req[R.at_publish] then
+      queued = redis.call('ZCARD', L.T.queued)
+    elseif L.waiting_since then
+      -- Handing on a task that began to wait at `L.waiting_since`: only those published before
+      -- then are ahead of it (a later one waits behind it when it arrives).
+      queued = redis.call('ZCOUNT', L.T.queued, '-inf', L.waiting_since)
+    end
     local running = redis.call('ZCARD', L.T.leases) + queued
     if running >= limit and x.reclaim and L.reclaim(x.now) > 0 then
       running = redis.call('ZCARD', L.T.leases) + queued
@@ -708,6 +717,12 @@ local function define_wait_list()
   -- `out.blocked` says a limit of the tenant stopped it.
   -- Returns how many tasks it admitted.
   function L.handoff(now, G, out, pv)
+    local admitted = L.walk_wait_list(now, G, out, pv)
+    L.waiting_since = nil
+    return admitted
+  end
+
+  function L.walk_wait_list(now, G, out, pv)
     local cache = {}
     local skipped, handled, start, looked, admitted = 0, 0, 0, 0, 0
     local full = {}
@@ -748,6 +763,7 @@ local function define_wait_list()
         elseif reloaded then
           verdict = {kind = 'reloaded'}
         else
+          L.waiting_since = tonumber(r[2] or now)
           verdict = L.evaluate(req, now, r[1], cache, G.reclaim, came)
         end
         local stale = req and req[R.window_end] and now >= req[R.window_end]

@@ -18,7 +18,7 @@
 -- KEYS[2] ready       ZSET  tenant -> start tag: tenants with tasks waiting for the pool
 -- KEYS[3] tenants     HASH  "<tenant>:f" finish tag, ":w" weight, ":wo" and ":wo_until" an
 --                           operator's weight and until when (ms), ":ms" mean run time (ms),
---                           ":c" mean cost
+--                           ":c" mean cost, ":b" blocked by its own limits (passed over)
 -- KEYS[4] grants      ZSET  grant -> backstop expiry (ms): dispatched tasks in flight
 -- KEYS[5] grant info  HASH  grant -> "<tenant>|<estimated cost>"
 -- KEYS[6] state       HASH  vtime, saturated (1 while tasks wait for the pool, or the broker
@@ -36,6 +36,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local MEAN_ALPHA = 0.2
 -- How long a pool stays saturated after a delivery found the broker backlogged (ms).
 local BACKLOG_HOLD_MS = 2000
+-- Tenants at the head of the ready set looked at for one its own limits do not block.
+local BLOCKED_SCAN = 16
 
 local function num(key, field, default)
   return tonumber(redis.call('HGET', key, field) or '') or default
@@ -95,13 +97,23 @@ end
 -- What a tenant could not use.
 for _, grant in ipairs(json(ARGV[F.returned]) or {}) do end_grant(grant, true) end
 local returned_tenant = text(ARGV[F.returned_tenant])
-if returned_tenant and ARGV[F.returned_done] == '1' then redis.call('ZREM', KEYS[2], returned_tenant) end
+if returned_tenant and ARGV[F.returned_blocked] == '1' then
+  -- Its own limits stand in the way (its concurrency is taken by its tasks in flight): it keeps
+  -- its place (its start tag), passed over until one of its tasks ends or it waits again, so
+  -- what it is owed is not lost while its own tasks run.
+  redis.call('HSET', KEYS[3], returned_tenant .. ':b', '1')
+elseif returned_tenant and ARGV[F.returned_done] == '1' then
+  redis.call('ZREM', KEYS[2], returned_tenant)
+  redis.call('HDEL', KEYS[3], returned_tenant .. ':b')
+end
+if completed_tenant then redis.call('HDEL', KEYS[3], completed_tenant .. ':b') end
 
 -- Who waits: a tenant that starts to wait is served from max(V, its finish tag).
 local vtime = num(KEYS[6], 'vtime', 0)
 for _, entry in ipairs(json(ARGV[F.register]) or {}) do
   local tenant, w = entry[1], tonumber(entry[2]) or 1
   redis.call('HSET', KEYS[3], tenant .. ':w', tostring(w))
+  redis.call('HDEL', KEYS[3], tenant .. ':b')
   if not redis.call('ZSCORE', KEYS[2], tenant) then
     redis.call('ZADD', KEYS[2], math.max(vtime, tenant_num(tenant, 'f', 0)), tenant)
   end
@@ -135,9 +147,17 @@ local in_flight = redis.call('ZCARD', KEYS[4])
 local reply = {saturated = saturated, capacity = capacity, in_flight = in_flight, n = 0}
 if ARGV[F.dispatch] ~= '1' or waiting == 0 or capacity == 0 then return cjson.encode(reply) end
 
--- The tenant furthest below its fair share.
-local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local tenant, start = head[1], tonumber(head[2])
+-- The tenant furthest below its fair share, passing over those its own limits block (a few at
+-- the head at most: each is unblocked when one of its tasks ends).
+local head = redis.call('ZRANGE', KEYS[2], 0, BLOCKED_SCAN - 1, 'WITHSCORES')
+local tenant, start
+for i = 1, #head, 2 do
+  if not redis.call('HGET', KEYS[3], head[i] .. ':b') then
+    tenant, start = head[i], tonumber(head[i + 1])
+    break
+  end
+end
+if not tenant then return cjson.encode(reply) end
 local run_ms = tenant_num(tenant, 'ms', tonumber(ARGV[F.default_run_ms]))
 local cost = tenant_num(tenant, 'c', tonumber(ARGV[F.default_cost]))
 local slack_ms, prefetch = tonumber(ARGV[F.slack_ms]), tonumber(ARGV[F.prefetch])
