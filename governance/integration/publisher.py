@@ -57,6 +57,7 @@ from governance.integration.messages import RawSend, envelope_from_options
 from governance.integration.pool_view import queue_of
 from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.integration.waiting_results import store_waiting_state
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
@@ -298,7 +299,7 @@ def _wait_or_hand(
         "ahead": admission.ahead,
         "at": "publish",
     }
-    app.backend.store_result(task_id, meta, "DEFERRED")
+    store_waiting_state(app.backend, task_id, "DEFERRED", meta)
     fields = event_fields(ctx, action.name, admission.reason, violation=violation)
     send_app_event(app, "deferred", task_id, **fields, ahead=admission.ahead)
     if saturated:

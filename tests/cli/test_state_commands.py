@@ -13,7 +13,7 @@ from governance.policy.signing import call_hash
 from governance.store.audit import AuditEvent, AuditEventType, AuditLog
 from governance.store.audit_seal import AuditSealer
 from governance.store.held import HeldStatus, HeldStore, HeldTask
-from governance.store.keys import TenantKeys
+from governance.store.keys import DeploymentKeys, TenantKeys
 from governance.store.state import StateStore
 from tests.cli.conftest import ROOT, Govctl
 
@@ -300,10 +300,13 @@ def test_first_page_of_many_held_tasks_is_o_page(
 
 
 def test_approvals_with_the_broker_down_are_recorded_and_left_to_the_reconciler(
-    govctl: Govctl, reviewer_keys: dict[str, Path]
+    govctl: Govctl, reviewer_keys: dict[str, Path], redis_client: redis.Redis
 ) -> None:
     """The state Redis is up, the broker is not: both approvals are recorded and the release is
-    left to the reconciler (the ledger has it), without Celery's reconnect loops."""
+    left to the reconciler (the ledger has it), without Celery's reconnect loops. A monitor is
+    watching (a worker's events flag), so govctl tries to send the task-held event and says it
+    could not."""
+    redis_client.set(DeploymentKeys.events_on, "a-worker", px=120_000)
     submitted = govctl(
         "submit", "tool", "shell", "-t", "acme", "-a", "planner", "--run", "r1", "-u", "carol",
         "-i", 'command:=["ls"]', "--json",

@@ -37,6 +37,7 @@ from governance.integration.headers import (
 from governance.integration.messages import Envelope
 from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime
+from governance.integration.waiting_results import store_waiting_state
 from governance.policy.actions import Action
 from governance.policy.context import ActionContext
 from governance.policy.decision import Decision
@@ -161,7 +162,7 @@ class Holding:
                 "govctl": f"govctl held approve {task.task_id} --key PATH",
                 "kind": kind,
             }
-            self.app.backend.store_result(task.task_id, meta, "HELD")
+            store_waiting_state(self.app.backend, task.task_id, "HELD", meta)
         if blocking:
             send_held_event(self.app, task, tenant, received=now_ms / 1000 if at_publish else None)
         return task

@@ -52,6 +52,7 @@ from governance.integration.messages import Envelope, envelope_from_request
 from governance.integration.pool_view import queue_of_delivery
 from governance.integration.redaction import redact
 from governance.integration.runtime import GovernanceRuntime, runtime_for
+from governance.integration.waiting_results import store_waiting_state
 from governance.integration.worker.outcome import (
     attempt_outcome,
     base_usage,
@@ -265,7 +266,7 @@ class Delivery:
         if verdict.state == "parked":
             reason = "tenant not in the policy: this task waits for it to come back"
             meta = {"reason": reason, "violation": "tenant_removed", "until_ms": verdict.until_ms}
-            self.task.update_state(state="DEFERRED", meta=meta)
+            self._show_waiting(meta)
             self._send_event("deferred", reason, violation="tenant_removed")
         raise Acknowledged(durable=True)  # parked, or a copy of one that ended or runs elsewhere
 
@@ -436,7 +437,7 @@ class Delivery:
             if status is AdmissionStatus.BOOKED
             else {"ahead": admission.ahead}
         )
-        self.task.update_state(state="DEFERRED", meta={**meta, **place})
+        self._show_waiting({**meta, **place})
         self._send_event("deferred", admission.reason, violation=violation, **place)
         # A turn booked within the countdown limit was published again: that message has it.
         raise Acknowledged(durable=status is not AdmissionStatus.BOOKED or admission.parked)
@@ -586,11 +587,18 @@ class Delivery:
         reason = f"state store unavailable; deferred {count} time(s)"
         meta = {"reason": reason, "violation": "store_unavailable", "retry_in_s": round(delay, 2)}
         try:
-            self.task.update_state(state="DEFERRED", meta=meta)
+            self._show_waiting(meta)
         except Exception:
             log.warning("could not record the DEFERRED state of %s", self.task_id, exc_info=True)
         self._send_event("deferred", reason, violation="store_unavailable")
         raise Acknowledged()
+
+    def _show_waiting(self, meta: dict[str, Any]) -> None:
+        """The task's result says DEFERRED (with ``meta``), unless it already ended: another
+        worker may have been handed it and run it meanwhile (see ``waiting_results``)."""
+        store_waiting_state(
+            self.task.backend, self.task_id, "DEFERRED", meta, request=self.task.request
+        )
 
     def _send_event(self, kind: str, reason: str, **extra: Any) -> None:
         """``task-<kind>`` for Flower, while a monitor asks for events (what the worker said
