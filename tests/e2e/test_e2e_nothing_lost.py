@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -123,8 +124,9 @@ def test_a_worker_sigkilled_mid_task_gives_the_slot_back_within_a_lease_and_the_
     """
     lease_ms = int(deployment.env["GOVERNANCE_LEASE_MS"])
     workers = [deployment.start_worker("one"), deployment.start_worker("two")]
-    slow = f"{observer.base_url}/slow?key=killed-mid-task&ms=6000"
-    quick = f"{observer.base_url}/slow?key=killed-mid-task&ms=300"
+    key = f"killed-mid-task-{uuid.uuid4().hex[:8]}"  # the observer outlives one deployment
+    slow = f"{observer.base_url}/slow?key={key}&ms=6000"
+    quick = f"{observer.base_url}/slow?key={key}&ms=300"
     tool = deployment.app.tasks["tools.http_get"]
     with governance_context(ctx("t-conc", run="run-killed")):
         a = tool.delay(url=slow)
@@ -133,6 +135,8 @@ def test_a_worker_sigkilled_mid_task_gives_the_slot_back_within_a_lease_and_the_
             30,
             "A to run on one of the workers",
         )
+        # A's pool process is busy before its request reaches the observer.
+        wait_until(lambda: observer.observations.in_flight[key] == 1, 30, "A's request")
         b = tool.delay(url=quick)
     runtime = deployment.runtime
     wait_until(
@@ -140,7 +144,7 @@ def test_a_worker_sigkilled_mid_task_gives_the_slot_back_within_a_lease_and_the_
         30,
         "B to wait for the slot",
     )
-    assert observer.observations.in_flight["killed-mid-task"] == 1  # A, still running
+    assert observer.observations.in_flight[key] == 1  # A, still running
     victim.kill()
     killed_ms = int(time.time() * 1000)
     assert a.get(timeout=60)["status"] == 200
@@ -176,7 +180,7 @@ def test_a_state_store_outage_defers_and_fails_nothing(
     deployment: Deployment, observer: ObserverServer, outage_s: int
 ) -> None:
     deployment.start_worker("steady")
-    key = f"outage-{outage_s}"
+    key = f"outage-{outage_s}-{uuid.uuid4().hex[:8]}"  # the observer outlives one deployment
     results = _publish_slow(deployment.app, observer, key, 60, 300)
     wait_until(lambda: _states(results).get("SUCCESS", 0) >= 3, 60, "some tasks to succeed")
     deployment.state.halt()
