@@ -45,6 +45,21 @@ REQUIRE_RABBITMQ_ENV = "GOVERNANCE_REQUIRE_RABBITMQ"
 SHORT_CONSUMER_TIMEOUT_MS = 5000
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``REDIS_URL`` and ``RABBITMQ_URL`` name one server that the tests flush and fill: the
+    suite's parallel processes (``make test`` runs it in several, pytest-xdist) would wipe each
+    other's state there. Refused, saying how to run it in one process."""
+    external = [name for name in ("REDIS_URL", "RABBITMQ_URL") if os.environ.get(name)]
+    processes = getattr(config.option, "numprocesses", None)  # -n, in the controlling process
+    if external and processes not in (None, 0, 1):
+        raise pytest.UsageError(
+            f"{' and '.join(external)} {'names' if len(external) == 1 else 'name'} a server "
+            "the tests flush: the suite's parallel "
+            "processes would wipe each other's state there. Run it in one process: "
+            "`make test TEST_WORKERS=0` (or pytest -n 0)."
+        )
+
+
 #: The servers the store suite (and some end-to-end scenarios) run on.
 SERVER_KINDS = ("redis", "valkey")
 
