@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import states
+from celery.backends.base import DisabledBackend
 from celery.backends.redis import RedisBackend
 from redis.exceptions import WatchError
 
@@ -34,7 +35,9 @@ def store_waiting_state(
     backend: Any, task_id: str, state: str, meta: dict[str, Any], request: Any = None
 ) -> bool:
     """Record that ``task_id`` waits (``state`` with ``meta``) unless its result already says it
-    ended. Returns whether it was written."""
+    ended. Returns whether it was written (never without a result backend)."""
+    if isinstance(backend, DisabledBackend):
+        return False  # an app without a result backend: nothing to show anywhere
     if isinstance(backend, RedisBackend):
         return _store_on_redis(backend, task_id, state, meta, request)
     current = backend.get_task_meta(task_id, cache=False)

@@ -74,3 +74,8 @@ def test_a_result_stored_between_the_read_and_the_write_is_kept(
     monkeypatch.undo()
     meta = backend.get_task_meta("t4", cache=False)
     assert (meta["status"], meta["result"]) == ("SUCCESS", 42)
+
+
+def test_an_app_without_a_result_backend_writes_nothing() -> None:
+    app = Celery("no-results")  # Celery's DisabledBackend: reading a state raises there
+    assert not store_waiting_state(app.backend, "t5", "DEFERRED", {"reason": "waits"})
