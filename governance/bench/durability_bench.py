@@ -29,32 +29,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 import yaml
-from celery import Celery
 
-from governance.bench.bench_app import GOVERNED_TASK, create_bench_app
+from governance.bench.bench_app import GOVERNED_TASK
+from governance.bench.celery_bench import BenchWorker, publisher_app
 from governance.embedded import EmbeddedRedis, RedisBinaries, RedisBinaryNotFound
-from governance.embedded.processes import log_tail, stop_processes
 from governance.embedded.redis_server import find_valkey_binaries
 from governance.integration import GovernanceHeaders, governance_context
 from governance.integration.runtime import runtime_for
 from governance.policy.context import ActionContext
-from governance.settings import GovernanceSettings
 from governance.store.keys import TenantKeys
 
 TENANT = "flood"
@@ -84,48 +78,6 @@ CONFIGS = (
     Config("aof, appendfsync always", "aof", ("--appendfsync", "always")),
     Config("replicas=1, everysec, hz 100", "replicas", ("--hz", "100"), replicas=1),
 )
-
-
-@contextmanager
-def _environment(env: Mapping[str, str]) -> Iterator[None]:
-    saved = {k: v for k, v in os.environ.items() if k.startswith("GOVERNANCE_")}
-    for name in saved:
-        del os.environ[name]
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name in env:
-            os.environ.pop(name, None)
-        os.environ.update(saved)
-
-
-class _Worker:
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("GOVERNANCE_")}
-        self.env = {**inherited, **env}
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, app: Celery) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "governance.bench.bench_app", "worker",
-                 "-P", "prefork", "-c", str(WORKER_CONCURRENCY), "--without-gossip",
-                 "--without-mingle", "--loglevel=WARNING", "-n", f"durable-{os.getpid()}@%h"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while not app.control.ping(timeout=0.5):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start:\n{log_tail(self.log_path)}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_processes([self.process], timeout_s=30)
 
 
 def _until(condition: Any, what: str) -> None:
@@ -172,9 +124,8 @@ def run_config(
             "GOVERNANCE_STATE_DURABILITY": config.durability,
             "GOVERNANCE_STATE_DURABLE_REPLICAS": "1",
         }
-        with _environment(env):
-            app = create_bench_app(GovernanceSettings())
-        worker = _Worker(env, workdir / "worker.log")
+        app = publisher_app(env)
+        worker = BenchWorker(env, workdir / "worker.log", WORKER_CONCURRENCY)
         worker.start(app)
         stack.callback(worker.stop)
         state_client = redis.Redis.from_url(state.url)
