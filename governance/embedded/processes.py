@@ -11,6 +11,8 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 
 def stop_processes(processes: Sequence[subprocess.Popen[bytes]], timeout_s: float = 20) -> None:
@@ -37,3 +39,25 @@ def log_tail(path: Path, lines: int = 60) -> str:
     if not path.exists():
         return f"(no log at {path})"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class StartedByWith:
+    """``with server:`` starts it and stops it on the way out, whatever happened inside: the
+    embedded servers define ``start`` (returning the server) and ``stop``."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

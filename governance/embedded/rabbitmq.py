@@ -28,11 +28,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 import amqp
 
+from governance.embedded.processes import StartedByWith
 from governance.embedded.redis_server import LOOPBACK, _size, _tail
 
 __all__ = [
@@ -290,7 +290,7 @@ def _stop_all_live() -> None:
 atexit.register(_stop_all_live)
 
 
-class EmbeddedRabbitMQ:
+class EmbeddedRabbitMQ(StartedByWith):
     """One private RabbitMQ node listening on 127.0.0.1 only, owned by this object.
 
     ``start()`` launches epmd and the node and waits until the node accepts an AMQP login as
@@ -481,17 +481,6 @@ class EmbeddedRabbitMQ:
         with self._lock:
             self._stop_processes(graceful=True)
             self._release_data_dir()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"

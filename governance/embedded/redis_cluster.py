@@ -10,12 +10,12 @@ import re
 import subprocess
 import threading
 import time
-from types import TracebackType
 from typing import Self
 
 import redis
 from redis.cluster import ClusterNode
 
+from governance.embedded.processes import StartedByWith
 from governance.embedded.redis_server import (
     LOOPBACK,
     EmbeddedRedis,
@@ -51,7 +51,7 @@ def _parse_cluster_info(raw: object) -> dict[str, str]:
     return info
 
 
-class EmbeddedRedisCluster:
+class EmbeddedRedisCluster(StartedByWith):
     """``masters`` private ``redis-server`` processes joined into one Redis Cluster.
 
     Every node has its own temporary data directory; ``stop()`` stops them all.
@@ -150,17 +150,6 @@ class EmbeddedRedisCluster:
             nodes, self._nodes = self._nodes, []
             for node in nodes:
                 node.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<EmbeddedRedisCluster nodes={self.nodes}>"

@@ -12,11 +12,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import redis
 
+from governance.embedded.processes import StartedByWith
 from governance.embedded.redis_server import (
     _LOG_FILE,
     LOOPBACK,
@@ -96,7 +96,7 @@ class EmbeddedSentinel(EmbeddedRedis):
         return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
 
 
-class EmbeddedSentinelGroup:
+class EmbeddedSentinelGroup(StartedByWith):
     """A primary (AOF on), ``replicas`` replicas of it and ``sentinels`` Sentinels (quorum: a
     majority), all private processes of one server binary on loopback ports.
 
@@ -209,17 +209,6 @@ class EmbeddedSentinelGroup:
             for process in [*self.sentinels, *reversed(self.servers)]:
                 process.stop()
             self.sentinels, self.servers = [], []
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         ports = [s._port for s in self.servers]

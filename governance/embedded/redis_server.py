@@ -27,12 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from governance.embedded.processes import StartedByWith
 
 __all__ = [
     "EmbeddedRedis",
@@ -371,7 +372,7 @@ def _stop_all_live() -> None:
 atexit.register(_stop_all_live)
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(StartedByWith):
     """One private ``redis-server`` bound to 127.0.0.1, owned by this object.
 
     ``start()`` launches it and waits until it answers PING; ``stop()`` shuts it down and
@@ -510,17 +511,6 @@ class EmbeddedRedis:
                 self._paused = False
                 if self._proc.poll() is None:
                     self._proc.send_signal(signal.SIGCONT)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
