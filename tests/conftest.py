@@ -136,10 +136,10 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[EmbeddedRedisCluster]:
-    """A 3-master Redis Cluster for the session; skips if it cannot be started here."""
-    cluster = EmbeddedRedisCluster(3)
+def running_cluster(binaries: RedisBinaries | None = None) -> Iterator[EmbeddedRedisCluster]:
+    """A 3-master Redis Cluster (of ``binaries``' server, else the default one), stopped after
+    use; skips if it cannot be started here."""
+    cluster = EmbeddedRedisCluster(3, binaries=binaries)
     try:
         cluster.start()
     except RedisBinaryNotFound as exc:
@@ -150,6 +150,12 @@ def redis_cluster() -> Iterator[EmbeddedRedisCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedRedisCluster]:
+    """A 3-master Redis Cluster for the session; skips if it cannot be started here."""
+    yield from running_cluster()
 
 
 @pytest.fixture

@@ -19,12 +19,10 @@ from governance.embedded import (
     EmbeddedRedis,
     EmbeddedRedisCluster,
     RedisBinaries,
-    RedisBinaryNotFound,
-    RedisStartError,
 )
 from governance.store import StateStore
 from governance.store.admission import Admitter
-from tests.conftest import SERVER_KINDS, server_binaries
+from tests.conftest import SERVER_KINDS, running_cluster, server_binaries
 
 
 @pytest.fixture(scope="session", params=SERVER_KINDS)
@@ -72,17 +70,7 @@ def redis_server_factory(store_server: RedisBinaries) -> Iterator[Callable[..., 
 @pytest.fixture(scope="session")
 def redis_cluster(store_server: RedisBinaries) -> Iterator[EmbeddedRedisCluster]:
     """A 3-master cluster of this half's server; skips if it cannot be started here."""
-    cluster = EmbeddedRedisCluster(3, binaries=store_server)
-    try:
-        cluster.start()
-    except RedisBinaryNotFound as exc:
-        pytest.skip(f"redis_cluster: no Redis binaries to start a cluster with: {exc}")
-    except RedisStartError as exc:
-        pytest.skip(f"redis_cluster: the embedded 3-master cluster failed to start: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running_cluster(store_server)
 
 
 @pytest.fixture
