@@ -9,13 +9,13 @@ sweep, reject it as expired).
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from governance.cli import context, output
+from governance.cli.options import positive_duration
 from governance.cli.output import JsonFlag
 
 if TYPE_CHECKING:
@@ -303,7 +303,7 @@ def approve(
     calls held at the alert are approved with it, and the run goes on up to its next threshold.
     Rejecting one rejects them all and ends the run's later calls.
     """
-    grant_for = _duration(grant) if grant is not None else None
+    grant_for = positive_duration(grant, "--grant", "a grant") if grant is not None else None
     private = _key(key)
     outcome = context.reviewers().approve(
         task_id, private, reason, grant_for=grant_for, alert_to_usd=alert_to
@@ -343,18 +343,6 @@ def approve(
         )
     elif grant_for is not None and outcome.outcome == "released":
         output.show("no grant: not every approval of the quorum asked for one")
-
-
-def _duration(value: str) -> timedelta:
-    from governance.policy.duration import parse_duration
-
-    try:
-        duration = parse_duration(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--grant") from None
-    if duration <= timedelta(0):
-        raise typer.BadParameter("a grant must last longer than 0", param_hint="--grant")
-    return duration
 
 
 @app.command("reject")

@@ -14,13 +14,13 @@ from the policy (otherwise they end after a grace: its ``max_wait``).
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
 
 from governance.cli import context, output
 from governance.cli.errors import CliError, ExitCode
+from governance.cli.options import positive_duration
 from governance.cli.output import JsonFlag
 
 app = typer.Typer(
@@ -172,7 +172,7 @@ def override(
         output.show(f"tenant {tenant}: overrides cleared; the policy's limits are in force")
         return
     concurrency, weight = _parse(settings or [])
-    duration = _duration(for_)
+    duration = positive_duration(for_, "--for", "an override")
     until_ms = int((time.time() + duration.total_seconds()) * 1000)
     detail = {"concurrency": concurrency, "weight": weight, "until_ms": until_ms}
     reason = f"overridden by an operator for {for_}: " + ", ".join(
@@ -217,15 +217,3 @@ def _parse(settings: list[str]) -> tuple[int | None, float | None]:
         except ValueError as exc:
             raise typer.BadParameter(f"{item!r}: {exc}", param_hint="SETTINGS") from None
     return concurrency, weight
-
-
-def _duration(value: str) -> timedelta:
-    from governance.policy.duration import parse_duration
-
-    try:
-        duration = parse_duration(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--for") from None
-    if duration <= timedelta(0):
-        raise typer.BadParameter("an override must last longer than 0", param_hint="--for")
-    return duration
