@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.installed-stamp
 # Type-checked and linted packages; workers/ joins once it exists.
 PACKAGES := governance $(wildcard workers)
 PYTEST_ARGS ?=
-# `make test` runs the suite in TEST_WORKERS processes (pytest-xdist): its time goes mostly to
-# waiting (on workers, brokers, leases and timeouts), not to computing, so four processes finish
-# it in a third of the time on 2 cores. Each has its own Redis servers, RabbitMQ node and Celery
-# workers. TEST_WORKERS=0 runs it in this one process (needed with REDIS_URL or RABBITMQ_URL).
-TEST_WORKERS ?= 4
+# `make test` runs the suite in one process by default (about 15 minutes on 2 cores).
+# TEST_WORKERS=4 runs it in four (pytest-xdist; each with its own Redis servers, RabbitMQ node and
+# Celery workers) in about 6 minutes, since its time goes mostly to waiting. That load exposes a
+# defect not yet fixed: a RabbitMQ delivery received soon after a pool process was SIGKILLed is
+# never run nor acknowledged, and the consumer timeout then stops the worker (2 of the last 2
+# fresh-clone runs). One process until it is. REDIS_URL or RABBITMQ_URL need TEST_WORKERS=0.
+TEST_WORKERS ?= 0
 
 .PHONY: help install lint format test demo bench stress stress-audit redis clean
 
@@ -21,7 +23,7 @@ help:
 	@echo "make demo     the main job end to end: Redis, a worker, Flower, a scripted scenario"
 	@echo "              (DEMO_EXIT=1 exits after the summary)"
 	@echo "make test     lint, type-check and run every test (starts its own Redis), in"
-	@echo "              TEST_WORKERS=4 processes (0: in one)"
+	@echo "              in one process (TEST_WORKERS=4: in four, faster)"
 	@echo "make lint     ruff check, ruff format --check, mypy --strict, the import layers"
 	@echo "make format   apply ruff's fixes and formatting"
 	@echo "make bench    governed vs plain Celery throughput, fair dispatch on a pool of 4"
