@@ -716,5 +716,13 @@ class EmbeddedRabbitMQ(StartedByWith):
                         child.kill()
                     child.wait()
             self._proc = self._epmd = None
+            # The distribution port went on accepting connections for a moment after every
+            # tracked process had exited (about one stop in two here): stop() returns once the
+            # node's ports are free, so a caller (or the next node) finds them closed.
+            deadline = time.monotonic() + _KILL_WAIT_S
+            while any(_accepts_connections(p) for p in self._ports or ()):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
             with _LIVE_LOCK:
                 _LIVE.discard(self)
