@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from governance import forksafe
 from governance.store.durability import Durability, Verdict
 from governance.store.errors import StoreUnavailable
 
@@ -48,7 +49,7 @@ class Confirmations:
 
     def __init__(self, durability: Callable[[], Durability]) -> None:
         self._durability = durability
-        self._cond = threading.Condition()
+        self._cond = forksafe.condition()
         self._asked: list[_Asked] = []
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -68,7 +69,7 @@ class Confirmations:
     def wait(self, tenant: str, task_id: str, timeout_s: float) -> tuple[Verdict, str]:
         """Confirm ``task_id`` and wait for the verdict (at most about ``timeout_s``)."""
         found: list[tuple[Verdict, str]] = []
-        ready = threading.Event()
+        ready = forksafe.event()
 
         def done(verdict: Verdict, why: str) -> None:
             found.append((verdict, why))

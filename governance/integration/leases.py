@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from governance import forksafe
 from governance.store.admission import AdmissionTicket
 from governance.store.errors import StoreUnavailable
 
@@ -37,8 +38,8 @@ class LeaseKeeper:
         self._tick = tick
         self._tick_s = tick_s
         self._tickets: set[AdmissionTicket] = set()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._lock = forksafe.lock()
+        self._wake = forksafe.event()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
 

@@ -20,11 +20,11 @@ pool processes and publishers send regardless. So each process decides as follow
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from governance import forksafe
 from governance.store.errors import StoreUnavailable
 from governance.store.events_flag import events_flag_on
 from governance.store.state import StateStore
@@ -84,7 +84,7 @@ class EventsFlag:
         self._state = state
         self._every_s = every_s
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._pid = 0
         self._next = float("-inf")
         self._on = False

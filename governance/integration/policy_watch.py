@@ -22,11 +22,11 @@ import logging
 import os
 import stat
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from governance import forksafe
 from governance.policy.engine import Policy
 from governance.policy.loader import ConfigError, load_yaml
 
@@ -126,7 +126,7 @@ class WatchedPolicy:
         self._check_s = check_s
         self._signature = _signature(self._path)
         self._next_check = time.monotonic() + check_s
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         #: The error of the last invalid file, until a valid one is loaded.
         self.error: str | None = None
         self.loaded_at = time.time()

@@ -13,11 +13,11 @@ says so to the pool, at most once a second.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from governance import forksafe
 from governance.policy.engine import Policy
 from governance.policy.fairness import FairShare
 from governance.store.errors import StoreUnavailable
@@ -62,7 +62,7 @@ class PoolView:
     def __init__(self, state: Callable[[], StateStore], policy: Callable[[], Policy]) -> None:
         self._state = state
         self._policy = policy
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._read_at: dict[str, float] = {}
         self._saturated: dict[str, bool] = {}
         self._capacity: dict[str, int] = {}

@@ -15,12 +15,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+from governance import forksafe
 from governance.integration.durable import Confirmations
 from governance.integration.headers import HANDOFF
 from governance.integration.ignored import IgnoredDeliveries
@@ -83,7 +83,7 @@ class GovernanceRuntime:
     def __init__(self, settings: GovernanceSettings, policy: Policy) -> None:
         self.settings = settings
         self.watched_policy = WatchedPolicy(policy, settings.config_path, settings.policy_check_s)
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._pid: int | None = None
         self._state: StateStore | None = None
         self._admitter: Admitter | None = None

@@ -12,16 +12,16 @@ This is the roof of the integration layer: the only module that imports both win
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from governance import forksafe
 from governance.integration.publisher import wrap_send_task
 from governance.integration.runtime import GovernanceRuntime, attach, installed_on, on_first_bind
 from governance.integration.worker import signals
 from governance.policy.engine import Policy
 from governance.settings import GovernanceSettings
 
-_lock = threading.Lock()
+_lock = forksafe.lock()
 
 
 def celery_conf(app: Any, settings: GovernanceSettings) -> dict[str, Any]:

@@ -18,11 +18,11 @@ left out); :class:`StoreHealth` logs once when the store answers again.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from governance import forksafe
 from governance.store.errors import StoreUnavailable
 
 log = logging.getLogger("governance")
@@ -52,7 +52,7 @@ class OutageLog(logging.Filter):
         super().__init__()
         self.repeat_s = repeat_s
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._since: float | None = None
         self._passed_at = 0.0
         self._left_out = 0

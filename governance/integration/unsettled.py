@@ -12,9 +12,9 @@ over. Only a process that dies first leaves the attempt to the reconciler (it ma
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
+from governance import forksafe
 from governance.store.errors import StoreUnavailable
 
 log = logging.getLogger("governance")
@@ -25,7 +25,7 @@ class UnsettledAttempts:
 
     def __init__(self) -> None:
         self._owed: dict[str, Callable[[], None]] = {}
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
 
     def add(self, holder: str, settle: Callable[[], None]) -> None:
         with self._lock:

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_core import from_json
 
+from governance import forksafe
 from governance.store.pending import Pending
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class AuditSealer:
         if not key:
             raise ValueError("the audit HMAC key must not be empty")
         self._key = key
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._pending: dict[str, _Pending] = {}
         #: Per chain, the newest entry this process wrote: (its stream id as numbers, its seq).
         self._newest: dict[str, tuple[tuple[int, int], int]] = {}

@@ -41,13 +41,13 @@ import secrets
 import signal
 import stat
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from governance import forksafe
 from governance.policy.errors import ActionError
 
 __all__ = [
@@ -547,7 +547,7 @@ class Available:
 
 
 _detected: Available | None = None
-_detect_lock = threading.Lock()
+_detect_lock = forksafe.lock()
 
 
 def _detect() -> Available:

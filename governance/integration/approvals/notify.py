@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from governance import forksafe
 from governance.integration.redaction import redact_for_review
 from governance.integration.runtime import GovernanceRuntime
 from governance.policy.config import Notifier
@@ -90,7 +91,7 @@ class NotifierThread:
         self._runtime = runtime
         self._leading = leading
         self._poll_s = poll_s
-        self._stop = threading.Event()
+        self._stop = forksafe.event()
         self._thread = threading.Thread(target=self._loop, name="governance-notify", daemon=True)
 
     def start(self) -> None:

@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from governance import forksafe
 from governance.integration.approvals.announce import HeldAnnouncer
 from governance.integration.approvals.notify import NotifierThread
 from governance.integration.approvals.reviewers import Reviewers
@@ -117,7 +118,7 @@ class MaintenanceThread:
         self.pools = PoolKeeper(runtime, self.node, serves or {})
         self._next_registration = 0.0
         self._next_report = 0.0
-        self._stop = threading.Event()
+        self._stop = forksafe.event()
         self._thread = threading.Thread(
             target=self._loop, name="governance-maintenance", daemon=True
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from governance import forksafe
 from governance.integration.runtime import GovernanceRuntime
 from governance.settings import GovernanceSettings
 from governance.store.deployment import write_marker
@@ -36,7 +37,7 @@ class MarkerKeeper:
         self._runtime = runtime
         self._node = node
         self._every_s = refresh_s(runtime.settings)
-        self._stop = threading.Event()
+        self._stop = forksafe.event()
         self._thread = threading.Thread(target=self._loop, name="governance-marker", daemon=True)
 
     def start(self) -> None:
