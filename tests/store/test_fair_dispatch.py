@@ -181,6 +181,33 @@ def test_a_newcomer_is_served_before_a_tenant_far_ahead(any_state: StateStore) -
     assert Counter(served) == {"a": 3, "b": 3}
 
 
+def test_a_tenant_that_used_the_idle_pool_is_not_passed_over_for_it_once_others_wait(
+    any_state: StateStore,
+) -> None:
+    """Tasks that ran while nobody waited for the pool took nothing from anyone: once another
+    tenant waits, the two share the pool from there, the first is not passed over until the
+    other has caught up with everything it ran alone."""
+    pool = pools(any_state, slack_ms=1, capacity={QUEUE: 64})
+    for _ in range(50):
+        pool.dispatch(QUEUE, completed=Completion("a", 1000.0, 1000.0), give=False)
+    assert pool.saturated([QUEUE]) == {QUEUE: False}
+    served = [pool.dispatch(QUEUE, register=[("b", 1.0), ("a", 1.0)]).tenant for _ in range(6)]
+    assert Counter(served) == {"a": 3, "b": 3}, served
+
+
+def test_tasks_that_were_in_the_broker_when_others_began_to_wait_are_charged(
+    any_state: StateStore,
+) -> None:
+    """What a tenant's tasks still in the broker ran after another began to wait is its share:
+    the other is served first until it has had as much."""
+    pool = pools(any_state, slack_ms=1, capacity={QUEUE: 64})
+    pool.dispatch(QUEUE, register=[("b", 1.0)], give=False)
+    for _ in range(4):
+        pool.dispatch(QUEUE, completed=Completion("a", 1000.0, 1000.0), give=False)
+    served = [pool.dispatch(QUEUE, register=[("a", 1.0)]).tenant for _ in range(6)]
+    assert served[:4] == ["b"] * 4, served
+
+
 def test_a_task_waits_from_publication_and_is_handed_on_with_a_grant(
     any_state: StateStore,
 ) -> None:

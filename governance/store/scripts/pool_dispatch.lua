@@ -87,6 +87,15 @@ elseif completed_tenant then
   -- A task the pool did not dispatch (it entered the broker before the pool was saturated)
   -- used the pool all the same: its tenant is charged what it cost.
   charge(completed_tenant, tonumber(ARGV[F.completed_cost]) or 0)
+  -- While no tenant waits for the pool, that took nothing from anyone: the virtual time keeps
+  -- up with it, so the tenant is not passed over for it once others wait (no credit for being
+  -- idle, no debt for using what nobody wanted). Once a tenant waits, it is a debt.
+  if redis.call('ZCARD', KEYS[2]) == 0 then
+    local finish = tenant_num(completed_tenant, 'f', 0)
+    if finish > num(KEYS[6], 'vtime', 0) then
+      redis.call('HSET', KEYS[6], 'vtime', tostring(finish))
+    end
+  end
 end
 if completed_tenant then
   local run_ms, cost = tonumber(ARGV[F.completed_run_ms]), tonumber(ARGV[F.completed_cost])
