@@ -110,6 +110,9 @@ def redis(
         raise CliError(f"cannot start Redis: {exc}", ExitCode.REFUSED) from None
     server = EmbeddedRedis(port=port or None, data_dir=data_dir, appendonly=True, binaries=binaries)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C stops it even when SIGINT came in ignored (a shell's background job, `make ... &`):
+    # Python then installs no KeyboardInterrupt handler of its own.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             server.start()
@@ -134,3 +137,4 @@ def redis(
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
