@@ -9,13 +9,11 @@ STAMP  := $(VENV)/.installed-stamp
 # Type-checked and linted packages; workers/ joins once it exists.
 PACKAGES := governance $(wildcard workers)
 PYTEST_ARGS ?=
-# `make test` runs the suite in one process by default (about 15 minutes on 2 cores).
-# TEST_WORKERS=4 runs it in four (pytest-xdist; each with its own Redis servers, RabbitMQ node and
-# Celery workers) in about 6 minutes, since its time goes mostly to waiting. That load exposes a
-# defect not yet fixed: a RabbitMQ delivery received soon after a pool process was SIGKILLed is
-# never run nor acknowledged, and the consumer timeout then stops the worker (2 of the last 2
-# fresh-clone runs). One process until it is. REDIS_URL or RABBITMQ_URL need TEST_WORKERS=0.
-TEST_WORKERS ?= 0
+# `make test` runs the suite in 4 processes (pytest-xdist, each with its own Redis servers,
+# RabbitMQ node and Celery workers): about 6 minutes on 2 cores, since most of its time is spent
+# waiting on workers and brokers, not computing. TEST_WORKERS=0 runs it in this one process
+# (about 15 minutes); REDIS_URL or RABBITMQ_URL (a server of your own, flushed) need it.
+TEST_WORKERS ?= 4
 
 .PHONY: help install lint format test demo bench stress stress-audit redis clean
 
@@ -23,7 +21,7 @@ help:
 	@echo "make demo     the main job end to end: Redis, a worker, Flower, a scripted scenario"
 	@echo "              (DEMO_EXIT=1 exits after the summary)"
 	@echo "make test     lint, type-check and run every test (starts its own Redis), in"
-	@echo "              in one process (TEST_WORKERS=4: in four, faster)"
+	@echo "              4 processes (TEST_WORKERS=0: in one)"
 	@echo "make lint     ruff check, ruff format --check, mypy --strict, the import layers"
 	@echo "make format   apply ruff's fixes and formatting"
 	@echo "make bench    governed vs plain Celery throughput, fair dispatch on a pool of 4"
