@@ -19,7 +19,7 @@ from typing import Any
 
 from governance import forksafe
 from governance.policy.engine import Policy
-from governance.policy.fairness import FairShare
+from governance.policy.fairness import FairShare, in_flight_bound
 from governance.store.errors import StoreUnavailable
 from governance.store.pool import Pools
 from governance.store.state import StateStore
@@ -33,6 +33,8 @@ REFRESH_S = 0.25
 BACKLOG_MS = 250
 #: A process tells a pool it is backlogged at most this often.
 SATURATE_EVERY_S = 1.0
+#: The prefetch the pool's bound counts per process (as its dispatches do: ``Pools.dispatch``).
+PREFETCH = 1
 
 
 def queue_of(app: Any, task_name: str, options: Mapping[str, Any]) -> str:
@@ -67,6 +69,7 @@ class PoolView:
         self._saturated: dict[str, bool] = {}
         self._capacity: dict[str, int] = {}
         self._said_at: dict[str, float] = {}
+        self._mean_run_ms: dict[tuple[str, str], tuple[float, float | None]] = {}
         self._fair: tuple[Policy, FairShare] | None = None
 
     @property
@@ -106,6 +109,26 @@ class PoolView:
                 self._saturated[queue], self._capacity[queue] = False, 0
                 return
             self._saturated[queue], self._capacity[queue] = glance.saturated, glance.capacity
+
+    def in_flight_bound(self, queue: str, tenant: str) -> int:
+        """How many of ``tenant``'s tasks may be in ``queue``'s broker or running before the
+        next waits for the pool from publication: the pool's capacity plus the prefetch, or plus
+        ``fairness.slack`` of the tenant's estimated work per pool process, whichever is more
+        (the bound the pool keeps its dispatches within, see ``fairness.in_flight_bound``). The
+        tenant's mean run time is read at most every ``REFRESH_S``."""
+        now = time.monotonic()
+        key = (queue, tenant)
+        cached = self._mean_run_ms.get(key)
+        if cached is None or now - cached[0] >= REFRESH_S:
+            try:
+                mean = self.pools.mean_run_ms(queue, tenant)
+            except StoreUnavailable as exc:
+                log.debug("could not read the mean run time of %s on %s: %s", tenant, queue, exc)
+                mean = None
+            cached = self._mean_run_ms[key] = (now, mean)
+        fair = self.fairness
+        mean_ms = cached[1] if cached[1] is not None else fair.default_run_ms
+        return in_flight_bound(self.capacity(queue), PREFETCH, fair.slack_ms, mean_ms)
 
     def noted(self, queue: str, saturated: bool) -> None:
         """What a call to the pool said of it (fresher than the cached read)."""

@@ -217,10 +217,17 @@ def publish_governed(
         # over its tenant's concurrency, behind its tenant's waiting tasks, or beyond the pool.
         queue = queue_of(app, name, options)
         saturated = runtime.pool_view.saturated(queue)
-        # Beyond the pool: the tenant alone has more in flight than the pool can run at once, so
-        # this task waits for the pool (which is saturated from now) rather than the broker.
+        # Beyond the pool: the tenant alone has more in flight than the pool keeps running or
+        # in the broker (its capacity plus the prefetch, or the slack's worth of the tenant's
+        # work), so this task waits for the pool (saturated from now) rather than the broker.
+        # Below that bound (a paced stream, short tasks) the broker takes it: the hot path.
+        in_flight = load.running + load.queued
         capacity = runtime.pool_view.capacity(queue)
-        beyond = not saturated and 0 < capacity < load.running + load.queued
+        beyond = (
+            not saturated
+            and 0 < capacity < in_flight
+            and in_flight > runtime.pool_view.in_flight_bound(queue, ctx.tenant)
+        )
         if saturated or beyond or load.must_wait(tenant.concurrency):
             token = _wait_or_hand(
                 app, runtime, ctx, task_id, action, decision, queue, saturated or beyond, beyond

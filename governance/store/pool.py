@@ -151,6 +151,18 @@ class Pools:
             in_flight=int(reply.get("in_flight") or 0),
         )
 
+    def mean_run_ms(self, queue: str, tenant: str) -> float | None:
+        """The running mean of ``tenant``'s run time on ``queue``'s pool (ms), None before
+        any of its tasks settled there."""
+        tenants = PoolKeys(queue).tenants
+        found = self._state.run(
+            "pool tenant", lambda: self._state.client.hget(tenants, f"{tenant}:ms")
+        )
+        try:
+            return float(found) if found is not None else None
+        except (TypeError, ValueError):
+            return None
+
     def saturated(self, queues: Sequence[str]) -> dict[str, bool]:
         """Whether each pool is saturated now (one pipelined read)."""
         return {q: glance.saturated for q, glance in self.glance(queues).items()}
