@@ -600,6 +600,8 @@ def store_figures(state_url: str, store_tasks: int, scale_tenants: int) -> dict[
         state.client.flushdb()
         result = store_bench.measure_round_trip(state, store_tasks)
         state.client.flushdb()
+        result.update(store_bench.measure_redis_cpu(state, store_tasks))
+        state.client.flushdb()
         small = store_bench.measure_tenant_scale(state, 10, store_tasks)
         state.client.flushdb()
         large = store_bench.measure_tenant_scale(state, scale_tenants, store_tasks)
@@ -660,6 +662,12 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             "admit+settle latency p50 / p99 (1 client)",
             f"{store['admit_settle_p50_ms']} ms / {store['admit_settle_p99_ms']} ms "
             f"({store['redis_round_trips_per_task']} round trips)",
+        ),
+        (
+            "state Redis CPU per governed task (1 client)",
+            f"{store['redis_cpu_us_per_governed_task']} us, sealed: ledger record, admission, "
+            f"settlement (about {store['governed_tasks_per_s_per_redis_core']:,} governed "
+            "tasks/s per Redis core)",
         ),
         (
             f"admission p50, 10 vs {store['scale_tenants']:,} tenants",

@@ -5,6 +5,11 @@ how many Redis round trips one governed task costs, counted on the client (every
 connection writes) and cross-checked with the server's count of script calls (``INFO
 commandstats``). Also admission p50 with 10 vs 10,000 active tenants.
 
+The state store's own cost: the Redis CPU (``INFO cpu``, the server's user + system time) of one
+governed task as a deployment makes it, one client on a quiet server: the publisher's ledger
+record, the admission and the settlement, their audit entries sealed (the seals ride on the next
+calls, as in a worker), and how many such tasks one Redis core can serve.
+
 Fair dispatch: the dispatch a worker makes when a task of a saturated pool settles, with 10 and
 with 10,000 tenants waiting for the pool (each with tasks in its wait list, admitted at
 publication as a publisher does): the pool's call (``Pools.dispatch``: the grant that ended, and
@@ -37,6 +42,7 @@ from governance.policy.long_running import PRESETS
 from governance.policy.usage import Usage
 from governance.store import Period, StateStore
 from governance.store.admission import AdmissionStatus, Admitter
+from governance.store.audit_seal import AuditSealer
 from governance.store.ledger import Ledger
 from governance.store.limits import AdmissionLimits, BudgetCheck, Rate
 from governance.store.pool import Completion, Pools
@@ -118,6 +124,34 @@ def measure_round_trip(state: StateStore, tasks: int) -> dict[str, Any]:
         "admit_settle_p99_ms": round(_percentile(latencies, 0.99), 3),
         "redis_round_trips_per_task": round(round_trips / tasks, 3),
         "script_calls_per_task_server_side": round(script_calls / tasks, 3),
+    }
+
+
+def _redis_cpu_s(state: StateStore) -> float:
+    info = state.client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def measure_redis_cpu(state: StateStore, tasks: int) -> dict[str, Any]:
+    """The state Redis's own CPU per governed task: ledger record, admission and settlement,
+    sealed (one client, one tenant, one after another)."""
+    sealer = AuditSealer(b"bench-audit-key")
+    admitter, ledger = Admitter(state, sealer), Ledger(state, sealer)
+    ctx = ActionContext(tenant="bench", agent="agent", run="run-bench")
+    before = _redis_cpu_s(state)
+    for i in range(tasks):
+        task_id = f"c{i}"
+        ledger.record_published("bench", task_id, _envelope(task_id))
+        admission = admitter.admit(
+            ctx=ctx, action=CALL, task_id=task_id, attempt=0, estimate=ESTIMATE, limits=LIMITS
+        )
+        if not admission.admitted:
+            raise RuntimeError(f"benchmark task was not admitted: {admission.violation}")
+        admitter.settle(admission.ticket, ACTUAL)
+    used_us = (_redis_cpu_s(state) - before) / tasks * 1_000_000
+    return {
+        "redis_cpu_us_per_governed_task": round(used_us, 1),
+        "governed_tasks_per_s_per_redis_core": round(1_000_000 / used_us) if used_us else None,
     }
 
 
@@ -241,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         state.client.flushdb()
         result = measure_round_trip(state, args.tasks)
         state.client.flushdb()
+        result.update(measure_redis_cpu(state, args.tasks))
+        state.client.flushdb()
         p50_small = measure_tenant_scale(state, 10, 2_000)
         state.client.flushdb()
         p50_large = measure_tenant_scale(state, 10_000, 2_000)
@@ -262,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  Redis round trips per governed task       : {result['redis_round_trips_per_task']} "
         f"(server saw {result['script_calls_per_task_server_side']} script calls per task)"
+    )
+    print(
+        f"  Redis CPU per governed task (sealed)      : "
+        f"{result['redis_cpu_us_per_governed_task']} us: ledger record, admission, settlement "
+        f"(about {result['governed_tasks_per_s_per_redis_core']:,} governed tasks/s per Redis core)"
     )
     print(
         f"  admission p50, 10 vs 10,000 tenants       : {result['admission_p50_ms_10_tenants']} "

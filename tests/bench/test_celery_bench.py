@@ -197,6 +197,8 @@ def test_a_tiny_run_measures_every_kind(tmp_path: Path) -> None:
     assert result["script_calls_per_governed_task_raw"] >= 2
     assert result["store"]["admit_settle_p50_ms"] > 0
     assert result["store"]["admission_p50_ms_many_tenants"] > 0
+    assert result["store"]["redis_cpu_us_per_governed_task"] > 0
+    assert "state Redis CPU per governed task" in proc.stdout
     # CPU of every process serving the run: this machine has /proc and a local Redis
     for kind in ("plain", "governed"):
         cpu = result[kind]["cpu_ms_per_task"]
