@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,16 +25,13 @@ from governance.integration import (
     ActionFailed,
     GovernanceHeaders,
     GovernanceRuntime,
-    GovernedTask,
-    govern,
     governance_context,
 )
 from governance.policy.context import ActionContext
-from governance.policy.engine import Policy
 from governance.policy.errors import ActionError
-from governance.settings import GovernanceSettings
 from governance.store.audit import AuditEntry
 from governance.store.held import HeldStatus, HeldStore
+from tests.integration.apps import governed_app
 from tests.polling import wait_until
 
 POLICY = """
@@ -82,18 +78,9 @@ def ctx(tenant: str = "acme", agent: str = "agent-1", user: str | None = None) -
 @pytest.fixture(scope="module")
 def governed(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Celery]:
     """A governed app with four tasks, served by an in-process worker."""
-    policy_file = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy_file.write_text(POLICY)
-    settings = GovernanceSettings(
-        broker_url=redis_url,
-        state_redis_url=redis_url,
-        config_path=policy_file,
-        audit_key="inproc-audit-key",
-        lease_ms=2000,
-    )
-    app = Celery("inproc", broker=redis_url, backend=redis_url, task_cls=GovernedTask)
-    app.conf.update(task_track_started=True, task_default_queue=f"inproc-{uuid.uuid4().hex}")
-    govern(app, settings, Policy.from_file(Path(policy_file)))
+    queue = f"inproc-{uuid.uuid4().hex}"
+    app = governed_app("inproc", POLICY, tmp_path_factory, broker_url=redis_url, lease_ms=2000)
+    app.conf.update(task_track_started=True, task_default_queue=queue)
 
     @app.task(name="inproc.echo", shared=False)
     def echo(text: str) -> str:

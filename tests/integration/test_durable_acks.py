@@ -14,7 +14,6 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -22,12 +21,11 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from governance.embedded import EmbeddedRedis, RedisBinaries
-from governance.integration import GovernanceRuntime, GovernedTask, govern, governance_context
+from governance.integration import GovernanceRuntime, governance_context
 from governance.integration.runtime import runtime_for
 from governance.policy.context import ActionContext
-from governance.policy.engine import Policy
-from governance.settings import GovernanceSettings
 from governance.store.durability import NotDurable
+from tests.integration.apps import governed_app
 from tests.polling import wait_until
 
 POLICY = """
@@ -63,21 +61,18 @@ def broker() -> Iterator[EmbeddedRedis]:
 def app(
     state_server: EmbeddedRedis, broker: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Celery]:
-    policy_file = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy_file.write_text(POLICY)
-    settings = GovernanceSettings(
+    app = governed_app(
+        "durable",
+        POLICY,
+        tmp_path_factory,
         broker_url=broker.url,
-        state_redis_url=state_server.url,
-        config_path=policy_file,
-        audit_key="durable-audit-key",
+        state_url=state_server.url,
         state_durability="replicas",
         state_durable_replicas=1,
         state_durable_timeout_s=1,
         state_timeout_s=1,
     )
-    app = Celery("durable", broker=broker.url, backend=broker.url, task_cls=GovernedTask)
     app.conf.update(task_track_started=True)
-    govern(app, settings, Policy.from_file(Path(policy_file)))
 
     @app.task(name="durable.gate", shared=False)
     def gate(key: str) -> str:

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 
-from governance.integration import GovernedTask, govern, governance_context, runtime_for
+from governance.integration import governance_context, runtime_for
 from governance.policy.context import ActionContext
-from governance.policy.engine import Policy
-from governance.settings import GovernanceSettings
 from governance.store.keys import PoolKeys
+from tests.integration.apps import governed_app
 
 QUEUE_UNKNOWN = f"bound-unknown-{uuid.uuid4().hex[:8]}"
 QUEUE_SHORT = f"bound-short-{uuid.uuid4().hex[:8]}"
@@ -52,16 +50,7 @@ tenants:
 
 @pytest.fixture(scope="module")
 def app(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Celery]:
-    policy_file = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy_file.write_text(POLICY)
-    settings = GovernanceSettings(
-        broker_url=redis_url,
-        state_redis_url=redis_url,
-        config_path=policy_file,
-        audit_key="bound-audit-key",
-    )
-    app = Celery("bound", broker=redis_url, backend=redis_url, task_cls=GovernedTask)
-    govern(app, settings, Policy.from_file(Path(policy_file)))
+    app = governed_app("bound", POLICY, tmp_path_factory, broker_url=redis_url)
 
     @app.task(name="bound.echo", shared=False)
     def echo(text: str) -> str:
