@@ -159,6 +159,11 @@ class WorkerProcess:
         replies = self._app.control.inspect(destination=[self.node_name], timeout=1).active()
         return [t["worker_pid"] for tasks in (replies or {}).values() for t in tasks]
 
+    def tasks_done(self) -> int:
+        """How many tasks this worker has received so far (as it reports them)."""
+        replies = self._app.control.inspect(destination=[self.node_name], timeout=1).stats()
+        return sum(sum((r.get("total") or {}).values()) for r in (replies or {}).values())
+
     def kill(self) -> None:
         """SIGKILL the whole worker at once: its main process and every pool process."""
         if self.process is None or self.process.poll() is not None:

@@ -459,8 +459,8 @@ def _no_false_alarm_after_a_kill(deployment: Deployment, grace_s: float) -> None
     publisher = threading.Thread(target=publish)
     publisher.start()
     try:
-        wait_until(lambda: len(victim.busy_children()) or len(published) > 200, 30, "calls")
-        wait_until(lambda: len(published) > 100, 30, "a hundred calls published")
+        # Killed while it runs calls, so its last entries are left unsealed (the scenario).
+        wait_until(lambda: victim.tasks_done() >= 50, 60, "the victim to run fifty calls")
         victim.kill()
         killed_at = time.monotonic()
         runs = []

@@ -180,7 +180,10 @@ class Delivery:
         run_ms = round((time.perf_counter() - started) * 1000, 3)
         if isinstance(error, SoftTimeLimitExceeded):
             limit = self.runtime.policy.step_timeout(tenant, action)
-            error = step_timeout_error(limit, ErrorKind(tenant.step_timeout_error), run_ms)
+            # The limit runs from when the pool process took the delivery (its admission
+            # included), not from the body's start: say how long the step took by that clock.
+            step_ms = max(run_ms, (time.monotonic() - self._started) * 1000)
+            error = step_timeout_error(limit, ErrorKind(tenant.step_timeout_error), step_ms)
         counted, spend = counted_usage(
             base_usage(action) + execution.usage, self._estimate, execution.usage_unknown, error
         )

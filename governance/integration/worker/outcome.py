@@ -147,14 +147,14 @@ def counted_usage(
     return reported, ({"excess": excess} if excess else {})
 
 
-def step_timeout_error(limit: timedelta | None, kind: ErrorKind, run_ms: float) -> ActionError:
-    """The body ran out of its step timeout (Celery's soft time limit, set from the policy by
-    ``GovernedRequest``): a failure of the tenant's ``step_timeout_error`` kind, whose outcome
-    is unknown (the step may have done part of its work, an LLM provider may have billed the
-    call), so its reservation counts as spent."""
+def step_timeout_error(limit: timedelta | None, kind: ErrorKind, step_ms: float) -> ActionError:
+    """The step ran out of its step timeout (Celery's soft time limit, set from the policy by
+    ``GovernedRequest``) after ``step_ms``: a failure of the tenant's ``step_timeout_error``
+    kind, whose outcome is unknown (the step may have done part of its work, an LLM provider may
+    have billed the call), so its reservation counts as spent."""
     limit_text = f"{limit.total_seconds():g} s" if limit else "its time limit"
     return ActionError(
-        f"step_timeout: the step ran {run_ms / 1000:.1f} s, over its step timeout of {limit_text}",
+        f"step_timeout: the step ran {step_ms / 1000:.1f} s, over its step timeout of {limit_text}",
         kind,
         outcome_unknown=True,
     )
