@@ -58,7 +58,8 @@ def test_held_from_the_api_and_from_the_broker_never_run_before_release(
         timeout_s=30,
         what="the worker to move the message to the held store",
     )
-    assert via_broker.state == "HELD"
+    # Its result says so just after (written once the held store has it).
+    wait_until(lambda: via_broker.state == "HELD", 10, "the result to say HELD")
     assert not (workspace / "api.txt").exists()
     assert not (workspace / "broker.txt").exists()
     assert types_of(audit_of(runtime, via_api.id)) == ["held"]
