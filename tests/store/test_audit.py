@@ -214,10 +214,13 @@ def test_the_retention_trim_never_signs_away_entries_someone_removed(
     assert "seq 1..4 are missing" in report.reason
     # The first entry the retention keeps, removed: the trim refuses to start the chain after
     # it, and verify names it.
-    time.sleep(0.05)
+    time.sleep(0.5)
     _fill(state, 2)
     seq7 = next(i for i, f in _records(redis_client) if f[b"seq"] == b"7")
-    cutoff_age_ms = int(time.time() * 1000) - int(seq7.split(b"-")[0]) + 1
+    # The retention's cutoff 250 ms before seq 7 (seq 6 is 500 ms older): it stays between the
+    # two however long the calls below take on a loaded machine (a cutoff 1 ms before seq 7
+    # passed it, and the trim went on).
+    cutoff_age_ms = int(time.time() * 1000) - int(seq7.split(b"-")[0]) + 250
     redis_client.xdel(STREAM, seq7)
     assert audit_verify.trim(_log(state), KEY, "acme", cutoff_age_ms) == 0
     report = _verify(state)
