@@ -4,10 +4,10 @@ Celery's prefork pool forks a new pool process from the worker's main process wh
 dies (a SIGKILL, a hard time limit, ``max_tasks_per_child``). ``fork()`` copies only the thread
 that calls it, but it copies every lock as it is at that instant: a lock that another thread of
 the main process held then (the maintenance thread reading the pool from Redis, a seal being
-queued) stays held forever in the child, whose first use of it blocks for good. The child had
-admitted its task by then, so the task never runs and its delivery is never acknowledged, until
-RabbitMQ's consumer timeout closes the channel and stops the worker (or a Redis broker's
-visibility timeout redelivers it).
+queued) stays held forever in the child, whose first use of it blocks for good. A child that
+has admitted its task by then never runs it nor acknowledges its delivery, until RabbitMQ's
+consumer timeout closes the channel and stops the worker (or a Redis broker's visibility timeout
+redelivers it): what parallel test runs showed after a pool process was killed.
 
 Every lock, condition and event that a governed process shares between its threads is made
 here. Each is registered, and a child re-creates them all right after a fork

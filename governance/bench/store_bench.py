@@ -97,6 +97,16 @@ def _script_calls(state: StateStore) -> int:
     return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
 
 
+def admit_and_settle(admitter: Admitter, ctx: ActionContext, task_id: str) -> None:
+    """One governed task's admission and settlement (the benchmark's LLM call)."""
+    admission = admitter.admit(
+        ctx=ctx, action=CALL, task_id=task_id, attempt=0, estimate=ESTIMATE, limits=LIMITS
+    )
+    if not admission.admitted:
+        raise RuntimeError(f"benchmark task was not admitted: {admission.violation}")
+    admitter.settle(admission.ticket, ACTUAL)
+
+
 def measure_round_trip(state: StateStore, tasks: int) -> dict[str, Any]:
     """Admit and settle ``tasks`` governed tasks one after another."""
     admitter = Admitter(state)
@@ -107,12 +117,7 @@ def measure_round_trip(state: StateStore, tasks: int) -> dict[str, Any]:
     started = time.perf_counter()
     for i in range(tasks):
         t0 = time.perf_counter()
-        admission = admitter.admit(
-            ctx=ctx, action=CALL, task_id=f"t{i}", attempt=0, estimate=ESTIMATE, limits=LIMITS
-        )
-        if not admission.admitted:
-            raise RuntimeError(f"benchmark task was not admitted: {admission.violation}")
-        admitter.settle(admission.ticket, ACTUAL)
+        admit_and_settle(admitter, ctx, f"t{i}")
         latencies.append((time.perf_counter() - t0) * 1000)
     elapsed = time.perf_counter() - started
     round_trips = CountingConnection.sent - sent_before
@@ -142,12 +147,7 @@ def measure_redis_cpu(state: StateStore, tasks: int) -> dict[str, Any]:
     for i in range(tasks):
         task_id = f"c{i}"
         ledger.record_published("bench", task_id, _envelope(task_id))
-        admission = admitter.admit(
-            ctx=ctx, action=CALL, task_id=task_id, attempt=0, estimate=ESTIMATE, limits=LIMITS
-        )
-        if not admission.admitted:
-            raise RuntimeError(f"benchmark task was not admitted: {admission.violation}")
-        admitter.settle(admission.ticket, ACTUAL)
+        admit_and_settle(admitter, ctx, task_id)
     used_us = (_redis_cpu_s(state) - before) / tasks * 1_000_000
     return {
         "redis_cpu_us_per_governed_task": round(used_us, 1),

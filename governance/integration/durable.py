@@ -69,7 +69,7 @@ class Confirmations:
     def wait(self, tenant: str, task_id: str, timeout_s: float) -> tuple[Verdict, str]:
         """Confirm ``task_id`` and wait for the verdict (at most about ``timeout_s``)."""
         found: list[tuple[Verdict, str]] = []
-        ready = forksafe.event()
+        ready = threading.Event()  # one wait's, never held across a fork
 
         def done(verdict: Verdict, why: str) -> None:
             found.append((verdict, why))

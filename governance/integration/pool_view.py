@@ -21,7 +21,7 @@ from governance import forksafe
 from governance.policy.engine import Policy
 from governance.policy.fairness import FairShare, in_flight_bound
 from governance.store.errors import StoreUnavailable
-from governance.store.pool import Pools
+from governance.store.pool import PREFETCH, Pools
 from governance.store.state import StateStore
 
 log = logging.getLogger("governance.fairness")
@@ -33,8 +33,6 @@ REFRESH_S = 0.25
 BACKLOG_MS = 250
 #: A process tells a pool it is backlogged at most this often.
 SATURATE_EVERY_S = 1.0
-#: The prefetch the pool's bound counts per process (as its dispatches do: ``Pools.dispatch``).
-PREFETCH = 1
 
 
 def queue_of(app: Any, task_name: str, options: Mapping[str, Any]) -> str:

@@ -221,6 +221,7 @@ def publish_governed(
         # in the broker (its capacity plus the prefetch, or the slack's worth of the tenant's
         # work), so this task waits for the pool (saturated from now) rather than the broker.
         # Below that bound (a paced stream, short tasks) the broker takes it: the hot path.
+        # (Past the capacity only is the tenant's mean run time read, for the bound.)
         in_flight = load.running + load.queued
         capacity = runtime.pool_view.capacity(queue)
         beyond = (

@@ -27,6 +27,11 @@ from governance.store.vocabulary import POOL_DISPATCH, POOL_WORKER
 GRANT_TTL_MS = 15 * 60_000
 
 
+#: The prefetch per pool process a pool's bound counts by default (a worker's
+#: ``worker_prefetch_multiplier`` of 1, as the example deployment sets).
+PREFETCH = 1
+
+
 @dataclass(frozen=True)
 class Completion:
     """A task of ``tenant`` ended: what it is charged, how long it ran, and its grant when fair
@@ -110,7 +115,7 @@ class Pools:
         register: Iterable[tuple[str, float]] = (),
         saturate: bool = False,
         give: bool = True,
-        prefetch: int = 1,
+        prefetch: int = PREFETCH,
     ) -> Grant:
         """One call on ``queue``'s pool: take note of what ended, of unused grants and of
         tenants whose tasks wait for it; mark it saturated (the broker is backlogged); and,
