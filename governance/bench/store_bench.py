@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from governance.embedded import EmbeddedRedis
+from governance.integration.audit_fields import audit_template
 from governance.policy.actions import LLMCall, Message
 from governance.policy.context import ActionContext
 from governance.policy.fairness import FairShare
@@ -58,6 +59,8 @@ LIMITS = AdmissionLimits(
     ),
     long_running=PRESETS["unlimited"],
 )
+#: The policy version the benchmark's audit entries name (a worker's is its policy's digest).
+POLICY_VERSION = "1-3f9a2c41d07b"
 ESTIMATE = Usage(steps=1, input_tokens=20, output_tokens=100, cost_micro_usd=170)
 ACTUAL = Usage(steps=1, input_tokens=20, output_tokens=60, cost_micro_usd=110)
 CALL = LLMCall(
@@ -98,9 +101,16 @@ def _script_calls(state: StateStore) -> int:
 
 
 def admit_and_settle(admitter: Admitter, ctx: ActionContext, task_id: str) -> None:
-    """One governed task's admission and settlement (the benchmark's LLM call)."""
+    """One governed task's admission and settlement (the benchmark's LLM call), with the audit
+    template a worker sends (who, which run, which task and action, the policy and the tier)."""
     admission = admitter.admit(
-        ctx=ctx, action=CALL, task_id=task_id, attempt=0, estimate=ESTIMATE, limits=LIMITS
+        ctx=ctx,
+        action=CALL,
+        task_id=task_id,
+        attempt=0,
+        estimate=ESTIMATE,
+        limits=LIMITS,
+        template=audit_template(ctx, task_id, CALL, POLICY_VERSION, "act_auto"),
     )
     if not admission.admitted:
         raise RuntimeError(f"benchmark task was not admitted: {admission.violation}")

@@ -568,7 +568,7 @@ SETTLEMENT_TASK: tuple[Item, ...] = (
     Field("force", Kind.FLAG, "settle whoever holds the lease (a hard time limit)"),
     Group("actual", USAGE_FIELDS, Kind.INT, "what the attempt used (cost micro-USD)"),
     Group("entry", ("type", "decision", "reason"), Kind.TEXT, "the attempt's audit entry"),
-    Field("entry_detail", Kind.JSON, "the entry's detail (an object); '': none"),
+    Field("entry_detail", Kind.TEXT, "the entry's detail, JSON text stored as sent; '': none"),
     Field("run", Kind.TEXT, "the run, when the tenant limits runs in flight; '': it does not"),
     Field("run_idle_ms", Kind.INT, "how long the run stays in flight after this step (ms)"),
     Field("policy_version", Kind.TEXT, "the settling process's policy (see L.handoff); ''"),
@@ -851,6 +851,33 @@ def _read(field: Field, source: str) -> str:
     return f"({source} ~= '' and {source} or nil)"
 
 
+def _window_reader() -> str:
+    """``read_window(key)``: a usage window's fields (``WINDOW_FIELDS``) as numbers (0 when
+    absent), with ``has_last`` and ``has_started`` (whether the run window has them), read in
+    one ``HMGET`` into a table built by one constructor (sized once, never grown field by
+    field)."""
+    fields = ", ".join(_lua_str(f) for f in WINDOW_FIELDS)
+    values = ", ".join(f"{f} = tonumber(r[{i}]) or 0" for i, f in enumerate(WINDOW_FIELDS, 1))
+    last, started = WINDOW_FIELDS.index("last_ms") + 1, WINDOW_FIELDS.index("started_ms") + 1
+    return (
+        f"local function read_window(key) local r = redis.call('HMGET', key, {fields}) "
+        f"return {{{values}, has_last = r[{last}] ~= false, has_started = r[{started}] ~= false}} "
+        "end"
+    )
+
+
+def _usage_reader() -> str:
+    """``read_usage(key)``: a usage window's used and reserved amounts, as an array of numbers
+    in ``WINDOW_FIELDS`` order (0 when absent), read in one ``HMGET`` (what settle.lua moves)."""
+    amounts = WINDOW_FIELDS[: 2 * len(USAGE_FIELDS)]
+    fields = ", ".join(_lua_str(f) for f in amounts)
+    values = ", ".join(f"tonumber(r[{i}]) or 0" for i in range(1, len(amounts) + 1))
+    return (
+        f"local function read_usage(key) local r = redis.call('HMGET', key, {fields}) "
+        f"return {{{values}}} end"
+    )
+
+
 def _reader(record: Record, offset: int) -> str:
     reads = [_read(f, f"a[{offset + i}]") for i, f in enumerate(record.fields, 1)]
     if record.named:
@@ -937,6 +964,8 @@ def script_prelude(script: str) -> str:
             _reader(ADMISSION, 0),
             f"local USAGE = {_lua_list(USAGE_FIELDS)}",
             f"local WINDOW_FIELDS = {_lua_list(WINDOW_FIELDS)}",
+            _window_reader(),
+            _usage_reader(),
             f"local TEMPLATE = {_lua_list(TEMPLATE_FIELDS)}",
             "-- the limit kinds (LIMIT_KINDS): the phases in order, the kinds of each phase in",
             "-- order, the violation of each kind that has one, the hand-off effect of each wait",

@@ -14,9 +14,6 @@ local written = {}
 local id = ARGV[F.id]
 local removed = redis.call('HDEL', KEYS[8], id)
 if removed == 1 then
-  local fields = L.template(ARGV, F.au)
-  fields.type = AT.grant_revoked
-  fields.detail = cjson.encode({grant = id})
-  L.audit(written, now, fields)
+  L.task_entry(written, now, L.template(ARGV, F.au), AT.grant_revoked, '', '', {grant = id})
 end
 return cjson.encode({removed = removed, au = written})

@@ -79,24 +79,42 @@ function L.audit(written, now, fields)
   return id
 end
 
--- The audit template of a request (the fields every entry about its task shares: `TEMPLATE`),
--- from its arguments `a`, the group at `at` (`R.au`, `F.au`).
+-- The audit template of a request (the fields every entry about its task shares: `TEMPLATE`):
+-- where they are, its arguments `a` after position `at` (`R.au`, `F.au`). They are read when an
+-- entry is written, never copied into a table of their own.
 function L.template(a, at)
-  local template = {}
-  for i, name in ipairs(TEMPLATE) do template[name] = a[at + i] end
-  return template
+  return {a, at}
 end
 
--- An entry of a task from its request's audit template (tenant, agent, run, task id, action,
--- tier, policy version) plus the entry's own type, decision, reason and detail.
+-- An entry of a task: its type, decision, reason and detail (a table, or JSON text as the caller
+-- sent it), then its request's audit template (tenant, agent, run, task id, action, tier, policy
+-- version, reviewer). Empty values are left out. The fields go in this fixed order: a seal
+-- covers the fields whatever their order (audit_seal.canonical_fields), so none are sorted.
 function L.task_entry(written, now, template, kind, decision, reason, detail)
-  local fields = {}
-  for name, value in pairs(template or {}) do fields[name] = value end
-  fields.type = kind
-  fields.decision = decision
-  fields.reason = reason
-  if detail and next(detail) ~= nil then fields.detail = cjson.encode(detail) end
-  return L.audit(written, now, fields)
+  local seq = redis.call('HINCRBY', L.T.meta, 'audit_seq', 1)
+  local flat = {'seq', L.int(seq), 'ts', L.int(now), 'type', kind}
+  local n = 6
+  if decision and decision ~= '' then
+    flat[n + 1], flat[n + 2], n = 'decision', decision, n + 2
+  end
+  if reason and reason ~= '' then flat[n + 1], flat[n + 2], n = 'reason', reason, n + 2 end
+  if type(detail) == 'table' then
+    if next(detail) ~= nil then
+      flat[n + 1], flat[n + 2], n = 'detail', cjson.encode(detail), n + 2
+    end
+  elseif detail and detail ~= '' and detail ~= '{}' then
+    flat[n + 1], flat[n + 2], n = 'detail', detail, n + 2
+  end
+  if template then
+    local a, at = template[1], template[2]
+    for i = 1, #TEMPLATE do
+      local value = a[at + i]
+      if value and value ~= '' then flat[n + 1], flat[n + 2], n = TEMPLATE[i], value, n + 2 end
+    end
+  end
+  local id = redis.call('XADD', L.T.audit, '*', unpack(flat))
+  written[#written + 1] = {id, flat}
+  return id
 end
 
 -- Seals computed by the caller (HMACs over entries it wrote in earlier calls): one stream entry.
@@ -116,19 +134,17 @@ end
 -- alert threshold reviewers moved it to, micro-USD), alert_stop (1: reviewers rejected the run at
 -- its cost alert), wall_warned (1: its wall-time warning is audited).
 -- `WINDOW_FIELDS` (generated): each usage field (what was used), each `r_<field>` (what tasks
--- in flight reserved), then last_ms, discovered, started_ms, alert_at, alert_stop, wall_warned.
+-- in flight reserved), then last_ms, discovered, started_ms, alert_at, alert_stop, wall_warned;
+-- `read_window(key)` (generated) reads them all into one table, by name.
 
 function L.window_values(cache, req, w)
   local usage = L.window(req, w)
-  if not cache[usage] then
-    local raw = redis.call('HMGET', usage, unpack(WINDOW_FIELDS))
-    local values = {}
-    for i, name in ipairs(WINDOW_FIELDS) do values[name] = tonumber(raw[i] or '0') or 0 end
-    values.has_last = raw[2 * #USAGE + 1] ~= false
-    values.has_started = raw[2 * #USAGE + 3] ~= false
+  local values = cache[usage]
+  if not values then
+    values = read_window(usage)
     cache[usage] = values
   end
-  return cache[usage]
+  return values
 end
 
 -- Give back the reservation a task's record holds (its amounts, in the windows it names).

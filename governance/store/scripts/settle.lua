@@ -68,25 +68,21 @@ for i = 1, n do actual[i] = s[F.actual + i] end
 local current = {}
 for w = 1, 3 do
   local usage = windows[w]
-  local raw = redis.call('HMGET', usage, unpack(fields, 1, 2 * n))
-  local values, writes = {}, {}
-  for i = 1, 2 * n do values[i] = tonumber(raw[i] or '0') or 0 end
+  local values = read_usage(usage)
+  local writes, k = {}, 0
   current[w] = values
+  local releases = reserved_in[usage]
   for i = 1, n do
     if actual[i] ~= 0 then
-      writes[#writes + 1] = fields[i]
-      writes[#writes + 1] = L.int(values[i] + actual[i])
+      writes[k + 1], writes[k + 2], k = fields[i], string.format('%d', values[i] + actual[i]), k + 2
     end
-    if reserved_in[usage] and reserved[i] ~= 0 then
-      writes[#writes + 1] = fields[n + i]
-      writes[#writes + 1] = L.int(values[n + i] - reserved[i])
+    if releases and reserved[i] ~= 0 then
+      writes[k + 1], writes[k + 2], k = fields[n + i],
+        string.format('%d', values[n + i] - reserved[i]), k + 2
     end
   end
-  if w == 1 then
-    writes[#writes + 1] = 'last_ms'
-    writes[#writes + 1] = L.int(now)
-  end
-  if #writes > 0 then redis.call('HSET', usage, unpack(writes)) end
+  if w == 1 then writes[k + 1], writes[k + 2], k = 'last_ms', string.format('%d', now), k + 2 end
+  if k > 0 then redis.call('HSET', usage, unpack(writes)) end
   redis.call('EXPIRE', usage, s[F.ttl + w])
 end
 if s[F.run] then
