@@ -351,10 +351,12 @@ class Admitter:
         keys: Args,
         request: list[Any],
         *,
+        template: Mapping[str, str],
         reclaim: bool = True,
     ) -> Pending[dict[str, Any]]:
-        """Write one call of ``script`` now: its request, the settings, and the seals this
-        process owes ``tenant``'s chain (in batches, see ``SEAL_BATCH``)."""
+        """Write one call of ``script`` now: its request (with the audit ``template`` its
+        entries carry), the settings, and the seals this process owes ``tenant``'s chain (in
+        batches, see ``SEAL_BATCH``)."""
         settings = self._state.script_settings(reclaim=reclaim)
         return begin_sealed_call(
             self._state,
@@ -366,6 +368,7 @@ class Admitter:
             lambda seals, writer: [*request, settings, seals, writer],
             batch=SEAL_BATCH,
             older_than_s=SEAL_AGE_S,
+            template=template,
         )
 
     def admit(self, **request: Unpack[AdmissionRequest]) -> Admission:
@@ -443,6 +446,7 @@ class Admitter:
             ctx.tenant,
             script_keys,
             [*task, ticket.template_args, self._limit_args(limits)],
+            template=ticket.template,
             reclaim=request.get("reclaim", True),
         )
         return reply.then(lambda raw: _parse_admission(raw, ticket, limits, provider))
@@ -557,6 +561,7 @@ class Admitter:
             ticket.tenant,
             [_shared_keys(ticket.tenant), keys.task(ticket.task_id), *ticket.windows],
             [*request, ticket.template_args, self._settlement_limits(ticket)],
+            template=ticket.template,
             reclaim=options.get("reclaim", True),
         )
         return reply.then(lambda raw: _parse_settlement(raw, ticket))

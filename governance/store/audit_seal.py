@@ -77,12 +77,23 @@ def mark_mac(key: bytes, chain: str, kind: str, body: Mapping[str, Any]) -> str:
     return hmac.new(key, message, hashlib.sha256).hexdigest()[:40]
 
 
-def parse_written(written: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
-    """The ``au`` part of a script's reply: [(stream id, fields), ...]."""
+def parse_written(
+    written: Sequence[Any], template: Mapping[str, str] | None = None
+) -> list[tuple[str, dict[str, str]]]:
+    """The ``au`` part of a script's reply: [(stream id, fields), ...]. An entry flagged as a
+    task's (``[id, flat, 1]``, lib.lua's ``L.task_entry``) was written with the call's audit
+    ``template`` too, which the reply leaves out: its non-empty fields are added back here."""
     entries = []
     for item in written or ():
         entry_id, flat = item[0], item[1]
         fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+        if len(item) > 2:
+            if template is None:
+                raise ValueError(
+                    f"audit entry {entry_id} was written with the call's template, which the "
+                    "caller did not give"
+                )
+            fields.update((name, value) for name, value in template.items() if value)
         entries.append((str(entry_id), fields))
     return entries
 
@@ -162,11 +173,14 @@ class AuditSealer:
             pending = self._pending.setdefault(chain, _Pending([], time.monotonic()))
             pending.seals[:0] = seals
 
-    def wrote(self, chain: str, written: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
-        """Owe seals for the entries a script reports it wrote (exactly as it reports them);
-        returns them, parsed. The seals are computed when they are taken, together: one loop
-        over a batch costs about half of what sealing each entry after its call does."""
-        entries = parse_written(written)
+    def wrote(
+        self, chain: str, written: Sequence[Any], template: Mapping[str, str] | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Owe seals for the entries a script reports it wrote (exactly as it reports them, with
+        the call's audit ``template``: see :func:`parse_written`); returns them, parsed. The
+        seals are computed when they are taken, together: one loop over a batch costs about
+        half of what sealing each entry after its call does."""
+        entries = parse_written(written, template)
         if not entries:
             return entries
         with self._lock:
@@ -231,11 +245,13 @@ def begin_sealed_call(
     *,
     batch: int = 1,
     older_than_s: float = 0.0,
+    template: Mapping[str, str] | None = None,
 ) -> Pending[dict[str, Any]]:
     """Write one call of a script that writes audit entries to ``chain``: ``args(seals,
     writer)`` are its arguments, carrying the seals this process owes the chain (taken as
     :meth:`AuditSealer.take` says). Reading the reply (a JSON object; on this thread) owes the
-    seals of the entries it reports (``au``). If the call fails, the seals it carried are owed
+    seals of the entries it reports (``au``, completed with the audit ``template`` the call
+    sent, for the entries of its task). If the call fails, the seals it carried are owed
     again. Without a sealer the entries stay unsealed."""
     seals = sealer.take(chain, batch=batch, older_than_s=older_than_s) if sealer else "[]"
     writer = sealer.writer if sealer else "unsealed"
@@ -257,7 +273,7 @@ def begin_sealed_call(
         if sealer:
             written = parsed.get("au")
             # Lua's JSON encodes an empty list as an empty object.
-            sealer.wrote(chain, [] if isinstance(written, Mapping) else written or [])
+            sealer.wrote(chain, [] if isinstance(written, Mapping) else written or [], template)
         return parsed
 
     return Pending(reply)

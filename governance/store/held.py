@@ -149,9 +149,16 @@ class HeldStore:
         return [keys.held_by_status(s.value) for s in STATUS_ORDER]
 
     def _call(
-        self, operation: str, script: Any, tenant: str, keys: list[str], args: Sequence[Any]
+        self,
+        operation: str,
+        script: Any,
+        tenant: str,
+        keys: list[str],
+        args: Sequence[Any],
+        audit: Mapping[str, str],
     ) -> Any:
-        """Run a held-store script that writes audit entries: seals go with it."""
+        """Run a held-store script that writes audit entries (with the template ``audit``):
+        seals go with it."""
         return begin_sealed_call(
             self._state,
             self._sealer,
@@ -160,6 +167,7 @@ class HeldStore:
             tenant,
             keys,
             lambda seals, writer: [*args, seals, writer],
+            template=audit,
         ).result()
 
     def put(
@@ -216,7 +224,9 @@ class HeldStore:
             keys.outbox,
             keys.notifications,
         ]
-        reply = self._call("hold", self._state.scripts.held_put, task.tenant, script_keys, args)
+        reply = self._call(
+            "hold", self._state.scripts.held_put, task.tenant, script_keys, args, audit
+        )
         return str(reply["outcome"])
 
     def get(self, tenant: str, task_id: str) -> HeldTask | None:
@@ -335,6 +345,7 @@ class HeldStore:
             task.tenant,
             script_keys,
             [*args, self._state.script_settings()],
+            audit,
         )
         return Decided(str(reply["outcome"]), str(reply["status"]), int(reply["approvals"]))
 
@@ -359,6 +370,7 @@ class HeldStore:
             tenant,
             [*keys.shared(), keys.grants],
             args,
+            audit,
         )
         return int(reply["removed"]) == 1
 

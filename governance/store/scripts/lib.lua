@@ -90,6 +90,8 @@ end
 -- sent it), then its request's audit template (tenant, agent, run, task id, action, tier, policy
 -- version, reviewer). Empty values are left out. The fields go in this fixed order: a seal
 -- covers the fields whatever their order (audit_seal.canonical_fields), so none are sorted.
+-- `written` gets the entry without its template, flagged (`{id, flat, 1}`): the caller sent
+-- the template, and adds it back (audit_seal.parse_written), so the reply does not carry it.
 function L.task_entry(written, now, template, kind, decision, reason, detail)
   local seq = redis.call('HINCRBY', L.T.meta, 'audit_seq', 1)
   local flat = {'seq', L.int(seq), 'ts', L.int(now), 'type', kind}
@@ -105,15 +107,15 @@ function L.task_entry(written, now, template, kind, decision, reason, detail)
   elseif detail and detail ~= '' and detail ~= '{}' then
     flat[n + 1], flat[n + 2], n = 'detail', detail, n + 2
   end
-  if template then
-    local a, at = template[1], template[2]
-    for i = 1, #TEMPLATE do
-      local value = a[at + i]
-      if value and value ~= '' then flat[n + 1], flat[n + 2], n = TEMPLATE[i], value, n + 2 end
-    end
+  local own = n
+  local a, at = template[1], template[2]
+  for i = 1, #TEMPLATE do
+    local value = a[at + i]
+    if value and value ~= '' then flat[n + 1], flat[n + 2], n = TEMPLATE[i], value, n + 2 end
   end
   local id = redis.call('XADD', L.T.audit, '*', unpack(flat))
-  written[#written + 1] = {id, flat}
+  for i = n, own + 1, -1 do flat[i] = nil end
+  written[#written + 1] = {id, flat, 1}
   return id
 end
 
