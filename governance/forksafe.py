@@ -13,7 +13,7 @@ Every lock, condition and event that a governed process shares between its threa
 here. Each is registered, and a child re-creates them all right after a fork
 (``os.register_at_fork``), as :mod:`logging` does for its handlers' locks. What such a lock
 guarded is per process anyway (caches read again, seals owed, leases renewed), and the objects
-that hold it check ``os.getpid()`` where the parent's contents must not be reused.
+that hold it check :func:`pid` where the parent's contents must not be reused.
 """
 
 from __future__ import annotations
@@ -61,7 +61,21 @@ def condition() -> threading.Condition:
     return _registered(threading.Condition())
 
 
+#: This process's id, kept up to date by the fork hook below (see :func:`pid`).
+_PID = os.getpid()
+
+
+def pid() -> int:
+    """This process's id, without a system call: ``os.getpid()`` is one on every call (glibc
+    caches it no more), and the hot path asks "am I still the process that made this?" about
+    twenty times per governed task. A child forked by ``os.fork()`` (Celery's prefork pool
+    and ``multiprocessing`` use it) gets its own id before anything else runs in it."""
+    return _PID
+
+
 def _reinit_in_child() -> None:
+    global _PID
+    _PID = os.getpid()
     for made in list(_MADE):
         cast(_ReinitAtFork, made)._at_fork_reinit()
 

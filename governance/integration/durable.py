@@ -16,7 +16,6 @@ A task not confirmed is tried again each round until its deadline; then its call
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ class Confirmations:
         self._cond = forksafe.condition()
         self._asked: list[_Asked] = []
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._pid = forksafe.pid()
         #: Rounds made, and tasks confirmed in them (for the tests and the bench).
         self.rounds = 0
         self.confirmed = 0
@@ -82,9 +81,9 @@ class Confirmations:
         return found[0]
 
     def _start(self) -> None:
-        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+        if self._thread is not None and self._pid == forksafe.pid() and self._thread.is_alive():
             return
-        self._pid = os.getpid()  # a thread of the parent did not survive a fork
+        self._pid = forksafe.pid()  # a thread of the parent did not survive a fork
         self._thread = threading.Thread(target=self._run, name="governance-durability", daemon=True)
         self._thread.start()
 

@@ -9,7 +9,6 @@ process's owed audit seals are flushed there), so a process has one such thread,
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,9 +68,9 @@ class LeaseKeeper:
 
     def _start_if_needed(self) -> None:
         # After a fork the parent's thread does not exist in the child: start our own.
-        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+        if self._thread is not None and self._pid == forksafe.pid() and self._thread.is_alive():
             return
-        self._pid = os.getpid()
+        self._pid = forksafe.pid()
         self._thread = threading.Thread(target=self._loop, name="governance-leases", daemon=True)
         self._thread.start()
 

@@ -19,7 +19,6 @@ pool processes and publishers send regardless. So each process decides as follow
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -93,7 +92,7 @@ class EventsFlag:
 
     def on(self) -> bool:
         now = self._clock()
-        pid = os.getpid()
+        pid = forksafe.pid()
         if pid == self._pid and now < self._next:
             return self._on
         with self._lock:
@@ -118,12 +117,12 @@ class EventsSwitch:
 
     def follow_worker(self, lease: EventsLease) -> None:
         """This process is a worker's main process: its events follow ``lease``."""
-        self._lease, self._lease_pid = lease, os.getpid()
+        self._lease, self._lease_pid = lease, forksafe.pid()
 
     def worker_lease(self) -> EventsLease | None:
         """The lease of the worker whose main process this is, or None (a pool process forked
         from it, a publisher, ``govctl``)."""
-        return self._lease if self._lease_pid == os.getpid() else None
+        return self._lease if self._lease_pid == forksafe.pid() else None
 
     def wanted(self, app: Any = None) -> bool:
         """Whether an event sent here now is wanted: the worker's lease in its main process,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -138,7 +137,7 @@ class GovernanceRuntime:
     # -- state ---------------------------------------------------------------------------------
 
     def _ensure(self) -> StateStore:
-        pid = os.getpid()
+        pid = forksafe.pid()
         if self._state is not None and self._pid == pid:
             return self._state
         with self._lock:
@@ -203,7 +202,7 @@ class GovernanceRuntime:
     @property
     def confirmations(self) -> Confirmations:
         """This process's confirmations (one thread, made again after a fork)."""
-        pid = os.getpid()
+        pid = forksafe.pid()
         found = self._confirmations
         if found is None or found[0] != pid:
             with self._lock:
@@ -264,7 +263,7 @@ class GovernanceRuntime:
     def _tick(self) -> None:
         """The lease thread's periodic work: a liveness probe of the store, owed settlements
         and audit seals, and dead ``Ignore`` cycles."""
-        if self._state is not None and self._pid == os.getpid():
+        if self._state is not None and self._pid == forksafe.pid():
             self.health.probe(lambda: self.state.run("liveness probe", self.state.client.ping))
             self.unsettled.retry()
             try:
@@ -289,7 +288,7 @@ class GovernanceRuntime:
         recycled, a warm shutdown, a publisher's end): otherwise its last entries wait,
         unsealed, for the leader's adoption, and ``govctl audit verify`` reports them meanwhile.
         Nothing to do in a process that never used the store."""
-        if self._state is None or self._pid != os.getpid():
+        if self._state is None or self._pid != forksafe.pid():
             return
         try:
             self.audit_log.flush_due(0.0)

@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import socket
 import time
 import uuid
@@ -122,17 +121,17 @@ class AuditSealer:
         self._pending: dict[str, _Pending] = {}
         #: Per chain, the newest entry this process wrote: (its stream id as numbers, its seq).
         self._newest: dict[str, tuple[tuple[int, int], int]] = {}
-        self._pid = os.getpid()
+        self._pid = forksafe.pid()
         self._writer = self._new_writer_id()
 
     @staticmethod
     def _new_writer_id() -> str:
-        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        return f"{socket.gethostname()}:{forksafe.pid()}:{uuid.uuid4().hex[:6]}"
 
     def _check_fork(self) -> None:
         # A forked child must not carry (and later write twice) the parent's pending seals.
-        if os.getpid() != self._pid:
-            self._pid = os.getpid()
+        if forksafe.pid() != self._pid:
+            self._pid = forksafe.pid()
             self._pending = {}
             self._newest = {}
             self._writer = self._new_writer_id()

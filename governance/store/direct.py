@@ -21,7 +21,6 @@ is when it connects); a Redis Cluster client keeps redis-py's own routing.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from redis.commands.core import Script
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 from redis.sentinel import SentinelConnectionPool
 
+from governance import forksafe
 from governance.store.pending import Pending
 
 T = TypeVar("T")
@@ -201,7 +201,7 @@ class DirectCalls:
         pending: PendingReply | None = getattr(local, "pending", None)
         if pending is not None:
             pending.collect()
-        pid = os.getpid()
+        pid = forksafe.pid()
         connection = getattr(local, "connection", None)
         if connection is None or local.pid != pid:
             # A connection inherited through fork belongs to the parent: never write to it.

@@ -94,6 +94,18 @@ def test_a_fork_safe_event_keeps_its_flag_and_works_in_the_child() -> None:
     assert in_forked_child(child) == 0
 
 
+def test_the_process_id_kept_without_a_system_call_is_the_child_s_own_after_a_fork() -> None:
+    """``forksafe.pid()`` replaces ``os.getpid()`` on the hot path: a forked child that kept
+    its parent's id would reuse the parent's connections and seals."""
+    assert forksafe.pid() == os.getpid()
+    parent = os.getpid()
+
+    def child() -> int:
+        return 0 if forksafe.pid() == os.getpid() != parent else 1
+
+    assert in_forked_child(child) == 0
+
+
 def locks_of(*owners: object) -> list[Any]:
     """The locks and conditions that ``owners`` keep as attributes."""
     kinds = (type(threading.Lock()), type(threading.RLock()), threading.Condition)
