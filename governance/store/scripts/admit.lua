@@ -52,7 +52,8 @@ local function reply(t)
 end
 
 local r = redis.call('HMGET', rec, 'attempt', 'where', 'settled', 'holder', 'lease_exp',
-  'handoff', 'turn', 'skip', 'wait_since', 'fail', 'paused_since', 'since')
+  'handoff', 'turn', 'skip', 'wait_since', 'fail', 'paused_since', 'since', 'counted', 'resv')
+req.counted, req.no_resv = r[13] ~= false, r[14] == false
 local attempt, where, settled, holder, lease_exp = r[1], r[2], r[3], r[4], r[5]
 local handoff, turn, skip, wait_since, fail = r[6], r[7], r[8], r[9], r[10]
 local paused_since = r[11]

@@ -191,6 +191,13 @@ function L.running_live(rec, now)
   return lease ~= false and tonumber(lease) > now
 end
 
+-- Whether the request's task was never counted yet (its first admission: its step counts in
+-- the run's discovered steps and repetitions). `req.counted`: the caller read it in this call.
+function L.first_time(req)
+  if req.counted == nil then req.counted = redis.call('HGET', req.k.rec, 'counted') ~= false end
+  return not req.counted
+end
+
 -- The task lets go of all it held or waited for: its lease, its reservation (a hand-off takes
 -- both), its place in the wait list or among the tasks in the broker (a task that ends without
 -- an admission, denied or shadowed at the worker, must not count against its tenant's
@@ -495,7 +502,7 @@ local function define_admission()
   --    admit and book: {{key, interval, burst, flag, tat}, ...}), cache (admit)}
   function L.evaluate(req, now, skip, cache, reclaim, came)
     local x = {req = req, now = now, skip = skip or '', cache = cache or {}, reclaim = reclaim,
-      came = came or now, first_time = redis.call('HGET', req.k.rec, 'counted') == false}
+      came = came or now, first_time = L.first_time(req)}
     for _, phase in ipairs(PHASES) do
       local name, hit = DECIDE[phase](x, phase)
       if name then
@@ -528,7 +535,8 @@ local function define_admission()
     L.take_rates(verdict, now)
     local rec = req.k.rec
     redis.call('ZADD', L.T.leases, lease_exp, rec)
-    local released = L.release(rec)
+    -- (`req.no_resv`: the caller read the record in this call and found no reservation.)
+    local released = not req.no_resv and L.release(rec)
     local est = {}
     for i = 1, #USAGE do est[i] = req[R.est + i] end
     local in_window, budgeted = {}, false
@@ -598,7 +606,7 @@ local function define_admission()
       fields[#fields + 1] = 'resv_w'
       fields[#fields + 1] = table.concat(reserved, '|')
     end
-    if redis.call('HGET', rec, 'counted') == false then
+    if L.first_time(req) then
       fields[#fields + 1] = 'counted'
       fields[#fields + 1] = 1
       local depth = req[R.depth] or 0

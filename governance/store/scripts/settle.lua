@@ -36,7 +36,8 @@ local function reply(t)
   return cjson.encode(t)
 end
 
-local r = redis.call('HMGET', rec, 'attempt', 'holder', 'where', 'settled', 'resv', 'resv_w')
+local r = redis.call('HMGET', rec, 'attempt', 'holder', 'where', 'settled', 'resv', 'resv_w',
+  'pool')
 if r[1] ~= tostring(s[F.attempt]) then return reply({s = 'noop'}) end
 local holder = s[F.holder]
 -- Forced: the worker's main process settles for a step its pool killed (a hard time limit),
@@ -89,10 +90,7 @@ if s[F.run] then
   -- The run stays in flight for its idle time after this step ends (unless it was closed).
   redis.call('ZADD', L.T.runs, 'XX', now + s[F.run_idle_ms], s[F.run])
 end
-if not late then
-  redis.call('ZREM', L.T.leases, rec)
-  if r[5] then redis.call('HDEL', rec, 'resv', 'resv_w') end
-end
+if not late then redis.call('ZREM', L.T.leases, rec) end
 
 -- The budgets' figures before and after this attempt's usage (a check: {window, limit, first
 -- and last usage field it sums, violation}).
@@ -138,7 +136,9 @@ if not late then
     redis.call('ZREM', L.T.ledger, rec)
     redis.call('EXPIRE', rec, s[F.ttl_task])
   end
-  redis.call('HDEL', rec, 'wait_since', 'wait_seq', 'wait_for', 'handoffs', 'turn', 'skip', 'fail')
+  -- (The reservation goes with them: the windows gave it back above.)
+  redis.call('HDEL', rec, 'resv', 'resv_w', 'wait_since', 'wait_seq', 'wait_for', 'handoffs',
+    'turn', 'skip', 'fail')
   if not s[F.pool_gated] and redis.call('ZCARD', L.T.waiting) > 0 then
     L.load_admission(true)
     L.handoff(now, G, {pub = publish, written = written}, s[F.policy_version])
@@ -154,7 +154,7 @@ if run_ms and run_ms > 0 then
 end
 -- The grant of a task fair dispatch handed on ends with it (not with a late holder's: the
 -- delivery that took its lease over still runs under it).
-local grant = not late and redis.call('HGET', rec, 'pool') or nil
+local grant = not late and r[7] or nil
 if grant then redis.call('HDEL', rec, 'pool') end
 return reply({s = late and 'late' or 'settled', before = before, after = after,
   pool = grant or nil, waiting = redis.call('ZCARD', L.T.waiting)})
