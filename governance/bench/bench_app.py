@@ -1,23 +1,34 @@
-"""The Celery app of the benchmarks: a plain task and governed ones, on one app.
+"""The Celery apps of the benchmarks: a governed app, and ungoverned ones to compare it with.
 
-Built the way a platform team governs its own app with the library alone (no example
-deployment): ``govern(app, settings)``, then ``base=GovernedTask`` on the governed tasks.
-``bench.noop`` is plain; ``bench.echo`` is a governed tool call (the policy's ``echo``) taking
-the same argument and returning it; ``bench.llm`` a governed LLM call whose body sleeps as long
-as its first message asks (``[[sleep MS]]``), reports the tokens of a small completion and
-returns when its body started and ended (epoch seconds) and in which pool process, so that a
-benchmark reads the worker time each task used from its result.
-Plain and governed tasks so share one broker, one worker, one pool and one configuration; only
-governance differs.
+``app`` is governed the way a platform team governs its own app with the library alone (no
+example deployment): ``govern(app, settings)``, then ``base=GovernedTask`` on its tasks.
+``bench.echo`` is a governed tool call (the policy's ``echo``) returning its argument;
+``bench.llm`` a governed LLM call whose body sleeps as long as its first message asks
+(``[[sleep MS]]``), reports the tokens of a small completion and returns when its body started
+and ended (epoch seconds) and in which pool process, so that a benchmark reads the worker time
+each task used from its result. Its tasks go to Celery's default queue (``celery``).
 
-``bench.round_trips`` is the yardstick between them: an ungoverned task that makes the Redis
-round trips a governed one makes (a MULTI/EXEC transaction before it is published, as the
-ledger record; two script calls in the worker, as admission and settlement) with none of the
-work: the scripts return at once, no policy runs, nothing is read or sealed. Its throughput is
-the most that any design making these round trips can reach on the machine.
+``plain_app`` is the baseline: a second app on which ``govern()`` was never called (so none of
+its signal handlers, consumer, publishing wrapper or serializer settings), with the same broker,
+result backend and Celery settings (:data:`BENCH_CONF`), its tasks routed to their own queue
+(:data:`PLAIN_QUEUE`) so that its own worker serves them. It carries ``bench.noop``, the plain
+task (the same argument as ``bench.echo``, nothing done with it), and ``bench.round_trips``, the
+yardstick: an ungoverned task that makes the Redis round trips a governed one makes (a
+MULTI/EXEC transaction before it is published, as the ledger record; two script calls in the
+worker, as admission and settlement) with none of the work: the scripts return at once, no
+policy runs, nothing is read or sealed. Its throughput is the most that any design making these
+round trips can reach on the machine.
 
-``celery -A governance.bench.bench_app worker`` serves ``app``, built from the ``GOVERNANCE_*``
-variables the benchmark sets when the worker first asks for it.
+``defaults_app`` carries ``bench.noop`` with Celery's default settings (early acks, the default
+prefetch, no ``STARTED`` state, no extended results; the result backend is still set, so that
+completion can be awaited), on its own queue (:data:`DEFAULTS_QUEUE`): a reference for what the
+benchmark's settings cost by themselves.
+
+``celery -A governance.bench.bench_app worker`` serves ``app``;
+``-A governance.bench.bench_app:plain_app -Q bench-plain`` and
+``-A governance.bench.bench_app:defaults_app -Q bench-defaults`` the others. Each is built from
+the ``GOVERNANCE_*`` variables the benchmark sets when a worker first asks for it, and building
+one builds none of the others.
 """
 
 from __future__ import annotations
@@ -39,6 +50,17 @@ PLAIN_TASK = "bench.noop"
 GOVERNED_TASK = "bench.echo"
 LLM_TASK = "bench.llm"
 ROUND_TRIPS_TASK = "bench.round_trips"
+#: The queues of the ungoverned apps (the governed app keeps Celery's default, ``celery``).
+PLAIN_QUEUE = "bench-plain"
+DEFAULTS_QUEUE = "bench-defaults"
+#: Celery's settings of the governed app and of the plain baseline, as in the example deployment.
+BENCH_CONF: dict[str, Any] = {
+    "result_extended": True,
+    "task_acks_late": True,
+    "task_track_started": True,
+    "worker_prefetch_multiplier": 1,
+    "broker_connection_retry_on_startup": True,
+}
 _SLEEP = re.compile(r"\[\[sleep (\d+)\]\]")
 
 
@@ -119,19 +141,26 @@ def round_trips(self: RoundTripsTask, text: str = "") -> None:
 
 
 def create_bench_app(settings: GovernanceSettings) -> Celery:
-    """The benchmark app for ``settings``: Celery's settings as in the example deployment."""
+    """The governed benchmark app for ``settings``: :data:`BENCH_CONF`, ``govern()``, and the
+    governed tasks ``bench.echo`` and ``bench.llm`` (on Celery's default queue)."""
     app = Celery("bench", broker=settings.broker_url, backend=settings.backend_url)
-    app.conf.update(
-        result_extended=True,
-        task_acks_late=True,
-        task_track_started=True,
-        worker_prefetch_multiplier=1,
-        broker_connection_retry_on_startup=True,
-    )
+    app.conf.update(BENCH_CONF)
     govern(app, settings)
-    app.task(name=PLAIN_TASK, shared=False)(noop)
     app.task(name=GOVERNED_TASK, base=GovernedTask, governance_tool="echo", shared=False)(echo)
     app.task(name=LLM_TASK, base=GovernedLLMTask, shared=False)(llm)
+    return app
+
+
+def create_plain_app(settings: GovernanceSettings) -> Celery:
+    """The ungoverned baseline for ``settings``: the governed app's broker, result backend and
+    Celery settings, without ``govern()``; ``bench.noop`` and the yardstick ``bench.round_trips``
+    (on :data:`PLAIN_QUEUE`)."""
+    app = Celery("bench-plain", broker=settings.broker_url, backend=settings.backend_url)
+    app.conf.update(
+        BENCH_CONF,
+        task_routes={name: {"queue": PLAIN_QUEUE} for name in (PLAIN_TASK, ROUND_TRIPS_TASK)},
+    )
+    app.task(name=PLAIN_TASK, shared=False)(noop)
     app.task(
         name=ROUND_TRIPS_TASK,
         base=RoundTripsTask,
@@ -142,17 +171,48 @@ def create_bench_app(settings: GovernanceSettings) -> Celery:
     return app
 
 
-_served: list[Celery] = []
+def create_defaults_app(settings: GovernanceSettings) -> Celery:
+    """``bench.noop`` with Celery's default settings (on :data:`DEFAULTS_QUEUE`): only the
+    broker, the result backend (to await completion) and the retry on startup (which silences a
+    deprecation warning, nothing more) are set."""
+    app = Celery("bench-defaults", broker=settings.broker_url, backend=settings.backend_url)
+    app.conf.update(
+        broker_connection_retry_on_startup=True,
+        task_routes={PLAIN_TASK: {"queue": DEFAULTS_QUEUE}},
+    )
+    app.task(name=PLAIN_TASK, shared=False)(noop)
+    return app
+
+
+#: The module's apps, by name, and how each is built.
+_BUILDERS = {
+    "app": create_bench_app,
+    "plain_app": create_plain_app,
+    "defaults_app": create_defaults_app,
+}
+_served: dict[str, Celery] = {}
 
 
 def __getattr__(name: str) -> Any:
-    """``app``: the worker's app, built from the environment when first asked for (importing
-    this module for :func:`create_bench_app` builds nothing)."""
-    if name != "app":
+    """``app``, ``plain_app``, ``defaults_app``: a worker's app, built from the environment when
+    first asked for (importing this module, or building one of them, builds no other)."""
+    build = _BUILDERS.get(name)
+    if build is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if not _served:
-        _served.append(create_bench_app(GovernanceSettings()))
-    return _served[0]
+    if name not in _served:
+        _served[name] = build(GovernanceSettings())
+    return _served[name]
 
 
-__all__ = ["GOVERNED_TASK", "LLM_TASK", "PLAIN_TASK", "ROUND_TRIPS_TASK", "create_bench_app"]
+__all__ = [
+    "BENCH_CONF",
+    "DEFAULTS_QUEUE",
+    "GOVERNED_TASK",
+    "LLM_TASK",
+    "PLAIN_QUEUE",
+    "PLAIN_TASK",
+    "ROUND_TRIPS_TASK",
+    "create_bench_app",
+    "create_defaults_app",
+    "create_plain_app",
+]

@@ -1,55 +1,75 @@
-"""Plain vs governed Celery tasks on one real worker: throughput of each, in one run, interleaved.
+"""Governed Celery tasks against an ungoverned app's, on real workers: throughput and CPU per task.
 
 One Redis (database 0 the broker and result backend, database 1 the governance state, as in the
-README and docker-compose), one ``celery worker -P prefork -c 2`` running
-:mod:`governance.bench.bench_app`, whose app carries both a plain ungoverned task
-(``bench.noop``) and the governed ``bench.echo``. The benchmark publishes alternating batches,
-plain, governed, plain, governed, ..., and times each batch from its first publish until the
-last of its results has arrived.
+README and docker-compose) and two ``celery worker -P prefork -c 2``, both running during the
+whole benchmark, each serving one app of :mod:`governance.bench.bench_app` from its own queue:
 
-Why this is fair: both kinds share the broker, the worker, its pool, the app's settings (late
-acks, prefetch 1, task events, results stored with ``task_track_started``), the same keyword
-arguments and the same completion signal: every task is published with ``apply_async`` and the
-batch ends when ``ResultSet.join_native`` (the result backend's pub/sub, no polling) has seen all
-of them succeed. Interleaving the batches spreads the noise of a shared machine over both kinds.
-The difference is the governance itself: context headers, authorization at publish and at the
+- the **plain** worker serves ``plain_app``, an app on which ``govern()`` was never called (none
+  of its signal handlers, its consumer, its publishing wrapper or its settings), from the queue
+  ``bench-plain``: ``bench.noop``, the plain task, and ``bench.round_trips``, the yardstick;
+- the **governed** worker serves ``app``, governed with ``govern(app, settings)``, from Celery's
+  default queue: ``bench.echo``, a governed tool call.
+
+Both apps have the same broker, result backend and Celery settings (late acks, prefetch 1,
+results stored with ``task_track_started`` and ``result_extended``), and each worker the same
+options. Every task is published from this process with ``apply_async`` and the same keyword
+arguments; once ``ResultSet.join_native`` (the result backend's pub/sub, no polling) has seen
+all of a batch's tasks succeed, the batch is timed from its first publication until the worker
+stored the last of its results (their ``date_done``: Celery's result consumer can see the last
+one later, by up to its wait interval, whatever the kind). What differs is governance itself:
+``govern()``'s settings and signal handlers, context headers, authorization at publish and at the
 worker, the ledger record, admission, lease, settlement, usage and two sealed audit entries per
 task, with every check of the policy switched on (rate limit, concurrency, budgets of every kind
-per day, month and run, long-running limits).
+per day, month and run, long-running limits). Batches of the kinds are interleaved, so that the
+noise of a shared machine is spread over all of them.
 
-A third kind, ``bench.round_trips``, interleaved with the other two, is the yardstick: a plain
-task that makes the Redis round trips of a governed one (the publisher's transaction, two script
-calls in the worker) with scripts that return at once and no other work. Its ratio to plain is
-the ceiling, on this machine, of any design that makes those round trips; the governed ratio
-can only be lower.
+The yardstick, ``bench.round_trips``, is an ungoverned task that makes a governed one's Redis
+round trips (the publisher's MULTI/EXEC transaction, two script calls in the worker) with scripts
+that return at once and no other work. Its throughput is the ceiling, on this machine, of any
+design that makes those round trips, and governed minus yardstick is what governance costs
+beyond them.
+
+**Flooded rounds** (``--tasks`` of each kind over ``--rounds`` rounds: plain, governed, round
+trips, plain, ...): each batch is published all at once, so the pool saturates (messages wait in
+the broker) and most governed tasks take fair dispatch's saturated path (they wait from
+publication and are handed on by the pool: more script calls per task).
+
+**Paced rounds**, the hot path, on which the targets are set: ``--paced-rounds`` (3) rounds of
+plain, round trips, governed, ``--paced-tasks`` of each, all published at one pace,
+``--paced-fraction`` of the flooded governed throughput: below what the pool can run, so it never
+saturates and each governed task takes the hot path (the same calls as without fair dispatch).
+For each round: CPU per task of each kind and "beyond the yardstick" (governed minus round trips
+of that round), per process and in total; the report gives the median over the rounds of each
+figure (so the medians of the processes need not add up to the median of the totals).
+For both, the governed tasks that waited for the pool (their audit entries) are counted, so the
+report says which path was measured.
+
+**For reference**, one flooded batch of ``bench.noop`` (``--reference-tasks``) on
+``defaults_app``, with Celery's default settings (early acks, prefetch 4 per process, no
+``STARTED`` state, no extended results; the result backend still set, so that completion can be
+awaited), served by a third worker started for it alone after the paced rounds: what the
+benchmark's settings cost a plain task by themselves.
 
 Redis work per governed task is counted at the server, from ``INFO commandstats``: script calls
 (``EVALSHA`` + ``EVAL``) during the governed batches, minus the background rate seen during the
-plain batches (the worker's maintenance thread, kombu's binding refresh). A governed task needs
-two: admission and settlement, each writing its audit entry (seals ride along on the next call,
-or in a batch of their own when no call comes soon). The total of commands the server executed
-per task (broker, results and state, including commands run inside scripts) is reported for both
-kinds, per command name in the JSON.
+plain batches (the governed worker, idle meanwhile: its maintenance thread, kombu's binding
+refresh). A governed task needs two: admission and settlement, each writing its audit entry
+(seals ride along on the next call, or in a batch of their own when no call comes soon). The
+total of commands the server executed per task (broker, results and state, including commands run
+inside scripts) is reported for each kind, per command name in the JSON.
 CPU per task is read for each process that serves a batch: this process (the publisher, which
-also reads the results), the worker's main process and its pool processes (``/proc``, Linux), and
-the Redis server (``INFO cpu``: all of its work, so with ``REDIS_URL`` other clients' too); on 2
-cores they all share the machine, so the governed task's extra CPU, wherever it is spent, is what
-its throughput pays for.
-The governed batches above are published all at once: the worker's pool saturates (messages
-wait in the broker), so most governed tasks take fair dispatch's saturated path (they wait from
-publication and are handed on by the pool: more script calls per task). The governed kind is
-then measured a second time, paced (``--paced-tasks`` published at ``--paced-fraction`` of the
-flooded governed throughput, after as many plain tasks at the same pace): below what the pool
-can run, so it never saturates and each task takes the hot path (the same calls as without fair
-dispatch). For both, the tasks that waited for the pool (their audit entries) are counted, so
-the report says which path was measured.
+also reads the results), the main process and the pool processes of the worker that served the
+batch (``/proc``, Linux; the other, idle worker is not counted), and the Redis server (``INFO
+cpu``: all of its work, the idle worker's polling included, and with ``REDIS_URL`` other clients'
+too); on 2 cores they all share the machine, so the governed task's extra CPU, wherever it is
+spent, is what its throughput pays for.
 Admission+settlement latency and the 10 vs 10,000 tenants scale come from
-:mod:`governance.bench.store_bench`, run against the same Redis after the worker has stopped.
+:mod:`governance.bench.store_bench`, run against the same Redis after the workers have stopped.
 With ``REDIS_URL`` set, that server is used instead of a private one (databases 0 and 1 are
 flushed).
 
 Run: ``python -m governance.bench.celery_bench [--tasks N] [--rounds R] [--paced-tasks N]
-[--paced-fraction F] [--json FILE]``.
+[--paced-rounds R] [--paced-fraction F] [--reference-tasks N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -58,13 +78,16 @@ import argparse
 import json
 import os
 import resource
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -72,14 +95,18 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import yaml
 from celery import Celery
-from celery.result import ResultSet
+from celery.result import AsyncResult, ResultSet
 
 from governance.bench import store_bench
 from governance.bench.bench_app import (
+    DEFAULTS_QUEUE,
     GOVERNED_TASK,
+    PLAIN_QUEUE,
     PLAIN_TASK,
     ROUND_TRIPS_TASK,
     create_bench_app,
+    create_defaults_app,
+    create_plain_app,
 )
 from governance.embedded import EmbeddedRedis
 from governance.embedded.processes import log_tail, stop_processes
@@ -91,7 +118,18 @@ from governance.store.keys import TenantKeys
 
 TENANT = "bench"
 CONTEXT = ActionContext(tenant=TENANT, agent="bench-agent", run="bench-run")
+#: The kinds of the flooded rounds, in their order; the paced rounds' order.
 KINDS = ("plain", "governed", "round_trips")
+PACED_KINDS = ("plain", "round_trips", "governed")
+#: The reference kind: ``bench.noop`` with Celery's default settings.
+DEFAULTS = "celery_defaults"
+#: The task each kind publishes.
+TASK_OF = {
+    "plain": PLAIN_TASK,
+    "governed": GOVERNED_TASK,
+    "round_trips": ROUND_TRIPS_TASK,
+    DEFAULTS: PLAIN_TASK,
+}
 #: Top-level commands that run a script; the commands a script runs are counted apart.
 SCRIPTS = ("evalsha", "eval")
 #: Huge limits, but every kind of check on, so each governed task pays for all of them.
@@ -117,6 +155,10 @@ BENCH_POLICY: dict[str, Any] = {
 #: Tasks of each kind run before timing: worker children fork, connect and load the scripts.
 WARM_UP_TASKS = 20
 BATCH_TIMEOUT_S = 300.0
+#: How long the result backend's consumer waits for a message at a time while a batch is joined
+#: (Celery's default is 0.5 s): it may miss one already read from the socket until the wait
+#: ends, which would add that idle time to the batch's CPU readings.
+JOIN_INTERVAL_S = 0.05
 
 
 # -- environment -------------------------------------------------------------------------------
@@ -165,16 +207,34 @@ def _environment(env: Mapping[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def publisher_app(env: Mapping[str, str]) -> Celery:
-    """An app built exactly like the worker's: the same settings, from the same variables."""
+def publisher_app(
+    env: Mapping[str, str], build: Callable[[GovernanceSettings], Celery] = create_bench_app
+) -> Celery:
+    """An app built exactly like a worker's (the governed one unless ``build`` says otherwise):
+    the same settings, from the same variables."""
     with _environment(env):
-        return create_bench_app(GovernanceSettings())
+        return build(GovernanceSettings())
+
+
+#: The ``-A`` of each app of :mod:`governance.bench.bench_app`.
+GOVERNED_APP = "governance.bench.bench_app"
+PLAIN_APP = "governance.bench.bench_app:plain_app"
+DEFAULTS_APP = "governance.bench.bench_app:defaults_app"
 
 
 class BenchWorker:
-    """The ``celery worker`` process (prefork) serving :mod:`governance.bench.bench_app`."""
+    """A ``celery worker`` process (prefork) serving one app of :mod:`governance.bench.bench_app`
+    (``app_spec``, the governed one by default), from ``queue`` (else the app's default)."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, concurrency: int) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        concurrency: int,
+        app_spec: str = GOVERNED_APP,
+        queue: str | None = None,
+        name: str = "bench",
+    ) -> None:
         inherited = {
             k: v
             for k, v in os.environ.items()
@@ -183,9 +243,23 @@ class BenchWorker:
         self.env = {**inherited, **env}
         self.log_path = log_path
         self.concurrency = concurrency
+        self.app_spec = app_spec
+        self.queue = queue
+        #: Its own node name, so that a ping finds it among the other workers of the broker.
+        self.nodename = f"{name}-{os.getpid()}@{socket.gethostname()}"
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
     def start(self, app: Celery, timeout_s: float = 90.0) -> None:
+        self.launch()
+        self.wait_ready(app, timeout_s)
+
+    def launch(self) -> None:
+        """Start the process, without waiting for it to serve (see :meth:`wait_ready`)."""
+        queues = ["-Q", self.queue] if self.queue else []
         with self.log_path.open("ab") as log:
             # Its own session: a Ctrl-C reaches only the benchmark, which then stops the worker.
             self.process = subprocess.Popen(
@@ -194,29 +268,39 @@ class BenchWorker:
                     "-m",
                     "celery",
                     "-A",
-                    "governance.bench.bench_app",
+                    self.app_spec,
                     "worker",
                     "-P",
                     "prefork",
                     "-c",
                     str(self.concurrency),
+                    *queues,
                     "--without-gossip",
                     "--without-mingle",
                     "--loglevel=WARNING",
                     "-n",
-                    f"bench-{os.getpid()}@%h",
+                    self.nodename,
                 ],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_ready(self, app: Celery, timeout_s: float = 90.0) -> None:
+        """Return once the worker answers a ping (sent with ``app``, on its broker)."""
+        if self.process is None:
+            raise RuntimeError("the benchmark worker was not launched")
         deadline = time.monotonic() + timeout_s
-        while not app.control.ping(timeout=0.5):
+        while not app.control.ping(destination=[self.nodename], timeout=0.5):
             if self.process.poll() is not None:
-                raise RuntimeError(f"the benchmark worker exited at start:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the benchmark worker {self.nodename} exited at start:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the benchmark worker did not answer a ping in {timeout_s}s")
+                raise RuntimeError(
+                    f"the benchmark worker {self.nodename} did not answer a ping in {timeout_s}s"
+                )
 
     def stop(self) -> None:
         """SIGTERM (warm shutdown), then SIGKILL to the worker's own process group if stuck."""
@@ -225,6 +309,15 @@ class BenchWorker:
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
+
+
+@dataclass(frozen=True)
+class Served:
+    """Where the tasks of one kind go: the app that publishes them, and the pid of the worker
+    that serves them (its CPU and its pool's are that kind's)."""
+
+    app: Celery
+    worker_pid: int | None
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -340,6 +433,8 @@ class Batch:
     cpu_s: Mapping[str, float] = field(default_factory=dict)
     #: Tasks that waited for the saturated worker pool meanwhile (fair dispatch handed them on).
     dispatched: int = 0
+    #: How much later than its worker stored it the join saw the last result (not in ``seconds``).
+    seen_late_s: float = 0.0
 
     @property
     def script_calls(self) -> int:
@@ -348,6 +443,12 @@ class Batch:
     @property
     def server_commands(self) -> int:
         return sum(self.by_command.values())
+
+    def cpu_ms_total(self) -> float | None:
+        """CPU milliseconds per task of every role together, None unless each was read."""
+        if not all(role in self.cpu_s for role in CPU_ROLES):
+            return None
+        return sum(self.cpu_s[role] for role in CPU_ROLES) / self.tasks * 1000
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -358,21 +459,20 @@ class Batch:
             "script_calls": self.script_calls,
             "server_commands": self.server_commands,
             "dispatched_by_the_pool": self.dispatched,
+            "last_result_seen_late_s": round(self.seen_late_s, 4),
         }
 
 
 def publish_and_wait(
     app: Celery, kind: str, tasks: int, first: int, rate: float | None = None
-) -> None:
-    """Publish ``tasks`` tasks of ``kind`` (all at once, or ``rate`` per second) and return
-    once every one of them has succeeded."""
+) -> list[AsyncResult]:
+    """Publish ``tasks`` tasks of ``kind`` with ``app`` (all at once, or ``rate`` per second)
+    and return their results once every one of them has succeeded."""
+    task = app.tasks[TASK_OF[kind]]
     headers: dict[str, Any] = {}
     if kind == "governed":
-        task = app.tasks[GOVERNED_TASK]
         headers = GovernanceHeaders(context=CONTEXT).to_headers()
-    else:
-        task = app.tasks[PLAIN_TASK if kind == "plain" else ROUND_TRIPS_TASK]
-    results: list[Any] = []
+    results: list[AsyncResult] = []
     started = time.perf_counter()
     try:
         for i in range(tasks):
@@ -381,7 +481,9 @@ def publish_and_wait(
             results.append(
                 task.apply_async(kwargs={"text": f"bench-{first + i}"}, headers=dict(headers))
             )
-        values = ResultSet(results, app=app).join_native(timeout=BATCH_TIMEOUT_S, propagate=True)
+        values = ResultSet(results, app=app).join_native(
+            timeout=BATCH_TIMEOUT_S, propagate=True, interval=JOIN_INTERVAL_S
+        )
     except KeyboardInterrupt:
         # Stop waiting now, while Redis is up: each result would otherwise unsubscribe from the
         # result backend when collected at interpreter exit, after Redis stopped, and print noise.
@@ -390,6 +492,22 @@ def publish_and_wait(
         raise
     if len(values) != tasks:
         raise RuntimeError(f"{kind} batch: {len(values)} results for {tasks} tasks")
+    return results
+
+
+def last_done(results: list[AsyncResult]) -> float | None:
+    """When the worker stored the last of ``results`` (epoch seconds, their ``date_done``), or
+    None if one has none. Read from the results the join received (else from the backend)."""
+    latest: float | None = None
+    for result in results:
+        done = result.date_done
+        if isinstance(done, str):
+            done = datetime.fromisoformat(done)
+        if not isinstance(done, datetime):
+            return None
+        at = (done if done.tzinfo else done.replace(tzinfo=UTC)).timestamp()
+        latest = at if latest is None else max(latest, at)
+    return latest
 
 
 def server_ms(state: redis.Redis | None) -> int:
@@ -411,25 +529,30 @@ def waited_for_the_pool(state: redis.Redis | None, since_ms: int, until_ms: int)
 
 
 def run_batch(
-    app: Celery,
+    served: Served,
     client: redis.Redis,
     kind: str,
     round_no: int,
     tasks: int,
-    worker_pid: int | None = None,
     rate: float | None = None,
     state: redis.Redis | None = None,
 ) -> Batch:
+    """One timed batch of ``kind``, published with ``served.app``; CPU read from its worker."""
     before = ServerCounters.read(client)
     since_ms = server_ms(state)
-    cpu_before = CpuReading.read(worker_pid, client)
-    started = time.perf_counter()
-    publish_and_wait(app, kind, tasks, first=round_no * 1_000_000, rate=rate)
+    cpu_before = CpuReading.read(served.worker_pid, client)
+    started, started_at = time.perf_counter(), time.time()
+    results = publish_and_wait(served.app, kind, tasks, first=round_no * 1_000_000, rate=rate)
     seconds = time.perf_counter() - started
-    cpu_s = CpuReading.read(worker_pid, client).since(cpu_before)
+    cpu_s = CpuReading.read(served.worker_pid, client).since(cpu_before)
     by_command = ServerCounters.read(client).since(before)
     dispatched = waited_for_the_pool(state, since_ms, server_ms(state))
-    return Batch(kind, round_no, tasks, seconds, by_command, cpu_s, dispatched)
+    # The batch ends when the worker stored its last result: the join may see it later.
+    done, seen_late_s = last_done(results), 0.0
+    if done is not None and 0 < done - started_at < seconds:
+        seen_late_s = seconds - (done - started_at)
+        seconds = done - started_at
+    return Batch(kind, round_no, tasks, seconds, by_command, cpu_s, dispatched, seen_late_s)
 
 
 def batch_sizes(total: int, rounds: int) -> list[int]:
@@ -438,19 +561,19 @@ def batch_sizes(total: int, rounds: int) -> list[int]:
 
 
 def run_rounds(
-    app: Celery,
+    serving: Mapping[str, Served],
     client: redis.Redis,
     tasks: int,
     rounds: int,
     out: TextIO = sys.stdout,
-    worker_pid: int | None = None,
     state: redis.Redis | None = None,
 ) -> list[Batch]:
-    """Plain, governed, round trips, plain, ...: ``tasks`` of each kind in ``rounds`` rounds."""
+    """Plain, governed, round trips, plain, ...: ``tasks`` of each kind in ``rounds`` rounds,
+    each batch published all at once (flooded)."""
     batches: list[Batch] = []
     for round_no, size in enumerate(batch_sizes(tasks, rounds), start=1):
         for kind in KINDS:
-            batch = run_batch(app, client, kind, round_no, size, worker_pid, state=state)
+            batch = run_batch(serving[kind], client, kind, round_no, size, state=state)
             batches.append(batch)
             print(
                 f"  round {round_no}/{rounds} {kind:<11} {size:>6} tasks in {batch.seconds:7.2f} s"
@@ -516,50 +639,113 @@ def summarize(batches: list[Batch]) -> dict[str, Any]:
 
 
 def run_paced(
-    app: Celery,
+    serving: Mapping[str, Served],
     client: redis.Redis,
     tasks: int,
     rate: float,
-    worker_pid: int | None,
-    state: redis.Redis,
+    rounds: int,
+    state: redis.Redis | None = None,
     out: TextIO = sys.stdout,
 ) -> list[Batch]:
-    """Plain, then governed tasks, ``tasks`` of each published at ``rate`` per second: below
-    what the pool can run, so it never saturates (the governed tasks' hot path)."""
+    """``rounds`` rounds of plain, round trips, governed, ``tasks`` of each published at
+    ``rate`` per second: below what the pool can run, so it never saturates (the governed
+    tasks' hot path)."""
     batches = []
-    for kind in ("plain", "governed"):
-        batch = run_batch(app, client, kind, 0, tasks, worker_pid, rate=rate, state=state)
-        batches.append(batch)
-        print(
-            f"  paced {kind:<8} {tasks:>6} tasks at {rate:.0f}/s in {batch.seconds:7.2f} s"
-            f"  ({batch.dispatched} waited for the pool)",
-            file=out,
-            flush=True,
-        )
+    for round_no in range(1, rounds + 1):
+        for kind in PACED_KINDS:
+            batch = run_batch(serving[kind], client, kind, round_no, tasks, rate=rate, state=state)
+            batches.append(batch)
+            total = batch.cpu_ms_total()
+            print(
+                f"  paced round {round_no}/{rounds} {kind:<11} {tasks:>6} tasks at {rate:.0f}/s"
+                f" in {batch.seconds:7.2f} s, CPU {'n/a' if total is None else f'{total:.3f}'} ms"
+                f" per task  ({batch.dispatched} waited for the pool)",
+                file=out,
+                flush=True,
+            )
     return batches
 
 
-def summarize_paced(batches: list[Batch], background_per_s: float, rate: float) -> dict[str, Any]:
-    """The paced batches' figures: throughput (the pace, when the worker kept up), script calls
-    per governed task (the background subtracted, as for the flooded batches), CPU per task."""
-    plain, governed = batches
-    net_scripts = governed.script_calls - background_per_s * governed.seconds
+def median_cpu(figures: list[Mapping[str, float]]) -> dict[str, float]:
+    """The median of each role (and of the total) over ``figures``, one per round; a role
+    missing from any round is left out."""
     return {
+        role: round(statistics.median(f[role] for f in figures), 3)
+        for role in (*CPU_ROLES, "total")
+        if figures and all(role in f for f in figures)
+    }
+
+
+def beyond_yardstick(
+    governed: Mapping[str, float], round_trips: Mapping[str, float]
+) -> dict[str, float]:
+    """CPU ms per task a governed task used beyond the yardstick's, per role (and in total)."""
+    return {
+        role: round(governed[role] - round_trips[role], 3)
+        for role in (*CPU_ROLES, "total")
+        if role in governed and role in round_trips
+    }
+
+
+def summarize_paced(batches: list[Batch], background_per_s: float, rate: float) -> dict[str, Any]:
+    """The paced rounds' figures: for each round, CPU per task of each kind and governed minus
+    round trips (beyond the yardstick); their medians over the rounds; the throughput of each
+    kind (the pace, when the worker kept up); script calls per governed task (the background
+    subtracted, as for the flooded batches) and the governed tasks that waited for the pool."""
+    rounds = sorted({b.round_no for b in batches})
+    of = {(b.kind, b.round_no): b for b in batches}
+    by_round: list[dict[str, Any]] = []
+    for round_no in rounds:
+        figures: dict[str, Any] = {"round": round_no}
+        for kind in PACED_KINDS:
+            batch = of[kind, round_no]
+            figures[kind] = {
+                "tasks_per_s": round(batch.tasks / batch.seconds, 1),
+                "cpu_ms_per_task": cpu_ms_per_task([batch]),
+            }
+        figures["beyond_yardstick_cpu_ms_per_task"] = beyond_yardstick(
+            figures["governed"]["cpu_ms_per_task"], figures["round_trips"]["cpu_ms_per_task"]
+        )
+        by_round.append(figures)
+    summary: dict[str, Any] = {
         "rate_per_s": round(rate, 1),
-        "tasks": governed.tasks,
-        "plain": {
-            "tasks_per_s": round(plain.tasks / plain.seconds, 1),
-            "cpu_ms_per_task": cpu_ms_per_task([plain]),
-            "server_commands_per_task": round(plain.server_commands / plain.tasks, 2),
-        },
-        "governed": {
-            "tasks": governed.tasks,
-            "tasks_per_s": round(governed.tasks / governed.seconds, 1),
-            "cpu_ms_per_task": cpu_ms_per_task([governed]),
-            "script_calls_per_task": round(net_scripts / governed.tasks, 3),
-            "server_commands_per_task": round(governed.server_commands / governed.tasks, 2),
-            "dispatched_by_the_pool": governed.dispatched,
-        },
+        "rounds": len(rounds),
+        "tasks_per_round": of[PACED_KINDS[0], rounds[0]].tasks,
+    }
+    for kind in PACED_KINDS:
+        mine = [b for b in batches if b.kind == kind]
+        tasks = sum(b.tasks for b in mine)
+        seconds = sum(b.seconds for b in mine)
+        summary[kind] = {
+            "tasks": tasks,
+            "tasks_per_s": round(tasks / seconds, 1),
+            "cpu_ms_per_task": median_cpu([r[kind]["cpu_ms_per_task"] for r in by_round]),
+            "server_commands_per_task": round(sum(b.server_commands for b in mine) / tasks, 2),
+            "batches": [b.as_json() for b in mine],
+        }
+    governed = [b for b in batches if b.kind == "governed"]
+    tasks = summary["governed"]["tasks"]
+    net_scripts = sum(b.script_calls - background_per_s * b.seconds for b in governed)
+    summary["governed"]["script_calls_per_task"] = round(net_scripts / tasks, 3)
+    summary["governed"]["dispatched_by_the_pool"] = sum(b.dispatched for b in governed)
+    summary["beyond_yardstick_cpu_ms_per_task"] = median_cpu(
+        [r["beyond_yardstick_cpu_ms_per_task"] for r in by_round]
+    )
+    summary["by_round"] = by_round
+    return summary
+
+
+def summarize_reference(batch: Batch) -> dict[str, Any]:
+    """The reference batch: ``bench.noop`` on an app with Celery's default settings."""
+    return {
+        "task": PLAIN_TASK,
+        "settings": "Celery's defaults (early acks, default prefetch, no STARTED state, "
+        "no extended results; a result backend)",
+        "tasks": batch.tasks,
+        "seconds": round(batch.seconds, 3),
+        "tasks_per_s": round(batch.tasks / batch.seconds, 1),
+        "cpu_ms_per_task": cpu_ms_per_task([batch]),
+        "server_commands_per_task": round(batch.server_commands / batch.tasks, 2),
     }
 
 
@@ -619,11 +805,12 @@ def store_figures(state_url: str, store_tasks: int, scale_tenants: int) -> dict[
 def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
     """Print the figures a reader compares, one per line."""
     plain, governed, store = result["plain"], result["governed"], result["store"]
-    paced = result["paced"]
+    paced, reference = result["paced"], result["reference"]
     bare = result["round_trips"]
+    paced_rounds = f"median of {paced['rounds']} rounds"
     rows = [
         (
-            "plain tasks per second (bench.noop)",
+            "plain tasks per second (bench.noop, ungoverned)",
             f"{plain['tasks_per_s']} ({plain['tasks']} tasks in {plain['seconds']} s)",
         ),
         (
@@ -648,15 +835,29 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"{plain['server_commands_per_task']} / {governed['server_commands_per_task']} "
             "(broker, results and state; commands run inside scripts included)",
         ),
-        ("CPU ms per task, plain/governed", _cpu_row(plain, governed)),
+        ("CPU ms per task, plain/governed (flooded)", _cpu_row(plain, governed)),
+        ("governed, flooded (saturated pool)", _governed_row(governed)),
         (
-            "governed, flooded (saturated pool)",
-            _governed_row(governed),
+            f"paced: CPU per task beyond the yardstick ({paced_rounds})",
+            _beyond_row(paced),
         ),
         (
-            f"governed, paced at {paced['rate_per_s']}/s",
-            _governed_row(paced["governed"])
-            + f"; plain paced CPU {paced['plain']['cpu_ms_per_task'].get('total', 'n/a')} ms",
+            "paced: CPU ms per task, plain/round trips/governed (medians)",
+            _cpu_row(paced["plain"], paced["round_trips"], paced["governed"]),
+        ),
+        (
+            "paced: tasks per second, plain/round trips/governed",
+            " / ".join(str(paced[kind]["tasks_per_s"]) for kind in PACED_KINDS)
+            + f" (published at {paced['rate_per_s']}/s, {paced['rounds']} rounds of "
+            f"{paced['tasks_per_round']:,} tasks of each kind)",
+        ),
+        (f"governed, paced at {paced['rate_per_s']}/s", _governed_row(paced["governed"])),
+        (
+            "for reference: bench.noop, Celery's defaults",
+            f"{reference['tasks_per_s']} tasks/s, CPU ms per task "
+            + _cpu_row(reference)
+            + f" ({reference['tasks']:,} tasks, flooded; early acks, default prefetch, no "
+            "STARTED state, no extended results)",
         ),
         (
             "admit+settle latency p50 / p99 (1 client)",
@@ -667,7 +868,13 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             "state Redis CPU per governed task (1 client)",
             f"{store['redis_cpu_us_per_governed_task']} us, sealed: ledger record, admission, "
             f"settlement (about {store['governed_tasks_per_s_per_redis_core']:,} governed "
-            "tasks/s per Redis core)",
+            f"tasks/s per Redis core; median of {store['redis_cpu_us_per_governed_task_runs']})",
+        ),
+        (
+            "maintenance leader per governed task",
+            f"{store['leader_cpu_us_per_governed_task']} us CPU + "
+            f"{store['leader_redis_cpu_us_per_governed_task']} us Redis (its audit adoption "
+            "reads each entry once)",
         ),
         (
             f"admission p50, 10 vs {store['scale_tenants']:,} tenants",
@@ -676,8 +883,9 @@ def report(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
         ),
     ]
     print(
-        f"Celery benchmark: plain vs governed tasks, one worker (prefork, {result['concurrency']} "
-        f"processes), one Redis, {result['rounds']} interleaved rounds, this machine",
+        "Celery benchmark: an ungoverned app vs a governed one, a worker each (prefork, "
+        f"{result['concurrency']} processes), one Redis, {result['rounds']} flooded and "
+        f"{paced['rounds']} paced interleaved rounds, this machine",
         file=out,
     )
     width = max(len(label) for label, _ in rows)
@@ -698,16 +906,31 @@ def _governed_row(kind: Mapping[str, Any]) -> str:
     )
 
 
-def _cpu_row(plain: Mapping[str, Any], governed: Mapping[str, Any]) -> str:
-    """``publisher 1.25 / 1.62, ..., total 3.95 / 5.58 (+1.63)``: each role, both kinds."""
-    a, b = plain["cpu_ms_per_task"], governed["cpu_ms_per_task"]
+def _cpu_row(*kinds: Mapping[str, Any]) -> str:
+    """``publisher 1.25 / 1.62, ..., total 3.95 / 5.58 (+1.63)``: each role, each kind (the
+    last one's total against the first one's, when there are several)."""
+    figures = [kind["cpu_ms_per_task"] for kind in kinds]
     row = ", ".join(
-        f"{role.replace('_', ' ')} {a.get(role, 'n/a')} / {b.get(role, 'n/a')}"
+        f"{role.replace('_', ' ')} " + " / ".join(str(f.get(role, "n/a")) for f in figures)
         for role in (*CPU_ROLES, "total")
     )
-    if "total" in a and "total" in b:
-        row += f" ({b['total'] - a['total']:+.3f})"
+    first, last = figures[0], figures[-1]
+    if len(figures) > 1 and "total" in first and "total" in last:
+        row += f" ({last['total'] - first['total']:+.3f})"
     return row
+
+
+def _beyond_row(paced: Mapping[str, Any]) -> str:
+    """``publisher 0.21, worker main 0.12, pool 0.30, redis 0.10, total 0.73 ms (rounds: 0.70,
+    0.73, 0.81)``: governed minus round trips, the median of each role, each round's total."""
+    median = paced["beyond_yardstick_cpu_ms_per_task"]
+    row = ", ".join(
+        f"{role.replace('_', ' ')} " + (f"{median[role]:.2f}" if role in median else "n/a")
+        for role in (*CPU_ROLES, "total")
+    )
+    totals = [r["beyond_yardstick_cpu_ms_per_task"].get("total") for r in paced["by_round"]]
+    listed = ", ".join("n/a" if t is None else f"{t:.2f}" for t in totals)
+    return f"{row} ms (rounds: {listed})"
 
 
 def _positive(text: str) -> int:
@@ -719,9 +942,13 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--tasks", type=_positive, default=5_000, help="tasks of each kind")
-    parser.add_argument("--rounds", type=_positive, default=4, help="plain+governed rounds")
-    parser.add_argument("--concurrency", type=_positive, default=2, help="worker processes")
+    parser.add_argument("--tasks", type=_positive, default=5_000, help="flooded tasks of each kind")
+    parser.add_argument(
+        "--rounds", type=_positive, default=4, help="flooded plain+governed+round trips rounds"
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive, default=2, help="pool processes of each worker"
+    )
     parser.add_argument(
         "--store-tasks", type=_positive, default=2_000, help="admit+settle samples (store)"
     )
@@ -732,7 +959,13 @@ def main(argv: list[str] | None = None) -> int:
         "--paced-tasks",
         type=_positive,
         default=None,
-        help="governed (and plain) tasks, paced (default: --tasks, at most 2,000)",
+        help="tasks of each kind in each paced round (default: --tasks, at most 1,000)",
+    )
+    parser.add_argument(
+        "--paced-rounds",
+        type=_positive,
+        default=3,
+        help="paced plain+round trips+governed rounds (the figures are their medians)",
     )
     parser.add_argument(
         "--paced-fraction",
@@ -740,12 +973,23 @@ def main(argv: list[str] | None = None) -> int:
         default=0.5,
         help="the pace, as a fraction of the flooded governed throughput",
     )
+    parser.add_argument(
+        "--reference-tasks",
+        type=_positive,
+        default=None,
+        help="bench.noop tasks with Celery's default settings, flooded, for reference "
+        "(default: --tasks, at most 1,000)",
+    )
     parser.add_argument("--json", default="bench-results.json", help="where to write JSON")
     args = parser.parse_args(argv)
     if args.paced_tasks is None:
-        args.paced_tasks = min(args.tasks, 2_000)
+        args.paced_tasks = min(args.tasks, 1_000)
+    if args.reference_tasks is None:
+        args.reference_tasks = min(args.tasks, 1_000)
     if args.rounds > args.tasks:
         parser.error(f"--rounds ({args.rounds}) cannot exceed --tasks ({args.tasks})")
+    if not args.paced_fraction > 0:
+        parser.error(f"--paced-fraction must be above 0, got {args.paced_fraction}")
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="celery-bench-") as tmp,
@@ -760,29 +1004,78 @@ def main(argv: list[str] | None = None) -> int:
             with redis.Redis.from_url(state_url) as state_client:
                 state_client.flushdb()
         app = publisher_app(env)
-        worker = BenchWorker(env, Path(tmp) / "worker.log", args.concurrency)
+        plain_app = publisher_app(env, create_plain_app)
+        defaults_app = publisher_app(env, create_defaults_app)
+        governed_worker = BenchWorker(
+            env, Path(tmp) / "worker-governed.log", args.concurrency, name="bench-governed"
+        )
+        plain_worker = BenchWorker(
+            env,
+            Path(tmp) / "worker-plain.log",
+            args.concurrency,
+            app_spec=PLAIN_APP,
+            queue=PLAIN_QUEUE,
+            name="bench-plain",
+        )
+        defaults_worker = BenchWorker(
+            env,
+            Path(tmp) / "worker-defaults.log",
+            args.concurrency,
+            app_spec=DEFAULTS_APP,
+            queue=DEFAULTS_QUEUE,
+            name="bench-defaults",
+        )
+        workers = (governed_worker, plain_worker, defaults_worker)
         try:
-            print(f"starting a worker ({args.concurrency} processes) ...", flush=True)
-            worker.start(app)
-            for kind in KINDS:
-                publish_and_wait(app, kind, WARM_UP_TASKS, first=0)
-            worker_pid = worker.process.pid if worker.process else None
-            result = summarize(
-                run_rounds(app, client, args.tasks, args.rounds, worker_pid=worker_pid, state=state)
+            print(
+                f"starting an ungoverned and a governed worker ({args.concurrency} processes "
+                "each) ...",
+                flush=True,
             )
+            governed_worker.launch()
+            plain_worker.launch()
+            governed_worker.wait_ready(app)
+            plain_worker.wait_ready(plain_app)
+            serving = {
+                "plain": Served(plain_app, plain_worker.pid),
+                "round_trips": Served(plain_app, plain_worker.pid),
+                "governed": Served(app, governed_worker.pid),
+            }
+            for kind in KINDS:
+                publish_and_wait(serving[kind].app, kind, WARM_UP_TASKS, first=0)
+            result = summarize(run_rounds(serving, client, args.tasks, args.rounds, state=state))
             rate = args.paced_fraction * result["governed"]["tasks_per_s"]
-            paced = run_paced(app, client, args.paced_tasks, rate, worker_pid, state)
+            paced = run_paced(serving, client, args.paced_tasks, rate, args.paced_rounds, state)
             result["paced"] = summarize_paced(paced, result["background_script_calls_per_s"], rate)
-            check_governed_usage(state_url, WARM_UP_TASKS + args.tasks + args.paced_tasks)
+            check_governed_usage(
+                state_url, WARM_UP_TASKS + args.tasks + args.paced_rounds * args.paced_tasks
+            )
+            print("starting a worker with Celery's default settings, for reference ...", flush=True)
+            defaults_worker.start(defaults_app)
+            reference = Served(defaults_app, defaults_worker.pid)
+            publish_and_wait(defaults_app, DEFAULTS, WARM_UP_TASKS, first=0)
+            batch = run_batch(reference, client, DEFAULTS, 1, args.reference_tasks, state=state)
+            print(
+                f"  reference {DEFAULTS} {args.reference_tasks:>6} tasks in {batch.seconds:7.2f} s"
+                f"  ({args.reference_tasks / batch.seconds:8.1f} tasks/s)",
+                flush=True,
+            )
+            result["reference"] = summarize_reference(batch)
         except KeyboardInterrupt:
-            print("interrupted: stopping the worker and Redis", file=sys.stderr)
+            print("interrupted: stopping the workers and Redis", file=sys.stderr)
             return 130
         except Exception:
-            print(f"worker log (last lines):\n{worker.log_tail()}", file=sys.stderr)
+            for worker in workers:
+                if worker.process is not None:
+                    print(
+                        f"worker {worker.nodename} log (last lines):\n{worker.log_tail()}",
+                        file=sys.stderr,
+                    )
             raise
         finally:
-            worker.stop()
-            app.close()
+            stop_processes([w.process for w in workers if w.process is not None], timeout_s=30)
+            for each in (app, plain_app, defaults_app):
+                each.close()
             client.close()
             state.close()
         print("measuring the store (admission + settlement, tenant scale) ...", flush=True)
@@ -792,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         concurrency=args.concurrency,
         pool="prefork",
+        queues={"plain": PLAIN_QUEUE, "governed": "celery", DEFAULTS: DEFAULTS_QUEUE},
         elapsed_s=round(time.monotonic() - started, 1),
     )
     report(result)
