@@ -110,7 +110,7 @@ from governance.bench.bench_app import (
 )
 from governance.embedded import EmbeddedRedis
 from governance.embedded.processes import log_tail, stop_processes
-from governance.integration import GovernanceHeaders
+from governance.integration import GovernanceHeaders, runtime_for
 from governance.policy.context import ActionContext
 from governance.settings import GovernanceSettings
 from governance.store import Period, StateStore, read_usage
@@ -1074,6 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finally:
             stop_processes([w.process for w in workers if w.process is not None], timeout_s=30)
+            # The seals this publisher owes (its entries at publication), while Redis is up.
+            runtime_for(app).flush_owed_seals()
             for each in (app, plain_app, defaults_app):
                 each.close()
             client.close()
