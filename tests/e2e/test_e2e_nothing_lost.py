@@ -104,7 +104,17 @@ def test_sigkilled_pool_children_then_the_whole_worker_lose_nothing(
     for result in results:
         result.get(timeout=RECOVERY_BOUND_S + 60, propagate=False)
     elapsed = time.monotonic() - killed_at
-    assert _states(results) == {"SUCCESS": 120}
+    # A kill that falls between a task's settlement and its result write leaves it ended: it
+    # ran once, its usage counted, and its next delivery stores ResultLost instead of running
+    # it again (by design). Only the killed processes' running tasks can be caught so: the 3
+    # children, then the worker's 4.
+    lost = [r for r in results if r.state != "SUCCESS"]
+    assert all(isinstance(r.result, ResultLost) for r in lost), [
+        (r.id, r.state, repr(r.result)) for r in lost
+    ]
+    assert len(lost) <= 3 + 4, [(r.id, r.state, repr(r.result)) for r in lost]
+    for r in lost:
+        assert "task_finished" in types_of(audit_of(deployment.runtime, r.id)), r.id
     assert elapsed < RECOVERY_BOUND_S, f"recovery took {elapsed:.1f} s"
     assert observer.observations.max_in_flight["kill"] <= 3
     status = deployment.runtime.ledger.status("t-load", overdue_after_ms=0)

@@ -187,9 +187,16 @@ def test_a_record_the_promoted_replica_never_received_is_missing_there(
         ledger = Ledger(state)
         try:
             ledger.record_published("acme", "before", envelope("before"))
-            assert on_replica.confirm([("acme", "before")]).verdicts == {
-                ("acme", "before"): Verdict.DURABLE
-            }
+            # The precondition: the replica has it (a replica still syncing, or slow to fsync
+            # under load, misses the first 200 ms confirmation; a later one sees it there).
+            wait_until(
+                lambda: (
+                    on_replica.confirm([("acme", "before")]).verdicts
+                    == {("acme", "before"): Verdict.DURABLE}
+                ),
+                30,
+                "the record to be confirmed on the replica",
+            )
             # The replica falls behind: stopped, and its link to the primary cut.
             replica.pause()
             state.client.client_kill_filter(_type="replica")
