@@ -16,7 +16,7 @@ import redis
 
 from governance.store import AuditEvent, AuditEventType, AuditLog, StateStore, audit_verify
 from governance.store.audit import AuditEntry
-from governance.store.audit_seal import AuditSealer, seal_mac
+from governance.store.audit_seal import AuditSealer, parse_written, seal_mac
 from governance.store.keys import TenantKeys
 from governance.store.vocabulary import AUDIT_APPEND
 
@@ -422,6 +422,51 @@ def test_an_entry_edited_before_its_seal_went_out_is_named(
     assert not report.ok
     assert report.broken_entry == target.decode()
     assert "altered" in report.reason
+
+
+def test_a_template_field_edited_before_its_seal_went_out_is_named(
+    state: StateStore, redis_client: redis.Redis
+) -> None:
+    """A task's entry comes back from its script without the audit template the caller sent
+    (``[id, fields, 1]``); the seal covers the caller's own copy of it, so whoever writes the
+    state Redis cannot change who or what an entry names (here: its task) before it is sealed."""
+    from governance.store.admission import Admitter
+    from governance.store.limits import AdmissionLimits
+    from tests.store.helpers import TOOL_STEP, ctx, tool
+
+    sealer = AuditSealer(KEY)
+    admitted = Admitter(state, sealer).admit(
+        ctx=ctx(),
+        action=tool(),
+        task_id="t-named",
+        attempt=0,
+        estimate=TOOL_STEP,
+        limits=AdmissionLimits(),
+        template={"tenant": "acme", "agent": "a1", "task_id": "t-named"},
+    )
+    assert admitted.admitted
+    ((target, fields),) = _records(redis_client)  # written, its seal still owed
+    assert fields[b"task_id"] == b"t-named"
+    assert fields[b"agent"] == b"a1"
+    redis_client.delete(STREAM)
+    redis_client.xadd(STREAM, {**fields, b"task_id": b"t-someone-else"}, id=target)
+    AuditLog(state, sealer).flush("acme")
+    report = _verify(state)
+    assert not report.ok
+    assert report.broken_entry == target.decode()
+    assert "altered" in report.reason
+
+
+def test_a_task_entry_is_completed_with_the_template_the_caller_sent() -> None:
+    flat = ["seq", "1", "ts", "5", "type", "admitted"]
+    template = {"tenant": "acme", "agent": "a1", "reviewer": ""}
+    ((entry_id, fields),) = parse_written([["1-0", flat, 1]], template)
+    assert (entry_id, fields) == (
+        "1-0",
+        {"seq": "1", "ts": "5", "type": "admitted", "tenant": "acme", "agent": "a1"},
+    )
+    with pytest.raises(ValueError, match="template"):
+        parse_written([["1-0", flat, 1]])  # the caller must give the template it sent
 
 
 def test_seals_taken_together_are_those_of_each_entry_as_written() -> None:
